@@ -1,0 +1,64 @@
+//! The agent's error type: every variant carries what failed and where
+//! (device, offset, op), so a log line or a CR condition can say it plainly.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot open backing device {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("backing device {path} is not a regular file or block device")]
+    NotADevice { path: PathBuf },
+    #[error("backing device {path} is read-only, a migration target must be writable")]
+    ReadOnly { path: PathBuf },
+    #[error(
+        "target {target} ({target_size} bytes) is smaller than source {source_path} ({source_size} bytes)"
+    )]
+    TargetTooSmall {
+        source_path: PathBuf,
+        source_size: u64,
+        target: PathBuf,
+        target_size: u64,
+    },
+    #[error("source and target are the same device: {path}")]
+    SameDevice { path: PathBuf },
+    #[error("{op} on {device} at offset {offset} (+{length}): {source}")]
+    Io {
+        op: &'static str,
+        device: String,
+        offset: u64,
+        length: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume {volume} already has a migration in progress (session {session})")]
+    SessionExists { volume: String, session: String },
+    #[error("unknown volume {0}")]
+    UnknownVolume(String),
+    #[error("no migration session for volume {0}")]
+    NoSession(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("illegal phase transition: {0}")]
+    Transition(String),
+    #[error("state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt state file {path}: {reason}")]
+    CorruptState { path: PathBuf, reason: String },
+    #[error("session {0} was aborted")]
+    Aborted(String),
+    #[error("verification failed on {volume}: first difference at offset {offset}")]
+    VerifyMismatch { volume: String, offset: u64 },
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;

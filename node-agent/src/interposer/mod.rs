@@ -1,0 +1,549 @@
+//! The interposer: a volume's I/O router. Workload I/O comes in from a
+//! frontend, passes the quiesce gate, and goes to the active backing device;
+//! while a migration is attached the monitor records every write in the
+//! dirty map, and in mirror mode writes to already-copied grains go to both
+//! devices.
+//!
+//! # Why a racing write never leaves stale data on the target
+//!
+//! The copier copies a grain range as: (1) record the range in a recovery
+//! slot, (2) take the range locks, (3) clear the range's dirty bits, (4) read
+//! the source, (5) write the target, (6) release, clear the slot.
+//!
+//! *Tracked write* (background mode: source only): (a) mark dirty, (b) write
+//! the source, (c) mark dirty again, (d) acknowledge. Take a grain whose
+//! source write (b) overlaps or follows the copier's read (4). Then (b)
+//! finishes after (4) started, so (c) happens after (4) started, which is
+//! after (3): the bit cleared in (3) is set again in (c), and the next pass
+//! copies the grain. If instead (b) finished before (4) started, the copier
+//! read the new data. Either way a grain is clean only if the target holds
+//! what the source holds. (a) exists for crashes: the bit is in the
+//! file-backed map before the source changes, so a write cut short by a
+//! crash is re-copied on recovery.
+//!
+//! *Mirrored write* (mirror mode): under the range locks, (a) note whether the
+//! range is clean, mark it dirty, (b) write the source, (c) if it was clean
+//! write the target and, if that succeeded, clear the bits. The lock makes
+//! (a)-(c) and the copier's (3)-(5) mutually exclusive, so target and source
+//! receive the same sequence of writes for clean grains; dirty grains are
+//! left to the copier. Two copies of one grain never run at once: a pass
+//! hands out each range once and waits for all of them before the next.
+//!
+//! *After redirect* writes go to the target and, during the failback window,
+//! back to the source under the same rules with the roles swapped.
+//!
+//! Attaching and detaching the monitor and redirecting all happen with the
+//! gate held, so no request is in flight while the route changes.
+
+mod gate;
+mod range_lock;
+
+pub use gate::{QuiesceGate, QuiesceTimeout};
+pub use range_lock::RangeLocks;
+
+use std::io;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::error::{AgentError, Result};
+use crate::monitor::DirtyMap;
+use crate::nbd::{ExportBackend, Extent};
+use crate::volume::BackingDevice;
+
+/// How writes are handled while a migration is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WriteMode {
+    /// Source only, every write marked dirty (background copy).
+    Track = 0,
+    /// Writes to clean grains go to source and target (mirror mode).
+    Mirror = 1,
+    /// After redirect: target is active, writes mirrored back to the source.
+    MirrorBack = 2,
+    /// After redirect, no failback: target only.
+    TargetOnly = 3,
+}
+
+impl WriteMode {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => WriteMode::Mirror,
+            2 => WriteMode::MirrorBack,
+            3 => WriteMode::TargetOnly,
+            _ => WriteMode::Track,
+        }
+    }
+}
+
+/// A migration attached to the interposer.
+pub struct Link {
+    pub source: Arc<BackingDevice>,
+    pub target: Arc<BackingDevice>,
+    pub dirty: Arc<DirtyMap>,
+    pub locks: RangeLocks,
+    mode: AtomicU8,
+}
+
+impl Link {
+    pub fn new(
+        source: Arc<BackingDevice>,
+        target: Arc<BackingDevice>,
+        dirty: Arc<DirtyMap>,
+        mode: WriteMode,
+    ) -> Self {
+        let locks = RangeLocks::new(dirty.grain());
+        Self {
+            source,
+            target,
+            dirty,
+            locks,
+            mode: AtomicU8::new(mode as u8),
+        }
+    }
+
+    pub fn mode(&self) -> WriteMode {
+        WriteMode::from_u8(self.mode.load(Ordering::SeqCst))
+    }
+
+    /// Switching between Track and Mirror is safe at any moment (see the
+    /// module docs: a tracked write in flight still marks after itself).
+    pub fn set_mode(&self, mode: WriteMode) {
+        self.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    /// Devices in copy direction: (from, to).
+    pub fn direction(&self) -> (&Arc<BackingDevice>, &Arc<BackingDevice>) {
+        match self.mode() {
+            WriteMode::MirrorBack | WriteMode::TargetOnly => (&self.target, &self.source),
+            _ => (&self.source, &self.target),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Route {
+    active: Arc<BackingDevice>,
+    link: Option<Arc<Link>>,
+}
+
+/// One kind of write, applied to a device.
+#[derive(Clone, Copy)]
+enum Mutation<'a> {
+    Data(&'a [u8]),
+    Zeroes { may_trim: bool },
+    Trim,
+}
+
+impl Mutation<'_> {
+    fn apply(&self, dev: &BackingDevice, offset: u64, length: u64) -> Result<()> {
+        match *self {
+            Mutation::Data(buf) => dev.write_at(buf, offset),
+            Mutation::Zeroes { may_trim } => dev.write_zeroes(offset, length, may_trim),
+            Mutation::Trim => dev.trim(offset, length),
+        }
+    }
+}
+
+/// Workload counters, read by the session for rates.
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    pub bytes_written: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub reads: AtomicU64,
+    /// Mirrored writes whose target half failed (grain left dirty).
+    pub mirror_errors: AtomicU64,
+}
+
+pub struct Interposer {
+    name: String,
+    size: u64,
+    gate: QuiesceGate,
+    route: RwLock<Route>,
+    pub counters: IoCounters,
+}
+
+fn to_io(e: AgentError) -> io::Error {
+    match e {
+        AgentError::Io { source, .. } => source,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> io::Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(to_io),
+        Err(e) => Err(io::Error::other(format!("I/O task failed: {e}"))),
+    }
+}
+
+impl Interposer {
+    pub fn new(name: impl Into<String>, active: Arc<BackingDevice>) -> Self {
+        Self {
+            name: name.into(),
+            size: active.size(),
+            gate: QuiesceGate::new(),
+            route: RwLock::new(Route { active, link: None }),
+            counters: IoCounters::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn route(&self) -> Route {
+        // Poisoning cannot leave Route half-written (assignments are whole).
+        self.route.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_route(&self, f: impl FnOnce(&mut Route)) {
+        let mut r = self.route.write().unwrap_or_else(|p| p.into_inner());
+        f(&mut r);
+    }
+
+    pub fn active(&self) -> Arc<BackingDevice> {
+        self.route().active
+    }
+
+    pub fn link(&self) -> Option<Arc<Link>> {
+        self.route().link
+    }
+
+    pub fn gate(&self) -> &QuiesceGate {
+        &self.gate
+    }
+
+    /// Attaches a migration: from now on every write is recorded. Runs with
+    /// the gate held so no write in flight escapes the monitor.
+    pub async fn attach(&self, link: Arc<Link>, drain: Duration) -> Result<()> {
+        let was_held = self.gate.is_held().await;
+        self.gate.hold(drain).await.map_err(|_| {
+            AgentError::Invalid(format!(
+                "{}: in-flight I/O did not drain in {drain:?}",
+                self.name
+            ))
+        })?;
+        self.set_route(|r| r.link = Some(link));
+        if !was_held {
+            self.gate.release().await;
+        }
+        Ok(())
+    }
+
+    /// Detaches the migration and makes `active` the device I/O goes to.
+    pub async fn detach(&self, active: Arc<BackingDevice>, drain: Duration) -> Result<()> {
+        let was_held = self.gate.is_held().await;
+        self.gate.hold(drain).await.map_err(|_| {
+            AgentError::Invalid(format!(
+                "{}: in-flight I/O did not drain in {drain:?}",
+                self.name
+            ))
+        })?;
+        self.set_route(|r| {
+            r.link = None;
+            r.active = active;
+        });
+        if !was_held {
+            self.gate.release().await;
+        }
+        Ok(())
+    }
+
+    /// Switches the active device to the link's target (or back to its
+    /// source). The caller must hold the gate (quiesced).
+    pub async fn redirect(&self, to_target: bool, mode_after: WriteMode) -> Result<()> {
+        if !self.gate.is_held().await {
+            return Err(AgentError::Transition(format!(
+                "{}: redirect needs the volume quiesced",
+                self.name
+            )));
+        }
+        let link = self.link().ok_or_else(|| {
+            AgentError::Transition(format!("{}: no migration attached", self.name))
+        })?;
+        link.set_mode(mode_after);
+        let dev = if to_target {
+            link.target.clone()
+        } else {
+            link.source.clone()
+        };
+        self.set_route(|r| r.active = dev);
+        Ok(())
+    }
+
+    fn write_blocking(
+        route: &Route,
+        counters: &IoCounters,
+        offset: u64,
+        length: u64,
+        m: Mutation<'_>,
+    ) -> Result<()> {
+        let Some(link) = &route.link else {
+            return m.apply(&route.active, offset, length);
+        };
+        let dirty = &link.dirty;
+        match link.mode() {
+            WriteMode::Track => tracked_write(dirty, offset, length, || {
+                m.apply(&link.source, offset, length)
+            }),
+            WriteMode::TargetOnly => m.apply(&link.target, offset, length),
+            mode @ (WriteMode::Mirror | WriteMode::MirrorBack) => {
+                let (primary, secondary) = if mode == WriteMode::Mirror {
+                    (&link.source, &link.target)
+                } else {
+                    (&link.target, &link.source)
+                };
+                let _locked = link.locks.lock(offset, length);
+                let was_clean = dirty.is_clean(offset, length);
+                dirty.mark(offset, length);
+                m.apply(primary, offset, length)?;
+                if was_clean {
+                    match m.apply(secondary, offset, length) {
+                        Ok(()) => {
+                            dirty.clear(offset, length);
+                        }
+                        Err(e) => {
+                            counters.mirror_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %e, "mirrored write failed on the secondary device; range left dirty");
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A zero or trim request: through the gate, on the blocking pool.
+    async fn mutate(
+        self: &Arc<Self>,
+        offset: u64,
+        length: u64,
+        m: Mutation<'static>,
+    ) -> io::Result<()> {
+        let _pass = self.gate.enter().await;
+        let route = self.route();
+        let me = self.clone();
+        blocking(move || Interposer::write_blocking(&route, &me.counters, offset, length, m))
+            .await?;
+        self.counters
+            .bytes_written
+            .fetch_add(length, Ordering::Relaxed);
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes the route's writes durable: the active device, and the other
+    /// one too while writes are mirrored to it.
+    fn flush_blocking(route: &Route) -> Result<()> {
+        route.active.flush()?;
+        if let Some(link) = &route.link {
+            match link.mode() {
+                WriteMode::Mirror => link.target.flush()?,
+                WriteMode::MirrorBack => link.source.flush()?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The tracked-write protocol (see the module docs): mark, write, mark
+/// again. `write` is the source write; whatever a copier does while it runs
+/// is caught by the second mark.
+fn tracked_write(
+    dirty: &DirtyMap,
+    offset: u64,
+    length: u64,
+    write: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    dirty.mark(offset, length);
+    write()?;
+    dirty.mark(offset, length);
+    Ok(())
+}
+
+/// The NBD frontend's view of an interposer.
+impl ExportBackend for Arc<Interposer> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read(&self, offset: u64, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
+        let _pass = self.gate.enter().await;
+        let dev = self.route().active;
+        let len = buf.len() as u64;
+        let buf = blocking(move || dev.read_at(&mut buf, offset).map(|_| buf)).await?;
+        self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(buf)
+    }
+
+    async fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<Vec<u8>> {
+        let _pass = self.gate.enter().await;
+        let route = self.route();
+        let me = self.clone();
+        let len = buf.len() as u64;
+        let buf = blocking(move || {
+            Interposer::write_blocking(&route, &me.counters, offset, len, Mutation::Data(&buf))?;
+            if fua {
+                Interposer::flush_blocking(&route)?;
+            }
+            Ok(buf)
+        })
+        .await?;
+        self.counters
+            .bytes_written
+            .fetch_add(len, Ordering::Relaxed);
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(buf)
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        let _pass = self.gate.enter().await;
+        let route = self.route();
+        blocking(move || Interposer::flush_blocking(&route)).await
+    }
+
+    async fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.mutate(offset, length, Mutation::Trim).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool) -> io::Result<()> {
+        self.mutate(offset, length, Mutation::Zeroes { may_trim })
+            .await
+    }
+
+    async fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        let _pass = self.gate.enter().await;
+        let dev = self.route().active;
+        let segs = blocking(move || dev.segments(offset, length)).await?;
+        Ok(segs
+            .into_iter()
+            .map(|s| Extent {
+                length: s.length,
+                hole: s.hole,
+                zero: s.hole,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::OpenMode;
+
+    fn dev(dir: &tempfile::TempDir, name: &str) -> Arc<BackingDevice> {
+        let p = dir.path().join(name);
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        Arc::new(BackingDevice::open(&p, OpenMode::ReadWrite, false).unwrap())
+    }
+
+    /// The copier clears and reads the grain *while* the workload's source
+    /// write is in progress (before it lands): the grain must end dirty.
+    #[test]
+    fn tracked_write_racing_a_copy_stays_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, tgt) = (dev(&dir, "s"), dev(&dir, "t"));
+        let dirty = DirtyMap::in_memory(1 << 20, 4096).unwrap();
+        dirty.clear(0, 1 << 20);
+        tracked_write(&dirty, 8192, 100, || {
+            // copier: clear, read (old data), write target
+            dirty.clear(8192, 4096);
+            let mut buf = vec![0u8; 4096];
+            src.read_at(&mut buf, 8192).unwrap();
+            tgt.write_at(&buf, 8192).unwrap();
+            // now the workload's write lands on the source
+            src.write_at(&[1u8; 100], 8192)
+        })
+        .unwrap();
+        assert!(
+            !dirty.is_clean(8192, 4096),
+            "a stale target grain was left clean"
+        );
+    }
+
+    /// The copier cleared the grain after the write's data landed but
+    /// before it marked: the copier read the new data, the grain may stay
+    /// dirty (a redundant copy), never stale.
+    #[test]
+    fn tracked_write_marks_before_the_source_changes() {
+        let dirty = DirtyMap::in_memory(1 << 20, 4096).unwrap();
+        dirty.clear(0, 1 << 20);
+        tracked_write(&dirty, 0, 10, || {
+            assert!(
+                !dirty.is_clean(0, 10),
+                "intent must be recorded before the write (crash safety)"
+            );
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    /// A mirrored write holds the grain's range lock across both device
+    /// writes: a copier cannot interleave.
+    #[test]
+    fn mirrored_write_excludes_the_copier() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, tgt) = (dev(&dir, "s"), dev(&dir, "t"));
+        let dirty = Arc::new(DirtyMap::in_memory(1 << 20, 4096).unwrap());
+        dirty.clear(0, 1 << 20);
+        let link = Arc::new(Link::new(
+            src.clone(),
+            tgt.clone(),
+            dirty.clone(),
+            WriteMode::Mirror,
+        ));
+        let route = Route {
+            active: src.clone(),
+            link: Some(link.clone()),
+        };
+        let counters = IoCounters::default();
+        let _held = link.locks.lock(0, 4096);
+        let l2 = link.clone();
+        let t = std::thread::spawn(move || {
+            let route = Route {
+                active: l2.source.clone(),
+                link: Some(l2.clone()),
+            };
+            Interposer::write_blocking(
+                &route,
+                &IoCounters::default(),
+                100,
+                10,
+                Mutation::Data(&[7u8; 10]),
+            )
+            .unwrap();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut b = [0u8; 10];
+        src.read_at(&mut b, 100).unwrap();
+        assert_eq!(
+            b, [0u8; 10],
+            "the mirrored write must wait for the copier's lock"
+        );
+        drop(_held);
+        t.join().unwrap();
+        tgt.read_at(&mut b, 100).unwrap();
+        assert_eq!(
+            b, [7u8; 10],
+            "clean grain: the write reached the target too"
+        );
+        assert!(dirty.is_clean(0, 4096));
+        // a dirty grain is left to the copier: source only
+        dirty.mark(8192, 1);
+        Interposer::write_blocking(&route, &counters, 8192, 4, Mutation::Data(&[9u8; 4])).unwrap();
+        let mut c = [0u8; 4];
+        tgt.read_at(&mut c, 8192).unwrap();
+        assert_eq!(c, [0u8; 4]);
+        assert!(!dirty.is_clean(8192, 1));
+    }
+}

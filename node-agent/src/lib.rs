@@ -1,0 +1,18 @@
+//! volmig node agent: the data plane of a live volume migration.
+//!
+//! Workload I/O reaches a volume's [`interposer`] through a frontend
+//! ([`nbd`]); the [`monitor`] records writes in a dirty map; the [`copy`]
+//! module moves data from source to target; a [`session`] drives the eight
+//! phases; the [`agent`] holds the volumes and sessions of one node.
+
+pub mod agent;
+pub mod control;
+pub mod copy;
+pub mod error;
+pub mod interposer;
+pub mod monitor;
+pub mod nbd;
+pub mod session;
+pub mod volume;
+
+pub use error::{AgentError, Result};

@@ -1,0 +1,3 @@
+//! NBD frontend (being written).
+mod backend;
+pub use backend::{ExportBackend, Extent};

@@ -1,0 +1,502 @@
+//! The eight phases as one enum and one transition function. Pure: no I/O,
+//! no clock; the driver performs each phase's step, turns its outcome into an
+//! [`Event`] and asks [`transition`] where to go next.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    Activating,
+    Copying,
+    Refreshing,
+    Quiescing,
+    Synchronizing,
+    Redirecting,
+    Resuming,
+    Terminating,
+    Completed,
+    Aborted,
+    Failed,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Aborted | Phase::Failed)
+    }
+
+    /// True once the workload runs on the target.
+    pub fn is_after_redirect(self) -> bool {
+        matches!(
+            self,
+            Phase::Resuming | Phase::Terminating | Phase::Completed
+        )
+    }
+
+    pub const ALL: [Phase; 11] = [
+        Phase::Activating,
+        Phase::Copying,
+        Phase::Refreshing,
+        Phase::Quiescing,
+        Phase::Synchronizing,
+        Phase::Redirecting,
+        Phase::Resuming,
+        Phase::Terminating,
+        Phase::Completed,
+        Phase::Aborted,
+        Phase::Failed,
+    ];
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CopyMode {
+    /// Copy + refresh passes; never mirrors.
+    Background,
+    /// Mirror writes from the start.
+    Mirror,
+    /// Background, switching to mirror when refresh does not converge.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for CopyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "background" => Ok(CopyMode::Background),
+            "mirror" => Ok(CopyMode::Mirror),
+            "auto" => Ok(CopyMode::Auto),
+            _ => Err(format!(
+                "unknown copy mode {s:?} (Background, Mirror or Auto)"
+            )),
+        }
+    }
+}
+
+/// Knobs of the convergence decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    pub mode: CopyMode,
+    /// Longest acceptable I/O stall at cutover.
+    pub sync_goal: Duration,
+    /// Background mode: after this many refresh passes cut over anyway.
+    pub max_passes: u32,
+    /// Auto mode: passes whose residue did not shrink before mirroring.
+    pub stall_passes: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            mode: CopyMode::Auto,
+            sync_goal: Duration::from_millis(100),
+            max_passes: 30,
+            stall_passes: 2,
+        }
+    }
+}
+
+/// The part of a session's state the decision reads.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Refresh passes done (the copy pass is not counted).
+    pub passes: u32,
+    /// Consecutive passes whose residue did not shrink.
+    pub stalled_passes: u32,
+    pub last_dirty: Option<u64>,
+    /// Mirror mode is on.
+    pub mirror: bool,
+    /// False when a cutover was forced without convergence.
+    pub converged: bool,
+}
+
+/// What a phase step reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Activated,
+    /// A copy or refresh pass ended with `dirty_bytes` left; the copier moves
+    /// `copy_rate` bytes per second.
+    PassDone {
+        dirty_bytes: u64,
+        copy_rate: f64,
+    },
+    Quiesced {
+        dirty_bytes: u64,
+        copy_rate: f64,
+        spent: Duration,
+    },
+    QuiesceTimedOut,
+    Synchronized,
+    Redirected,
+    Resumed,
+    Terminated,
+    AbortRequested,
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub next: Phase,
+    pub progress: Progress,
+    /// Human-readable reason, for logs and events.
+    pub why: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event {event} is not valid in phase {phase}")]
+pub struct BadTransition {
+    pub phase: Phase,
+    pub event: String,
+}
+
+/// Estimated time to copy `bytes` at `rate` bytes/s.
+pub fn estimate(bytes: u64, rate: f64) -> Duration {
+    if bytes == 0 {
+        Duration::ZERO
+    } else if rate <= 0.0 {
+        Duration::MAX
+    } else {
+        Duration::from_secs_f64(bytes as f64 / rate)
+    }
+}
+
+/// The single transition function of the phase machine.
+pub fn transition(
+    phase: Phase,
+    progress: Progress,
+    event: &Event,
+    policy: &Policy,
+) -> Result<Transition, BadTransition> {
+    use Phase::*;
+    let bad = || BadTransition {
+        phase,
+        event: format!("{event:?}"),
+    };
+    let to = |next: Phase, progress: Progress, why: &str| Transition {
+        next,
+        progress,
+        why: why.to_string(),
+    };
+    if phase.is_terminal() {
+        return Err(bad());
+    }
+    match (phase, event) {
+        (_, Event::Failed(msg)) => Ok(to(Failed, progress, msg)),
+        (_, Event::AbortRequested) => Ok(to(Aborted, progress, "abort requested")),
+        (Activating, Event::Activated) => {
+            let mut p = progress;
+            p.mirror = policy.mode == CopyMode::Mirror;
+            Ok(to(Copying, p, "monitor attached"))
+        }
+        (
+            Copying | Refreshing,
+            Event::PassDone {
+                dirty_bytes,
+                copy_rate,
+            },
+        ) => Ok(after_pass(
+            phase,
+            progress,
+            *dirty_bytes,
+            *copy_rate,
+            policy,
+        )),
+        (Quiescing, Event::QuiesceTimedOut) => Ok(to(
+            Refreshing,
+            progress,
+            "in-flight I/O did not drain within the sync goal; back to refresh",
+        )),
+        (
+            Quiescing,
+            Event::Quiesced {
+                dirty_bytes,
+                copy_rate,
+                spent,
+            },
+        ) => {
+            let left = policy.sync_goal.saturating_sub(*spent);
+            let forced = !progress.converged && policy.mode == CopyMode::Background;
+            if forced || estimate(*dirty_bytes, *copy_rate) <= left {
+                Ok(to(Synchronizing, progress, "residue fits the sync goal"))
+            } else {
+                Ok(to(
+                    Refreshing,
+                    progress,
+                    "residue grew while quiescing; released, back to refresh",
+                ))
+            }
+        }
+        (Synchronizing, Event::Synchronized) => Ok(to(Redirecting, progress, "target in sync")),
+        (Redirecting, Event::Redirected) => {
+            Ok(to(Resuming, progress, "workload switched to target"))
+        }
+        (Resuming, Event::Resumed) => Ok(to(Terminating, progress, "workload I/O released")),
+        (Terminating, Event::Terminated) => Ok(to(Completed, progress, "migration complete")),
+        _ => Err(bad()),
+    }
+}
+
+fn after_pass(
+    phase: Phase,
+    progress: Progress,
+    dirty: u64,
+    rate: f64,
+    policy: &Policy,
+) -> Transition {
+    let mut p = progress;
+    if phase == Phase::Refreshing {
+        p.passes += 1;
+    }
+    let shrinking = p.last_dirty.is_none_or(|last| dirty < last - last / 20);
+    p.stalled_passes = if shrinking { 0 } else { p.stalled_passes + 1 };
+    p.last_dirty = Some(dirty);
+    p.converged = true;
+    let fits = estimate(dirty, rate) <= policy.sync_goal;
+    let next = |next, p, why: String| Transition {
+        next,
+        progress: p,
+        why,
+    };
+    if fits {
+        return next(
+            Phase::Quiescing,
+            p,
+            format!("residue {dirty} B fits the sync goal"),
+        );
+    }
+    match policy.mode {
+        CopyMode::Auto if !p.mirror && p.stalled_passes >= policy.stall_passes => {
+            p.mirror = true;
+            p.stalled_passes = 0;
+            next(
+                Phase::Refreshing,
+                p,
+                format!("residue {dirty} B stopped shrinking; switching to mirror mode"),
+            )
+        }
+        CopyMode::Background if p.passes >= policy.max_passes => {
+            p.converged = false;
+            next(
+                Phase::Quiescing,
+                p,
+                format!("no convergence after {} passes; forcing cutover", p.passes),
+            )
+        }
+        _ => next(
+            Phase::Refreshing,
+            p,
+            format!("residue {dirty} B; refreshing"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pol(mode: CopyMode) -> Policy {
+        Policy {
+            mode,
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn happy_path_walks_all_eight_phases() {
+        let p = pol(CopyMode::Auto);
+        let mut ph = Phase::Activating;
+        let mut pr = Progress::default();
+        let events = [
+            Event::Activated,
+            Event::PassDone {
+                dirty_bytes: 100 << 20,
+                copy_rate: 100e6,
+            },
+            Event::PassDone {
+                dirty_bytes: 1 << 20,
+                copy_rate: 100e6,
+            },
+            Event::Quiesced {
+                dirty_bytes: 1 << 20,
+                copy_rate: 100e6,
+                spent: Duration::from_millis(1),
+            },
+            Event::Synchronized,
+            Event::Redirected,
+            Event::Resumed,
+            Event::Terminated,
+        ];
+        let mut seen = vec![ph];
+        for e in &events {
+            let t = transition(ph, pr, e, &p).unwrap();
+            ph = t.next;
+            pr = t.progress;
+            seen.push(ph);
+        }
+        use Phase::*;
+        assert_eq!(
+            seen,
+            vec![
+                Activating,
+                Copying,
+                Refreshing,
+                Quiescing,
+                Synchronizing,
+                Redirecting,
+                Resuming,
+                Terminating,
+                Completed
+            ]
+        );
+        assert!(transition(Completed, pr, &Event::AbortRequested, &p).is_err());
+    }
+
+    #[test]
+    fn auto_switches_to_mirror_when_residue_stalls() {
+        let p = pol(CopyMode::Auto);
+        let mut pr = Progress::default();
+        let ev = Event::PassDone {
+            dirty_bytes: 500 << 20,
+            copy_rate: 100e6,
+        };
+        let mut mirrored_at = None;
+        for i in 0..5 {
+            let t = transition(Phase::Refreshing, pr, &ev, &p).unwrap();
+            assert_eq!(t.next, Phase::Refreshing);
+            pr = t.progress;
+            if pr.mirror && mirrored_at.is_none() {
+                mirrored_at = Some(i);
+            }
+        }
+        assert_eq!(
+            mirrored_at,
+            Some(2),
+            "first pass sets the baseline, two stalled passes switch"
+        );
+    }
+
+    #[test]
+    fn background_forces_cutover_after_max_passes_and_mirror_mode_starts_mirrored() {
+        let p = Policy {
+            max_passes: 3,
+            ..pol(CopyMode::Background)
+        };
+        let mut pr = Progress::default();
+        let ev = Event::PassDone {
+            dirty_bytes: 500 << 20,
+            copy_rate: 100e6,
+        };
+        let mut ph = Phase::Refreshing;
+        for _ in 0..3 {
+            let t = transition(ph, pr, &ev, &p).unwrap();
+            ph = t.next;
+            pr = t.progress;
+            assert!(!pr.mirror);
+        }
+        assert_eq!(ph, Phase::Quiescing);
+        assert!(!pr.converged);
+        let t = transition(
+            Phase::Quiescing,
+            pr,
+            &Event::Quiesced {
+                dirty_bytes: 500 << 20,
+                copy_rate: 100e6,
+                spent: Duration::ZERO,
+            },
+            &p,
+        )
+        .unwrap();
+        assert_eq!(
+            t.next,
+            Phase::Synchronizing,
+            "forced cutover does not bounce back"
+        );
+        let t = transition(
+            Phase::Activating,
+            Progress::default(),
+            &Event::Activated,
+            &pol(CopyMode::Mirror),
+        )
+        .unwrap();
+        assert!(t.progress.mirror);
+    }
+
+    #[test]
+    fn quiesce_over_budget_goes_back_to_refresh() {
+        let p = pol(CopyMode::Auto);
+        let pr = Progress {
+            converged: true,
+            ..Progress::default()
+        };
+        let t = transition(
+            Phase::Quiescing,
+            pr,
+            &Event::Quiesced {
+                dirty_bytes: 50 << 20,
+                copy_rate: 100e6,
+                spent: Duration::from_millis(10),
+            },
+            &p,
+        )
+        .unwrap();
+        assert_eq!(t.next, Phase::Refreshing);
+        let t = transition(Phase::Quiescing, pr, &Event::QuiesceTimedOut, &p).unwrap();
+        assert_eq!(t.next, Phase::Refreshing);
+    }
+
+    fn any_event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            Just(Event::Activated),
+            (0u64..1 << 32, 0.0f64..1e9).prop_map(|(d, r)| Event::PassDone {
+                dirty_bytes: d,
+                copy_rate: r
+            }),
+            (0u64..1 << 32, 0.0f64..1e9, 0u64..200).prop_map(|(d, r, s)| Event::Quiesced {
+                dirty_bytes: d,
+                copy_rate: r,
+                spent: Duration::from_millis(s)
+            }),
+            Just(Event::QuiesceTimedOut),
+            Just(Event::Synchronized),
+            Just(Event::Redirected),
+            Just(Event::Resumed),
+            Just(Event::Terminated),
+            Just(Event::AbortRequested),
+        ]
+    }
+
+    proptest! {
+        /// Whatever happens: Redirecting is only reached from Synchronizing,
+        /// terminal phases accept nothing, abort is always possible before
+        /// the end, and the workload never reaches Resuming without a
+        /// Redirect.
+        #[test]
+        fn invariants(events in proptest::collection::vec(any_event(), 0..60), mode in prop_oneof![Just(CopyMode::Auto), Just(CopyMode::Mirror), Just(CopyMode::Background)]) {
+            let p = Policy { mode, max_passes: 4, ..Policy::default() };
+            let mut ph = Phase::Activating;
+            let mut pr = Progress::default();
+            for e in events {
+                let abort_ok = transition(ph, pr, &Event::AbortRequested, &p);
+                prop_assert_eq!(abort_ok.is_ok(), !ph.is_terminal());
+                match transition(ph, pr, &e, &p) {
+                    Ok(t) => {
+                        if t.next == Phase::Redirecting { prop_assert_eq!(ph, Phase::Synchronizing); }
+                        if t.next == Phase::Resuming { prop_assert_eq!(ph, Phase::Redirecting); }
+                        if t.next == Phase::Synchronizing { prop_assert_eq!(ph, Phase::Quiescing); }
+                        if mode == CopyMode::Background { prop_assert!(!t.progress.mirror); }
+                        ph = t.next; pr = t.progress;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+}
