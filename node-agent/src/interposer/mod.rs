@@ -161,7 +161,7 @@ pub struct Interposer {
     size: u64,
     gate: QuiesceGate,
     route: RwLock<Route>,
-    pub counters: IoCounters,
+    pub counters: Arc<IoCounters>,
 }
 
 fn to_io(e: AgentError) -> io::Error {
@@ -187,7 +187,7 @@ impl Interposer {
             size: active.size(),
             gate: QuiesceGate::new(),
             route: RwLock::new(Route { active, link: None }),
-            counters: IoCounters::default(),
+            counters: Arc::new(IoCounters::default()),
         }
     }
 
@@ -323,16 +323,15 @@ impl Interposer {
 
     /// A zero or trim request: through the gate, on the blocking pool.
     async fn mutate(
-        self: &Arc<Self>,
+        &self,
         offset: u64,
         length: u64,
         m: Mutation<'static>,
     ) -> io::Result<()> {
         let _pass = self.gate.enter().await;
         let route = self.route();
-        let me = self.clone();
-        blocking(move || Interposer::write_blocking(&route, &me.counters, offset, length, m))
-            .await?;
+        let counters = self.counters.clone();
+        blocking(move || Interposer::write_blocking(&route, &counters, offset, length, m)).await?;
         self.counters
             .bytes_written
             .fetch_add(length, Ordering::Relaxed);
@@ -371,7 +370,7 @@ fn tracked_write(
 }
 
 /// The NBD frontend's view of an interposer.
-impl ExportBackend for Arc<Interposer> {
+impl ExportBackend for Interposer {
     fn size(&self) -> u64 {
         self.size
     }
@@ -389,10 +388,10 @@ impl ExportBackend for Arc<Interposer> {
     async fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<Vec<u8>> {
         let _pass = self.gate.enter().await;
         let route = self.route();
-        let me = self.clone();
+        let counters = self.counters.clone();
         let len = buf.len() as u64;
         let buf = blocking(move || {
-            Interposer::write_blocking(&route, &me.counters, offset, len, Mutation::Data(&buf))?;
+            Interposer::write_blocking(&route, &counters, offset, len, Mutation::Data(&buf))?;
             if fua {
                 Interposer::flush_blocking(&route)?;
             }

@@ -378,7 +378,17 @@ impl Session {
                 if pass.stopped {
                     return Ok(None);
                 }
-                let rate = self.update_rate(pass.bytes, pass.rate());
+                // Write the copied data back now, while the workload runs,
+                // so the flush inside the cutover window only covers the
+                // residue.
+                let flush_start = Instant::now();
+                let tgt = self.link.target.clone();
+                run_blocking(move || tgt.flush()).await?;
+                // The residue is data that must also be flushed at cutover:
+                // estimate with the data rate, flush included (holes cost
+                // next to nothing and would make the estimate optimistic).
+                let secs = (pass.elapsed + flush_start.elapsed()).as_secs_f64().max(1e-6);
+                let rate = self.update_rate(pass.data_bytes, pass.data_bytes as f64 / secs);
                 Ok(Some(Event::PassDone {
                     dirty_bytes: self.link.dirty.dirty_bytes(),
                     copy_rate: rate,
@@ -391,9 +401,10 @@ impl Session {
                 if self.interposer.gate().hold(budget).await.is_err() {
                     return Ok(Some(Event::QuiesceTimedOut));
                 }
+                // No source flush here: every FLUSH/FUA the workload asked
+                // for already reached the source, and what it did not ask to
+                // be durable becomes durable on the target in Synchronizing.
                 *lock(&self.quiesced_at) = Some(t0);
-                let src = self.link.source.clone();
-                run_blocking(move || src.flush()).await?;
                 Ok(Some(Event::Quiesced {
                     dirty_bytes: self.link.dirty.dirty_bytes(),
                     copy_rate: lock(&self.record).copy_rate,
