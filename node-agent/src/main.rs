@@ -13,7 +13,11 @@ use volmig_agent::session::{CopyMode, SessionConfig, Verify};
 use volmig_agent::units::{human_bytes, parse_duration, parse_size};
 
 #[derive(Parser)]
-#[command(name = "volmig-agent", version, about = "volmig node agent: live volume migration data plane")]
+#[command(
+    name = "volmig-agent",
+    version,
+    about = "volmig node agent: live volume migration data plane"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -182,8 +186,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Status { control, volume, json } => {
-            let st = expect_status(connect(&control).await?.call(&Request::Status { volume }).await?)?;
+        Cmd::Status {
+            control,
+            volume,
+            json,
+        } => {
+            let st = expect_status(
+                connect(&control)
+                    .await?
+                    .call(&Request::Status { volume })
+                    .await?,
+            )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
@@ -191,13 +204,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Abort { control, volume } => {
-            expect_done(connect(&control).await?.call(&Request::Abort { volume }).await?)
-        }
-        Cmd::Bandwidth { control, volume, rate } => expect_done(
+        Cmd::Abort { control, volume } => expect_done(
             connect(&control)
                 .await?
-                .call(&Request::SetBandwidth { volume, bytes_per_sec: rate })
+                .call(&Request::Abort { volume })
+                .await?,
+        ),
+        Cmd::Bandwidth {
+            control,
+            volume,
+            rate,
+        } => expect_done(
+            connect(&control)
+                .await?
+                .call(&Request::SetBandwidth {
+                    volume,
+                    bytes_per_sec: rate,
+                })
                 .await?,
         ),
         Cmd::List { control } => match connect(&control).await?.call(&Request::List).await? {
@@ -205,7 +228,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{:<20} {:>12} {:<14} ACTIVE", "VOLUME", "SIZE", "PHASE");
                 for v in volumes {
                     let phase = v.phase.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-                    println!("{:<20} {:>12} {:<14} {}", v.name, human_bytes(v.size as f64), phase, v.active.display());
+                    println!(
+                        "{:<20} {:>12} {:<14} {}",
+                        v.name,
+                        human_bytes(v.size as f64),
+                        phase,
+                        v.active.display()
+                    );
                 }
                 Ok(())
             }
@@ -239,13 +268,39 @@ fn expect_done(r: Reply) -> anyhow::Result<()> {
 
 fn print_status(st: &volmig_agent::session::SessionStatus) {
     let r = &st.record;
-    let pct = if r.size > 0 { 100.0 * (r.bytes_copied.min(r.size)) as f64 / r.size as f64 } else { 100.0 };
-    println!("volume      {}  ({} -> {})", r.volume, r.source.display(), r.target.display());
+    let pct = if r.size > 0 {
+        100.0 * (r.bytes_copied.min(r.size)) as f64 / r.size as f64
+    } else {
+        100.0
+    };
+    println!(
+        "volume      {}  ({} -> {})",
+        r.volume,
+        r.source.display(),
+        r.target.display()
+    );
     println!("session     {}", r.session);
-    println!("phase       {}{}", r.phase, r.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
-    println!("copied      {} of {} ({pct:.0}%), {} passes, mirror {}", human_bytes(r.bytes_copied as f64), human_bytes(r.size as f64), r.progress.passes, if r.progress.mirror { "on" } else { "off" });
+    println!(
+        "phase       {}{}",
+        r.phase,
+        r.error
+            .as_ref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "copied      {} of {} ({pct:.0}%), {} passes, mirror {}",
+        human_bytes(r.bytes_copied as f64),
+        human_bytes(r.size as f64),
+        r.progress.passes,
+        if r.progress.mirror { "on" } else { "off" }
+    );
     println!("dirty       {}", human_bytes(st.dirty_bytes as f64));
-    println!("rates       copy {}/s, workload writes {}/s", human_bytes(st.copy_rate), human_bytes(st.write_rate));
+    println!(
+        "rates       copy {}/s, workload writes {}/s",
+        human_bytes(st.copy_rate),
+        human_bytes(st.write_rate)
+    );
     if let Some(s) = r.cutover_stall_ms {
         println!("stall       {s:.1} ms");
     }
@@ -253,7 +308,10 @@ fn print_status(st: &volmig_agent::session::SessionStatus) {
         println!("verified    {}", if v { "yes" } else { "NO" });
     }
     for p in &r.phase_times {
-        let d = p.end_ms.map(|e| format!("{} ms", e.saturating_sub(p.start_ms))).unwrap_or_else(|| "running".into());
+        let d = p
+            .end_ms
+            .map(|e| format!("{} ms", e.saturating_sub(p.start_ms)))
+            .unwrap_or_else(|| "running".into());
         println!("  {:<14} {d}", p.phase.to_string());
     }
 }
@@ -302,4 +360,3 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

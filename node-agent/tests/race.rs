@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 //! Randomized concurrency: writers hammer a volume through the interposer
 //! while a session migrates it through all eight phases. After every run the
 //! device the workload ends on must hold exactly what the writers wrote.
@@ -69,7 +70,7 @@ async fn writer(
             }
         }
         ops += 1;
-        if ops % 64 == 0 {
+        if ops.is_multiple_of(64) {
             tokio::task::yield_now().await;
         }
     }

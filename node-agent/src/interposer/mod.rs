@@ -322,12 +322,7 @@ impl Interposer {
     }
 
     /// A zero or trim request: through the gate, on the blocking pool.
-    async fn mutate(
-        &self,
-        offset: u64,
-        length: u64,
-        m: Mutation<'static>,
-    ) -> io::Result<()> {
+    async fn mutate(&self, offset: u64, length: u64, m: Mutation<'static>) -> io::Result<()> {
         let _pass = self.gate.enter().await;
         let route = self.route();
         let counters = self.counters.clone();

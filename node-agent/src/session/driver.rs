@@ -387,7 +387,9 @@ impl Session {
                 // The residue is data that must also be flushed at cutover:
                 // estimate with the data rate, flush included (holes cost
                 // next to nothing and would make the estimate optimistic).
-                let secs = (pass.elapsed + flush_start.elapsed()).as_secs_f64().max(1e-6);
+                let secs = (pass.elapsed + flush_start.elapsed())
+                    .as_secs_f64()
+                    .max(1e-6);
                 let rate = self.update_rate(pass.data_bytes, pass.data_bytes as f64 / secs);
                 Ok(Some(Event::PassDone {
                     dirty_bytes: self.link.dirty.dirty_bytes(),

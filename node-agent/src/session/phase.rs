@@ -486,15 +486,12 @@ mod tests {
             for e in events {
                 let abort_ok = transition(ph, pr, &Event::AbortRequested, &p);
                 prop_assert_eq!(abort_ok.is_ok(), !ph.is_terminal());
-                match transition(ph, pr, &e, &p) {
-                    Ok(t) => {
+                if let Ok(t) = transition(ph, pr, &e, &p) {
                         if t.next == Phase::Redirecting { prop_assert_eq!(ph, Phase::Synchronizing); }
                         if t.next == Phase::Resuming { prop_assert_eq!(ph, Phase::Redirecting); }
                         if t.next == Phase::Synchronizing { prop_assert_eq!(ph, Phase::Quiescing); }
                         if mode == CopyMode::Background { prop_assert!(!t.progress.mirror); }
                         ph = t.next; pr = t.progress;
-                    }
-                    Err(_) => {}
                 }
             }
         }

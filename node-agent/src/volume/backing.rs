@@ -335,7 +335,9 @@ fn unsupported(e: &io::Error) -> bool {
 }
 
 fn is_aligned(ptr: usize, offset: u64, len: usize) -> bool {
-    ptr % DIRECT_ALIGN == 0 && offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0
+    ptr.is_multiple_of(DIRECT_ALIGN)
+        && offset.is_multiple_of(DIRECT_ALIGN as u64)
+        && len.is_multiple_of(DIRECT_ALIGN)
 }
 
 /// Runs `f` with a thread-local aligned buffer spanning the aligned range
@@ -449,7 +451,7 @@ mod tests {
         let segs = d.segments(0, 4 << 20).unwrap();
         assert!(!d.is_fully_unallocated().unwrap());
         let data: u64 = segs.iter().filter(|s| !s.hole).map(|s| s.length).sum();
-        assert!(data >= 65536 && data < (4 << 20), "{segs:?}");
+        assert!((65536..(4 << 20)).contains(&data), "{segs:?}");
         assert_eq!(segs.iter().map(|s| s.length).sum::<u64>(), 4 << 20);
         // trim punches it back to a hole that reads as zeroes
         d.trim(1 << 20, 65536).unwrap();
