@@ -232,7 +232,15 @@ fn copy_run(
                 zero_range(to, seg.offset, seg.length, dest_known_zero)?;
                 continue;
             }
-            data += copy_data(from, to, seg.offset, seg.length, sparse, dest_known_zero)?;
+            data += copy_data(
+                from,
+                to,
+                seg.offset,
+                seg.length,
+                sparse,
+                dest_known_zero,
+                dirty.grain(),
+            )?;
         }
         Ok::<_, AgentError>(data)
     })();
@@ -263,6 +271,9 @@ fn zero_range(to: &BackingDevice, offset: u64, length: u64, known_zero: bool) ->
     }
 }
 
+/// Copies a data segment. With `sparse`, each grain-sized piece that reads
+/// as zeroes is written as zeroes (punched) instead of data; consecutive
+/// pieces of one kind go out as one request.
 fn copy_data(
     from: &BackingDevice,
     to: &BackingDevice,
@@ -270,6 +281,7 @@ fn copy_data(
     length: u64,
     sparse: bool,
     known_zero: bool,
+    grain: u64,
 ) -> Result<u64> {
     BUF.with(|cell| {
         let mut buf = cell.borrow_mut();
@@ -279,12 +291,206 @@ fn copy_data(
         }
         let buf = &mut buf[..n];
         from.read_at(buf, offset)?;
-        if sparse && is_zero(buf) {
-            zero_range(to, offset, length, known_zero)?;
-            Ok(0)
-        } else {
+        if !sparse {
             to.write_at(buf, offset)?;
-            Ok(length)
+            return Ok(length);
         }
+        let buf: &[u8] = buf;
+        let mut data = 0u64;
+        // Runs of grain-aligned pieces of one kind: (start, end, zero).
+        let mut run: Option<(usize, usize, bool)> = None;
+        let mut pos = 0usize;
+        loop {
+            let piece = if pos < n {
+                let abs = offset + pos as u64;
+                let next = ((abs / grain + 1) * grain - offset).min(length) as usize;
+                Some((pos, next, is_zero(&buf[pos..next])))
+            } else {
+                None
+            };
+            match (run, piece) {
+                (Some((s, _, z)), Some((_, e, pz))) if z == pz => run = Some((s, e, z)),
+                (prev, next) => {
+                    if let Some((s, e, zero)) = prev {
+                        let off = offset + s as u64;
+                        if zero {
+                            zero_range(to, off, (e - s) as u64, known_zero)?;
+                        } else {
+                            to.write_at(&buf[s..e], off)?;
+                            data += (e - s) as u64;
+                        }
+                    }
+                    run = next;
+                }
+            }
+            match piece {
+                Some((_, e, _)) => pos = e,
+                None => break,
+            }
+        }
+        Ok(data)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interposer::WriteMode;
+    use crate::monitor::DirtyMap;
+    use crate::volume::OpenMode;
+    use proptest::prelude::*;
+    use std::os::unix::fs::FileExt;
+
+    const G: u64 = 4096;
+    const SIZE: u64 = 256 * G;
+
+    fn files(dir: &tempfile::TempDir) -> (Arc<BackingDevice>, Arc<BackingDevice>) {
+        let open = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::File::create(&p).unwrap().set_len(SIZE).unwrap();
+            Arc::new(BackingDevice::open(&p, OpenMode::ReadWrite, false).unwrap())
+        };
+        (open("s"), open("t"))
+    }
+
+    fn copier(
+        src: &Arc<BackingDevice>,
+        tgt: &Arc<BackingDevice>,
+        chunk: u64,
+        in_flight: usize,
+    ) -> Copier {
+        let dirty = Arc::new(DirtyMap::in_memory(SIZE, G).unwrap());
+        let link = Arc::new(Link::new(src.clone(), tgt.clone(), dirty, WriteMode::Track));
+        Copier::new(
+            link,
+            CopyConfig {
+                chunk_size: chunk,
+                in_flight,
+                sparse: true,
+            },
+            Arc::new(Throttle::new(0)),
+        )
+        .unwrap()
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// A pass copies exactly the dirty grains: the target matches the
+        /// source there and is untouched (still its marker) elsewhere; the
+        /// map ends empty; holes and zero chunks are not counted as data.
+        #[test]
+        fn pass_copies_exactly_the_dirty_ranges(
+            dirty in proptest::collection::vec(any::<bool>(), 256),
+            data in proptest::collection::vec(0u8..3, 256),
+            chunk_grains in 1u64..9,
+            in_flight in 1usize..6,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (src, tgt) = files(&dir);
+            // source: per grain a hole (0), zero-filled data (1) or data (2)
+            for (g, kind) in data.iter().enumerate() {
+                match kind {
+                    1 => src.write_at(&[0u8; G as usize], g as u64 * G).unwrap(),
+                    2 => src.write_at(&[g as u8 | 1; G as usize], g as u64 * G).unwrap(),
+                    _ => {}
+                }
+            }
+            // target: a marker everywhere, so untouched grains are visible
+            for g in 0..256u64 { tgt.write_at(&[0xEE; G as usize], g * G).unwrap(); }
+            let c = copier(&src, &tgt, chunk_grains * G, in_flight);
+            c.link().dirty.clear(0, SIZE);
+            for (g, d) in dirty.iter().enumerate() { if *d { c.link().dirty.mark(g as u64 * G, 1); } }
+            let report = rt().block_on(c.run_pass(&AtomicBool::new(false))).unwrap();
+            prop_assert!(c.link().dirty.is_empty());
+            let n_dirty = dirty.iter().filter(|d| **d).count() as u64;
+            prop_assert_eq!(report.bytes, n_dirty * G);
+            let n_data = dirty.iter().zip(&data).filter(|(d, k)| **d && **k == 2).count() as u64;
+            prop_assert_eq!(report.data_bytes, n_data * G, "only non-zero data is copied as data");
+            prop_assert!(c.stats.runs.load(Ordering::Relaxed) >= n_dirty.div_ceil(chunk_grains));
+            let (mut a, mut b) = (vec![0u8; G as usize], vec![0u8; G as usize]);
+            for g in 0..256u64 {
+                src.read_at(&mut a, g * G).unwrap();
+                tgt.read_at(&mut b, g * G).unwrap();
+                if dirty[g as usize] { prop_assert_eq!(&a, &b, "grain {} copied", g); }
+                else { prop_assert!(b.iter().all(|&x| x == 0xEE), "grain {} untouched", g); }
+            }
+        }
+    }
+
+    #[test]
+    fn fresh_sparse_target_gets_no_writes_for_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, tgt) = files(&dir);
+        src.write_at(&[7u8; 3 * G as usize], 100 * G).unwrap();
+        let c = copier(&src, &tgt, 16 * G, 4);
+        c.set_dest_known_zero(true);
+        let r = rt().block_on(c.run_pass(&AtomicBool::new(false))).unwrap();
+        assert_eq!(r.bytes, SIZE);
+        assert_eq!(r.data_bytes, 3 * G);
+        let segs = tgt.segments(0, SIZE).unwrap();
+        let allocated: u64 = segs.iter().filter(|s| !s.hole).map(|s| s.length).sum();
+        assert!(
+            allocated <= 16 * G,
+            "target stays sparse: {allocated} bytes allocated"
+        );
+        let mut b = vec![0u8; 3 * G as usize];
+        tgt.read_at(&mut b, 100 * G).unwrap();
+        assert!(b.iter().all(|&x| x == 7));
+    }
+
+    #[test]
+    fn stop_ends_a_pass_early_and_failed_copies_stay_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, tgt) = files(&dir);
+        let c = copier(&src, &tgt, G, 1);
+        let r = rt().block_on(c.run_pass(&AtomicBool::new(true))).unwrap();
+        assert!(r.stopped);
+        assert_eq!(c.link().dirty.dirty_bytes(), SIZE, "nothing was cleared");
+        // a target that cannot be written: the copy fails, the range stays dirty
+        let ro = Arc::new(
+            BackingDevice::open(&dir.path().join("t"), OpenMode::ReadOnly, false).unwrap(),
+        );
+        let c = copier(&src, &ro, 4 * G, 2);
+        src.write_at(&[1u8; G as usize], 0).unwrap();
+        let e = rt()
+            .block_on(c.run_pass(&AtomicBool::new(false)))
+            .unwrap_err();
+        assert!(e.to_string().contains("write"), "{e}");
+        assert!(
+            !c.link().dirty.is_clean(0, G),
+            "the failed range is dirty again"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, tgt) = files(&dir);
+        let dirty = Arc::new(DirtyMap::in_memory(SIZE, G).unwrap());
+        let link = Arc::new(Link::new(src, tgt, dirty, WriteMode::Track));
+        for cfg in [
+            CopyConfig {
+                in_flight: 0,
+                ..CopyConfig::default()
+            },
+            CopyConfig {
+                in_flight: COPY_SLOTS + 1,
+                ..CopyConfig::default()
+            },
+            CopyConfig {
+                chunk_size: 512,
+                ..CopyConfig::default()
+            },
+        ] {
+            assert!(Copier::new(link.clone(), cfg, Arc::new(Throttle::new(0))).is_err());
+        }
+    }
 }
