@@ -40,6 +40,7 @@ async fn writer(
     seed: u64,
     hot: bool,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    progress: Arc<std::sync::atomic::AtomicU64>,
 ) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed);
     let size = vol.size();
@@ -70,11 +71,19 @@ async fn writer(
             }
         }
         ops += 1;
+        progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if ops.is_multiple_of(64) {
             tokio::task::yield_now().await;
         }
     }
     ops
+}
+
+/// Waits (without a deadline on speed) until the writers did `n` ops.
+async fn wait_ops(progress: &std::sync::atomic::AtomicU64, n: u64) {
+    while progress.load(std::sync::atomic::Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 struct Run {
@@ -110,6 +119,7 @@ async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64)
     let r = setup(size).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let n = 4;
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writers: Vec<_> = (0..n)
         .map(|i| {
             tokio::spawn(writer(
@@ -120,10 +130,11 @@ async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64)
                 seed * 31 + i,
                 hot,
                 stop.clone(),
+                progress.clone(),
             ))
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    wait_ops(&progress, 100).await;
     let config = SessionConfig {
         mode,
         grain,
@@ -142,7 +153,8 @@ async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64)
         .expect("migration hung")
         .unwrap();
     // keep writing a little on the target, then stop
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let at_end = progress.load(std::sync::atomic::Ordering::Relaxed);
+    wait_ops(&progress, at_end + 50).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut ops = 0;
     for w in writers {
@@ -155,7 +167,7 @@ async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64)
         st.record.error
     );
     assert_eq!(st.record.verified, Some(true));
-    assert!(ops > 100, "writers must really have run ({ops} ops)");
+    assert!(ops >= 150, "writers must really have run ({ops} ops)");
     assert_eq!(
         r.vol.active().path(),
         r.target.as_path(),
@@ -196,6 +208,7 @@ async fn auto_mode_races_with_default_grain() {
 async fn abort_mid_copy_leaves_workload_on_complete_source() {
     let r = setup(8 << 20).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let w = tokio::spawn(writer(
         r.vol.clone(),
         r.shadow.clone(),
@@ -204,7 +217,9 @@ async fn abort_mid_copy_leaves_workload_on_complete_source() {
         7,
         false,
         stop.clone(),
+        progress.clone(),
     ));
+    wait_ops(&progress, 20).await;
     let config = SessionConfig {
         bandwidth: 2 << 20,
         ..SessionConfig::default()

@@ -339,7 +339,6 @@ mod tests {
     use crate::monitor::DirtyMap;
     use crate::volume::OpenMode;
     use proptest::prelude::*;
-    use std::os::unix::fs::FileExt;
 
     const G: u64 = 4096;
     const SIZE: u64 = 256 * G;
