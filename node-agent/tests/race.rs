@@ -39,9 +39,9 @@ async fn writer(
     n: u64,
     seed: u64,
     hot: bool,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    progress: Arc<std::sync::atomic::AtomicU64>,
+    ctl: Arc<Ctl>,
 ) -> u64 {
+    let (stop, progress) = (&ctl.stop, &ctl.progress);
     let mut rng = StdRng::seed_from_u64(seed);
     let size = vol.size();
     let blocks = size / BLOCK;
@@ -77,6 +77,13 @@ async fn writer(
         }
     }
     ops
+}
+
+/// Shared by the writers of one run: stop flag and acknowledged-op count.
+#[derive(Default)]
+struct Ctl {
+    stop: std::sync::atomic::AtomicBool,
+    progress: std::sync::atomic::AtomicU64,
 }
 
 /// Waits (without a deadline on speed) until the writers did `n` ops.
@@ -117,9 +124,9 @@ async fn setup(size: u64) -> Run {
 async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64) {
     let size = 8 << 20;
     let r = setup(size).await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ctl = Arc::new(Ctl::default());
+    let (stop, progress) = (&ctl.stop, &ctl.progress);
     let n = 4;
-    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writers: Vec<_> = (0..n)
         .map(|i| {
             tokio::spawn(writer(
@@ -129,12 +136,11 @@ async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64)
                 n,
                 seed * 31 + i,
                 hot,
-                stop.clone(),
-                progress.clone(),
+                ctl.clone(),
             ))
         })
         .collect();
-    wait_ops(&progress, 100).await;
+    wait_ops(progress, 100).await;
     let config = SessionConfig {
         mode,
         grain,
@@ -154,7 +160,7 @@ async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64)
         .unwrap();
     // keep writing a little on the target, then stop
     let at_end = progress.load(std::sync::atomic::Ordering::Relaxed);
-    wait_ops(&progress, at_end + 50).await;
+    wait_ops(progress, at_end + 50).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut ops = 0;
     for w in writers {
@@ -207,8 +213,8 @@ async fn auto_mode_races_with_default_grain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn abort_mid_copy_leaves_workload_on_complete_source() {
     let r = setup(8 << 20).await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ctl = Arc::new(Ctl::default());
+    let (stop, progress) = (&ctl.stop, &ctl.progress);
     let w = tokio::spawn(writer(
         r.vol.clone(),
         r.shadow.clone(),
@@ -216,10 +222,9 @@ async fn abort_mid_copy_leaves_workload_on_complete_source() {
         1,
         7,
         false,
-        stop.clone(),
-        progress.clone(),
+        ctl.clone(),
     ));
-    wait_ops(&progress, 20).await;
+    wait_ops(progress, 20).await;
     let config = SessionConfig {
         bandwidth: 2 << 20,
         ..SessionConfig::default()
