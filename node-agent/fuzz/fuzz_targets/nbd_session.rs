@@ -49,16 +49,26 @@ impl ExportBackend for Mem {
     }
     async fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         check(offset, length)?;
-        Ok(vec![Extent { length, hole: false, zero: false }])
+        Ok(vec![Extent {
+            length,
+            hole: false,
+            zero: false,
+        }])
     }
 }
 
 fuzz_target!(|data: &[u8]| {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let server: NbdServer<Mem> = NbdServer::new();
         server
-            .add_export(Export::new("f", std::sync::Arc::new(Mem(Mutex::new(vec![0; SIZE as usize])))))
+            .add_export(Export::new(
+                "f",
+                std::sync::Arc::new(Mem(Mutex::new(vec![0; SIZE as usize]))),
+            ))
             .unwrap();
         let (mut client, srv) = tokio::io::duplex(1 << 16);
         let task = tokio::spawn(async move { server.serve_connection(srv, "fuzz").await });
