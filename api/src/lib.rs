@@ -2,6 +2,7 @@
 //! agents (slaves): the phase machine and the agent gRPC API.
 
 pub mod phase;
+pub mod slave;
 
 /// The agent (slave) API, generated from `proto/volmig/agent/v1/agent.proto`.
 pub mod agent {
@@ -12,3 +13,4 @@ pub mod agent {
 pub use phase::{
     BadTransition, CopyMode, Event, Phase, Policy, Progress, Transition, estimate, transition,
 };
+pub use slave::{Slave, SlaveError, SlaveResult};

@@ -62,14 +62,14 @@ async fn handle(agent: &Arc<Agent>, req: Request) -> Reply {
             Request::Status { volume } => Reply::Status(Box::new(agent.status(&volume)?)),
             Request::Wait { volume } => Reply::Status(Box::new(agent.wait(&volume).await?)),
             Request::Abort { volume } => {
-                agent.abort(&volume)?;
+                agent.abort(&volume).await?;
                 Reply::Done
             }
             Request::SetBandwidth {
                 volume,
                 bytes_per_sec,
             } => {
-                agent.set_bandwidth(&volume, bytes_per_sec)?;
+                agent.set_bandwidth(&volume, bytes_per_sec).await?;
                 Reply::Done
             }
             Request::List => Reply::Volumes {

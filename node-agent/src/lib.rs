@@ -13,6 +13,7 @@ pub mod interposer;
 pub mod monitor;
 pub mod nbd;
 pub mod session;
+pub mod slave_api;
 pub mod units;
 pub mod volume;
 

@@ -121,6 +121,9 @@ pub struct SessionOpts {
     /// Keep mirroring writes back to the source this long after cutover.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     failback_window: std::time::Duration,
+    /// Background mode: cut over anyway after this many refresh passes.
+    #[arg(long, default_value_t = 30)]
+    max_passes: u32,
 }
 
 impl SessionOpts {
@@ -132,6 +135,7 @@ impl SessionOpts {
             grain: self.grain,
             verify: self.verify,
             failback_window_ms: self.failback_window.as_millis() as u64,
+            max_passes: self.max_passes,
             ..SessionConfig::default()
         }
     }

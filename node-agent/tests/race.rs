@@ -232,7 +232,7 @@ async fn abort_mid_copy_leaves_workload_on_complete_source() {
     r.agent.migrate("vol", &r.target, config).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(r.agent.status("vol").unwrap().record.phase, Phase::Copying);
-    r.agent.abort("vol").unwrap();
+    r.agent.abort("vol").await.unwrap();
     let st = r.agent.wait("vol").await.unwrap();
     assert_eq!(st.record.phase, Phase::Aborted);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -278,7 +278,7 @@ async fn abort_after_redirect_fails_back_to_source() {
     );
     assert_eq!(r.vol.active().path(), r.target.as_path());
     r.vol.write(4096, vec![0xee; 8192], false).await.unwrap(); // mirrored back
-    r.agent.abort("vol").unwrap();
+    r.agent.abort("vol").await.unwrap();
     let st = r.agent.wait("vol").await.unwrap();
     assert_eq!(st.record.phase, Phase::Aborted, "{:?}", st.record.error);
     assert_eq!(r.vol.active().path(), r.source.as_path());
@@ -341,7 +341,7 @@ async fn bad_requests_change_nothing() {
     make_file(&t2, 4 << 20, None);
     let e = r.agent.migrate("vol", &t2, cfg).await.unwrap_err();
     assert!(e.to_string().contains("already has a migration"), "{e}");
-    r.agent.abort("vol").unwrap();
+    r.agent.abort("vol").await.unwrap();
     r.agent.wait("vol").await.unwrap();
     assert_eq!(std::fs::read(&r.source).unwrap(), before);
 }

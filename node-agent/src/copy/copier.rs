@@ -54,12 +54,15 @@ impl CopyStats {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PassReport {
-    /// Bytes this pass handled (data + sparse).
+    /// Bytes this pass (or slice) handled (data + sparse).
     pub bytes: u64,
     pub data_bytes: u64,
     pub elapsed: Duration,
     /// True when the pass stopped early because of `stop`.
     pub stopped: bool,
+    /// Where the next slice of this pass starts; `None` when the pass
+    /// reached the end of the volume.
+    pub next: Option<u64>,
 }
 
 impl PassReport {
@@ -116,10 +119,22 @@ impl Copier {
     /// Copies every range that is dirty when the pass reaches it. Returns
     /// early (after draining in-flight copies) once `stop` is set.
     pub async fn run_pass(&self, stop: &AtomicBool) -> Result<PassReport> {
+        self.run_slice(0, None, stop).await
+    }
+
+    /// Continues a pass from byte `from` until its end or `deadline`,
+    /// whichever comes first; in-flight copies are always drained.
+    pub async fn run_slice(
+        &self,
+        from: u64,
+        deadline: Option<Instant>,
+        stop: &AtomicBool,
+    ) -> Result<PassReport> {
         let start = Instant::now();
         let mut set: JoinSet<Result<(u64, u64)>> = JoinSet::new();
-        let mut pos = 0u64;
+        let mut pos = from;
         let mut bytes = 0u64;
+        let mut next = None;
         let mut data_bytes = 0u64;
         let mut stopped = false;
         let mut first_err: Option<AgentError> = None;
@@ -139,6 +154,11 @@ impl Copier {
         while let Some(run) = self.link.dirty.next_run(pos, self.cfg.chunk_size) {
             if stop.load(Ordering::SeqCst) || first_err.is_some() {
                 stopped = true;
+                next = Some(run.offset);
+                break;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                next = Some(run.offset);
                 break;
             }
             pos = run.offset + run.length;
@@ -173,6 +193,7 @@ impl Copier {
             data_bytes,
             elapsed: start.elapsed(),
             stopped,
+            next,
         })
     }
 

@@ -1,10 +1,14 @@
-//! A session: one migration of one volume through the eight phases.
+//! A session's agent half: the slave steps, the local checkpoint and
+//! verification. The phases themselves are driven by the master
+//! (`volmig-master`), in this process or over gRPC.
 
-mod driver;
-pub mod record;
+mod checkpoint;
+mod slave;
 mod verify;
 
-pub use driver::{Session, SessionStatus};
-pub use record::{PhaseTime, SessionConfig, SessionRecord, StateDir, Verify};
+pub use crate::agent::SessionStatus;
+pub use checkpoint::{SlaveConfig, SlaveRecord, StateDir};
+pub use slave::SlaveSession;
 pub use volmig_api::phase;
 pub use volmig_api::phase::{CopyMode, Event, Phase, Policy, Progress, transition};
+pub use volmig_master::{PhaseTime, SessionConfig, SessionRecord, Verify};

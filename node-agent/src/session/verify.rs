@@ -5,9 +5,9 @@
 
 use rand::Rng;
 
-use super::record::Verify;
-use crate::error::{AgentError, Result};
+use crate::error::Result;
 use crate::interposer::Link;
+use volmig_master::Verify;
 
 const VERIFY_CHUNK: u64 = 4 << 20;
 const SAMPLE_MIN: u64 = 64;
@@ -52,11 +52,4 @@ pub fn verify_blocking(link: &Link, mode: Verify) -> Result<Option<u64>> {
         }
     }
     Ok(None)
-}
-
-pub fn mismatch(volume: &str, offset: u64) -> AgentError {
-    AgentError::VerifyMismatch {
-        volume: volume.to_string(),
-        offset,
-    }
 }

@@ -1,15 +1,14 @@
-//! The session record: what a session is and how far it got, persisted in the
-//! agent's state directory (never on source or target) after every phase
-//! change and periodically while copying. Written atomically (temp + rename).
+//! The session record: the communication data set. What a session is and
+//! how far it got, kept by the master in its [`SessionStore`](crate::store)
+//! (a state file locally, the VolumeMigration status in a cluster), never on
+//! source or target, after every phase change and while copying.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-
-use super::phase::{CopyMode, Phase, Policy, Progress};
-use crate::copy::CopyConfig;
-use crate::error::{AgentError, Result};
+use volmig_api::agent;
+use volmig_api::phase::{CopyMode, Phase, Policy, Progress};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Verify {
@@ -52,16 +51,15 @@ pub struct SessionConfig {
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        let c = CopyConfig::default();
         let p = Policy::default();
         Self {
             mode: CopyMode::Auto,
             sync_goal_ms: p.sync_goal.as_millis() as u64,
             bandwidth: 0,
             grain: 64 << 10,
-            chunk_size: c.chunk_size,
-            in_flight: c.in_flight,
-            sparse: c.sparse,
+            chunk_size: 1 << 20,
+            in_flight: 8,
+            sparse: true,
             verify: Verify::Full,
             failback_window_ms: 0,
             max_passes: p.max_passes,
@@ -79,11 +77,50 @@ impl SessionConfig {
         }
     }
 
-    pub fn copy(&self) -> CopyConfig {
-        CopyConfig {
+    /// What the slave needs to know of it.
+    pub fn to_wire(&self) -> agent::SessionConfig {
+        agent::SessionConfig {
+            mode: match self.mode {
+                CopyMode::Background => agent::CopyMode::Background,
+                CopyMode::Mirror => agent::CopyMode::Mirror,
+                CopyMode::Auto => agent::CopyMode::Auto,
+            } as i32,
+            sync_goal_ms: self.sync_goal_ms,
+            bandwidth: self.bandwidth,
+            grain: self.grain,
             chunk_size: self.chunk_size,
-            in_flight: self.in_flight,
+            in_flight: self.in_flight as u32,
             sparse: self.sparse,
+        }
+    }
+
+    /// Rejects what no slave could run.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.sync_goal_ms == 0 {
+            return Err("sync goal must be positive".into());
+        }
+        if !self.grain.is_power_of_two() || self.grain < 4096 {
+            return Err(format!(
+                "granularity {} must be a power of two of at least 4096",
+                self.grain
+            ));
+        }
+        if self.chunk_size < self.grain {
+            return Err(format!(
+                "chunk size {} is smaller than the granularity {}",
+                self.chunk_size, self.grain
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Verify {
+    pub fn to_wire(self) -> agent::Verify {
+        match self {
+            Verify::None => agent::Verify::None,
+            Verify::Sample => agent::Verify::Sample,
+            Verify::Full => agent::Verify::Full,
         }
     }
 }
@@ -98,6 +135,13 @@ pub struct PhaseTime {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionRecord {
+    /// Bumped by every save; a save expecting another revision fails
+    /// (optimistic concurrency between masters and `abort` requests).
+    #[serde(default)]
+    pub revision: u64,
+    /// The epoch of the master driving it (fencing).
+    #[serde(default)]
+    pub epoch: u64,
     pub session: String,
     pub volume: String,
     pub source: PathBuf,
@@ -111,7 +155,13 @@ pub struct SessionRecord {
     pub redirected: bool,
     pub abort_requested: bool,
     pub bytes_copied: u64,
+    /// Estimated copy rate (data, flush included), bytes/s.
     pub copy_rate: f64,
+    #[serde(default)]
+    pub dirty_bytes: u64,
+    /// Workload writes, bytes/s (latest sample).
+    #[serde(default)]
+    pub write_rate: f64,
     pub phase_times: Vec<PhaseTime>,
     pub cutover_stall_ms: Option<f64>,
     /// Times the agent picked the session up again after a restart.
@@ -137,6 +187,8 @@ impl SessionRecord {
     ) -> Self {
         let session = format!("{volume}-{}", now_ms());
         Self {
+            revision: 0,
+            epoch: 0,
             session,
             volume: volume.to_string(),
             source: source.to_path_buf(),
@@ -149,6 +201,8 @@ impl SessionRecord {
             abort_requested: false,
             bytes_copied: 0,
             copy_rate: 0.0,
+            dirty_bytes: 0,
+            write_rate: 0.0,
             phase_times: vec![PhaseTime {
                 phase: Phase::Activating,
                 start_ms: now_ms(),
@@ -180,78 +234,12 @@ impl SessionRecord {
     }
 }
 
-/// The session files of one agent.
-#[derive(Debug, Clone)]
-pub struct StateDir {
-    root: PathBuf,
-}
-
-impl StateDir {
-    pub fn open(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root).map_err(|source| AgentError::State {
-            path: root.to_path_buf(),
-            source,
-        })?;
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn record_path(&self, volume: &str) -> PathBuf {
-        self.root.join(format!("{volume}.session.json"))
-    }
-
-    pub fn dirty_map_path(&self, volume: &str) -> PathBuf {
-        self.root.join(format!("{volume}.dirty"))
-    }
-
-    pub fn save(&self, rec: &SessionRecord) -> Result<()> {
-        let path = self.record_path(&rec.volume);
-        let tmp = path.with_extension("json.tmp");
-        let err = |source| AgentError::State {
-            path: path.clone(),
-            source,
-        };
-        let data = serde_json::to_vec_pretty(rec).map_err(|e| err(std::io::Error::other(e)))?;
-        std::fs::write(&tmp, data).map_err(err)?;
-        std::fs::rename(&tmp, &path).map_err(err)?;
-        Ok(())
-    }
-
-    pub fn load(&self, volume: &str) -> Result<Option<SessionRecord>> {
-        let path = self.record_path(volume);
-        match std::fs::read(&path) {
-            Ok(data) => {
-                serde_json::from_slice(&data)
-                    .map(Some)
-                    .map_err(|e| AgentError::CorruptState {
-                        path,
-                        reason: e.to_string(),
-                    })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(AgentError::State { path, source }),
-        }
-    }
-
-    pub fn remove_dirty_map(&self, volume: &str) {
-        let _ = std::fs::remove_file(self.dirty_map_path(volume));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn save_load_roundtrip_and_timeline() {
-        let dir = tempfile::tempdir().unwrap();
-        let sd = StateDir::open(dir.path()).unwrap();
-        assert_eq!(sd.load("v").unwrap(), None);
+    fn timeline_closes_phases() {
         let mut r = SessionRecord::new(
             "v",
             Path::new("/a"),
@@ -261,12 +249,37 @@ mod tests {
         );
         r.enter(Phase::Copying);
         r.enter(Phase::Completed);
-        sd.save(&r).unwrap();
-        let back = sd.load("v").unwrap().unwrap();
-        assert_eq!(back, r);
-        assert_eq!(back.phase_times.len(), 2);
-        assert!(back.phase_times.iter().all(|p| p.end_ms.is_some()));
-        std::fs::write(sd.record_path("w"), b"{not json").unwrap();
-        assert!(matches!(sd.load("w"), Err(AgentError::CorruptState { .. })));
+        assert_eq!(r.phase_times.len(), 2);
+        assert!(r.phase_times.iter().all(|p| p.end_ms.is_some()));
+        assert_eq!(r.phase, Phase::Completed);
+    }
+
+    #[test]
+    fn config_validation() {
+        assert!(SessionConfig::default().validate().is_ok());
+        assert!(
+            SessionConfig {
+                sync_goal_ms: 0,
+                ..SessionConfig::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SessionConfig {
+                grain: 3000,
+                ..SessionConfig::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SessionConfig {
+                chunk_size: 4096,
+                ..SessionConfig::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

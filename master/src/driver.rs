@@ -1,0 +1,577 @@
+//! The phase driver: the master's main loop for one session. It asks a
+//! [`Slave`] to perform each phase's step, turns the outcome into an
+//! [`Event`], asks [`transition`] for the next phase and saves the record
+//! in the [`SessionStore`] after every change. A master that dies anywhere
+//! can be started again: it reconciles the record with the agent's state and
+//! continues; every step it repeats is idempotent on the agent.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tracing::{info, warn};
+use volmig_api::agent::{
+    CopyPassRequest, Fence, PrepareRequest, QuiesceRequest, RedirectRequest, SessionState,
+    SetBandwidthRequest, SetMirrorRequest, Step, TerminateRequest,
+};
+use volmig_api::phase::{Event, Phase, transition};
+use volmig_api::{Slave, SlaveError};
+
+use crate::error::{MasterError, Result};
+use crate::reconcile::reconcile;
+use crate::record::{SessionRecord, now_ms};
+use crate::store::SessionStore;
+
+/// How a driver behaves; defaults suit both local mode and the operator.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// The master's epoch, sent with every call (fencing).
+    pub epoch: u64,
+    /// Longest single copy call, so aborts and shutdowns are prompt.
+    pub slice: Duration,
+    /// Give up on an unreachable agent after this long (then fail safely).
+    pub unreachable_for: Duration,
+    /// How long quiesce may wait for in-flight I/O in a forced cutover.
+    pub forced_drain: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            epoch: 1,
+            slice: Duration::from_millis(500),
+            unreachable_for: Duration::from_secs(300),
+            forced_drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Stops a driver between steps (the session itself goes on: another
+/// driver, or this one started again, continues it).
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl StopSignal {
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    async fn sleep(&self, d: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.notify.notified() => {}
+        }
+    }
+}
+
+pub struct Driver<S, St> {
+    slave: S,
+    store: St,
+    key: String,
+    cfg: DriverConfig,
+    stop: Arc<StopSignal>,
+}
+
+/// What the driver keeps between iterations but never persists.
+#[derive(Default)]
+struct Volatile {
+    pass_seen: u64,
+    pushed_bandwidth: Option<u64>,
+    pushed_mirror: bool,
+    need_reconcile: bool,
+    last_save: Option<Instant>,
+}
+
+enum Outcome {
+    Event(Event),
+    /// Nothing to report yet (a partial pass); go round again.
+    Again,
+}
+
+impl<S: Slave, St: SessionStore> Driver<S, St> {
+    pub fn new(slave: S, store: St, key: &str, cfg: DriverConfig, stop: Arc<StopSignal>) -> Self {
+        Self {
+            slave,
+            store,
+            key: key.to_string(),
+            cfg,
+            stop,
+        }
+    }
+
+    fn fence(&self, rec: &SessionRecord) -> Fence {
+        Fence {
+            session_id: rec.session.clone(),
+            volume: rec.volume.clone(),
+            epoch: self.cfg.epoch,
+        }
+    }
+
+    fn step(&self, rec: &SessionRecord) -> Step {
+        Step {
+            fence: Some(self.fence(rec)),
+        }
+    }
+
+    /// Calls the slave, retrying while it is unreachable or busy.
+    async fn call<T, F, Fut>(&self, v: &mut Volatile, f: F) -> std::result::Result<T, SlaveError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, SlaveError>>,
+    {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match f().await {
+                Ok(t) => return Ok(t),
+                Err(e) if e.is_transient() && start.elapsed() < self.cfg.unreachable_for => {
+                    if matches!(e, SlaveError::Unavailable(_)) {
+                        v.need_reconcile = true;
+                    }
+                    if self.stop.is_stopped() {
+                        return Err(e);
+                    }
+                    warn!(volume = %self.key, error = %e, "agent call failed; retrying");
+                    self.stop.sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Saves, merging what others may have changed meanwhile (an abort
+    /// request, a new bandwidth limit): those fields are theirs.
+    async fn save(&self, rec: &mut SessionRecord) -> Result<()> {
+        rec.epoch = self.cfg.epoch;
+        for _ in 0..5 {
+            match self.store.save(&self.key, rec).await {
+                Ok(()) => return Ok(()),
+                Err(MasterError::Conflict { .. }) => {
+                    let fresh = self
+                        .store
+                        .load(&self.key)
+                        .await?
+                        .ok_or_else(|| MasterError::NoSession(self.key.clone()))?;
+                    if fresh.epoch > self.cfg.epoch {
+                        return Err(MasterError::Deposed(format!(
+                            "{} is driven by epoch {}",
+                            self.key, fresh.epoch
+                        )));
+                    }
+                    rec.abort_requested |= fresh.abort_requested;
+                    rec.config.bandwidth = fresh.config.bandwidth;
+                    rec.revision = fresh.revision;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(MasterError::Conflict {
+            key: self.key.clone(),
+            expected: rec.revision,
+            found: 0,
+        })
+    }
+
+    /// Takes in what others asked for since we last looked (abort, a new
+    /// bandwidth limit). Returns true when an abort is requested.
+    async fn refresh_requests(&self, rec: &mut SessionRecord) -> Result<bool> {
+        if let Some(fresh) = self.store.load(&self.key).await?
+            && fresh.revision != rec.revision
+        {
+            if fresh.epoch > self.cfg.epoch {
+                return Err(MasterError::Deposed(format!(
+                    "{} is driven by epoch {}",
+                    self.key, fresh.epoch
+                )));
+            }
+            rec.abort_requested |= fresh.abort_requested;
+            rec.config.bandwidth = fresh.config.bandwidth;
+        }
+        Ok(rec.abort_requested)
+    }
+
+    fn absorb(rec: &mut SessionRecord, st: &SessionState) {
+        rec.dirty_bytes = st.dirty_bytes;
+        rec.write_rate = st.write_rate;
+        rec.resumes = st.resumes as u32;
+        if rec.size == 0 {
+            rec.size = st.size;
+        }
+    }
+
+    /// Drives the session until it ends, or until stopped.
+    pub async fn run(&self) -> Result<SessionRecord> {
+        let mut rec = self
+            .store
+            .load(&self.key)
+            .await?
+            .ok_or_else(|| MasterError::NoSession(self.key.clone()))?;
+        if rec.epoch > self.cfg.epoch {
+            return Err(MasterError::Deposed(format!(
+                "{} is driven by epoch {}",
+                self.key, rec.epoch
+            )));
+        }
+        let policy = rec.config.policy();
+        let mut v = Volatile {
+            need_reconcile: rec.phase != Phase::Activating,
+            ..Volatile::default()
+        };
+        loop {
+            if rec.phase.is_terminal() {
+                return Ok(rec);
+            }
+            if self.stop.is_stopped() {
+                self.save(&mut rec).await?;
+                return Ok(rec);
+            }
+            self.refresh_requests(&mut rec).await?;
+            if v.need_reconcile {
+                v.need_reconcile = false;
+                let st = match self
+                    .call(&mut v, || self.slave.get_state(self.step(&rec)))
+                    .await
+                {
+                    Ok(s) => Some(s),
+                    Err(SlaveError::NotFound(_)) => None,
+                    Err(SlaveError::Fenced(m)) => return Err(MasterError::Deposed(m)),
+                    Err(e) if e.is_transient() => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                if let Some(st) = &st {
+                    Self::absorb(&mut rec, st);
+                    v.pushed_mirror = st.mirror;
+                    rec.redirected = st.redirected;
+                }
+                let (phase, why) = reconcile(rec.phase, st.as_ref());
+                if phase != rec.phase {
+                    info!(volume = %rec.volume, from = %rec.phase, to = %phase, why, "reconciled with the agent");
+                    rec.enter(phase);
+                    if phase == Phase::Failed {
+                        rec.error = Some(why.to_string());
+                    }
+                    self.save(&mut rec).await?;
+                }
+                continue;
+            }
+            if rec.abort_requested {
+                let r = self
+                    .call(&mut v, || self.slave.abort(self.step(&rec)))
+                    .await;
+                match r {
+                    Ok(st) => {
+                        rec.redirected = st.redirected;
+                        rec.enter(Phase::Aborted);
+                        info!(volume = %rec.volume, "aborted; the workload is on the source");
+                    }
+                    Err(SlaveError::Fenced(m)) => return Err(MasterError::Deposed(m)),
+                    Err(e) => {
+                        rec.error = Some(format!("abort: {e}"));
+                        rec.enter(Phase::Failed);
+                    }
+                }
+                self.save(&mut rec).await?;
+                continue;
+            }
+            if v.pushed_bandwidth != Some(rec.config.bandwidth) && rec.phase != Phase::Activating {
+                let req = SetBandwidthRequest {
+                    fence: Some(self.fence(&rec)),
+                    bytes_per_sec: rec.config.bandwidth,
+                };
+                if self
+                    .call(&mut v, || self.slave.set_bandwidth(req.clone()))
+                    .await
+                    .is_ok()
+                {
+                    v.pushed_bandwidth = Some(rec.config.bandwidth);
+                }
+            }
+            let phase = rec.phase;
+            let outcome = match self.perform(&mut rec, &mut v, &policy).await {
+                Ok(o) => o,
+                Err(SlaveError::Fenced(m)) => return Err(MasterError::Deposed(m)),
+                Err(e) if e.is_transient() => {
+                    if self.stop.is_stopped() {
+                        continue;
+                    }
+                    Outcome::Event(Event::Failed(format!(
+                        "agent unreachable for {:?}: {e}",
+                        self.cfg.unreachable_for
+                    )))
+                }
+                Err(SlaveError::WrongState(m)) => {
+                    warn!(volume = %rec.volume, %phase, reason = %m, "agent is not where the record says; reconciling");
+                    v.need_reconcile = true;
+                    Outcome::Again
+                }
+                // A step cut short by an abort is not a failure.
+                Err(_) if self.refresh_requests(&mut rec).await? => continue,
+                Err(e) => Outcome::Event(Event::Failed(format!("{phase}: {e}"))),
+            };
+            let event = match outcome {
+                Outcome::Event(e) => e,
+                Outcome::Again => {
+                    if v.last_save
+                        .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+                    {
+                        if let Ok(st) = self.slave.get_state(self.step(&rec)).await {
+                            Self::absorb(&mut rec, &st);
+                        }
+                        self.save(&mut rec).await?;
+                        v.last_save = Some(Instant::now());
+                    }
+                    continue;
+                }
+            };
+            if let Event::Failed(msg) = &event {
+                warn!(volume = %rec.volume, %phase, error = %msg, "step failed; rolling back");
+                if let Err(e) = self
+                    .call(&mut v, || self.slave.abort(self.step(&rec)))
+                    .await
+                {
+                    warn!(volume = %rec.volume, error = %e, "rollback incomplete");
+                }
+                rec.error = Some(msg.clone());
+                rec.enter(Phase::Failed);
+                self.save(&mut rec).await?;
+                continue;
+            }
+            let t = match transition(phase, rec.progress, &event, &policy) {
+                Ok(t) => t,
+                Err(e) => {
+                    rec.error = Some(e.to_string());
+                    let _ = self
+                        .call(&mut v, || self.slave.abort(self.step(&rec)))
+                        .await;
+                    rec.enter(Phase::Failed);
+                    self.save(&mut rec).await?;
+                    continue;
+                }
+            };
+            if phase == Phase::Quiescing && t.next == Phase::Refreshing {
+                self.call(&mut v, || self.slave.release(self.step(&rec)))
+                    .await?;
+            }
+            if t.next != phase || t.next == Phase::Refreshing {
+                info!(volume = %rec.volume, session = %rec.session, from = %phase, to = %t.next, why = %t.why, "phase");
+            }
+            rec.progress = t.progress;
+            if t.next != rec.phase {
+                rec.enter(t.next);
+            }
+            self.save(&mut rec).await?;
+            v.last_save = Some(Instant::now());
+        }
+    }
+
+    /// One step of the record's phase on the slave.
+    async fn perform(
+        &self,
+        rec: &mut SessionRecord,
+        v: &mut Volatile,
+        policy: &volmig_api::Policy,
+    ) -> std::result::Result<Outcome, SlaveError> {
+        let fence = Some(self.fence(rec));
+        Ok(Outcome::Event(match rec.phase {
+            Phase::Activating => {
+                let req = PrepareRequest {
+                    fence: fence.clone(),
+                    target: rec.target.display().to_string(),
+                    config: Some(rec.config.to_wire()),
+                };
+                let st = self.call(v, || self.slave.prepare(req.clone())).await?;
+                rec.size = st.size;
+                rec.source = st.source.clone().into();
+                Self::absorb(rec, &st);
+                Event::Activated
+            }
+            Phase::Copying | Phase::Refreshing => {
+                if rec.progress.mirror && !v.pushed_mirror {
+                    let req = SetMirrorRequest {
+                        fence: fence.clone(),
+                        on: true,
+                    };
+                    self.call(v, || self.slave.set_mirror(req.clone())).await?;
+                    v.pushed_mirror = true;
+                }
+                let req = CopyPassRequest {
+                    fence: fence.clone(),
+                    slice_ms: self.cfg.slice.as_millis() as u64,
+                };
+                let r = self.call(v, || self.slave.copy_pass(req.clone())).await?;
+                rec.bytes_copied += r.bytes.saturating_sub(v.pass_seen);
+                v.pass_seen = if r.complete { 0 } else { r.bytes };
+                rec.dirty_bytes = r.dirty_bytes;
+                if r.stopped || !r.complete {
+                    return Ok(Outcome::Again);
+                }
+                let secs = (r.elapsed_us as f64 / 1e6).max(1e-6);
+                // Small passes are latency bound: keep the estimate of a
+                // real one. The data rate, flush included, is what the
+                // residue costs at cutover (holes are nearly free).
+                if r.data_bytes >= 4 << 20 || rec.copy_rate == 0.0 {
+                    let rate = r.data_bytes as f64 / secs;
+                    rec.copy_rate = if rec.copy_rate == 0.0 {
+                        rate
+                    } else {
+                        0.5 * rec.copy_rate + 0.5 * rate
+                    };
+                }
+                Event::PassDone {
+                    dirty_bytes: r.dirty_bytes,
+                    copy_rate: rec.copy_rate,
+                }
+            }
+            Phase::Quiescing => {
+                let budget = if rec.progress.converged {
+                    policy.sync_goal / 2
+                } else {
+                    self.cfg.forced_drain
+                };
+                let req = QuiesceRequest {
+                    fence: fence.clone(),
+                    budget_ms: budget.as_millis().max(1) as u64,
+                };
+                let q = self.call(v, || self.slave.quiesce(req.clone())).await?;
+                if !q.quiesced {
+                    Event::QuiesceTimedOut
+                } else {
+                    rec.dirty_bytes = q.dirty_bytes;
+                    Event::Quiesced {
+                        dirty_bytes: q.dirty_bytes,
+                        copy_rate: rec.copy_rate,
+                        spent: Duration::from_micros(q.spent_us),
+                    }
+                }
+            }
+            Phase::Synchronizing => {
+                let step = Step {
+                    fence: fence.clone(),
+                };
+                self.call(v, || self.slave.synchronize(step.clone()))
+                    .await?;
+                rec.dirty_bytes = 0;
+                Event::Synchronized
+            }
+            Phase::Redirecting => {
+                let req = RedirectRequest {
+                    fence: fence.clone(),
+                    to_source: false,
+                };
+                let st = self.call(v, || self.slave.redirect(req.clone())).await?;
+                rec.redirected = st.redirected;
+                Event::Redirected
+            }
+            Phase::Resuming => {
+                let step = Step {
+                    fence: fence.clone(),
+                };
+                let r = self.call(v, || self.slave.resume(step.clone())).await?;
+                if r.stall_us > 0 {
+                    rec.cutover_stall_ms = Some(r.stall_us as f64 / 1e3);
+                }
+                Event::Resumed
+            }
+            Phase::Terminating => {
+                let req = TerminateRequest {
+                    fence: fence.clone(),
+                    verify: rec.config.verify.to_wire() as i32,
+                    failback_window_ms: rec.config.failback_window_ms,
+                };
+                let t = self.call(v, || self.slave.terminate(req.clone())).await?;
+                rec.verified = Some(t.verified);
+                if let Some(off) = t.mismatch_offset {
+                    Event::Failed(format!(
+                        "verification failed: first difference at offset {off}"
+                    ))
+                } else {
+                    Event::Terminated
+                }
+            }
+            Phase::Completed | Phase::Aborted | Phase::Failed => return Ok(Outcome::Again),
+        }))
+    }
+}
+
+/// Creates a session's record (phase Activating) for a driver to run.
+pub async fn create_session<St: SessionStore>(
+    store: &St,
+    volume: &str,
+    target: &std::path::Path,
+    config: crate::record::SessionConfig,
+    epoch: u64,
+) -> Result<SessionRecord> {
+    config.validate().map_err(MasterError::Invalid)?;
+    let mut rec = SessionRecord::new(volume, std::path::Path::new(""), target, 0, config);
+    rec.epoch = epoch;
+    if let Some(old) = store.load(volume).await? {
+        if !old.phase.is_terminal() {
+            return Err(MasterError::SessionExists {
+                volume: volume.to_string(),
+                session: old.session,
+            });
+        }
+        rec.revision = old.revision;
+    }
+    rec.phase_times[0].start_ms = now_ms();
+    store.save(volume, &mut rec).await?;
+    Ok(rec)
+}
+
+/// Records an abort request; the driver acts on it at its next step.
+pub async fn request_abort<St: SessionStore>(store: &St, volume: &str) -> Result<SessionRecord> {
+    for _ in 0..5 {
+        let mut rec = store
+            .load(volume)
+            .await?
+            .ok_or_else(|| MasterError::NoSession(volume.to_string()))?;
+        if rec.phase.is_terminal() {
+            return Err(MasterError::Invalid(format!(
+                "session {} already {}",
+                rec.session, rec.phase
+            )));
+        }
+        rec.abort_requested = true;
+        match store.save(volume, &mut rec).await {
+            Ok(()) => return Ok(rec),
+            Err(MasterError::Conflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(MasterError::Invalid(
+        "the record kept changing; try again".into(),
+    ))
+}
+
+/// Changes a running session's bandwidth limit; the driver pushes it.
+pub async fn set_bandwidth<St: SessionStore>(
+    store: &St,
+    volume: &str,
+    bytes_per_sec: u64,
+) -> Result<SessionRecord> {
+    for _ in 0..5 {
+        let mut rec = store
+            .load(volume)
+            .await?
+            .ok_or_else(|| MasterError::NoSession(volume.to_string()))?;
+        rec.config.bandwidth = bytes_per_sec;
+        match store.save(volume, &mut rec).await {
+            Ok(()) => return Ok(rec),
+            Err(MasterError::Conflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(MasterError::Invalid(
+        "the record kept changing; try again".into(),
+    ))
+}

@@ -1,0 +1,15 @@
+//! volmig master: drives sessions through the eight phases by calling node
+//! agents (slaves), keeping each session's record (the communication data
+//! set) in a [`SessionStore`]: a state file locally, the VolumeMigration
+//! status in a cluster.
+
+pub mod driver;
+pub mod error;
+pub mod reconcile;
+pub mod record;
+pub mod store;
+
+pub use driver::{Driver, DriverConfig, StopSignal, create_session, request_abort, set_bandwidth};
+pub use error::{MasterError, Result};
+pub use record::{PhaseTime, SessionConfig, SessionRecord, Verify, now_ms};
+pub use store::{FileStore, SessionStore};

@@ -1,0 +1,90 @@
+//! After a restart of the master or of an agent, the record's phase and the
+//! agent's actual state may disagree (the agent lost its quiesce when it
+//! restarted; the master died after the agent finished a step). This pure
+//! function says where the session really is.
+
+use volmig_api::agent::SessionState;
+use volmig_api::phase::Phase;
+
+/// Where to continue from `phase`, given the agent's view (`None`: the agent
+/// has no such session).
+pub fn reconcile(phase: Phase, state: Option<&SessionState>) -> (Phase, &'static str) {
+    use Phase::*;
+    if phase.is_terminal() {
+        return (phase, "terminal");
+    }
+    let Some(st) = state else {
+        return if phase == Activating {
+            (Activating, "not prepared yet")
+        } else {
+            (Failed, "the agent has no record of this session")
+        };
+    };
+    if st.finished {
+        return if st.redirected {
+            (Completed, "the agent already terminated the session")
+        } else {
+            (Aborted, "the agent already rolled the session back")
+        };
+    }
+    match phase {
+        Quiescing | Synchronizing | Redirecting if st.redirected => (
+            Resuming,
+            "the agent redirected before the master recorded it",
+        ),
+        Quiescing | Synchronizing | Redirecting if !st.quiesced => (
+            Refreshing,
+            "the agent is no longer quiesced (it restarted or released)",
+        ),
+        Activating if st.attached => (Copying, "the agent already activated the session"),
+        p => (p, "consistent"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(quiesced: bool, redirected: bool, finished: bool) -> SessionState {
+        SessionState {
+            attached: !finished,
+            quiesced,
+            redirected,
+            finished,
+            ..SessionState::default()
+        }
+    }
+
+    #[test]
+    fn cases() {
+        use Phase::*;
+        assert_eq!(
+            reconcile(Synchronizing, Some(&st(false, false, false))).0,
+            Refreshing
+        );
+        assert_eq!(
+            reconcile(Synchronizing, Some(&st(true, false, false))).0,
+            Synchronizing
+        );
+        assert_eq!(
+            reconcile(Redirecting, Some(&st(true, true, false))).0,
+            Resuming
+        );
+        assert_eq!(
+            reconcile(Quiescing, Some(&st(false, true, false))).0,
+            Resuming
+        );
+        assert_eq!(
+            reconcile(Terminating, Some(&st(false, true, true))).0,
+            Completed
+        );
+        assert_eq!(reconcile(Copying, Some(&st(false, false, true))).0, Aborted);
+        assert_eq!(reconcile(Refreshing, None).0, Failed);
+        assert_eq!(reconcile(Activating, None).0, Activating);
+        assert_eq!(
+            reconcile(Activating, Some(&st(false, false, false))).0,
+            Copying
+        );
+        assert_eq!(reconcile(Completed, None).0, Completed);
+    }
+}

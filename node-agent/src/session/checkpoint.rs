@@ -1,0 +1,149 @@
+//! The agent's local checkpoint of a session, beside its dirty map in the
+//! state directory (never on source or target): what a restarted agent
+//! needs to attach the session again. Phase and progress are the master's
+//! business (its session record); this is the node's.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AgentError, Result};
+
+/// Copy settings the slave runs with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlaveConfig {
+    pub mirror_from_start: bool,
+    pub bandwidth: u64,
+    pub grain: u64,
+    pub chunk_size: u64,
+    pub in_flight: usize,
+    pub sparse: bool,
+}
+
+impl Default for SlaveConfig {
+    fn default() -> Self {
+        Self {
+            mirror_from_start: false,
+            bandwidth: 0,
+            grain: 64 << 10,
+            chunk_size: 1 << 20,
+            in_flight: 8,
+            sparse: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlaveRecord {
+    pub session_id: String,
+    /// Newest master epoch seen for this volume (fencing).
+    pub epoch: u64,
+    pub volume: String,
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub size: u64,
+    pub config: SlaveConfig,
+    pub mirror: bool,
+    /// The workload's active device is the target.
+    pub redirected: bool,
+    /// Terminated or rolled back: nothing attached any more.
+    pub finished: bool,
+    /// Result of Terminate's verification, once run.
+    pub verified: Option<bool>,
+    pub mismatch_offset: Option<u64>,
+    pub resumes: u32,
+}
+
+/// The checkpoint files of one agent.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn open(root: &Path) -> Result<Self> {
+        std::fs::create_dir_all(root).map_err(|source| AgentError::State {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn record_path(&self, volume: &str) -> PathBuf {
+        self.root.join(format!("{volume}.slave.json"))
+    }
+
+    pub fn dirty_map_path(&self, volume: &str) -> PathBuf {
+        self.root.join(format!("{volume}.dirty"))
+    }
+
+    pub fn save(&self, rec: &SlaveRecord) -> Result<()> {
+        let path = self.record_path(&rec.volume);
+        let tmp = path.with_extension("json.tmp");
+        let err = |source| AgentError::State {
+            path: path.clone(),
+            source,
+        };
+        let data = serde_json::to_vec_pretty(rec).map_err(|e| err(std::io::Error::other(e)))?;
+        std::fs::write(&tmp, data).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        Ok(())
+    }
+
+    pub fn load(&self, volume: &str) -> Result<Option<SlaveRecord>> {
+        let path = self.record_path(volume);
+        match std::fs::read(&path) {
+            Ok(data) => {
+                serde_json::from_slice(&data)
+                    .map(Some)
+                    .map_err(|e| AgentError::CorruptState {
+                        path,
+                        reason: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(AgentError::State { path, source }),
+        }
+    }
+
+    pub fn remove_dirty_map(&self, volume: &str) {
+        let _ = std::fs::remove_file(self.dirty_map_path(volume));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        assert_eq!(sd.load("v").unwrap(), None);
+        let r = SlaveRecord {
+            session_id: "s".into(),
+            epoch: 3,
+            volume: "v".into(),
+            source: "/a".into(),
+            target: "/b".into(),
+            size: 10,
+            config: SlaveConfig::default(),
+            mirror: false,
+            redirected: true,
+            finished: false,
+            verified: None,
+            mismatch_offset: None,
+            resumes: 0,
+        };
+        sd.save(&r).unwrap();
+        assert_eq!(sd.load("v").unwrap(), Some(r));
+        std::fs::write(sd.record_path("w"), b"[").unwrap();
+        assert!(matches!(sd.load("w"), Err(AgentError::CorruptState { .. })));
+    }
+}

@@ -1,0 +1,242 @@
+//! The agent as a slave: the [`Slave`] contract over its volumes. Checks
+//! every call's fence (session and epoch), runs one operation per volume at
+//! a time (a concurrent one is `Busy`), and maps agent errors to the
+//! contract's kinds. The gRPC service and the in-process master both come
+//! through here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use volmig_api::agent::{
+    CopyMode, CopyPassRequest, Fence, PassResult, PrepareRequest, QuiesceRequest, QuiesceResult,
+    RedirectRequest, ResumeResult, SessionState, SetBandwidthRequest, SetMirrorRequest, Step,
+    TerminateRequest, TerminateResult, Verify as WireVerify,
+};
+use volmig_api::{Slave, SlaveError, SlaveResult};
+use volmig_master::Verify;
+
+use crate::agent::{Agent, lock};
+use crate::error::AgentError;
+use crate::session::{SlaveConfig, SlaveSession};
+
+impl From<AgentError> for SlaveError {
+    fn from(e: AgentError) -> Self {
+        let m = e.to_string();
+        match e {
+            AgentError::Open { .. }
+            | AgentError::NotADevice { .. }
+            | AgentError::ReadOnly { .. }
+            | AgentError::TargetTooSmall { .. }
+            | AgentError::SameDevice { .. }
+            | AgentError::Invalid(_) => SlaveError::Invalid(m),
+            AgentError::SessionExists { .. } => SlaveError::AlreadyExists(m),
+            AgentError::UnknownVolume(_) | AgentError::NoSession(_) => SlaveError::NotFound(m),
+            AgentError::Transition(_) => SlaveError::WrongState(m),
+            _ => SlaveError::Failed(m),
+        }
+    }
+}
+
+fn fence_of(f: &Option<Fence>) -> SlaveResult<&Fence> {
+    f.as_ref()
+        .filter(|f| !f.volume.is_empty() && !f.session_id.is_empty())
+        .ok_or_else(|| {
+            SlaveError::Invalid("the call carries no fence (session, volume, epoch)".into())
+        })
+}
+
+/// The operation lock of a volume, taken without waiting.
+type OpGuard = tokio::sync::OwnedMutexGuard<()>;
+
+impl Agent {
+    /// The fenced session of a call, and (with `exclusive`) the volume's
+    /// operation lock.
+    fn session_for(
+        &self,
+        f: &Option<Fence>,
+        exclusive: bool,
+    ) -> SlaveResult<(Arc<SlaveSession>, Option<OpGuard>)> {
+        let fence = fence_of(f)?;
+        let (slave, op) = {
+            let vols = lock(&self.volumes);
+            let v = vols
+                .get(&fence.volume)
+                .ok_or_else(|| SlaveError::NotFound(format!("unknown volume {}", fence.volume)))?;
+            (v.slave.clone(), v.op.clone())
+        };
+        let slave = slave
+            .filter(|s| s.session_id() == fence.session_id)
+            .ok_or_else(|| {
+                SlaveError::NotFound(format!(
+                    "no session {} on volume {}",
+                    fence.session_id, fence.volume
+                ))
+            })?;
+        slave.fence(fence.epoch).map_err(|newer| {
+            SlaveError::Fenced(format!("epoch {} is older than {newer}", fence.epoch))
+        })?;
+        let guard = if exclusive {
+            Some(op.try_lock_owned().map_err(|_| {
+                SlaveError::Busy(format!(
+                    "another operation is running on volume {}",
+                    fence.volume
+                ))
+            })?)
+        } else {
+            None
+        };
+        Ok((slave, guard))
+    }
+}
+
+impl Slave for Agent {
+    async fn prepare(&self, r: PrepareRequest) -> SlaveResult<SessionState> {
+        let fence = fence_of(&r.fence)?.clone();
+        let cfg = r.config.unwrap_or_default();
+        let (interposer, existing, op) = {
+            let vols = lock(&self.volumes);
+            let v = vols
+                .get(&fence.volume)
+                .ok_or_else(|| SlaveError::NotFound(format!("unknown volume {}", fence.volume)))?;
+            (v.interposer.clone(), v.slave.clone(), v.op.clone())
+        };
+        let _guard = op.try_lock_owned().map_err(|_| {
+            SlaveError::Busy(format!(
+                "another operation is running on volume {}",
+                fence.volume
+            ))
+        })?;
+        if let Some(s) = existing {
+            if s.session_id() == fence.session_id {
+                s.fence(fence.epoch).map_err(|n| {
+                    SlaveError::Fenced(format!("epoch {} is older than {n}", fence.epoch))
+                })?;
+                return Ok(s.state().await); // prepared already: idempotent
+            }
+            if !s.is_finished() {
+                return Err(SlaveError::AlreadyExists(format!(
+                    "volume {} already has a migration in progress (session {})",
+                    fence.volume,
+                    s.session_id()
+                )));
+            }
+        }
+        let defaults = SlaveConfig::default();
+        let config = SlaveConfig {
+            mirror_from_start: cfg.mode == CopyMode::Mirror as i32,
+            bandwidth: cfg.bandwidth,
+            grain: if cfg.grain == 0 {
+                defaults.grain
+            } else {
+                cfg.grain
+            },
+            chunk_size: if cfg.chunk_size == 0 {
+                defaults.chunk_size
+            } else {
+                cfg.chunk_size
+            },
+            in_flight: if cfg.in_flight == 0 {
+                defaults.in_flight
+            } else {
+                cfg.in_flight as usize
+            },
+            sparse: cfg.sparse,
+        };
+        let s = SlaveSession::prepare(
+            interposer,
+            self.state().clone(),
+            &fence.session_id,
+            fence.epoch,
+            std::path::Path::new(&r.target),
+            config,
+        )
+        .await?;
+        if let Some(v) = lock(&self.volumes).get_mut(&fence.volume) {
+            v.slave = Some(s.clone());
+        }
+        Ok(s.state().await)
+    }
+
+    async fn copy_pass(&self, r: CopyPassRequest) -> SlaveResult<PassResult> {
+        let (s, _g) = self.session_for(&r.fence, true)?;
+        let slice = (r.slice_ms > 0).then(|| Duration::from_millis(r.slice_ms));
+        Ok(s.copy_pass(slice).await?)
+    }
+
+    async fn set_mirror(&self, r: SetMirrorRequest) -> SlaveResult<SessionState> {
+        let (s, _g) = self.session_for(&r.fence, false)?;
+        s.set_mirror(r.on)?;
+        Ok(s.state().await)
+    }
+
+    async fn quiesce(&self, r: QuiesceRequest) -> SlaveResult<QuiesceResult> {
+        let (s, _g) = self.session_for(&r.fence, true)?;
+        Ok(s.quiesce(Duration::from_millis(r.budget_ms)).await?)
+    }
+
+    async fn release(&self, r: Step) -> SlaveResult<SessionState> {
+        let (s, _g) = self.session_for(&r.fence, true)?;
+        s.release().await?;
+        Ok(s.state().await)
+    }
+
+    async fn synchronize(&self, r: Step) -> SlaveResult<SessionState> {
+        let (s, _g) = self.session_for(&r.fence, true)?;
+        s.synchronize().await?;
+        Ok(s.state().await)
+    }
+
+    async fn redirect(&self, r: RedirectRequest) -> SlaveResult<SessionState> {
+        let (s, _g) = self.session_for(&r.fence, true)?;
+        s.redirect(r.to_source).await?;
+        Ok(s.state().await)
+    }
+
+    async fn resume(&self, r: Step) -> SlaveResult<ResumeResult> {
+        let (s, _g) = self.session_for(&r.fence, true)?;
+        let stall = s.resume().await?;
+        Ok(ResumeResult {
+            stall_us: stall.map(|d| d.as_micros() as u64).unwrap_or(0),
+        })
+    }
+
+    async fn terminate(&self, r: TerminateRequest) -> SlaveResult<TerminateResult> {
+        let (s, _g) = self.session_for(&r.fence, true)?;
+        let verify = match WireVerify::try_from(r.verify).unwrap_or(WireVerify::Full) {
+            WireVerify::None => Verify::None,
+            WireVerify::Sample => Verify::Sample,
+            WireVerify::Full | WireVerify::Unspecified => Verify::Full,
+        };
+        Ok(
+            s.terminate(verify, Duration::from_millis(r.failback_window_ms))
+                .await?,
+        )
+    }
+
+    async fn abort(&self, r: Step) -> SlaveResult<SessionState> {
+        let (s, _) = self.session_for(&r.fence, false)?;
+        // Stop a running pass, then wait for the volume's operation.
+        s.interrupt();
+        let op = {
+            let fence = fence_of(&r.fence)?;
+            lock(&self.volumes).get(&fence.volume).map(|v| v.op.clone())
+        };
+        let _g = match op {
+            Some(op) => Some(op.lock_owned().await),
+            None => None,
+        };
+        s.abort().await?;
+        Ok(s.state().await)
+    }
+
+    async fn set_bandwidth(&self, r: SetBandwidthRequest) -> SlaveResult<SessionState> {
+        let (s, _) = self.session_for(&r.fence, false)?;
+        s.set_bandwidth(r.bytes_per_sec)?;
+        Ok(s.state().await)
+    }
+
+    async fn get_state(&self, r: Step) -> SlaveResult<SessionState> {
+        let (s, _) = self.session_for(&r.fence, false)?;
+        Ok(s.state().await)
+    }
+}
