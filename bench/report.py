@@ -1,0 +1,588 @@
+"""Renders a results JSON into docs/BENCHMARKS.md (or a side file) and the
+IOPS-over-time plot."""
+import os
+import time
+
+MET, MISSED, NA = "met", "MISSED", "n/a"
+
+
+def f(v, fmt="{:.0f}", none="–"):
+    if v is None:
+        return none
+    try:
+        return fmt.format(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def ratio(v):
+    return f(v, "{:.2f}×")
+
+
+def pct(v):
+    return f(v, "{:.0%}") if v is not None else "–"
+
+
+def copy_best(cp, tool, cache):
+    """Fastest run (MiB/s) of a tool in the copy-bound section."""
+    v = [x["total_s"] for x in cp.get("runs", []) if x["tool"] == tool and x["cache"].startswith(cache)]
+    return cp["size_mib"] / min(v) if v else None
+
+
+def copy_range(cp, tool, cache):
+    v = [x["total_s"] for x in cp.get("runs", []) if x["tool"] == tool and x["cache"].startswith(cache)]
+    return (min(v), max(v)) if v else (None, None)
+
+
+# ---------------------------------------------------------------- goals
+
+def goals(res):
+    out = []
+    S = res.get("sections", {})
+    fe = S.get("frontend")
+    if fe and "jobs" in fe:
+        misses = []
+        for name, row in fe["jobs"].items():
+            r = row["ratio_iops"]
+            if r is None or r < 1.0:
+                misses.append(f"{name} {r:.2f}×")
+        worst = min(row["ratio_iops"] for row in fe["jobs"].values())
+        out.append({"goal": "Frontend: IOPS ≥ best of qemu-nbd and nbdkit on every job",
+                    "status": MET if not misses else MISSED,
+                    "numbers": (f"worst ratio {worst:.2f}×" + (f"; below 1.00×: {', '.join(misses)}"
+                                                              if misses else ""))})
+    ml = S.get("migration")
+    if ml and ml.get("runs"):
+        goal_ms = ml.get("sync_goal_ms", 100)
+        for size in ml["sizes_mib"]:
+            q = [r for r in ml["runs"] if r["system"] == "QEMU" and r["size_mib"] == size and r.get("converged")]
+            v = [r for r in ml["runs"] if r["system"] == "volmig" and r["size_mib"] == size]
+            va = next((r for r in v if r["mode"] == "Auto"), None)
+            if not va:
+                continue
+            tag = f"{size} MiB, volmig Auto vs best QEMU mode"
+            if not va.get("converged"):
+                out.append({"goal": f"Under load ({tag}): converges", "status": MISSED,
+                            "numbers": va.get("error") or va.get("phase")})
+                continue
+            if q:
+                bt = min(r["migration_s"] for r in q)
+                out.append({"goal": f"Under load ({tag}): migration time ≤ QEMU's",
+                            "status": MET if va["migration_s"] <= bt else MISSED,
+                            "numbers": f"{va['migration_s']:.2f} s vs {bt:.2f} s ({va['migration_s'] / bt:.2f}×)"})
+                bs = max(r["share"] for r in q)
+                bw = max((r.get("window_share") or 0) for r in q)
+                out.append({"goal": f"Under load ({tag}): workload share ≥ QEMU's",
+                            "status": MET if va["share"] >= bs else MISSED,
+                            "numbers": f"{va['share']:.0%} vs {bs:.0%} of baseline over the 20 s run (the "
+                                       f"peer script's measure, judged); during the migration window only: "
+                                       f"{pct(va.get('window_share'))} vs {pct(bw)}"})
+                bl = min(r["max_lat_ms"] for r in q)
+                ok = va["max_lat_ms"] < goal_ms and va["max_lat_ms"] < bl
+                out.append({"goal": f"Under load ({tag}): worst write latency < {goal_ms} ms sync goal and < QEMU's",
+                            "status": MET if ok else MISSED,
+                            "numbers": f"{va['max_lat_ms']:.1f} ms vs {bl:.1f} ms (agent-measured stall "
+                                       f"{f(va.get('stall_ms'), '{:.1f}')} ms)"})
+            else:
+                out.append({"goal": f"Under load ({size} MiB): against QEMU", "status": NA,
+                            "numbers": "QEMU peer did not run or did not converge"})
+    cp = S.get("copy")
+    if cp and "summary" in cp:
+        for cache in ("cold", "hot"):
+            row = cp["summary"][cache]
+            r = row["ratio_vs_qemu_img"]
+            qb = copy_best(cp, "qemu-img", cache)
+            rb = row["volmig"]["mib_s"] / qb if qb and row["volmig"]["mib_s"] else None
+            # judged against qemu-img's fastest run (its times vary a lot), the stricter test
+            out.append({"goal": f"Idle copy ({cache} cache) ≥ 90% of qemu-img convert",
+                        "status": MET if rb is not None and rb >= 0.9 else MISSED,
+                        "numbers": f"volmig median {f(row['volmig']['mib_s'])} MiB/s vs qemu-img's best run "
+                                   f"{f(qb)} MiB/s ({pct(rb)}); vs its median {f(row['qemu-img']['mib_s'])} "
+                                   f"MiB/s ({pct(r)})"})
+    sp = S.get("sparse")
+    if sp and "summary" in sp:
+        v = sp["summary"]["volmig"]
+        r = v.get("sparse_over_dense")
+        out.append({"goal": "Sparse: copy time follows the data, not the size "
+                            "(≤ 1.5× the dense copy of the same data)",
+                    "status": (MET if r <= 1.5 else MISSED) if r is not None else NA,
+                    "numbers": f"{sp['size_mib'] // 1024} GiB volume with {sp['data_mib']} MiB data: "
+                               f"{f(v['total_s'], '{:.2f}')} s vs {f(v['dense_same_data_s'], '{:.2f}')} s dense "
+                               f"({ratio(r)}); size/data = {sp['size_mib'] / sp['data_mib']:.0f}×"})
+    return out
+
+
+# ---------------------------------------------------------------- plot
+
+def plot(res, path):
+    ml = res.get("sections", {}).get("migration")
+    if not ml or not ml.get("runs"):
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    size = ml["sizes_mib"][0]
+    runs = [r for r in ml["runs"] if r["size_mib"] == size and r.get("iops_series")]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True, sharey=True)
+    colors = {"background": "tab:blue", "write-blocking": "tab:red",
+              "Background": "tab:blue", "Mirror": "tab:red", "Auto": "tab:green"}
+    t0 = ml.get("mig_start_s", 2.0)
+    for ax, system in zip(axes, ("QEMU", "volmig")):
+        for r in runs:
+            if r["system"] != system:
+                continue
+            xs = [t / 1000 for t, _ in r["iops_series"]]
+            ys = [v for _, v in r["iops_series"]]
+            c = colors.get(r["mode"], None)
+            lab = f"{r['mode']} (baseline {r.get('baseline_iops', 0):.0f} IOPS"
+            if r.get("migration_s"):
+                lab += f", migration {r['migration_s']:.1f} s)"
+                ax.axvline(t0 + r["migration_s"], color=c, ls=":", lw=1.2)
+            else:
+                lab += ", did not converge)"
+            ax.plot(xs, ys, color=c, lw=1.4, label=lab)
+            if r.get("baseline_iops"):
+                ax.axhline(r["baseline_iops"], color=c, lw=0.6, alpha=0.35)
+        ax.axvline(t0, color="k", ls="--", lw=1)
+        name = "QEMU blockdev-mirror (qemu-storage-daemon)" if system == "QEMU" else "volmig-agent"
+        ax.set_title(f"{name}: fio randwrite 4k qd8 over NBD, {size} MiB volume", fontsize=10)
+        ax.set_ylabel("IOPS (250 ms average)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.set_ylim(bottom=0)
+    axes[1].set_xlabel("seconds since fio start (dashed: migration start; dotted: migration complete; "
+                       "faint: baseline)")
+    fig.suptitle(f"Workload IOPS through a live migration ({res['meta']['mode']} run "
+                 f"{res['meta']['started']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- markdown
+
+def render(res, md_path, png_rel):
+    m = res["meta"]
+    mach = res["machine"]
+    S = res.get("sections", {})
+    L = []
+    a = L.append
+    a("# Benchmarks")
+    a("")
+    a("volmig against its peers, all numbers taken side by side in **one run** of the harness on the "
+      "same machine and the same kind of files. Ratios are volmig / best peer (for throughput and IOPS "
+      "higher is better, for latency and time lower is better). This file is generated by the harness "
+      "from `" + m.get("results_file", "bench/results/") + "`; edit `bench/report.py`, not this file.")
+    a("")
+    a("Reproduce (root, Debian; installs fio, nbdkit, libnbd-bin, qemu-utils and matplotlib if missing, "
+      "builds `volmig-agent` in release mode):")
+    a("")
+    a("```sh")
+    a(m["command"] + f"    # this run: {m['mode']} mode, {m['duration_min']:.0f} min")
+    a("bench/run --quick      # smoke run, a few minutes" if m["mode"] == "full" else
+      "bench/run              # full run, about 20-25 minutes on 2 cores")
+    a("```")
+    a("")
+    a("## This run")
+    a("")
+    a("| | |")
+    a("|---|---|")
+    a(f"| date | {m['started']} ({m['mode']} mode, {m['duration_min']:.1f} min) |")
+    a(f"| volmig commit | `{mach['git']['commit']}`{' + uncommitted changes' if mach['git']['dirty'] else ''} |")
+    a(f"| machine | {mach['nproc']} cores ({mach['cpu']}), {mach['mem_gib']} GiB memory, "
+      f"kernel {mach['kernel']} |")
+    a(f"| /tmp (all files) | {mach['tmp_fs']} on {mach['tmp_dev']} |")
+    v = mach["versions"]
+    a(f"| peers | {v['qemu-img']}; {v['qemu-nbd']}; {v['nbdkit']}; {v['nbdcopy']}; {v['fio']} |")
+    a("")
+    inter = res.get("interference", {})
+    noisy = {k: x for k, x in inter.items() if x.get("other_cores", 0) >= 0.05}
+    if noisy:
+        a("**Interference.** Other processes (not this harness, not kernel threads) used CPU during the run: "
+          + "; ".join(f"{k}: {x['other_cores']:.2f} cores on average "
+                      f"({', '.join(f'{c} {s:.0f} s' for c, s in x['top']) or 'short-lived processes'})"
+                      for k, x in noisy.items())
+          + ". On a 2-core machine this makes the affected figures noisier; ratios are taken within "
+            "one run, interleaved, to limit the effect.")
+    else:
+        a("**Interference.** No other process used a noticeable share of the CPU during the run "
+          "(sampled every 2 s).")
+    a("")
+
+    # goals
+    a("## Goals")
+    a("")
+    a("| goal | | numbers |")
+    a("|---|---|---|")
+    for g in res.get("goals", []):
+        st = "✅ met" if g["status"] == MET else ("❌ **MISSED**" if g["status"] == MISSED else "n/a")
+        a(f"| {g['goal']} | {st} | {g['numbers']} |")
+    a("")
+
+    # frontend
+    fe = S.get("frontend")
+    a("## 1. Frontend: fio over NBD")
+    a("")
+    if fe and "jobs" in fe:
+        a(f"fio `--ioengine=nbd` over a unix socket against each server in turn, serving the same "
+          f"{fe['file_mib']} MiB file of random data (in the page cache: this measures the servers, not "
+          f"the disk). {fe['runtime_s']} s per job after {fe['ramp_s']} s ramp, {fe['rounds']} interleaved "
+          f"round(s), median shown. Ratio = volmig / best peer. Server CPU is the server process's CPU "
+          f"time (all threads) over the job; fio itself shares the same 2 cores.")
+        a("")
+        a("| job | volmig IOPS | qemu-nbd IOPS | nbdkit IOPS | **ratio** | volmig MiB/s | best peer MiB/s |")
+        a("|---|--:|--:|--:|--:|--:|--:|")
+        for name, row in fe["jobs"].items():
+            bp = row[row["best_peer"]]
+            a(f"| {name} | {f(row['volmig']['iops'])} | {f(row['qemu-nbd']['iops'])} | "
+              f"{f(row['nbdkit']['iops'])} | **{ratio(row['ratio_iops'])}** | "
+              f"{f(row['volmig']['mib_s'], '{:.1f}')} | {f(bp['mib_s'], '{:.1f}')} ({row['best_peer']}) |")
+        a("")
+        a("| job | p99 volmig µs | p99 qemu-nbd µs | p99 nbdkit µs | p99 ratio (lower is better) | "
+          "CPU volmig cores | CPU qemu-nbd | CPU nbdkit | CPU µs/IO volmig / qemu-nbd / nbdkit |")
+        a("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for name, row in fe["jobs"].items():
+            a(f"| {name} | {f(row['volmig']['p99_us'])} | {f(row['qemu-nbd']['p99_us'])} | "
+              f"{f(row['nbdkit']['p99_us'])} | {ratio(row['ratio_p99'])} | "
+              f"{f(row['volmig']['server_cores'], '{:.2f}')} | {f(row['qemu-nbd']['server_cores'], '{:.2f}')} | "
+              f"{f(row['nbdkit']['server_cores'], '{:.2f}')} | "
+              f"{f(row['volmig']['server_cpu_us_per_io'], '{:.1f}')} / "
+              f"{f(row['qemu-nbd']['server_cpu_us_per_io'], '{:.1f}')} / "
+              f"{f(row['nbdkit']['server_cpu_us_per_io'], '{:.1f}')} |")
+        a("")
+        spreads = []
+        for row in fe["jobs"].values():
+            for k in ("volmig", "qemu-nbd", "nbdkit"):
+                runs = row[k].get("runs_iops") or []
+                if len(runs) > 1 and row[k]["iops"]:
+                    spreads.append((max(runs) - min(runs)) / row[k]["iops"])
+        if spreads:
+            spreads.sort()
+            a(f"Noise: the same server on the same job varied by {spreads[len(spreads) // 2]:.0%} between "
+              f"rounds at the median (max–min over median), {spreads[-1]:.0%} at worst; ratios within "
+              f"about that margin of 1.00× are not a clear win or loss.")
+            a("")
+        a("Servers, as started:")
+        a("")
+        for k, c in fe.get("servers", {}).items():
+            a(f"- {k}: `{_short(c)}`")
+        a("")
+        j0 = fe["job_defs"][0]
+        a(f"fio: `fio --name=fe --ioengine=nbd --uri=nbd+unix:///vol?socket=SOCK --rw=RW --bs=BS "
+          f"--iodepth=QD --time_based --runtime={fe['runtime_s']} --ramp_time={fe['ramp_s']} "
+          f"--output-format=json` (p99 is fio's completion-latency percentile). "
+          f"Per-round IOPS are in the JSON (`runs_iops`).")
+    else:
+        a(_skipped(fe))
+    a("")
+
+    # migration under load
+    ml = S.get("migration")
+    a("## 2. Live migration under load")
+    a("")
+    if ml and ml.get("runs"):
+        a("The workload of the QEMU peer script: fio randwrite 4k, iodepth 8, nbd engine over a unix "
+          "socket; baseline 8 s with no migration, then 20 s time-based with the migration started 2 s in. "
+          "QEMU rows come from running the peer script itself "
+          f"(`python3 {_short(ml.get('peer_script') or 'qemu_mirror_bench.py')} --size-mib N --mode M`, "
+          "qemu-storage-daemon blockdev-mirror, buffered source and target) and parsing its printed lines. "
+          "volmig rows run the same fio command against `volmig-agent serve` (buffered I/O) on a fresh "
+          "random source made with dd just before, and `volmig-agent migrate --mode M --verify None "
+          "--sync-goal 100ms --wait`.")
+        a("")
+        a("- *migration*: from the migrate command to completion (QEMU: `complete after`; volmig: phase "
+          "Completed, Terminating's verify excluded). *cutover*: volmig's end of Resuming (the workload "
+          "runs on the target); QEMU pivots at completion. *ready*: QEMU's BLOCK_JOB_READY; volmig's "
+          "entry into Quiescing.")
+        a("- *IOPS (share)*: fio's IOPS over the whole 20 s run as a share of the baseline (the peer "
+          "script's own measure). *window share*: mean IOPS of fio's 250 ms IOPS-log buckets between the "
+          "migration's start and end, over baseline (same log for both sides).")
+        a("- *worst write lat*: fio's maximum write latency over the 20 s (the cutover stall as the client "
+          "sees it); *stall*: the server's own figure (QEMU: `pivot` = complete − ready; volmig: "
+          "`cutover_stall_ms`, I/O held from Quiescing to Resuming).")
+        a("- *server cores*: CPU of qemu-storage-daemon / volmig-agent while the 20 s workload and the "
+          "migration ran.")
+        a("")
+        for size in ml["sizes_mib"]:
+            a(f"### {size} MiB volume")
+            a("")
+            a("| system | mode | migration s | ready s | cutover s | baseline IOPS | IOPS (share) | window share | "
+              "worst write lat ms | stall ms | converged | server cores |")
+            a("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|")
+            rows = [r for r in ml["runs"] if r["size_mib"] == size]
+            for r in rows:
+                conv = "yes" if r.get("converged") else "**no**"
+                if r["system"] == "volmig" and r.get("converged"):
+                    n = r.get('passes') or 0
+                    conv += f" ({n} pass{'' if n == 1 else 'es'} after the first{', mirror' if r.get('mirror') else ''})"
+                a(f"| {r['system']} | {r['mode']} | {f(r.get('migration_s'), '{:.2f}')} | "
+                  f"{f(r.get('ready_s'), '{:.2f}')} | {f(r.get('cutover_s'), '{:.2f}')} | "
+                  f"{f(r.get('baseline_iops'))} | {f(r.get('load_iops'))} ({pct(r.get('share'))}) | "
+                  f"{pct(r.get('window_share'))} | {f(r.get('max_lat_ms'), '{:.1f}')} | "
+                  f"{f(r.get('stall_ms'), '{:.1f}')} | {conv} | {f(r.get('server_cores'), '{:.2f}')} |")
+            q = [r for r in rows if r["system"] == "QEMU" and r.get("converged")]
+            if q:
+                a("")
+                a("volmig / best QEMU mode (time and latency: lower is better; share: higher is better):")
+                a("")
+                a("| volmig mode | migration time | IOPS share | window share | worst write lat |")
+                a("|---|--:|--:|--:|--:|")
+                bt = min(r["migration_s"] for r in q)
+                bs = max(r["share"] for r in q)
+                bw = max((r.get("window_share") or 0) for r in q)
+                bl = min(r["max_lat_ms"] for r in q)
+                for r in rows:
+                    if r["system"] != "volmig" or not r.get("converged"):
+                        continue
+                    a(f"| {r['mode']} | {ratio(r['migration_s'] / bt)} | {ratio(r['share'] / bs)} | "
+                      f"{ratio((r.get('window_share') or 0) / bw) if bw else '–'} | "
+                      f"{ratio(r['max_lat_ms'] / bl)} |")
+            bad = [r for r in rows if not r.get("converged")]
+            for r in bad:
+                a("")
+                a(f"{r['system']} {r['mode']} did not converge: "
+                  f"`{(r.get('error') or r.get('migrate_error') or ' '.join(r.get('stderr_tail', [])))}`")
+            a("")
+        vf = ml.get("verify_full")
+        if vf:
+            a(f"**With `--verify Full`** (volmig Auto, {vf['size_mib']} MiB, same load): "
+              + (f"{vf['total_s']:.2f} s in all, of which Terminating (the verify) {vf['terminating_s']:.2f} s; "
+                 f"migration without the verify {vf['migration_s']:.2f} s; verified: "
+                 f"{vf.get('verified')}; workload {pct(vf.get('share'))} of baseline, worst write latency "
+                 f"{f(vf.get('max_lat_ms'), '{:.1f}')} ms."
+                 if vf.get("converged") else f"did not complete: {vf.get('error') or vf.get('phase')}."))
+            a("")
+        qi = [r for r in ml["runs"] if r["system"] == "QEMU" and r.get("idle_mirror_mib_s")]
+        if qi:
+            a("The peer script also prints an idle mirror and an offline `qemu-img convert` (hot cache, no "
+              "final fsync): " + "; ".join(
+                  f"{r['size_mib']} MiB ({r['mode']} run): idle mirror {r['idle_mirror_mib_s']:.0f} MiB/s, "
+                  f"convert {r['convert_mib_s']:.0f} MiB/s" for r in qi) + ".")
+            a("")
+        if png_rel:
+            a(f"![workload IOPS through a migration]({png_rel})")
+            a("")
+            a(f"*Workload IOPS over time (fio `--write_iops_log`, `--log_avg_msec=250`) through the migration "
+              f"of the {ml['sizes_mib'][0]} MiB volume: QEMU's two copy modes above, volmig's three modes below. "
+              f"For the QEMU runs a fio shim (`bench/shim/fio`, first on the peer script's PATH) adds "
+              f"`--write_iops_log` and sets `--log_avg_msec=250` on the workload run only; that changes none "
+              f"of the figures the script prints, and volmig's runs use the same flags.*")
+            a("")
+    else:
+        a(_skipped(ml))
+        a("")
+
+    # copy bound
+    cp = S.get("copy")
+    a("## 3. Copy bound: idle migration vs offline copy")
+    a("")
+    if cp and "summary" in cp:
+        a(f"{cp['size_mib']} MiB of random data into a fresh sparse target, median of {cp['reps']} run(s) "
+          "each, timed until the target is durable (tool + fsync of the target). *cold*: page cache "
+          "dropped before each run; *hot*: source read once before. volmig: idle `migrate --mode Auto "
+          "--verify None --wait` against a running agent (agent start-up not timed).")
+        a("")
+        a("| cache | volmig MiB/s | qemu-img convert MiB/s | nbdcopy MiB/s | volmig / qemu-img | "
+          "volmig / qemu-img's best run | volmig / best peer | CPU s volmig / qemu-img / nbdcopy |")
+        a("|---|--:|--:|--:|--:|--:|--:|--:|")
+        for cache in ("cold", "hot"):
+            row = cp["summary"][cache]
+            qb = copy_best(cp, "qemu-img", cache)
+            rb = row["volmig"]["mib_s"] / qb if qb and row["volmig"]["mib_s"] else None
+            a(f"| {cache} | {f(row['volmig']['mib_s'])} | {f(row['qemu-img']['mib_s'])} | "
+              f"{f(row['nbdcopy']['mib_s'])} | {ratio(row['ratio_vs_qemu_img'])} | **{ratio(rb)}** | "
+              f"{ratio(row['ratio_vs_best'])} | {f(row['volmig']['cpu_s'], '{:.2f}')} / "
+              f"{f(row['qemu-img']['cpu_s'], '{:.2f}')} / {f(row['nbdcopy']['cpu_s'], '{:.2f}')} |")
+        a("")
+        rng = []
+        for tool in ("volmig", "qemu-img", "nbdcopy"):
+            for cache in ("cold", "hot"):
+                lo, hi = copy_range(cp, tool, cache)
+                if lo:
+                    rng.append(f"{tool} {cache} {lo:.2f}–{hi:.2f} s")
+        if cp["reps"] > 1:
+            a("Spread of the runs (fastest–slowest, incl. fsync): " + ", ".join(rng) + ". qemu-img convert "
+              "into a fresh sparse file varies most, with its CPU time (mostly kernel time in its writer "
+              "threads) rising with its wall time; the goal is therefore judged against its *fastest* run.")
+            a("")
+        vf = cp.get("verify_full")
+        if vf:
+            a(f"With `--verify Full` (idle, cold): {vf['total_s']:.2f} s ({vf['mib_s']:.0f} MiB/s), of which "
+              f"Terminating (the verify) {vf['terminating_s']:.2f} s; verified: {vf.get('verified')}.")
+            a("")
+        a("Commands: `qemu-img convert -n -f raw -O raw SRC DST`, `nbdcopy SRC DST`.")
+    else:
+        a(_skipped(cp))
+    a("")
+
+    # sparse
+    sp = S.get("sparse")
+    a("## 4. Sparse volume")
+    a("")
+    if sp and "summary" in sp:
+        lay = sp["layout"]
+        a(f"A {sp['size_mib'] // 1024} GiB volume holding {sp['data_mib']} MiB of random data in "
+          f"{lay['extents']} extents of 1 MiB, one every {lay['stride_bytes'] // (1 << 20)} MiB, the rest "
+          "holes; fresh sparse target; cold cache; tool + fsync. *dense* is the same tool's cold copy of "
+          "the same amount of data (section 3) when the sizes match.")
+        a("")
+        a("| tool | time s | data MiB/s | dense copy of the same data s | sparse / dense | target allocated MiB |")
+        a("|---|--:|--:|--:|--:|--:|")
+        for tool in ("volmig", "qemu-img", "nbdcopy"):
+            r = sp["summary"][tool]
+            a(f"| {tool} | {f(r['total_s'], '{:.2f}')} | {f(r['data_mib_s'])} | "
+              f"{f(r['dense_same_data_s'], '{:.2f}')} | {ratio(r['sparse_over_dense'])} | "
+              f"{f(r['target_allocated_mib'])} |")
+        a("")
+        a(f"volmig / qemu-img convert time: **{ratio(sp['summary']['ratio_time_vs_qemu_img'])}**.")
+    else:
+        a(_skipped(sp))
+    a("")
+
+    # scale
+    sc = S.get("scale")
+    a("## 5. Scale: concurrent sessions on one agent")
+    a("")
+    if sc and sc.get("runs"):
+        a(f"N idle migrations of separate {sc['size_mib']} MiB random volumes on one agent, all started at "
+          "once (`migrate --wait` each), cold cache. Wall = first session start to last session end "
+          "(agent's phase timeline); fairness = shortest / longest session duration. RSS sampled every "
+          "50 ms from /proc/PID/status; HWM is VmHWM at the end.")
+        a("")
+        a("| sessions | aggregate MiB/s | wall s | session durations s | fairness min/max | agent cores | "
+          "RSS idle MiB | RSS peak MiB | VmHWM MiB | RSS growth / session MiB | all completed |")
+        a("|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|---|")
+        for r in sc["runs"]:
+            d = r["durations_s"]
+            a(f"| {r['sessions']} | {f(r['aggregate_mib_s'])} | {r['wall_s']:.2f} | "
+              f"{min(d):.2f}–{max(d):.2f} | {f(r['fairness_min_over_max'], '{:.2f}')} | "
+              f"{r['agent_cores']:.2f} | {r['rss_idle_mib']:.1f} | {r['rss_peak_mib']:.1f} | "
+              f"{r['vmhwm_mib']:.1f} | {r['rss_growth_per_session_mib']:.1f} | "
+              f"{'yes' if r['all_completed'] else '**no**'} |")
+        a("")
+        dm = sc["dirty_map"]
+        a(f"Dirty map at the default {dm['grain'] >> 10} KiB grain: 1 bit per grain = "
+          f"**{dm['computed_bytes_per_tib'] / (1 << 20):.0f} MiB per TiB** of volume (computed), plus a "
+          f"4 KiB header per session; a {sc['size_mib']} MiB volume's map is "
+          f"{dm['computed_per_session_bytes']} bytes."
+          + (f" Measured: the session's map file in the state directory was {dm['measured_file_bytes']} bytes "
+             f"= {dm['measured_bytes_per_tib'] / (1 << 20):.1f} MiB per TiB without the header."
+             if dm.get("measured_file_bytes") else ""))
+    else:
+        a(_skipped(sc))
+    a("")
+
+    obs = res.get("observations")
+    if obs:
+        a("## Observations")
+        a("")
+        for o in obs:
+            a(f"- {o}")
+        a("")
+    a("## Method notes")
+    a("")
+    a("- One benchmark at a time; nothing else of the harness runs concurrently. The machine is shared: "
+      "the *Interference* line above says whether other processes ran.")
+    a("- All servers use buffered I/O (page cache), as volmig does. Sources are random data made with "
+      "`dd if=/dev/urandom`, so no tool can skip zeroes except in section 4.")
+    a("- Raw results, per-round figures and every command: `" + m.get("results_file", "bench/results/") + "`.")
+    a("")
+    with open(md_path, "w") as fh:
+        fh.write("\n".join(L))
+    return md_path
+
+
+def _short(s):
+    return s.replace(os.path.expanduser("~"), "~")
+
+
+def _skipped(sec):
+    if sec is None:
+        return "_Not run in this run._"
+    if "error" in sec:
+        return f"_Failed: `{sec['error']}`_"
+    return "_No results._"
+
+
+def now():
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+# ---------------------------------------------------------------- observations
+
+def observations(res):
+    """Plain statements read off the numbers of this run (regenerated each run)."""
+    S = res.get("sections", {})
+    out = []
+    fe = S.get("frontend")
+    if fe and "jobs" in fe:
+        jobs = fe["jobs"]
+        worst = min(jobs, key=lambda k: jobs[k]["ratio_iops"])
+        best = max(jobs, key=lambda k: jobs[k]["ratio_iops"])
+        out.append(f"Frontend: volmig is furthest behind on **{worst}** ({jobs[worst]['ratio_iops']:.2f}× "
+                   f"the best peer, {jobs[worst]['best_peer']}) and best on {best} "
+                   f"({jobs[best]['ratio_iops']:.2f}×).")
+        cpu = []
+        for name, row in jobs.items():
+            v = row["volmig"].get("server_cpu_us_per_io")
+            p = row[row["best_peer"]].get("server_cpu_us_per_io")
+            if v and p:
+                cpu.append((v / p, name, v, p, row["volmig"]["server_cores"], row["best_peer"]))
+        if cpu:
+            cpu.sort(reverse=True)
+            r, name, v, p, cores, peer = cpu[0]
+            out.append(f"Frontend CPU: the agent spends {v:.1f} µs of CPU per I/O on {name} against "
+                       f"{p:.1f} µs for {peer} ({r:.1f}×), using {cores:.2f} of the 2 cores; "
+                       + ("CPU per I/O is the likely limit where fio and the server share 2 cores."
+                          if r > 1.2 else "CPU per I/O is on par with the peer."))
+    ml = S.get("migration")
+    if ml and ml.get("runs"):
+        goal = ml.get("sync_goal_ms", 100)
+        for r in ml["runs"]:
+            if r["system"] == "volmig" and r.get("converged"):
+                if (r.get("stall_ms") or 0) > goal or (r.get("max_lat_ms") or 0) > goal:
+                    out.append(f"Under load, volmig {r['mode']} {r['size_mib']} MiB: worst write latency "
+                               f"{r['max_lat_ms']:.1f} ms, agent cutover stall {f(r.get('stall_ms'), '{:.1f}')} ms "
+                               f"— above the {goal} ms sync goal (phases ms: "
+                               + ", ".join(f"{k} {v}" for k, v in (r.get("phase_ms") or {}).items() if v)
+                               + ").")
+            if r["system"] == "volmig" and r.get("converged") and r.get("verify", "None") == "None":
+                pm = r.get("phase_ms") or {}
+                amp = (r.get("bytes_copied") or 0) / (r["size_mib"] << 20)
+                out.append(f"volmig {r['mode']} {r['size_mib']} MiB under load: copied {amp:.1f}× the volume in "
+                           f"{r.get('passes') or 0} pass(es) after the first, mirror "
+                           f"{'on' if r.get('mirror') else 'off'}; Copying {pm.get('Copying', 0)} ms, Refreshing "
+                           f"{pm.get('Refreshing', 0)} ms, Synchronizing (I/O held) {pm.get('Synchronizing', 0)} ms; "
+                           f"agent stall {f(r.get('stall_ms'), '{:.1f}')} ms, fio worst write latency "
+                           f"{f(r.get('max_lat_ms'), '{:.1f}')} ms.")
+            if not r.get("converged"):
+                out.append(f"Under load, {r['system']} {r['mode']} {r['size_mib']} MiB did not converge.")
+        for size in ml["sizes_mib"]:
+            rows = [r for r in ml["runs"] if r["size_mib"] == size and r.get("server_cores") is not None]
+            if rows:
+                out.append(f"Server CPU under load ({size} MiB): " + ", ".join(
+                    f"{r['system']} {r['mode']} {r['server_cores']:.2f} cores" for r in rows) + ".")
+    cp = S.get("copy")
+    if cp and "summary" in cp:
+        for cache in ("cold", "hot"):
+            row = cp["summary"][cache]
+            if row["volmig"]["cpu_s"] and row["qemu-img"]["cpu_s"]:
+                out.append(f"Idle copy ({cache}): volmig used {row['volmig']['cpu_s']:.2f} CPU-s for "
+                           f"{cp['size_mib']} MiB, qemu-img {row['qemu-img']['cpu_s']:.2f} CPU-s, "
+                           f"nbdcopy {f(row['nbdcopy']['cpu_s'], '{:.2f}')} CPU-s.")
+    sc = S.get("scale")
+    if sc and sc.get("runs"):
+        r1 = sc["runs"][0]
+        rn = sc["runs"][-1]
+        out.append(f"Scale: {rn['sessions']} sessions reach {f(rn['aggregate_mib_s'])} MiB/s aggregate vs "
+                   f"{f(r1['aggregate_mib_s'])} MiB/s for one (fairness {f(rn['fairness_min_over_max'], '{:.2f}')}); "
+                   f"RSS grows {rn['rss_growth_per_session_mib']:.1f} MiB per concurrent session.")
+    for k, x in res.get("interference", {}).items():
+        if x.get("other_cores", 0) >= 0.2:
+            out.append(f"Interference during {k}: other processes used {x['other_cores']:.2f} cores on average "
+                       f"({', '.join(c for c, _ in x['top']) or 'short-lived'}); treat that section's ratios "
+                       "with care.")
+    return out
