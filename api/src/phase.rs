@@ -88,7 +88,7 @@ pub struct Policy {
     pub sync_goal: Duration,
     /// Background mode: after this many refresh passes cut over anyway.
     pub max_passes: u32,
-    /// Auto mode: passes whose residue did not shrink before mirroring.
+    /// Auto mode: passes whose residue did not halve before mirroring.
     pub stall_passes: u32,
 }
 
@@ -98,7 +98,7 @@ impl Default for Policy {
             mode: CopyMode::Auto,
             sync_goal: Duration::from_millis(100),
             max_passes: 30,
-            stall_passes: 2,
+            stall_passes: 1,
         }
     }
 }
@@ -254,7 +254,9 @@ fn after_pass(
     if phase == Phase::Refreshing {
         p.passes += 1;
     }
-    let shrinking = p.last_dirty.is_none_or(|last| dirty < last - last / 20);
+    // A residue that does not at least halve per pass will not fit the sync
+    // goal in any useful number of passes: writes are outrunning the copy.
+    let shrinking = p.last_dirty.is_none_or(|last| dirty < last / 2);
     p.stalled_passes = if shrinking { 0 } else { p.stalled_passes + 1 };
     p.last_dirty = Some(dirty);
     p.converged = true;
@@ -378,9 +380,25 @@ mod tests {
         }
         assert_eq!(
             mirrored_at,
-            Some(2),
-            "first pass sets the baseline, two stalled passes switch"
+            Some(1),
+            "first pass sets the baseline, one pass that does not halve switches"
         );
+    }
+
+    #[test]
+    fn auto_stays_in_background_while_the_residue_halves() {
+        let p = pol(CopyMode::Auto);
+        let mut pr = Progress::default();
+        let mut dirty = 1u64 << 30;
+        for _ in 0..6 {
+            let ev = Event::PassDone {
+                dirty_bytes: dirty,
+                copy_rate: 1e6,
+            };
+            pr = transition(Phase::Refreshing, pr, &ev, &p).unwrap().progress;
+            assert!(!pr.mirror, "a converging refresh needs no mirror");
+            dirty /= 3;
+        }
     }
 
     #[test]

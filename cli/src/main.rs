@@ -1,7 +1,9 @@
 //! `volmig`: the command line. `volmig demo` runs a self-contained live
 //! migration on temporary files.
 
+mod certs;
 mod demo;
+mod local;
 mod pattern;
 
 use std::time::Duration;
@@ -57,6 +59,85 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// Be the master of a live migration of a volume served by a volmig-agent
+    /// (local mode: the session record is a state file). Run again with the
+    /// same arguments to continue an interrupted session.
+    Migrate {
+        #[command(flatten)]
+        master: MasterArgs,
+        /// The volume, as the agent exports it.
+        volume: String,
+        /// The target backing device on the agent's host.
+        target: std::path::PathBuf,
+        /// Background, Mirror or Auto.
+        #[arg(long, default_value = "Auto")]
+        mode: CopyMode,
+        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        sync_goal: Duration,
+        /// Copy bandwidth limit per second (0 = unlimited).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        bandwidth: u64,
+        #[arg(long, default_value = "64Ki", value_parser = parse_size)]
+        grain: u64,
+        #[arg(long, default_value = "Full")]
+        verify: Verify,
+        /// Keep mirroring writes back to the source this long after cutover.
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        failback_window: Duration,
+        /// Background mode: cut over anyway after this many refresh passes.
+        #[arg(long, default_value_t = 30)]
+        max_passes: u32,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Show a session from the state directory.
+    Status {
+        #[arg(long, default_value = "/var/lib/volmig/master")]
+        state_dir: std::path::PathBuf,
+        volume: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a session's master to roll it back (the workload stays on a complete device).
+    Abort {
+        #[arg(long, default_value = "/var/lib/volmig/master")]
+        state_dir: std::path::PathBuf,
+        volume: String,
+    },
+    /// List the sessions in the state directory.
+    List {
+        #[arg(long, default_value = "/var/lib/volmig/master")]
+        state_dir: std::path::PathBuf,
+    },
+    /// Make a CA and mTLS certificates for agents (server) and masters (client).
+    Certs {
+        /// Output directory (ca.pem, agent.pem, agent-key.pem, master.pem, master-key.pem).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Names and addresses the agent is reached by (repeatable).
+        #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct MasterArgs {
+    /// Where the master keeps session records.
+    #[arg(long, default_value = "/var/lib/volmig/master")]
+    state_dir: std::path::PathBuf,
+    /// The agent's gRPC address, e.g. https://127.0.0.1:7443.
+    #[arg(long)]
+    agent: String,
+    /// Directory with ca.pem, master.pem and master-key.pem (see `volmig certs`).
+    #[arg(long)]
+    tls_dir: Option<std::path::PathBuf>,
+    /// The name the agent's certificate carries.
+    #[arg(long, default_value = "localhost")]
+    tls_domain: String,
+    /// Talk to an agent serving plain text (--insecure-grpc).
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +182,59 @@ fn main() -> anyhow::Result<()> {
                 keep,
                 quiet,
             }))
+        }
+        Cmd::Migrate {
+            master,
+            volume,
+            target,
+            mode,
+            sync_goal,
+            bandwidth,
+            grain,
+            verify,
+            failback_window,
+            max_passes,
+            quiet,
+        } => {
+            let config = SessionConfig {
+                mode,
+                sync_goal_ms: sync_goal.as_millis() as u64,
+                bandwidth,
+                grain,
+                verify,
+                failback_window_ms: failback_window.as_millis() as u64,
+                max_passes,
+                ..SessionConfig::default()
+            };
+            let addr = local::AgentAddr {
+                url: master.agent,
+                tls_dir: master.tls_dir,
+                domain: master.tls_domain,
+                insecure: master.insecure,
+            };
+            rt.block_on(local::migrate(
+                &master.state_dir,
+                &addr,
+                &volume,
+                &target,
+                config,
+                quiet,
+            ))
+        }
+        Cmd::Status {
+            state_dir,
+            volume,
+            json,
+        } => rt.block_on(local::status(&state_dir, &volume, json)),
+        Cmd::Abort { state_dir, volume } => rt.block_on(local::abort(&state_dir, &volume)),
+        Cmd::List { state_dir } => rt.block_on(local::list(&state_dir)),
+        Cmd::Certs { out, hosts } => {
+            certs::generate(&out, &hosts)?;
+            eprintln!(
+                "wrote ca.pem, agent.pem, agent-key.pem, master.pem, master-key.pem to {}",
+                out.display()
+            );
+            Ok(())
         }
     }
 }

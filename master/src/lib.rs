@@ -5,11 +5,13 @@
 
 pub mod driver;
 pub mod error;
+pub mod grpc_slave;
 pub mod reconcile;
 pub mod record;
 pub mod store;
 
 pub use driver::{Driver, DriverConfig, StopSignal, create_session, request_abort, set_bandwidth};
 pub use error::{MasterError, Result};
+pub use grpc_slave::{ClientTls, GrpcSlave};
 pub use record::{PhaseTime, SessionConfig, SessionRecord, Verify, now_ms};
 pub use store::{FileStore, SessionStore};

@@ -144,6 +144,9 @@ pub struct SessionRecord {
     pub epoch: u64,
     pub session: String,
     pub volume: String,
+    /// Where the slave agent is reached (local mode; empty in-process).
+    #[serde(default)]
+    pub agent: String,
     pub source: PathBuf,
     pub target: PathBuf,
     pub size: u64,
@@ -190,6 +193,7 @@ impl SessionRecord {
             revision: 0,
             epoch: 0,
             session,
+            agent: String::new(),
             volume: volume.to_string(),
             source: source.to_path_buf(),
             target: target.to_path_buf(),

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod control;
 pub mod copy;
 pub mod error;
+pub mod grpc;
 pub mod interposer;
 pub mod monitor;
 pub mod nbd;

@@ -77,6 +77,21 @@ struct ServeArgs {
     /// Control socket.
     #[arg(long, default_value = "/run/volmig/agent.sock")]
     control: PathBuf,
+    /// Serve the agent (slave) gRPC API for masters on this address, e.g. 0.0.0.0:7443.
+    #[arg(long)]
+    grpc: Option<std::net::SocketAddr>,
+    /// The agent's TLS certificate (PEM) for --grpc.
+    #[arg(long, requires = "grpc")]
+    tls_cert: Option<PathBuf>,
+    /// The agent's TLS key (PEM).
+    #[arg(long, requires = "grpc")]
+    tls_key: Option<PathBuf>,
+    /// Masters must present a client certificate signed by this CA (PEM).
+    #[arg(long, requires = "grpc")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve --grpc in plain text, without client authentication (local development only).
+    #[arg(long, requires = "grpc")]
+    insecure_grpc: bool,
     /// Open backing devices with O_DIRECT.
     #[arg(long)]
     direct: bool,
@@ -342,6 +357,38 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(addr) = &a.nbd_tcp {
         handles.push(server.serve_tcp(addr.as_str()).await?);
     }
+    let (grpc_stop, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let grpc_task = match a.grpc {
+        None => None,
+        Some(addr) => {
+            let tls = match (&a.tls_cert, &a.tls_key, &a.tls_client_ca, a.insecure_grpc) {
+                (Some(cert), Some(key), Some(ca), false) => Some(volmig_agent::grpc::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: ca.clone(),
+                }),
+                (None, None, None, true) => {
+                    tracing::warn!(%addr, "gRPC API in PLAIN TEXT without client authentication (--insecure-grpc)");
+                    None
+                }
+                _ => bail!(
+                    "--grpc needs --tls-cert, --tls-key and --tls-client-ca (mutual TLS), or --insecure-grpc alone"
+                ),
+            };
+            // Fail now on unreadable TLS files rather than in the task.
+            if let Some(t) = &tls {
+                volmig_agent::grpc::server_tls(t)?;
+            }
+            let agent = agent.clone();
+            tracing::info!(%addr, tls = tls.is_some(), "agent gRPC API listening");
+            Some(tokio::spawn(async move {
+                volmig_agent::grpc::serve(agent, addr, tls.as_ref(), async {
+                    let _ = grpc_stopped.await;
+                })
+                .await
+            }))
+        }
+    };
     if let Some(dir) = a.control.parent() {
         std::fs::create_dir_all(dir).ok();
     }
@@ -359,6 +406,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down; unfinished sessions resume at next start");
     agent.shutdown().await;
+    let _ = grpc_stop.send(());
+    if let Some(t) = grpc_task {
+        let _ = t.await;
+    }
     for h in handles {
         let _ = h.shutdown().await;
     }
