@@ -334,6 +334,28 @@ impl Interposer {
         Ok(())
     }
 
+    /// A write that takes no lock and cannot block (page cache, see
+    /// `try_write_nowait`), done on the calling task. `None`: it must go to
+    /// the blocking pool (mirror modes take range locks; the page cache
+    /// would block). A tracked write keeps its full protocol: the second
+    /// mark follows the source write here as on the pool.
+    fn try_write_inline(route: &Route, offset: u64, buf: &[u8]) -> Option<Result<()>> {
+        let len = buf.len() as u64;
+        match &route.link {
+            None => route.active.try_write_nowait(buf, offset),
+            Some(link) => match link.mode() {
+                WriteMode::TargetOnly => link.target.try_write_nowait(buf, offset),
+                WriteMode::Track => {
+                    link.dirty.mark(offset, len);
+                    let r = link.source.try_write_nowait(buf, offset)?;
+                    link.dirty.mark(offset, len);
+                    Some(r)
+                }
+                WriteMode::Mirror | WriteMode::MirrorBack => None,
+            },
+        }
+    }
+
     /// Makes the route's writes durable: the active device, and the other
     /// one too while writes are mirrored to it.
     fn flush_blocking(route: &Route) -> Result<()> {
@@ -374,7 +396,10 @@ impl ExportBackend for Interposer {
         let _pass = self.gate.enter().await;
         let dev = self.route().active;
         let len = buf.len() as u64;
-        let buf = blocking(move || dev.read_at(&mut buf, offset).map(|_| buf)).await?;
+        let buf = match dev.try_read_nowait(&mut buf, offset) {
+            Some(r) => r.map(|_| buf).map_err(to_io)?,
+            None => blocking(move || dev.read_at(&mut buf, offset).map(|_| buf)).await?,
+        };
         self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         Ok(buf)
@@ -385,6 +410,14 @@ impl ExportBackend for Interposer {
         let route = self.route();
         let counters = self.counters.clone();
         let len = buf.len() as u64;
+        if !fua && let Some(r) = Interposer::try_write_inline(&route, offset, &buf) {
+            r.map_err(to_io)?;
+            self.counters
+                .bytes_written
+                .fetch_add(len, Ordering::Relaxed);
+            self.counters.writes.fetch_add(1, Ordering::Relaxed);
+            return Ok(buf);
+        }
         let buf = blocking(move || {
             Interposer::write_blocking(&route, &counters, offset, len, Mutation::Data(&buf))?;
             if fua {

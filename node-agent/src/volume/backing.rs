@@ -43,6 +43,9 @@ pub struct BackingDevice {
     direct: bool,
     /// (st_dev, st_ino) for files, (0, st_rdev) for block devices.
     identity: (u64, u64),
+    /// The filesystem accepts `RWF_NOWAIT` writes (cleared at the first
+    /// EOPNOTSUPP: ext4 on many kernels refuses them for buffered I/O).
+    nowait_writes: std::sync::atomic::AtomicBool,
 }
 
 impl BackingDevice {
@@ -98,6 +101,7 @@ impl BackingDevice {
             read_only: mode == OpenMode::ReadOnly,
             direct,
             identity,
+            nowait_writes: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -179,6 +183,66 @@ impl BackingDevice {
             self.file.write_all_at(buf, offset)
         };
         res.map_err(|e| self.io_err("write", offset, buf.len() as u64, e))
+    }
+
+    /// Reads all of `buf` at `offset` only if that cannot block (the data
+    /// is in the page cache): `preadv2(RWF_NOWAIT)`. `None` means "would
+    /// block, or only part was there": do the read on the blocking pool.
+    /// Safe to call on the async reactor.
+    pub fn try_read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<()>> {
+        if self.direct || self.check_range("read", offset, buf.len() as u64).is_err() {
+            return None;
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec describing `buf`, which is live and exclusively
+        // borrowed for the call; the fd belongs to a live File.
+        let r = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        nowait_result(self, "read", offset, buf.len(), r)
+    }
+
+    /// Writes all of `buf` at `offset` only if that cannot block:
+    /// `pwritev2(RWF_NOWAIT)`. `None`: do it on the blocking pool (a short
+    /// write already wrote a prefix; writing the whole again is harmless).
+    pub fn try_write_nowait(&self, buf: &[u8], offset: u64) -> Option<Result<()>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.direct
+            || self.read_only
+            || !self.nowait_writes.load(Relaxed)
+            || self.check_range("write", offset, buf.len() as u64).is_err()
+        {
+            return None;
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec describing `buf`, live for the call (the kernel
+        // only reads through it); the fd belongs to a live File.
+        let r = unsafe {
+            libc::pwritev2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            self.nowait_writes.store(false, Relaxed);
+            return None;
+        }
+        nowait_result(self, "write", offset, buf.len(), r)
     }
 
     /// Makes completed writes durable (`fdatasync`).
@@ -309,6 +373,30 @@ impl BackingDevice {
         }
         let segs = self.segments(0, self.size)?;
         Ok(segs.iter().all(|s| s.hole))
+    }
+}
+
+fn nowait_result(
+    dev: &BackingDevice,
+    op: &'static str,
+    offset: u64,
+    len: usize,
+    r: isize,
+) -> Option<Result<()>> {
+    if r == len as isize {
+        return Some(Ok(()));
+    }
+    if r >= 0 {
+        return None; // short: finish on the blocking pool
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // would block, or the kernel/filesystem cannot do it without
+        // blocking: the blocking pool will
+        Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            None
+        }
+        _ => Some(Err(dev.io_err(op, offset, len as u64, e))),
     }
 }
 
@@ -477,6 +565,30 @@ mod tests {
         let mut b = [0u8; 5];
         d.read_at(&mut b, 4093).unwrap();
         assert_eq!(&b, b"hello");
+    }
+
+    #[test]
+    fn nowait_io_in_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = sparse_file(&dir, "n", 1 << 20);
+        let d = BackingDevice::open(&p, OpenMode::ReadWrite, false).unwrap();
+        d.write_at(&[5u8; 4096], 0).unwrap();
+        // just written: in the page cache, so the read cannot block
+        let mut b = [0u8; 4096];
+        match d.try_read_nowait(&mut b, 0) {
+            Some(r) => {
+                r.unwrap();
+                assert_eq!(b, [5u8; 4096]);
+            }
+            None => panic!("a page-cache read must not need the blocking pool"),
+        }
+        // out of range is never tried inline
+        assert!(d.try_read_nowait(&mut b, (1 << 20) - 1).is_none());
+        if let Some(r) = d.try_write_nowait(&[6u8; 4096], 4096) {
+            r.unwrap();
+            d.read_at(&mut b, 4096).unwrap();
+            assert_eq!(b, [6u8; 4096]);
+        }
     }
 
     #[test]
