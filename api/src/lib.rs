@@ -3,6 +3,7 @@
 
 pub mod phase;
 pub mod slave;
+pub mod units;
 
 /// The agent (slave) API, generated from `proto/volmig/agent/v1/agent.proto`.
 pub mod agent {

@@ -43,59 +43,7 @@ impl AgentAddr {
 }
 
 pub fn print_record(r: &SessionRecord) {
-    let pct = if r.size > 0 {
-        100.0 * r.bytes_copied.min(r.size) as f64 / r.size as f64
-    } else {
-        0.0
-    };
-    println!(
-        "volume      {}  (-> {}) via {}",
-        r.volume,
-        r.target.display(),
-        if r.agent.is_empty() {
-            "in-process agent"
-        } else {
-            &r.agent
-        }
-    );
-    println!("session     {} (epoch {})", r.session, r.epoch);
-    println!(
-        "phase       {}{}",
-        r.phase,
-        r.error
-            .as_ref()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default()
-    );
-    println!(
-        "copied      {} ({pct:.0}% of {}), {} refresh passes, mirror {}",
-        human_bytes(r.bytes_copied as f64),
-        human_bytes(r.size as f64),
-        r.progress.passes,
-        if r.progress.mirror { "on" } else { "off" }
-    );
-    println!("dirty       {}", human_bytes(r.dirty_bytes as f64));
-    if let Some(s) = r.cutover_stall_ms {
-        println!(
-            "stall       {s:.1} ms (sync goal {} ms)",
-            r.config.sync_goal_ms
-        );
-    }
-    if let Some(v) = r.verified {
-        println!("verified    {}", if v { "yes" } else { "NO" });
-    }
-    let t0 = r.phase_times.first().map(|p| p.start_ms).unwrap_or(0);
-    for p in &r.phase_times {
-        let d = p
-            .end_ms
-            .map(|e| format!("{} ms", e.saturating_sub(p.start_ms)))
-            .unwrap_or_else(|| "running".into());
-        println!(
-            "  {:>7.3}s  {:<14} {d}",
-            (p.start_ms - t0) as f64 / 1e3,
-            p.phase.to_string()
-        );
-    }
+    print!("{}", r.render());
 }
 
 fn store(dir: &Path) -> anyhow::Result<FileStore> {

@@ -149,6 +149,26 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
         }
     }
 
+    /// Refuses to drive a record a newer master has taken over.
+    fn check_epoch(&self, rec: &SessionRecord) -> Result<()> {
+        if rec.epoch > self.cfg.epoch {
+            return Err(MasterError::Deposed(format!(
+                "{} is driven by epoch {}",
+                self.key, rec.epoch
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes from `fresh` the fields others may change (abort request,
+    /// bandwidth limit); refuses when a newer epoch drives the session.
+    fn merge_requests(&self, rec: &mut SessionRecord, fresh: &SessionRecord) -> Result<()> {
+        self.check_epoch(fresh)?;
+        rec.abort_requested |= fresh.abort_requested;
+        rec.config.bandwidth = fresh.config.bandwidth;
+        Ok(())
+    }
+
     /// Saves, merging what others may have changed meanwhile (an abort
     /// request, a new bandwidth limit): those fields are theirs.
     async fn save(&self, rec: &mut SessionRecord) -> Result<()> {
@@ -162,14 +182,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                         .load(&self.key)
                         .await?
                         .ok_or_else(|| MasterError::NoSession(self.key.clone()))?;
-                    if fresh.epoch > self.cfg.epoch {
-                        return Err(MasterError::Deposed(format!(
-                            "{} is driven by epoch {}",
-                            self.key, fresh.epoch
-                        )));
-                    }
-                    rec.abort_requested |= fresh.abort_requested;
-                    rec.config.bandwidth = fresh.config.bandwidth;
+                    self.merge_requests(rec, &fresh)?;
                     rec.revision = fresh.revision;
                 }
                 Err(e) => return Err(e),
@@ -188,14 +201,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
         if let Some(fresh) = self.store.load(&self.key).await?
             && fresh.revision != rec.revision
         {
-            if fresh.epoch > self.cfg.epoch {
-                return Err(MasterError::Deposed(format!(
-                    "{} is driven by epoch {}",
-                    self.key, fresh.epoch
-                )));
-            }
-            rec.abort_requested |= fresh.abort_requested;
-            rec.config.bandwidth = fresh.config.bandwidth;
+            self.merge_requests(rec, &fresh)?;
         }
         Ok(rec.abort_requested)
     }
@@ -216,12 +222,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
             .load(&self.key)
             .await?
             .ok_or_else(|| MasterError::NoSession(self.key.clone()))?;
-        if rec.epoch > self.cfg.epoch {
-            return Err(MasterError::Deposed(format!(
-                "{} is driven by epoch {}",
-                self.key, rec.epoch
-            )));
-        }
+        self.check_epoch(&rec)?;
         let policy = rec.config.policy();
         let mut v = Volatile {
             need_reconcile: rec.phase != Phase::Activating,

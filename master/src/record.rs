@@ -238,6 +238,73 @@ impl SessionRecord {
     }
 }
 
+impl SessionRecord {
+    /// The human-readable status: where, how far, the phase timeline.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        use volmig_api::units::human_bytes;
+        let r = self;
+        let mut o = String::new();
+        let pct = if r.size > 0 {
+            100.0 * r.bytes_copied.min(r.size) as f64 / r.size as f64
+        } else {
+            0.0
+        };
+        let via = if r.agent.is_empty() {
+            "the local agent"
+        } else {
+            r.agent.as_str()
+        };
+        let _ = writeln!(
+            o,
+            "volume      {}  ({} -> {}) via {via}",
+            r.volume,
+            r.source.display(),
+            r.target.display()
+        );
+        let _ = writeln!(o, "session     {} (epoch {})", r.session, r.epoch);
+        let err = r
+            .error
+            .as_ref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        let _ = writeln!(o, "phase       {}{err}", r.phase);
+        let _ = writeln!(
+            o,
+            "copied      {} ({pct:.0}% of {}), {} refresh passes, mirror {}",
+            human_bytes(r.bytes_copied as f64),
+            human_bytes(r.size as f64),
+            r.progress.passes,
+            if r.progress.mirror { "on" } else { "off" }
+        );
+        let _ = writeln!(o, "dirty       {}", human_bytes(r.dirty_bytes as f64));
+        if let Some(s) = r.cutover_stall_ms {
+            let _ = writeln!(
+                o,
+                "stall       {s:.1} ms (sync goal {} ms)",
+                r.config.sync_goal_ms
+            );
+        }
+        if let Some(v) = r.verified {
+            let _ = writeln!(o, "verified    {}", if v { "yes" } else { "NO" });
+        }
+        let t0 = r.phase_times.first().map(|p| p.start_ms).unwrap_or(0);
+        for p in &r.phase_times {
+            let d = p
+                .end_ms
+                .map(|e| format!("{} ms", e.saturating_sub(p.start_ms)))
+                .unwrap_or_else(|| "running".into());
+            let _ = writeln!(
+                o,
+                "  {:>7.3}s  {:<14} {d}",
+                p.start_ms.saturating_sub(t0) as f64 / 1e3,
+                p.phase.to_string()
+            );
+        }
+        o
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ pub mod monitor;
 pub mod nbd;
 pub mod session;
 pub mod slave_api;
-pub mod units;
+pub use volmig_api::units;
 pub mod volume;
 
 pub use error::{AgentError, Result};

@@ -286,53 +286,17 @@ fn expect_done(r: Reply) -> anyhow::Result<()> {
 }
 
 fn print_status(st: &volmig_agent::session::SessionStatus) {
-    let r = &st.record;
-    let pct = if r.size > 0 {
-        100.0 * (r.bytes_copied.min(r.size)) as f64 / r.size as f64
-    } else {
-        100.0
-    };
+    print!("{}", st.record.render());
     println!(
-        "volume      {}  ({} -> {})",
-        r.volume,
-        r.source.display(),
-        r.target.display()
-    );
-    println!("session     {}", r.session);
-    println!(
-        "phase       {}{}",
-        r.phase,
-        r.error
-            .as_ref()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default()
-    );
-    println!(
-        "copied      {} of {} ({pct:.0}%), {} passes, mirror {}",
-        human_bytes(r.bytes_copied as f64),
-        human_bytes(r.size as f64),
-        r.progress.passes,
-        if r.progress.mirror { "on" } else { "off" }
-    );
-    println!("dirty       {}", human_bytes(st.dirty_bytes as f64));
-    println!(
-        "rates       copy {}/s, workload writes {}/s",
+        "live        copy {}/s, workload writes {}/s, bandwidth limit {}",
         human_bytes(st.copy_rate),
-        human_bytes(st.write_rate)
+        human_bytes(st.write_rate),
+        if st.bandwidth == 0 {
+            "none".to_string()
+        } else {
+            format!("{}/s", human_bytes(st.bandwidth as f64))
+        }
     );
-    if let Some(s) = r.cutover_stall_ms {
-        println!("stall       {s:.1} ms");
-    }
-    if let Some(v) = r.verified {
-        println!("verified    {}", if v { "yes" } else { "NO" });
-    }
-    for p in &r.phase_times {
-        let d = p
-            .end_ms
-            .map(|e| format!("{} ms", e.saturating_sub(p.start_ms)))
-            .unwrap_or_else(|| "running".into());
-        println!("  {:<14} {d}", p.phase.to_string());
-    }
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
