@@ -482,6 +482,14 @@ def render(res, md_path, png_rel):
         for o in obs:
             a(f"- {o}")
         a("")
+    a("## Profile, fix, measure again")
+    a("")
+    a("Where volmig fell short, the cause was profiled and fixed; the figures before and after "
+      "come from the same harness on this machine (separate runs, so read the ratios).")
+    a("")
+    for h in HISTORY:
+        a(f"- {h}")
+    a("")
     a("## Method notes")
     a("")
     a("- One benchmark at a time; nothing else of the harness runs concurrently. The machine is shared: "
@@ -493,6 +501,28 @@ def render(res, md_path, png_rel):
     with open(md_path, "w") as fh:
         fh.write("\n".join(L))
     return md_path
+
+
+# Fixes made because of these benchmarks: what was slow, why, what changed.
+HISTORY = [
+    "**Cutover stall over the sync goal** (first fio-verified run: 153 ms stall against 100 ms). "
+    "Cause: `fdatasync` of the source at quiesce and of the whole copied target at synchronize sat inside "
+    "the stall, and the residue estimate used a copy rate inflated by holes. Fix: flush the target after "
+    "every pass while the workload runs, no source flush at quiesce, estimate with the data rate including "
+    "the flush. After: 61 ms on the same run; 19-30 ms in the full runs below.",
+    "**Frontend CPU per I/O on random reads** (first full run: 16.5 µs per 4k read vs nbdkit's 5.4 µs; "
+    "randread 4k qd8 70k IOPS vs nbdkit 163k, 0.43x). Cause (perf): every request went to tokio's blocking "
+    "pool and back, four thread hand-offs for a page-cache hit. Fix: `preadv2`/`pwritev2` with "
+    "`RWF_NOWAIT` on the calling task, which never blocks and falls back to the pool on EAGAIN. After "
+    "(quick run): randread 4k qd8 166k IOPS (nbdkit 167k), qd32 228k (nbdkit 206k), qd1 0.55x -> 0.79x. "
+    "Writes did not move: ext4 on this kernel refuses non-blocking buffered writes (EOPNOTSUPP), so "
+    "they still take the pool; on filesystems that accept them (XFS) they go inline too.",
+    "**Auto mode slow to converge under random writes** (first full run: Auto 5.37 s vs Mirror 3.1 s at "
+    "1 GiB; the plot shows ~2 s of refresh passes). Cause: each 4k write dirties a 64 KiB grain, so the "
+    "residue never shrinks, but Auto waited for two passes not shrinking by 5%. Fix: switch to mirror "
+    "after one refresh pass whose residue did not halve. After: the demo's migration went from 3.6-10 s "
+    "to 1.7 s; see section 2 for this run.",
+]
 
 
 def _short(s):
