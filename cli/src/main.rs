@@ -9,7 +9,7 @@ mod pattern;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use volmig_agent::session::{CopyMode, SessionConfig, Verify};
+use volmig_agent::session_args::SessionArgs;
 use volmig_agent::units::{parse_duration, parse_size};
 
 #[derive(Parser)]
@@ -37,21 +37,8 @@ enum Cmd {
         /// How long the writers run alone before (and, halved, after) the migration.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         baseline: Duration,
-        /// Background, Mirror or Auto.
-        #[arg(long, default_value = "Auto")]
-        mode: CopyMode,
-        /// Longest acceptable I/O stall at cutover.
-        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
-        sync_goal: Duration,
-        /// Copy bandwidth limit per second (0 = unlimited).
-        #[arg(long, default_value = "0", value_parser = parse_size)]
-        bandwidth: u64,
-        /// Dirty-map granularity.
-        #[arg(long, default_value = "64Ki", value_parser = parse_size)]
-        grain: u64,
-        /// None, Sample or Full.
-        #[arg(long, default_value = "Full")]
-        verify: Verify,
+        #[command(flatten)]
+        session: SessionArgs,
         /// Keep the files in this directory instead of a temporary one.
         #[arg(long)]
         keep: Option<std::path::PathBuf>,
@@ -69,24 +56,8 @@ enum Cmd {
         volume: String,
         /// The target backing device on the agent's host.
         target: std::path::PathBuf,
-        /// Background, Mirror or Auto.
-        #[arg(long, default_value = "Auto")]
-        mode: CopyMode,
-        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
-        sync_goal: Duration,
-        /// Copy bandwidth limit per second (0 = unlimited).
-        #[arg(long, default_value = "0", value_parser = parse_size)]
-        bandwidth: u64,
-        #[arg(long, default_value = "64Ki", value_parser = parse_size)]
-        grain: u64,
-        #[arg(long, default_value = "Full")]
-        verify: Verify,
-        /// Keep mirroring writes back to the source this long after cutover.
-        #[arg(long, default_value = "0s", value_parser = parse_duration)]
-        failback_window: Duration,
-        /// Background mode: cut over anyway after this many refresh passes.
-        #[arg(long, default_value_t = 30)]
-        max_passes: u32,
+        #[command(flatten)]
+        session: SessionArgs,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -158,54 +129,24 @@ fn main() -> anyhow::Result<()> {
             size,
             writers,
             baseline,
-            mode,
-            sync_goal,
-            bandwidth,
-            grain,
-            verify,
+            session,
             keep,
             quiet,
-        } => {
-            let config = SessionConfig {
-                mode,
-                sync_goal_ms: sync_goal.as_millis() as u64,
-                bandwidth,
-                grain,
-                verify,
-                ..SessionConfig::default()
-            };
-            rt.block_on(demo::run(demo::DemoArgs {
-                size,
-                writers: writers.max(1),
-                baseline,
-                config,
-                keep,
-                quiet,
-            }))
-        }
+        } => rt.block_on(demo::run(demo::DemoArgs {
+            size,
+            writers: writers.max(1),
+            baseline,
+            config: session.config(),
+            keep,
+            quiet,
+        })),
         Cmd::Migrate {
             master,
             volume,
             target,
-            mode,
-            sync_goal,
-            bandwidth,
-            grain,
-            verify,
-            failback_window,
-            max_passes,
+            session,
             quiet,
         } => {
-            let config = SessionConfig {
-                mode,
-                sync_goal_ms: sync_goal.as_millis() as u64,
-                bandwidth,
-                grain,
-                verify,
-                failback_window_ms: failback_window.as_millis() as u64,
-                max_passes,
-                ..SessionConfig::default()
-            };
             let addr = local::AgentAddr {
                 url: master.agent,
                 tls_dir: master.tls_dir,
@@ -217,7 +158,7 @@ fn main() -> anyhow::Result<()> {
                 &addr,
                 &volume,
                 &target,
-                config,
+                session.config(),
                 quiet,
             ))
         }

@@ -14,6 +14,7 @@ pub mod interposer;
 pub mod monitor;
 pub mod nbd;
 pub mod session;
+pub mod session_args;
 pub mod slave_api;
 pub use volmig_api::units;
 pub mod volume;

@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use volmig_agent::agent::Agent;
 use volmig_agent::control::{self, ControlClient, Reply, Request};
 use volmig_agent::nbd::{Export, NbdServer};
-use volmig_agent::session::{CopyMode, SessionConfig, Verify};
-use volmig_agent::units::{human_bytes, parse_duration, parse_size};
+use volmig_agent::session_args::SessionArgs;
+use volmig_agent::units::{human_bytes, parse_size};
 
 #[derive(Parser)]
 #[command(
@@ -109,51 +109,10 @@ struct MigrateArgs {
     /// The target backing device (file or block device, at least as large).
     target: PathBuf,
     #[command(flatten)]
-    opts: SessionOpts,
+    opts: SessionArgs,
     /// Wait until the migration ends and print the result.
     #[arg(long)]
     wait: bool,
-}
-
-/// Session options shared by `migrate` (and `volmig demo`).
-#[derive(Args, Clone, Debug)]
-pub struct SessionOpts {
-    /// Background, Mirror or Auto.
-    #[arg(long, default_value = "Auto")]
-    mode: CopyMode,
-    /// Longest acceptable I/O stall at cutover.
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
-    sync_goal: std::time::Duration,
-    /// Copy bandwidth limit per second (0 = unlimited), e.g. 200Mi.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
-    bandwidth: u64,
-    /// Dirty-map granularity.
-    #[arg(long, default_value = "64Ki", value_parser = parse_size)]
-    grain: u64,
-    /// None, Sample or Full.
-    #[arg(long, default_value = "Full")]
-    verify: Verify,
-    /// Keep mirroring writes back to the source this long after cutover.
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
-    failback_window: std::time::Duration,
-    /// Background mode: cut over anyway after this many refresh passes.
-    #[arg(long, default_value_t = 30)]
-    max_passes: u32,
-}
-
-impl SessionOpts {
-    fn config(&self) -> SessionConfig {
-        SessionConfig {
-            mode: self.mode,
-            sync_goal_ms: self.sync_goal.as_millis() as u64,
-            bandwidth: self.bandwidth,
-            grain: self.grain,
-            verify: self.verify,
-            failback_window_ms: self.failback_window.as_millis() as u64,
-            max_passes: self.max_passes,
-            ..SessionConfig::default()
-        }
-    }
 }
 
 fn parse_export(s: &str) -> Result<(String, PathBuf), String> {
