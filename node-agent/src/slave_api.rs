@@ -240,3 +240,116 @@ impl Slave for Agent {
         Ok(s.state().await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::ExportBackend;
+    use volmig_api::agent::SessionConfig as WireConfig;
+
+    fn fence(epoch: u64) -> Option<Fence> {
+        Some(Fence {
+            session_id: "s1".into(),
+            volume: "v".into(),
+            epoch,
+        })
+    }
+
+    async fn prepared() -> (
+        tempfile::TempDir,
+        Arc<Agent>,
+        Arc<crate::interposer::Interposer>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["src", "tgt"] {
+            std::fs::File::create(dir.path().join(f))
+                .unwrap()
+                .set_len(4 << 20)
+                .unwrap();
+        }
+        let agent = Agent::new(&dir.path().join("state")).unwrap();
+        let ip = agent
+            .add_volume("v", &dir.path().join("src"), false)
+            .await
+            .unwrap();
+        let st = agent
+            .prepare(PrepareRequest {
+                fence: fence(2),
+                target: dir.path().join("tgt").display().to_string(),
+                config: Some(WireConfig {
+                    grain: 65536,
+                    chunk_size: 1 << 20,
+                    in_flight: 2,
+                    sparse: true,
+                    ..WireConfig::default()
+                }),
+            })
+            .await
+            .unwrap();
+        assert!(st.attached && !st.finished);
+        (dir, agent, ip)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quiesce_the_master_abandons_is_released_by_the_agent() {
+        let (_dir, agent, ip) = prepared().await;
+        agent
+            .slave("v")
+            .unwrap()
+            .set_quiesce_lease(Duration::from_millis(300));
+        let q = agent
+            .quiesce(QuiesceRequest {
+                fence: fence(2),
+                budget_ms: 2000,
+            })
+            .await
+            .unwrap();
+        assert!(q.quiesced);
+        let ip2 = ip.clone();
+        let w = tokio::spawn(async move { ip2.write(0, vec![1u8; 4096], false).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !w.is_finished(),
+            "the workload's write must wait while quiesced"
+        );
+        // no further call from the master: the lease releases the write
+        tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("the lease never released the I/O")
+            .unwrap()
+            .unwrap();
+        let st = agent.get_state(Step { fence: fence(2) }).await.unwrap();
+        assert!(!st.quiesced && !st.redirected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stale_epochs_and_foreign_sessions_are_refused() {
+        let (dir, agent, _ip) = prepared().await;
+        let e = agent.get_state(Step { fence: fence(1) }).await.unwrap_err();
+        assert!(matches!(e, SlaveError::Fenced(_)), "{e}");
+        // a newer epoch takes over, after which the old one is refused too
+        agent.get_state(Step { fence: fence(3) }).await.unwrap();
+        let e = agent.get_state(Step { fence: fence(2) }).await.unwrap_err();
+        assert!(matches!(e, SlaveError::Fenced(_)), "{e}");
+        // another session on the same volume
+        let other = Some(Fence {
+            session_id: "s2".into(),
+            volume: "v".into(),
+            epoch: 9,
+        });
+        let e = agent
+            .prepare(PrepareRequest {
+                fence: other.clone(),
+                target: dir.path().join("tgt").display().to_string(),
+                config: None,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SlaveError::AlreadyExists(_)), "{e}");
+        let e = agent.get_state(Step { fence: other }).await.unwrap_err();
+        assert!(matches!(e, SlaveError::NotFound(_)), "{e}");
+        // no fence at all
+        let e = agent.get_state(Step { fence: None }).await.unwrap_err();
+        assert!(matches!(e, SlaveError::Invalid(_)), "{e}");
+    }
+}

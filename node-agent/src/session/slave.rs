@@ -46,6 +46,8 @@ pub struct SlaveSession {
     cursor: Mutex<PassCursor>,
     quiesced_at: Mutex<Option<Instant>>,
     quiesce_gen: AtomicU64,
+    /// How long a quiesce waits for the master's next step, in ms.
+    lease_ms: AtomicU64,
     write_rate: AtomicU64,
     copy_rate: AtomicU64,
 }
@@ -208,6 +210,7 @@ impl SlaveSession {
             cursor: Mutex::new(PassCursor::default()),
             quiesced_at: Mutex::new(None),
             quiesce_gen: AtomicU64::new(0),
+            lease_ms: AtomicU64::new(QUIESCE_LEASE.as_millis() as u64),
             write_rate: AtomicU64::new(0),
             copy_rate: AtomicU64::new(0),
         });
@@ -415,9 +418,10 @@ impl SlaveSession {
     /// (Re)starts the quiesce lease: every step of the cutover renews it.
     fn arm_lease(self: &Arc<Self>) {
         let generation = self.quiesce_gen.fetch_add(1, Ordering::SeqCst) + 1;
+        let lease = Duration::from_millis(self.lease_ms.load(Ordering::Relaxed));
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
-            tokio::time::sleep(QUIESCE_LEASE).await;
+            tokio::time::sleep(lease).await;
             let Some(s) = weak.upgrade() else { return };
             if s.quiesce_gen.load(Ordering::SeqCst) == generation
                 && s.interposer.gate().release().await
@@ -426,6 +430,13 @@ impl SlaveSession {
                 warn!(volume = %s.interposer.name(), "quiesce lease expired (master gone?): workload I/O released");
             }
         });
+    }
+
+    /// Changes how long a quiesce waits for the master's next step before
+    /// the agent releases the workload's I/O on its own.
+    pub fn set_quiesce_lease(&self, lease: Duration) {
+        self.lease_ms
+            .store(lease.as_millis() as u64, Ordering::Relaxed);
     }
 
     fn disarm_lease(&self) {
