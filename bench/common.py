@@ -375,6 +375,25 @@ def machine_facts():
     }
 
 
+def proc_table():
+    """Every process: {pid: (ppid, comm, cpu seconds)}, from /proc/*/stat."""
+    procs = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                s = f.read()
+        except OSError:
+            continue
+        comm = s[s.index("(") + 1:s.rindex(")")]
+        fields = s[s.rindex(")") + 2:].split()
+        ppid = int(fields[1])
+        cpu = (int(fields[11]) + int(fields[12])) / CLK
+        procs[int(d)] = (ppid, comm, cpu)
+    return procs
+
+
 class Interference:
     """Samples /proc every `period` s and accounts CPU used by processes that
     are neither ours (descendants of this harness) nor kernel threads: other
@@ -412,21 +431,7 @@ class Interference:
             self.current = None
 
     def _scan(self):
-        procs = {}
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    s = f.read()
-            except OSError:
-                continue
-            comm = s[s.index("(") + 1:s.rindex(")")]
-            fields = s[s.rindex(")") + 2:].split()
-            ppid = int(fields[1])
-            cpu = (int(fields[11]) + int(fields[12])) / CLK
-            procs[int(d)] = (ppid, comm, cpu)
-        return procs
+        return proc_table()
 
     def _ours(self, pid, procs):
         seen = 0

@@ -37,20 +37,7 @@ def find_peer_script():
 
 
 def _children(pid):
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                s = f.read()
-        except OSError:
-            continue
-        comm = s[s.index("(") + 1:s.rindex(")")]
-        ppid = int(s[s.rindex(")") + 2:].split()[1])
-        if ppid == pid:
-            out.append((int(d), comm))
-    return out
+    return [(p, comm) for p, (ppid, comm, _) in C.proc_table().items() if ppid == pid]
 
 
 def _cpu_at(samples, t):

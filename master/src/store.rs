@@ -42,7 +42,8 @@ impl FileStore {
         self.root.join(format!("{key}.session.json"))
     }
 
-    fn load_sync(&self, key: &str) -> Result<Option<SessionRecord>> {
+    /// `load` without a runtime: the record is one small file, read at once.
+    pub fn load_now(&self, key: &str) -> Result<Option<SessionRecord>> {
         let path = self.path(key);
         match std::fs::read(&path) {
             Ok(data) => serde_json::from_slice(&data)
@@ -65,12 +66,12 @@ static SAVE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl SessionStore for FileStore {
     async fn load(&self, key: &str) -> Result<Option<SessionRecord>> {
-        self.load_sync(key)
+        self.load_now(key)
     }
 
     async fn save(&self, key: &str, rec: &mut SessionRecord) -> Result<()> {
         let _g = SAVE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let found = self.load_sync(key)?.map(|r| r.revision).unwrap_or(0);
+        let found = self.load_now(key)?.map(|r| r.revision).unwrap_or(0);
         if found != rec.revision {
             return Err(MasterError::Conflict {
                 key: key.to_string(),

@@ -95,6 +95,8 @@ fn master_err(e: volmig_master::MasterError) -> AgentError {
         M::SessionExists { volume, session } => AgentError::SessionExists { volume, session },
         M::NoSession(v) => AgentError::NoSession(v),
         M::Invalid(m) => AgentError::Invalid(m),
+        M::Corrupt { path, reason } => AgentError::CorruptState { path, reason },
+        M::Store { path, source } => AgentError::State { path, source },
         other => AgentError::Task(other.to_string()),
     }
 }
@@ -256,19 +258,11 @@ impl Agent {
 
     /// The session's record (the in-process master's) with live figures.
     pub fn status(&self, volume: &str) -> Result<SessionStatus> {
-        let path = self.store.path(volume);
-        let record: SessionRecord = match std::fs::read(&path) {
-            Ok(d) => serde_json::from_slice(&d).map_err(|e| AgentError::CorruptState {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if lock(&self.volumes).contains_key(volume) {
-                    return Err(AgentError::NoSession(volume.to_string()));
-                }
-                return Err(AgentError::UnknownVolume(volume.to_string()));
+        let Some(record) = self.store.load_now(volume).map_err(master_err)? else {
+            if lock(&self.volumes).contains_key(volume) {
+                return Err(AgentError::NoSession(volume.to_string()));
             }
-            Err(source) => return Err(AgentError::State { path, source }),
+            return Err(AgentError::UnknownVolume(volume.to_string()));
         };
         let slave = self
             .slave(volume)
