@@ -1,0 +1,127 @@
+{{/* Chart name. */}}
+{{- define "volmig.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Resource name prefix: <release>-volmig, or the release name when it already says volmig. */}}
+{{- define "volmig.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "volmig.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels every resource carries. */}}
+{{- define "volmig.labels" -}}
+helm.sh/chart: {{ include "volmig.chart" . }}
+app.kubernetes.io/name: {{ include "volmig.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: volmig
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels of one component: pass (dict "ctx" $ "component" "operator"). */}}
+{{- define "volmig.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "volmig.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "volmig.operator.fullname" -}}
+{{- printf "%s-operator" (include "volmig.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "volmig.agent.fullname" -}}
+{{- printf "%s-agent" (include "volmig.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "volmig.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (include "volmig.operator.fullname" .) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "volmig.agent.serviceAccountName" -}}
+{{- if .Values.agent.serviceAccount.create -}}
+{{- default (include "volmig.agent.fullname" .) .Values.agent.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.agent.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "volmig.operator.image" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- end -}}
+
+{{- define "volmig.agent.image" -}}
+{{- printf "%s:%s" .Values.agent.image.repository (default .Chart.AppVersion .Values.agent.image.tag) -}}
+{{- end -}}
+
+{{/* The Secret holding ca.pem, agent.pem, agent-key.pem, master.pem, master-key.pem (chart-generated certificates). */}}
+{{- define "volmig.tlsSecretName" -}}
+{{- printf "%s-tls" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* cert-manager Secrets: one per certificate, keys tls.crt, tls.key, ca.crt. */}}
+{{- define "volmig.agentCertSecretName" -}}
+{{- printf "%s-agent-tls" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "volmig.masterCertSecretName" -}}
+{{- printf "%s-master-tls" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The agent's selector as the operator's --agent-selector flag. */}}
+{{- define "volmig.agentSelector" -}}
+app.kubernetes.io/component=node-agent
+{{- end -}}
+
+{{/*
+The pod volume "tls" with exactly the files one side needs, under the names
+the binaries read: (dict "ctx" $ "role" "agent"|"master").
+The agent gets ca.pem, agent.pem, agent-key.pem; the operator ca.pem,
+master.pem, master-key.pem. Neither sees the other's key. The operator runs as non-root with fsGroup, so
+its files are group-readable (0440); the agent runs as root (0400).
+*/}}
+{{- define "volmig.tlsVolume" -}}
+{{- $ctx := .ctx -}}
+- name: tls
+{{- if $ctx.Values.certManager.enabled }}
+  secret:
+    secretName: {{ if eq .role "agent" }}{{ include "volmig.agentCertSecretName" $ctx }}{{ else }}{{ include "volmig.masterCertSecretName" $ctx }}{{ end }}
+    defaultMode: {{ if eq .role "agent" }}0400{{ else }}0440{{ end }}
+    items:
+      - key: ca.crt
+        path: ca.pem
+      - key: tls.crt
+        path: {{ .role }}.pem
+      - key: tls.key
+        path: {{ .role }}-key.pem
+{{- else }}
+  secret:
+    secretName: {{ include "volmig.tlsSecretName" $ctx }}
+    defaultMode: {{ if eq .role "agent" }}0400{{ else }}0440{{ end }}
+    items:
+      - key: ca.pem
+        path: ca.pem
+      - key: {{ .role }}.pem
+        path: {{ .role }}.pem
+      - key: {{ .role }}-key.pem
+        path: {{ .role }}-key.pem
+{{- end }}
+{{- end -}}
