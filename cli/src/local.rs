@@ -9,15 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use volmig_agent::session::Phase;
 use volmig_agent::units::human_bytes;
 use volmig_master::{
-    ClientTls, Driver, DriverConfig, FileStore, GrpcSlave, SessionConfig, SessionRecord,
-    SessionStore, StopSignal,
+    BandwidthPool, ClientTls, Driver, DriverConfig, FileStore, GrpcSlave, Member, SessionConfig,
+    SessionRecord, SessionStore, Slots, StopSignal,
 };
 
 /// How to reach the agent.
+#[derive(Clone)]
 pub struct AgentAddr {
     pub url: String,
     /// Directory with ca.pem, master.pem, master-key.pem (`volmig certs`).
@@ -50,77 +51,180 @@ fn store(dir: &Path) -> anyhow::Result<FileStore> {
     Ok(FileStore::open(dir)?)
 }
 
-/// Runs (or continues) the session of `volume` to its end.
-pub async fn migrate(
-    state_dir: &Path,
-    agent: &AgentAddr,
-    volume: &str,
-    target: &Path,
-    config: SessionConfig,
-    quiet: bool,
-) -> anyhow::Result<()> {
-    let store = store(state_dir)?;
-    let slave = agent.slave()?;
-    let epoch = match store.load(volume).await? {
-        Some(rec) if !rec.phase.is_terminal() => {
-            if rec.target != target {
+/// One volume to migrate, and the agent that serves it.
+pub struct VolumeSpec {
+    pub volume: String,
+    pub target: PathBuf,
+    pub agent: AgentAddr,
+}
+
+/// Reads `VOLUME=TARGET` or `VOLUME=TARGET@AGENT_URL`; the agent defaults
+/// to `default` (the same TLS settings apply to every agent).
+pub fn parse_volume_spec(spec: &str, default: &AgentAddr) -> anyhow::Result<VolumeSpec> {
+    let Some((volume, rest)) = spec.split_once('=') else {
+        bail!("--volume {spec:?}: expected VOLUME=TARGET or VOLUME=TARGET@AGENT_URL");
+    };
+    let (target, agent) = match rest.rsplit_once('@') {
+        Some((t, a)) if a.starts_with("http://") || a.starts_with("https://") => (t, Some(a)),
+        _ => (rest, None),
+    };
+    if volume.is_empty() || target.is_empty() {
+        bail!("--volume {spec:?}: the volume and the target must not be empty");
+    }
+    let mut addr = default.clone();
+    if let Some(a) = agent {
+        addr.url = a.to_string();
+    }
+    Ok(VolumeSpec {
+        volume: volume.to_string(),
+        target: target.into(),
+        agent: addr,
+    })
+}
+
+/// How several volumes are driven.
+pub struct Plan {
+    /// Cut all volumes over together as this consistency group.
+    pub group: Option<String>,
+    /// Sessions driven at once per state directory (0 = no limit); the
+    /// others queue. A group takes one slot.
+    pub max_concurrent: usize,
+    /// Copy bandwidth shared fairly by this master's sessions (0 = none).
+    pub total_bandwidth: u64,
+}
+
+/// The epoch for this run: one above any unfinished record's (a restarted
+/// master fences the one before it), and refuses a changed target.
+async fn epoch_for(store: &FileStore, volumes: &[VolumeSpec]) -> anyhow::Result<u64> {
+    let mut epoch = 1;
+    for v in volumes {
+        if let Some(rec) = store.load(&v.volume).await?
+            && !rec.phase.is_terminal()
+        {
+            if rec.target != v.target {
                 bail!(
-                    "volume {volume} has an unfinished session {} to {}; continue it with that target, or `volmig abort` it",
+                    "volume {} has an unfinished session {} to {}; continue it with that target, or `volmig abort` it",
+                    v.volume,
                     rec.session,
                     rec.target.display()
                 );
             }
             eprintln!(
-                "continuing session {} at phase {} (epoch {})",
+                "continuing session {} of {} at phase {} (epoch {})",
                 rec.session,
+                v.volume,
                 rec.phase,
                 rec.epoch + 1
             );
-            rec.epoch + 1
+            epoch = epoch.max(rec.epoch + 1);
         }
-        _ => {
-            let rec = volmig_master::create_session(&store, volume, target, config, 1).await?;
-            let mut rec = rec;
-            rec.agent = agent.url.clone();
-            store.save(volume, &mut rec).await?;
-            eprintln!("session {} started", rec.session);
-            1
+    }
+    Ok(epoch)
+}
+
+/// Runs (or continues) the sessions of `volumes` to their end: one
+/// consistency group, or independent sessions under the concurrency limit.
+pub async fn migrate(
+    state_dir: &Path,
+    volumes: Vec<VolumeSpec>,
+    plan: Plan,
+    config: SessionConfig,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let store = store(state_dir)?;
+    let mut seen = std::collections::HashSet::new();
+    for v in &volumes {
+        if !seen.insert(v.volume.clone()) {
+            bail!("volume {} is given twice", v.volume);
         }
+    }
+    let epoch = epoch_for(&store, &volumes).await?;
+    let fresh: Vec<&VolumeSpec> = {
+        let mut f = Vec::new();
+        for v in &volumes {
+            match store.load(&v.volume).await? {
+                Some(rec) if !rec.phase.is_terminal() => {
+                    if rec.group != plan.group {
+                        bail!(
+                            "volume {} has an unfinished session {} ({}); run it with the same grouping",
+                            v.volume,
+                            rec.session,
+                            rec.group
+                                .as_ref()
+                                .map(|g| format!("in group {g}"))
+                                .unwrap_or_else(|| "not in a group".into())
+                        );
+                    }
+                }
+                _ => f.push(v),
+            }
+        }
+        f
     };
-    let stop = Arc::new(StopSignal::default());
-    let driver = Driver::new(
-        slave,
-        store.clone(),
-        volume,
-        DriverConfig {
-            epoch,
-            ..DriverConfig::default()
-        },
-        stop.clone(),
-    );
-    let bar = if quiet {
-        ProgressBar::hidden()
+    if let Some(g) = &plan.group
+        && !fresh.is_empty()
+        && fresh.len() != volumes.len()
+    {
+        bail!(
+            "group {g}: some volumes have an unfinished session and some do not; abort the group first"
+        );
+    }
+    let mut members = Vec::new();
+    for v in &volumes {
+        members.push(Member {
+            volume: v.volume.clone(),
+            target: v.target.clone(),
+            agent: v.agent.url.clone(),
+            slave: v.agent.slave()?,
+        });
+    }
+    if let Some(g) = &plan.group {
+        if !fresh.is_empty() {
+            volmig_master::create_group(&store, g, &members, &config, epoch).await?;
+            eprintln!("group {g} started with {} volumes", members.len());
+        }
     } else {
-        ProgressBar::new(0)
+        for v in fresh {
+            let mut rec =
+                volmig_master::create_session(&store, &v.volume, &v.target, config.clone(), epoch)
+                    .await?;
+            rec.agent = v.agent.url.clone();
+            store.save(&v.volume, &mut rec).await?;
+            eprintln!("session {} started", rec.session);
+        }
+    }
+
+    let stop = Arc::new(StopSignal::default());
+    let cfg = DriverConfig {
+        epoch,
+        ..DriverConfig::default()
     };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {msg:<14} [{bar:30}] {bytes}/{total_bytes} copied, dirty {prefix}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let bars = MultiProgress::with_draw_target(if quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
     let watch = {
         let store = store.clone();
-        let bar = bar.clone();
-        let volume = volume.to_string();
+        let names: Vec<String> = volumes.iter().map(|v| v.volume.clone()).collect();
+        let list: Vec<ProgressBar> = names
+            .iter()
+            .map(|_| bars.add(ProgressBar::new(0).with_style(bar_style())))
+            .collect();
         tokio::spawn(async move {
             loop {
-                if let Ok(Some(r)) = store.load(&volume).await {
-                    bar.set_length(r.size.max(1));
-                    bar.set_position(r.bytes_copied.min(r.size));
-                    bar.set_message(r.phase.to_string());
-                    bar.set_prefix(human_bytes(r.dirty_bytes as f64));
+                for (name, bar) in names.iter().zip(&list) {
+                    if let Ok(Some(r)) = store.load(name).await {
+                        bar.set_length(r.size.max(1));
+                        bar.set_position(r.bytes_copied.min(r.size));
+                        let phase = if r.queued {
+                            "queued".to_string()
+                        } else {
+                            r.phase.to_string()
+                        };
+                        bar.set_message(format!("{name} {phase}"));
+                        bar.set_prefix(human_bytes(r.dirty_bytes as f64));
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -131,25 +235,74 @@ pub async fn migrate(
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 eprintln!(
-                    "stopping the master; the session stays where it is (run the same command to continue, or `volmig abort`)"
+                    "stopping the master; the sessions stay where they are (run the same command to continue, or `volmig abort`)"
                 );
                 stop.stop();
             }
         })
     };
-    let result = driver.run().await;
+    let slots = Slots::new(state_dir, plan.max_concurrent)?;
+    let pool = Arc::new(BandwidthPool::new(plan.total_bandwidth));
+    let results: Vec<volmig_master::Result<SessionRecord>> = match &plan.group {
+        Some(g) => {
+            let _slot = slots.acquire(&store, &members[0].volume, &stop).await?;
+            if stop.is_stopped() {
+                Vec::new()
+            } else {
+                volmig_master::run_group(g, members, store.clone(), cfg, stop.clone()).await
+            }
+        }
+        None => {
+            let runs = members.into_iter().map(|m| {
+                let store = store.clone();
+                let (cfg, stop, slots, pool) =
+                    (cfg.clone(), stop.clone(), slots.clone(), pool.clone());
+                async move {
+                    let _slot = slots.acquire(&store, &m.volume, &stop).await?;
+                    Driver::new(m.slave, store.clone(), &m.volume, cfg, stop)
+                        .sharing(pool)
+                        .run()
+                        .await
+                }
+            });
+            futures::future::join_all(runs).await
+        }
+    };
     watch.abort();
     ctrl_c.abort();
-    bar.finish_and_clear();
-    let rec = result.context("driving the session")?;
-    print_record(&rec);
-    match rec.phase {
-        Phase::Completed => Ok(()),
-        p if !p.is_terminal() => {
-            bail!("stopped at phase {p}; run the same command again to continue")
+    bars.clear().ok();
+    let mut failed = Vec::new();
+    let mut unfinished = false;
+    for (v, r) in volumes.iter().zip(results.iter()) {
+        match r {
+            Ok(rec) => {
+                print_record(rec);
+                unfinished |= !rec.phase.is_terminal();
+                if rec.phase != Phase::Completed {
+                    failed.push(format!("{} {}", v.volume, rec.phase));
+                }
+            }
+            Err(e) => failed.push(format!("{}: {e}", v.volume)),
         }
-        p => bail!("migration ended {p}"),
     }
+    if stop.is_stopped() || unfinished {
+        bail!(
+            "stopped before the end ({}); run the same command again to continue",
+            failed.join(", ")
+        );
+    }
+    if !failed.is_empty() {
+        bail!("migration did not complete: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{spinner} {msg:<24} [{bar:30}] {bytes}/{total_bytes} copied, dirty {prefix}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ")
 }
 
 pub async fn status(state_dir: &Path, volume: &str, json: bool) -> anyhow::Result<()> {
@@ -202,4 +355,37 @@ pub async fn list(state_dir: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_specs() {
+        let d = AgentAddr {
+            url: "https://a:1".into(),
+            tls_dir: None,
+            domain: "localhost".into(),
+            insecure: true,
+        };
+        let v = parse_volume_spec("db=/dev/sdc", &d).unwrap();
+        assert_eq!(
+            (
+                v.volume.as_str(),
+                v.target.to_str().unwrap(),
+                v.agent.url.as_str()
+            ),
+            ("db", "/dev/sdc", "https://a:1")
+        );
+        let v = parse_volume_spec("log=/t/x@y.img@https://b:2", &d).unwrap();
+        assert_eq!(
+            (v.target.to_str().unwrap(), v.agent.url.as_str()),
+            ("/t/x@y.img", "https://b:2")
+        );
+        let v = parse_volume_spec("log=/t/x@y.img", &d).unwrap();
+        assert_eq!(v.target.to_str().unwrap(), "/t/x@y.img");
+        assert!(parse_volume_spec("nope", &d).is_err());
+        assert!(parse_volume_spec("=/x", &d).is_err());
+    }
 }

@@ -56,6 +56,22 @@ enum Cmd {
         volume: String,
         /// The target backing device on the agent's host.
         target: std::path::PathBuf,
+        /// More volumes: VOLUME=TARGET, or VOLUME=TARGET@AGENT_URL for a
+        /// volume another agent serves (repeatable).
+        #[arg(long = "volume", value_name = "VOLUME=TARGET[@AGENT]")]
+        more: Vec<String>,
+        /// Cut every volume over together as one consistency group: all or
+        /// none switch to their targets.
+        #[arg(long)]
+        group: Option<String>,
+        /// Sessions driven at once per state directory (0 = no limit); the
+        /// rest wait in a queue. A group counts as one.
+        #[arg(long, default_value_t = 4)]
+        max_concurrent: usize,
+        /// Copy bandwidth per second shared fairly by these sessions (0 =
+        /// none; --bandwidth still caps each one).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        total_bandwidth: u64,
         #[command(flatten)]
         session: SessionArgs,
         /// No progress bar.
@@ -144,6 +160,10 @@ fn main() -> anyhow::Result<()> {
             master,
             volume,
             target,
+            more,
+            group,
+            max_concurrent,
+            total_bandwidth,
             session,
             quiet,
         } => {
@@ -153,11 +173,22 @@ fn main() -> anyhow::Result<()> {
                 domain: master.tls_domain,
                 insecure: master.insecure,
             };
+            let mut volumes = vec![local::VolumeSpec {
+                volume,
+                target,
+                agent: addr.clone(),
+            }];
+            for spec in &more {
+                volumes.push(local::parse_volume_spec(spec, &addr)?);
+            }
             rt.block_on(local::migrate(
                 &master.state_dir,
-                &addr,
-                &volume,
-                &target,
+                volumes,
+                local::Plan {
+                    group,
+                    max_concurrent,
+                    total_bandwidth,
+                },
                 session.config(),
                 quiet,
             ))

@@ -18,7 +18,9 @@ use volmig_api::agent::{
 use volmig_api::phase::{Event, Phase, transition};
 use volmig_api::{Slave, SlaveError};
 
+use crate::bandwidth::BandwidthPool;
 use crate::error::{MasterError, Result};
+use crate::group::{Barrier, GroupCoord, Verdict};
 use crate::reconcile::reconcile;
 use crate::record::{SessionRecord, now_ms};
 use crate::store::SessionStore;
@@ -65,7 +67,7 @@ impl StopSignal {
         self.flag.load(Ordering::SeqCst)
     }
 
-    async fn sleep(&self, d: Duration) {
+    pub(crate) async fn sleep(&self, d: Duration) {
         tokio::select! {
             _ = tokio::time::sleep(d) => {}
             _ = self.notify.notified() => {}
@@ -79,6 +81,19 @@ pub struct Driver<S, St> {
     key: String,
     cfg: DriverConfig,
     stop: Arc<StopSignal>,
+    group: Option<Arc<GroupCoord>>,
+    pool: Option<Arc<BandwidthPool>>,
+}
+
+/// Leaves the bandwidth pool when the driver returns, however it returns.
+struct PoolSeat<'a>(Option<&'a BandwidthPool>, &'a str);
+
+impl Drop for PoolSeat<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            p.leave(self.1);
+        }
+    }
 }
 
 /// What the driver keeps between iterations but never persists.
@@ -89,6 +104,8 @@ struct Volatile {
     pushed_mirror: bool,
     need_reconcile: bool,
     last_save: Option<Instant>,
+    /// The last group barrier passed in this round (groups only).
+    passed: Option<Barrier>,
 }
 
 enum Outcome {
@@ -105,7 +122,23 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
             key: key.to_string(),
             cfg,
             stop,
+            group: None,
+            pool: None,
         }
+    }
+
+    /// Shares `pool`'s total bandwidth fairly with the other sessions in it
+    /// (see [`crate::bandwidth`]); the session's own limit stays its cap.
+    pub fn sharing(mut self, pool: Arc<BandwidthPool>) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Makes this driver one member of a consistency group: it cuts over
+    /// only together with the others (see [`crate::group`]).
+    pub fn in_group(mut self, coord: Arc<GroupCoord>) -> Self {
+        self.group = Some(coord);
+        self
     }
 
     fn fence(&self, rec: &SessionRecord) -> Fence {
@@ -228,6 +261,19 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
             need_reconcile: rec.phase != Phase::Activating,
             ..Volatile::default()
         };
+        let _seat = PoolSeat(self.pool.as_deref(), &self.key);
+        if let Some(g) = &self.group {
+            match rec.phase {
+                Phase::Terminating | Phase::Completed => g.leave(&self.key),
+                Phase::Aborted | Phase::Failed => g.fail(
+                    &self.key,
+                    rec.error
+                        .as_deref()
+                        .unwrap_or("ended before the group cut over"),
+                ),
+                _ => {}
+            }
+        }
         loop {
             if rec.phase.is_terminal() {
                 return Ok(rec);
@@ -254,7 +300,26 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                     v.pushed_mirror = st.mirror;
                     rec.redirected = st.redirected;
                 }
-                let (phase, why) = reconcile(rec.phase, st.as_ref());
+                let (mut phase, mut why) = reconcile(rec.phase, st.as_ref());
+                if let Some(g) = &self.group
+                    && matches!(
+                        phase,
+                        Phase::Quiescing | Phase::Synchronizing | Phase::Redirecting
+                    )
+                    && !rec.redirected
+                {
+                    if v.passed.is_some() {
+                        // Mid-cutover in this very process: the agent lost
+                        // its quiesce (restart, lease). The others may be
+                        // quiesced and waiting; all roll back together.
+                        g.fail(&self.key, "the agent lost its quiesce during the cutover");
+                        continue;
+                    }
+                    // A restarted master: the group quiesces again, together.
+                    let _ = self.slave.release(self.step(&rec)).await;
+                    phase = Phase::Refreshing;
+                    why = "group members quiesce together: refresh and meet the others again";
+                }
                 if phase != rec.phase {
                     info!(volume = %rec.volume, from = %rec.phase, to = %phase, why, "reconciled with the agent");
                     rec.enter(phase);
@@ -265,7 +330,17 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 }
                 continue;
             }
-            if rec.abort_requested {
+            let group_failure = self
+                .group
+                .as_ref()
+                .filter(|_| rec.phase != Phase::Terminating)
+                .and_then(|g| {
+                    if rec.abort_requested {
+                        g.fail(&self.key, "abort requested");
+                    }
+                    g.failed()
+                });
+            if rec.abort_requested || group_failure.is_some() {
                 let r = self
                     .call(&mut v, || self.slave.abort(self.step(&rec)))
                     .await;
@@ -273,6 +348,9 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                     Ok(st) => {
                         rec.redirected = st.redirected;
                         rec.enter(Phase::Aborted);
+                        if let Some(f) = group_failure.filter(|_| !rec.abort_requested) {
+                            rec.error = Some(format!("rolled back with its group: {f}"));
+                        }
                         info!(volume = %rec.volume, "aborted; the workload is on the source");
                     }
                     Err(SlaveError::Fenced(m)) => return Err(MasterError::Deposed(m)),
@@ -284,17 +362,45 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 self.save(&mut rec).await?;
                 continue;
             }
-            if v.pushed_bandwidth != Some(rec.config.bandwidth) && rec.phase != Phase::Activating {
+            let bandwidth = match &self.pool {
+                Some(p) => p.share(&self.key, rec.config.bandwidth),
+                None => rec.config.bandwidth,
+            };
+            if v.pushed_bandwidth != Some(bandwidth) && rec.phase != Phase::Activating {
                 let req = SetBandwidthRequest {
                     fence: Some(self.fence(&rec)),
-                    bytes_per_sec: rec.config.bandwidth,
+                    bytes_per_sec: bandwidth,
                 };
                 if self
                     .call(&mut v, || self.slave.set_bandwidth(req.clone()))
                     .await
                     .is_ok()
                 {
-                    v.pushed_bandwidth = Some(rec.config.bandwidth);
+                    v.pushed_bandwidth = Some(bandwidth);
+                }
+            }
+            if let Some(g) = &self.group {
+                let due = match rec.phase {
+                    Phase::Quiescing => Some(Barrier::Quiesce),
+                    Phase::Redirecting => Some(Barrier::Synchronized),
+                    Phase::Resuming => Some(Barrier::Redirected),
+                    Phase::Terminating => Some(Barrier::Resumed),
+                    _ => None,
+                };
+                if let Some(b) = due
+                    && v.passed.is_none_or(|p| p < b)
+                {
+                    match g.arrive(&self.key, b, true, &self.stop).await {
+                        Some(Verdict::Go) => {
+                            v.passed = Some(b);
+                            if b == Barrier::Resumed {
+                                g.leave(&self.key);
+                            }
+                        }
+                        // Stopped, or the group failed: the loop's top
+                        // saves and returns, or rolls back.
+                        _ => continue,
+                    }
                 }
             }
             let phase = rec.phase;
@@ -336,6 +442,9 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
             };
             if let Event::Failed(msg) = &event {
                 warn!(volume = %rec.volume, %phase, error = %msg, "step failed; rolling back");
+                if let Some(g) = self.group.as_ref().filter(|_| phase != Phase::Terminating) {
+                    g.fail(&self.key, msg);
+                }
                 if let Err(e) = self
                     .call(&mut v, || self.slave.abort(self.step(&rec)))
                     .await
@@ -347,10 +456,13 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 self.save(&mut rec).await?;
                 continue;
             }
-            let t = match transition(phase, rec.progress, &event, &policy) {
+            let mut t = match transition(phase, rec.progress, &event, &policy) {
                 Ok(t) => t,
                 Err(e) => {
                     rec.error = Some(e.to_string());
+                    if let Some(g) = &self.group {
+                        g.fail(&self.key, &e.to_string());
+                    }
                     let _ = self
                         .call(&mut v, || self.slave.abort(self.step(&rec)))
                         .await;
@@ -359,6 +471,25 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                     continue;
                 }
             };
+            if phase == Phase::Quiescing
+                && let Some(g) = &self.group
+            {
+                let vote = t.next == Phase::Synchronizing;
+                match g
+                    .arrive(&self.key, Barrier::Quiesced, vote, &self.stop)
+                    .await
+                {
+                    Some(Verdict::Go) => v.passed = Some(Barrier::Quiesced),
+                    Some(Verdict::Retry) => {
+                        v.passed = None;
+                        if vote {
+                            t.next = Phase::Refreshing;
+                            t.why = "another member of the group cannot cut over yet".into();
+                        }
+                    }
+                    _ => continue,
+                }
+            }
             if phase == Phase::Quiescing && t.next == Phase::Refreshing {
                 self.call(&mut v, || self.slave.release(self.step(&rec)))
                     .await?;

@@ -3,15 +3,23 @@
 //! set) in a [`SessionStore`]: a state file locally, the VolumeMigration
 //! status in a cluster.
 
+pub mod admission;
+pub mod bandwidth;
 pub mod driver;
 pub mod error;
+pub mod group;
+pub mod group_run;
 pub mod grpc_slave;
 pub mod reconcile;
 pub mod record;
 pub mod store;
 
+pub use admission::{Slot, Slots};
+pub use bandwidth::{BandwidthPool, fair_shares};
 pub use driver::{Driver, DriverConfig, StopSignal, create_session, request_abort, set_bandwidth};
 pub use error::{MasterError, Result};
+pub use group::{Barrier, GroupCoord, Verdict};
+pub use group_run::{Member, create_group, run_group};
 pub use grpc_slave::{ClientTls, GrpcSlave};
 pub use record::{PhaseTime, SessionConfig, SessionRecord, Verify, now_ms};
 pub use store::{FileStore, SessionStore};

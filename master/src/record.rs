@@ -171,6 +171,12 @@ pub struct SessionRecord {
     pub resumes: u32,
     pub error: Option<String>,
     pub verified: Option<bool>,
+    /// The consistency group this session cuts over with, if any.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Waiting for a free session slot (the concurrency limit).
+    #[serde(default)]
+    pub queued: bool,
 }
 
 pub fn now_ms() -> u64 {
@@ -216,6 +222,8 @@ impl SessionRecord {
             resumes: 0,
             error: None,
             verified: None,
+            group: None,
+            queued: false,
         }
     }
 
@@ -268,7 +276,18 @@ impl SessionRecord {
             .as_ref()
             .map(|e| format!(": {e}"))
             .unwrap_or_default();
-        let _ = writeln!(o, "phase       {}{err}", r.phase);
+        let queued = if r.queued {
+            " (queued: waiting for a free session slot)"
+        } else {
+            ""
+        };
+        let _ = writeln!(o, "phase       {}{queued}{err}", r.phase);
+        if let Some(g) = &r.group {
+            let _ = writeln!(
+                o,
+                "group       {g} (cuts over together with its other volumes)"
+            );
+        }
         let _ = writeln!(
             o,
             "copied      {} ({pct:.0}% of {}), {} refresh passes, mirror {}",
