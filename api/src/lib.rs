@@ -1,6 +1,8 @@
 //! Types shared by the master (operator, `volmig migrate`) and the node
 //! agents (slaves): the phase machine and the agent gRPC API.
 
+#[cfg(feature = "crd")]
+pub mod crd;
 pub mod phase;
 pub mod slave;
 pub mod units;
