@@ -17,6 +17,7 @@ use crate::units::{parse_duration, parse_size};
 pub const GROUP: &str = "volmig.io";
 pub const VERSION: &str = "v1alpha1";
 pub const KIND: &str = "VolumeMigration";
+pub const API_VERSION: &str = "volmig.io/v1alpha1";
 /// `kubectl get volmig` (`vm` is KubeVirt's).
 pub const SHORT_NAMES: [&str; 2] = ["volmig", "vmig"];
 /// The CRD's object name.
@@ -281,6 +282,12 @@ pub struct VolumeMigrationStatus {
     /// An abort was requested (spec.abort, or the migration was deleted).
     #[serde(default)]
     pub abort_requested: bool,
+    /// The consistency group the session cuts over with, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Waiting for a free session slot.
+    #[serde(default)]
+    pub queued: bool,
     /// Copied share of the volumes, e.g. `42%`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,

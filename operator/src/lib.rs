@@ -3,4 +3,16 @@
 //! communication data set) in the resource's status and drives the phases
 //! through `volmig_master::Driver`.
 
+pub mod agents;
 pub mod crd_gen;
+pub mod drivers;
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod observe;
+pub mod reconcile;
+pub mod status_map;
+pub mod status_store;
+pub mod target;
+
+pub use error::{Error, Result};

@@ -1,0 +1,85 @@
+//! Turns session saves into Kubernetes Events (every phase change, every
+//! failure) and metrics.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use volmig_api::crd::{API_VERSION, KIND};
+use volmig_api::phase::Phase;
+
+use crate::metrics::Metrics;
+use crate::status_store::Saved;
+
+/// The Event a save deserves, if any: (type, reason, note).
+pub fn event_for(s: &Saved) -> Option<(EventType, String, String)> {
+    let r = &s.record;
+    let changed = s.before != Some(r.phase);
+    if !changed {
+        return None;
+    }
+    let from = s
+        .before
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "Pending".into());
+    Some(match r.phase {
+        Phase::Failed => (
+            EventType::Warning,
+            "MigrationFailed".into(),
+            format!(
+                "{from} -> Failed: {}; the workload runs on a complete device",
+                r.error.as_deref().unwrap_or("unknown error")
+            ),
+        ),
+        Phase::Completed => (
+            EventType::Normal,
+            "Completed".into(),
+            format!(
+                "the workload runs on the target{}",
+                r.cutover_stall_ms
+                    .map(|s| format!("; cutover stall {s:.3} ms"))
+                    .unwrap_or_default()
+            ),
+        ),
+        p => (
+            EventType::Normal,
+            p.to_string(),
+            format!("{from} -> {p} (volume {}, session {})", r.volume, r.session),
+        ),
+    })
+}
+
+/// Consumes saves until the channel closes.
+pub async fn run(
+    mut rx: mpsc::UnboundedReceiver<Saved>,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(s) = rx.recv().await {
+        metrics.observe(&s);
+        let Some((type_, reason, note)) = event_for(&s) else {
+            continue;
+        };
+        info!(migration = %format!("{}/{}", s.namespace, s.name), session = %s.record.session,
+              volume = %s.record.volume, phase = %s.record.phase, "{note}");
+        let reference = ObjectReference {
+            api_version: Some(API_VERSION.into()),
+            kind: Some(KIND.into()),
+            name: Some(s.name.clone()),
+            namespace: Some(s.namespace.clone()),
+            ..ObjectReference::default()
+        };
+        let ev = Event {
+            type_,
+            reason,
+            note: Some(note),
+            action: "Migrate".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            warn!(error = %e, "publishing an event failed");
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! The VolumeMigration reconciler. One pass looks at a migration and does
+//! the next thing it needs:
+//!
+//! - deletion: request an abort, wait for the rollback, remove the holder
+//!   pod, then let the finalizer go;
+//! - an invalid spec: phase Failed with the reason, nothing created;
+//! - no session yet: take a slot (`--max-concurrent`), resolve the source,
+//!   node, agent and target (see [`resolve`]), create the session record in
+//!   the status (phase Activating) and start its driver;
+//! - a running session: keep a driver on it (after a restart or a new
+//!   leader, under a newer epoch), pass `spec.abort` on;
+//! - an ended session: after Completed, make the rebinding durable (see
+//!   [`rebind`]); after Aborted/Failed, remove the holder pod.
+
+pub mod rebind;
+pub mod resolve;
+pub mod status;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::DeleteParams;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use volmig_api::crd::{MigrationPhase, VolumeMigration, VolumeStatus, check_spec};
+use volmig_master::{Driver, DriverConfig, MasterError, SessionConfig, StopSignal};
+
+use crate::agents::Connector;
+use crate::drivers::Drivers;
+use crate::error::{Error, Result};
+use crate::status_map::verify_from;
+use crate::status_store::{CrStatusStore, Saved};
+use resolve::{Plan, Resolved};
+
+pub const FINALIZER: &str = "volmig.io/cleanup";
+
+/// What `volmig-operator run` was told.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The operator's (and the agents') namespace.
+    pub namespace: String,
+    /// Label selector of the agent DaemonSet's pods.
+    pub agent_selector: String,
+    pub agent_port: u16,
+    /// Image of the holder pods (does nothing; `pause`).
+    pub holder_image: String,
+    /// Sessions driven at once; others wait in Pending.
+    pub max_concurrent: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: "volmig-system".into(),
+            agent_selector: "app.kubernetes.io/component=node-agent".into(),
+            agent_port: 7443,
+            holder_image: "registry.k8s.io/pause:3.10".into(),
+            max_concurrent: 4,
+        }
+    }
+}
+
+pub struct Context<C: Connector> {
+    pub client: Client,
+    pub settings: Settings,
+    pub connector: C,
+    pub drivers: Drivers,
+    /// This leader's fencing epoch (from the Lease's transitions).
+    pub epoch: AtomicU64,
+    /// Every save of a session record, for Events and metrics.
+    pub saved: mpsc::UnboundedSender<Saved>,
+    pub recorder: Recorder,
+}
+
+impl<C: Connector> Context<C> {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        connector: C,
+        epoch: u64,
+        saved: mpsc::UnboundedSender<Saved>,
+        recorder: Recorder,
+    ) -> Self {
+        Self {
+            client,
+            settings,
+            connector,
+            drivers: Drivers::default(),
+            epoch: AtomicU64::new(epoch),
+            saved,
+            recorder,
+        }
+    }
+
+    /// A new driver's epoch: newer than this leader's and than any epoch
+    /// the session recorded, so the driver it replaces is fenced off.
+    pub fn epoch_for(&self, vm: &VolumeMigration) -> u64 {
+        let recorded = vm
+            .status
+            .as_ref()
+            .map(|s| s.epoch.max(0) as u64)
+            .unwrap_or(0);
+        self.epoch.load(Ordering::SeqCst).max(recorded + 1)
+    }
+
+    async fn event(&self, vm: &VolumeMigration, type_: EventType, reason: &str, note: String) {
+        let ev = KubeEvent {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &vm.object_ref(&())).await {
+            warn!(error = %e, "publishing an event failed");
+        }
+    }
+}
+
+fn key(vm: &VolumeMigration) -> String {
+    format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any())
+}
+
+fn requeue(secs: u64) -> Action {
+    Action::requeue(Duration::from_secs(secs))
+}
+
+/// The controller's reconcile function.
+pub async fn reconcile<C: Connector>(
+    vm: Arc<VolumeMigration>,
+    ctx: Arc<Context<C>>,
+) -> Result<Action> {
+    let ns = vm
+        .namespace()
+        .ok_or_else(|| Error::Unnamed(vm.name_any()))?;
+    let api: Api<VolumeMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, vm, |ev| async {
+        match ev {
+            Finalizer::Apply(vm) => apply(&vm, &ctx).await,
+            Finalizer::Cleanup(vm) => cleanup(&vm, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+/// Retries failed reconciles; waiting for a rollback is the common one.
+pub fn error_policy<C: Connector>(
+    vm: Arc<VolumeMigration>,
+    err: &Error,
+    _ctx: Arc<Context<C>>,
+) -> Action {
+    match err {
+        Error::WaitingForRollback(_) => requeue(2),
+        e => {
+            warn!(migration = %key(&vm), error = %e, "reconcile failed; retrying");
+            requeue(10)
+        }
+    }
+}
+
+async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<Action> {
+    let ns = vm.namespace().unwrap_or_default();
+    let api: Api<VolumeMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    let st = vm.status.clone().unwrap_or_default();
+
+    if st.phase.is_terminal() {
+        return finish(vm, ctx).await;
+    }
+    if st.session_id.is_some() {
+        keep_driving(vm, ctx).await?;
+        return Ok(requeue(30));
+    }
+
+    // No session yet.
+    let parsed = match check_spec(&vm.spec) {
+        Ok(p) => p,
+        Err(msgs) => {
+            let msg = format!("invalid spec: {}", msgs.join("; "));
+            if status::failed_before_start(&api, vm, "InvalidSpec", &msg).await? {
+                ctx.event(vm, EventType::Warning, "InvalidSpec", msg).await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    if vm.spec.abort {
+        let g = vm.metadata.generation;
+        status::update_status(&api, vm, |s| {
+            s.phase = MigrationPhase::Aborted;
+            status::apply_conditions(
+                s,
+                g,
+                &[
+                    (
+                        "Ready",
+                        false,
+                        "Aborted",
+                        "aborted before a session started",
+                    ),
+                    (
+                        "Progressing",
+                        false,
+                        "Aborted",
+                        "aborted before a session started",
+                    ),
+                ],
+            );
+        })
+        .await?;
+        return Ok(Action::await_change());
+    }
+    if vm.spec.volumes.len() > 1 {
+        // TODO(issue 5): drive consistency groups once master's group driver lands.
+        let msg = format!(
+            "{} volumes in one migration (a consistency group) are not supported yet; create one VolumeMigration per volume",
+            vm.spec.volumes.len()
+        );
+        if status::failed_before_start(&api, vm, "GroupNotSupported", &msg).await? {
+            ctx.event(vm, EventType::Warning, "GroupNotSupported", msg)
+                .await;
+        }
+        return Ok(Action::await_change());
+    }
+    let active = ctx.drivers.active();
+    if active >= ctx.settings.max_concurrent {
+        let msg = format!(
+            "{active} migrations are running (at most {} at once); this one starts when one ends",
+            ctx.settings.max_concurrent
+        );
+        status::pending(&api, vm, "WaitingForSlot", &msg).await?;
+        return Ok(requeue(15));
+    }
+
+    let r = match resolve::resolve(ctx, vm).await? {
+        Plan::Ready(r) => r,
+        Plan::Wait(reason, msg) => {
+            if status::pending(&api, vm, reason, &msg).await? {
+                ctx.event(vm, EventType::Normal, reason, msg).await;
+            }
+            return Ok(requeue(10));
+        }
+        Plan::Fail(reason, msg) => {
+            if status::failed_before_start(&api, vm, reason, &msg).await? {
+                ctx.event(vm, EventType::Warning, reason, msg).await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+
+    // Record where the volume is, then create the session (Activating).
+    status::update_status(&api, vm, |s| {
+        s.volumes = vec![VolumeStatus {
+            source: r.source_claim.clone(),
+            target: r.target_claim.clone(),
+            volume: r.volume.clone(),
+            target_volume: Some(r.target_volume.clone()),
+            node: Some(r.node.clone()),
+            agent: Some(r.agent.clone()),
+            holder_pod: Some(r.holder_pod.clone()),
+            ..VolumeStatus::default()
+        }];
+    })
+    .await?;
+    let config = SessionConfig {
+        mode: parsed.mode,
+        sync_goal_ms: parsed.sync_goal_ms,
+        bandwidth: parsed.bandwidth,
+        verify: verify_from(parsed.verify),
+        ..SessionConfig::default()
+    };
+    let store =
+        CrStatusStore::new(api.clone(), &ns, &vm.name_any()).with_observer(ctx.saved.clone());
+    let epoch = ctx.epoch_for(vm);
+    let rec = volmig_master::create_session(
+        &store,
+        &r.volume,
+        std::path::Path::new(&r.target_path),
+        config,
+        epoch,
+    )
+    .await?;
+    info!(migration = %key(vm), session = %rec.session, volume = %r.volume, node = %r.node, epoch, "session created");
+    ctx.event(
+        vm,
+        EventType::Normal,
+        "Started",
+        format!(
+            "migrating {} (volume {}) on node {} to claim {}",
+            r.source_claim, r.volume, r.node, r.target_claim
+        ),
+    )
+    .await;
+    start_driver(vm, ctx, &r, epoch)?;
+    Ok(requeue(30))
+}
+
+fn start_driver<C: Connector>(
+    vm: &VolumeMigration,
+    ctx: &Context<C>,
+    r: &Resolved,
+    epoch: u64,
+) -> Result<()> {
+    let ns = vm.namespace().unwrap_or_default();
+    let name = vm.name_any();
+    let api: Api<VolumeMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    let store = CrStatusStore::new(api, &ns, &name).with_observer(ctx.saved.clone());
+    let slave = ctx.connector.slave(&r.agent)?;
+    let stop = Arc::new(StopSignal::default());
+    let driver = Driver::new(
+        slave,
+        store,
+        &r.volume,
+        DriverConfig {
+            epoch,
+            ..DriverConfig::default()
+        },
+        stop.clone(),
+    );
+    let k = key(vm);
+    let volume = r.volume.clone();
+    let task_key = k.clone();
+    let started = ctx.drivers.start(&k, &r.agent, stop, async move {
+        let k = task_key;
+        match driver.run().await {
+            Ok(rec) => info!(migration = %k, volume, phase = %rec.phase, "driver ended"),
+            Err(MasterError::Deposed(m)) => info!(migration = %k, volume, why = m, "driver deposed by a newer epoch"),
+            Err(e) => warn!(migration = %k, volume, error = %e, "driver stopped on an error; the next reconcile restarts it"),
+        }
+    });
+    if started {
+        info!(migration = %key(vm), epoch, agent = %r.agent, "driver started");
+    }
+    Ok(())
+}
+
+/// A session exists and is not over: make sure a driver runs it.
+async fn keep_driving<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<()> {
+    let k = key(vm);
+    let st = vm.status.clone().unwrap_or_default();
+    let Some(v) = st.volumes.first() else {
+        return Ok(());
+    };
+    let node = v.node.clone().unwrap_or_default();
+    // The agent may have moved (a restarted agent pod gets a new IP).
+    let agent_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let agent = crate::agents::agent_on_node(
+        &agent_pods,
+        &ctx.settings.agent_selector,
+        &node,
+        ctx.settings.agent_port,
+    )
+    .await?;
+    let Some(agent) = agent else {
+        warn!(migration = %k, node, "no ready agent on the node; the driver retries until one is back");
+        return Ok(());
+    };
+    match ctx.drivers.endpoint(&k) {
+        Some(e) if e == agent => return Ok(()),
+        Some(_) => {
+            info!(migration = %k, %agent, "the agent moved; restarting the driver");
+            ctx.drivers.stop(&k);
+            return Ok(()); // started again by the next reconcile
+        }
+        None => {}
+    }
+    let r = Resolved {
+        source_claim: v.source.clone(),
+        volume: v.volume.clone(),
+        node,
+        agent,
+        target_claim: v.target.clone(),
+        target_volume: v.target_volume.clone().unwrap_or_default(),
+        holder_pod: v.holder_pod.clone().unwrap_or_default(),
+        target_path: v.target_path.clone().unwrap_or_default(),
+    };
+    start_driver(vm, ctx, &r, ctx.epoch_for(vm))
+}
+
+/// The session ended: make the outcome durable, release what is not needed.
+async fn finish<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<Action> {
+    let st = vm.status.clone().unwrap_or_default();
+    let ns = vm.namespace().unwrap_or_default();
+    if st.phase == MigrationPhase::Completed {
+        if rebind::rebind(ctx, vm).await? {
+            ctx.event(
+                vm,
+                EventType::Normal,
+                "Rebound",
+                "the source volume is now backed by the target; the target claim and its holder pod stay (see docs/ARCHITECTURE.md, Operator)".into(),
+            )
+            .await;
+        }
+    } else if let Some(h) = st.volumes.first().and_then(|v| v.holder_pod.clone()) {
+        // Aborted or failed: the agent detached the target.
+        delete_holder(ctx, &ns, &h).await?;
+    }
+    Ok(Action::await_change())
+}
+
+async fn delete_holder<C: Connector>(ctx: &Context<C>, ns: &str, name: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    match pods.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(ae)) if ae.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The migration is being deleted.
+async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<Action> {
+    let ns = vm.namespace().unwrap_or_default();
+    let st = vm.status.clone().unwrap_or_default();
+    let k = key(vm);
+    if st.session_id.is_some() && !st.phase.is_terminal() {
+        // The store reads the deletion as an abort request; make sure a
+        // driver is there to carry it out, and that the request is recorded.
+        if !st.abort_requested {
+            let api: Api<VolumeMigration> = Api::namespaced(ctx.client.clone(), &ns);
+            let store = CrStatusStore::new(api, &ns, &vm.name_any());
+            if let Some(v) = st.volumes.first() {
+                match volmig_master::request_abort(&store, &v.volume).await {
+                    Ok(_) | Err(MasterError::Invalid(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            ctx.event(
+                vm,
+                EventType::Normal,
+                "Aborting",
+                "deleted while migrating: rolling back".into(),
+            )
+            .await;
+        }
+        keep_driving(vm, ctx).await?;
+        return Err(Error::WaitingForRollback(k));
+    }
+    if st.phase != MigrationPhase::Completed
+        && let Some(h) = st.volumes.first().and_then(|v| v.holder_pod.clone())
+    {
+        delete_holder(ctx, &ns, &h).await?;
+    }
+    ctx.drivers.stop(&k);
+    info!(migration = %k, phase = %st.phase, "finalized");
+    Ok(Action::await_change())
+}

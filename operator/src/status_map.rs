@@ -1,0 +1,525 @@
+//! The session record (`volmig_master::SessionRecord`) as the
+//! VolumeMigration status and back: pure functions. Session-wide fields
+//! (session id, epoch, phase, timeline, stall, error, settings) live at the
+//! top of the status; a volume's fields (paths, sizes, counters, progress
+//! flags) in its `status.volumes[i]`, found by the volume's name on the agent
+//! (the source PV's name), which is the record's key.
+//!
+//! Lossless for what the driver needs, with two roundings people never
+//! notice: rates are whole bytes per second, the stall whole microseconds.
+
+use std::path::PathBuf;
+
+use k8s_openapi::jiff::Timestamp;
+use volmig_api::crd::{
+    Condition, MigrationPhase, PhaseTimeStatus, SessionConfigStatus, VerifySpec,
+    VolumeMigrationStatus, VolumeStatus,
+};
+use volmig_api::phase::{Phase, Progress};
+use volmig_master::{PhaseTime, SessionConfig, SessionRecord, Verify};
+
+/// Why a status cannot be read as a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("status of the session is unreadable: {0}")]
+pub struct MapError(pub String);
+
+fn i(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn u(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 with milliseconds.
+pub fn format_ms(ms: u64) -> String {
+    match Timestamp::from_millisecond(i(ms)) {
+        Ok(t) => t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        Err(_) => "1970-01-01T00:00:00.000Z".into(),
+    }
+}
+
+pub fn parse_ms(s: &str) -> Result<u64, MapError> {
+    let t: Timestamp = s
+        .parse()
+        .map_err(|e| MapError(format!("time {s:?}: {e}")))?;
+    Ok(u(t.as_millisecond()))
+}
+
+/// `12.345ms`: the stall in whole microseconds.
+pub fn format_stall(ms: f64) -> String {
+    let us = (ms * 1e3).round().max(0.0) as u64;
+    format!("{}.{:03}ms", us / 1000, us % 1000)
+}
+
+pub fn parse_stall(s: &str) -> Result<f64, MapError> {
+    let bad = || MapError(format!("stall {s:?} is not <ms>.<µs>ms"));
+    let (whole, frac) = s
+        .strip_suffix("ms")
+        .and_then(|n| n.split_once('.'))
+        .ok_or_else(bad)?;
+    let whole: u64 = whole.parse().map_err(|_| bad())?;
+    if frac.len() != 3 {
+        return Err(bad());
+    }
+    let frac: u64 = frac.parse().map_err(|_| bad())?;
+    Ok((whole * 1000 + frac) as f64 / 1e3)
+}
+
+fn verify_to(v: Verify) -> VerifySpec {
+    match v {
+        Verify::None => VerifySpec::None,
+        Verify::Sample => VerifySpec::Sample,
+        Verify::Full => VerifySpec::Full,
+    }
+}
+
+pub fn verify_from(v: VerifySpec) -> Verify {
+    match v {
+        VerifySpec::None => Verify::None,
+        VerifySpec::Sample => Verify::Sample,
+        VerifySpec::Full => Verify::Full,
+    }
+}
+
+fn config_to(c: &SessionConfig) -> SessionConfigStatus {
+    SessionConfigStatus {
+        copy_mode: c.mode.into(),
+        sync_goal_ms: i(c.sync_goal_ms),
+        bandwidth: i(c.bandwidth),
+        grain: i(c.grain),
+        chunk_size: i(c.chunk_size),
+        in_flight: i(c.in_flight as u64),
+        sparse: c.sparse,
+        verify: verify_to(c.verify),
+        failback_window_ms: i(c.failback_window_ms),
+        max_passes: c.max_passes as i64,
+    }
+}
+
+fn config_from(c: &SessionConfigStatus) -> SessionConfig {
+    SessionConfig {
+        mode: c.copy_mode.into(),
+        sync_goal_ms: u(c.sync_goal_ms),
+        bandwidth: u(c.bandwidth),
+        grain: u(c.grain),
+        chunk_size: u(c.chunk_size),
+        in_flight: u(c.in_flight) as usize,
+        sparse: c.sparse,
+        verify: verify_from(c.verify),
+        failback_window_ms: u(c.failback_window_ms),
+        max_passes: u32::try_from(c.max_passes).unwrap_or(u32::MAX),
+    }
+}
+
+/// Whether the status holds a session record for `key`.
+pub fn has_record(status: &VolumeMigrationStatus, key: &str) -> bool {
+    status.session_id.is_some() && status.volumes.iter().any(|v| v.volume == key)
+}
+
+/// Writes `rec` into `status` (its volume's entry is created if missing).
+/// Leaves what the record does not own (conditions, claim names, node,
+/// holder pod) alone. The status revision is the store's business.
+pub fn write_record(status: &mut VolumeMigrationStatus, rec: &SessionRecord) {
+    status.phase = rec.phase.into();
+    status.epoch = i(rec.epoch);
+    status.session_id = Some(rec.session.clone());
+    status.abort_requested = rec.abort_requested;
+    status.group = rec.group.clone();
+    status.queued = rec.queued;
+    status.cutover_stall = rec.cutover_stall_ms.map(format_stall);
+    status.error = rec.error.clone();
+    status.config = Some(config_to(&rec.config));
+    status.phase_times = rec
+        .phase_times
+        .iter()
+        .map(|p| PhaseTimeStatus {
+            phase: p.phase.into(),
+            start: format_ms(p.start_ms),
+            end: p.end_ms.map(format_ms),
+        })
+        .collect();
+    let idx = match status.volumes.iter().position(|v| v.volume == rec.volume) {
+        Some(i) => i,
+        None => {
+            status.volumes.push(VolumeStatus {
+                volume: rec.volume.clone(),
+                ..VolumeStatus::default()
+            });
+            status.volumes.len() - 1
+        }
+    };
+    let v = &mut status.volumes[idx];
+    let path = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.display().to_string());
+    v.agent = (!rec.agent.is_empty()).then(|| rec.agent.clone());
+    v.source_path = path(&rec.source);
+    v.target_path = path(&rec.target);
+    v.bytes_total = i(rec.size);
+    v.bytes_copied = i(rec.bytes_copied);
+    v.dirty_bytes = i(rec.dirty_bytes);
+    v.passes = rec.progress.passes as i64;
+    v.stalled_passes = rec.progress.stalled_passes as i64;
+    v.last_dirty = rec.progress.last_dirty.map(i);
+    v.mirror = rec.progress.mirror;
+    v.converged = rec.progress.converged;
+    v.redirected = rec.redirected;
+    v.write_rate = rec.write_rate.round() as i64;
+    v.copy_rate = rec.copy_rate.round() as i64;
+    v.resumes = rec.resumes as i64;
+    v.verified = rec.verified;
+    status.progress = Some(progress_text(status));
+}
+
+/// `42%` of all volumes' bytes.
+pub fn progress_text(status: &VolumeMigrationStatus) -> String {
+    let total: i64 = status.volumes.iter().map(|v| v.bytes_total).sum();
+    let copied: i64 = status
+        .volumes
+        .iter()
+        .map(|v| v.bytes_copied.min(v.bytes_total))
+        .sum();
+    if status.phase == MigrationPhase::Completed {
+        return "100%".into();
+    }
+    if total <= 0 {
+        return "0%".into();
+    }
+    format!("{}%", (copied as i128 * 100 / total as i128).min(100))
+}
+
+/// The record of `key` in `status`, if the status holds one. `revision`
+/// is the store's (generation + status revision).
+pub fn read_record(
+    status: &VolumeMigrationStatus,
+    key: &str,
+    revision: u64,
+) -> Result<Option<SessionRecord>, MapError> {
+    let Some(session) = status.session_id.clone() else {
+        return Ok(None);
+    };
+    let Some(v) = status.volumes.iter().find(|v| v.volume == key) else {
+        return Ok(None);
+    };
+    let phase = status.phase.session_phase().ok_or_else(|| {
+        MapError(format!(
+            "session {session} exists but the phase is {}",
+            status.phase
+        ))
+    })?;
+    let config = status
+        .config
+        .as_ref()
+        .map(config_from)
+        .ok_or_else(|| MapError(format!("session {session} has no settings")))?;
+    let phase_times = status
+        .phase_times
+        .iter()
+        .map(|p| {
+            Ok(PhaseTime {
+                phase: p
+                    .phase
+                    .session_phase()
+                    .ok_or_else(|| MapError("Pending in the phase timeline".into()))?,
+                start_ms: parse_ms(&p.start)?,
+                end_ms: p.end.as_deref().map(parse_ms).transpose()?,
+            })
+        })
+        .collect::<Result<Vec<_>, MapError>>()?;
+    let path = |p: &Option<String>| p.as_deref().map(PathBuf::from).unwrap_or_default();
+    Ok(Some(SessionRecord {
+        revision,
+        epoch: u(status.epoch),
+        session,
+        volume: key.to_string(),
+        agent: v.agent.clone().unwrap_or_default(),
+        source: path(&v.source_path),
+        target: path(&v.target_path),
+        size: u(v.bytes_total),
+        config,
+        phase,
+        progress: Progress {
+            passes: u32::try_from(v.passes).unwrap_or(0),
+            stalled_passes: u32::try_from(v.stalled_passes).unwrap_or(0),
+            last_dirty: v.last_dirty.map(u),
+            mirror: v.mirror,
+            converged: v.converged,
+        },
+        redirected: v.redirected,
+        abort_requested: status.abort_requested,
+        bytes_copied: u(v.bytes_copied),
+        copy_rate: v.copy_rate as f64,
+        dirty_bytes: u(v.dirty_bytes),
+        write_rate: v.write_rate as f64,
+        phase_times,
+        cutover_stall_ms: status
+            .cutover_stall
+            .as_deref()
+            .map(parse_stall)
+            .transpose()?,
+        resumes: u32::try_from(v.resumes).unwrap_or(0),
+        error: status.error.clone(),
+        verified: v.verified,
+        group: status.group.clone(),
+        queued: status.queued,
+    }))
+}
+
+/// Sets a condition, keeping its transition time when its status stays.
+pub fn set_condition(
+    conds: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now_ms: u64,
+) {
+    let st = if status { "True" } else { "False" };
+    let fresh = Condition {
+        type_: type_.to_string(),
+        status: st.to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
+        last_transition_time: format_ms(now_ms),
+        observed_generation: generation,
+    };
+    match conds.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            let time = if c.status == st {
+                c.last_transition_time.clone()
+            } else {
+                fresh.last_transition_time.clone()
+            };
+            *c = Condition {
+                last_transition_time: time,
+                ..fresh
+            };
+        }
+        None => conds.push(fresh),
+    }
+}
+
+/// The Ready/Progressing/Degraded conditions a session's phase implies.
+pub fn session_conditions(
+    status: &mut VolumeMigrationStatus,
+    generation: Option<i64>,
+    now_ms: u64,
+) {
+    let phase = status.phase;
+    let progress = status.progress.clone().unwrap_or_default();
+    let error = status.error.clone().unwrap_or_default();
+    let (ready, progressing, degraded) = match phase {
+        MigrationPhase::Completed => (
+            (
+                true,
+                "Completed",
+                format!(
+                    "the workload runs on the target{}",
+                    status
+                        .cutover_stall
+                        .as_ref()
+                        .map(|s| format!(" (cutover stall {s})"))
+                        .unwrap_or_default()
+                ),
+            ),
+            (false, "Completed", "the migration completed".to_string()),
+            (false, "Completed", String::new()),
+        ),
+        MigrationPhase::Aborted => (
+            (
+                false,
+                "Aborted",
+                "rolled back: the workload runs on the source".to_string(),
+            ),
+            (false, "Aborted", "the migration was aborted".to_string()),
+            (false, "Aborted", String::new()),
+        ),
+        MigrationPhase::Failed => (
+            (false, "Failed", format!("the migration failed: {error}")),
+            (false, "Failed", "the migration stopped".to_string()),
+            (
+                true,
+                "SessionFailed",
+                format!(
+                    "{error}; the workload runs on a complete device (the source unless it was already redirected)"
+                ),
+            ),
+        ),
+        MigrationPhase::Pending => return,
+        p => (
+            (false, "InProgress", format!("{p}: {progress} copied")),
+            (true, &*p.to_string(), format!("{p}: {progress} copied")),
+            (false, "Healthy", String::new()),
+        ),
+    };
+    let c = &mut status.conditions;
+    set_condition(c, "Ready", ready.0, ready.1, &ready.2, generation, now_ms);
+    set_condition(
+        c,
+        "Progressing",
+        progressing.0,
+        progressing.1,
+        &progressing.2,
+        generation,
+        now_ms,
+    );
+    set_condition(
+        c,
+        "Degraded",
+        degraded.0,
+        degraded.1,
+        &degraded.2,
+        generation,
+        now_ms,
+    );
+}
+
+/// Phase of the record as the status shows it.
+pub fn phase_of(status: &VolumeMigrationStatus) -> Option<Phase> {
+    status.phase.session_phase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use volmig_api::phase::CopyMode;
+
+    fn phase() -> impl Strategy<Value = Phase> {
+        proptest::sample::select(Phase::ALL.to_vec())
+    }
+
+    prop_compose! {
+        fn record()(
+            epoch in 0u64..1 << 40,
+            phase in phase(),
+            size in 0u64..1 << 50,
+            copied in 0u64..1 << 50,
+            dirty in 0u64..1 << 40,
+            passes in 0u32..1000,
+            stalled in 0u32..10,
+            last_dirty in proptest::option::of(0u64..1 << 40),
+            flags in proptest::array::uniform5(any::<bool>()),
+            rates in (0u64..1 << 40, 0u64..1 << 40),
+            times in proptest::collection::vec((0u64..1 << 42, proptest::option::of(0u64..100_000), phase()), 0..9),
+            stall_us in proptest::option::of(0u64..10_000_000),
+            resumes in 0u32..100,
+            error in proptest::option::of("[a-z :]{0,20}"),
+            verified in proptest::option::of(any::<bool>()),
+            mode in proptest::sample::select(vec![CopyMode::Background, CopyMode::Mirror, CopyMode::Auto]),
+            bw in 0u64..1 << 40,
+            verify in proptest::sample::select(vec![Verify::None, Verify::Sample, Verify::Full]),
+        ) -> SessionRecord {
+            SessionRecord {
+                revision: 7,
+                epoch,
+                session: format!("pv-1-{epoch}"),
+                volume: "pv-1".into(),
+                agent: if flags[0] { "https://10.0.0.7:7443".into() } else { String::new() },
+                source: PathBuf::from("/dev/source"),
+                target: if flags[1] { PathBuf::from("/var/lib/kubelet/pods/u/volumeDevices/kubernetes.io~csi/pv-2") } else { PathBuf::new() },
+                size,
+                config: SessionConfig { mode, bandwidth: bw, verify, sync_goal_ms: 1 + bw % 5000, ..SessionConfig::default() },
+                phase,
+                progress: Progress { passes, stalled_passes: stalled, last_dirty, mirror: flags[2], converged: flags[3] },
+                redirected: flags[4],
+                abort_requested: flags[0] && flags[4],
+                bytes_copied: copied,
+                copy_rate: rates.0 as f64,
+                dirty_bytes: dirty,
+                write_rate: rates.1 as f64,
+                phase_times: times.into_iter().map(|(s, d, p)| PhaseTime { phase: p, start_ms: s, end_ms: d.map(|d| s + d) }).collect(),
+                cutover_stall_ms: stall_us.map(|us| us as f64 / 1e3),
+                resumes,
+                error,
+                verified,
+                group: flags[3].then(|| "db/pg".to_string()),
+                queued: flags[2] && !flags[1],
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn record_status_record_roundtrip(rec in record()) {
+            let mut status = VolumeMigrationStatus {
+                volumes: vec![VolumeStatus { source: "data".into(), target: "data-volmig".into(), volume: "other".into(), ..VolumeStatus::default() }],
+                ..VolumeMigrationStatus::default()
+            };
+            write_record(&mut status, &rec);
+            // through JSON, as the API server stores it
+            let json = serde_json::to_string(&status).unwrap();
+            let status: VolumeMigrationStatus = serde_json::from_str(&json).unwrap();
+            let back = read_record(&status, "pv-1", rec.revision).unwrap().unwrap();
+            prop_assert_eq!(&back, &rec);
+            // the other volume's entry is untouched, and has no record of its own
+            prop_assert_eq!(status.volumes.len(), 2);
+            prop_assert_eq!(&status.volumes[0].source, "data");
+            prop_assert!(read_record(&status, "nope", 0).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn stall_and_time_formats() {
+        assert_eq!(format_stall(12.3456), "12.346ms");
+        assert_eq!(parse_stall("12.346ms").unwrap(), 12.346);
+        assert!(parse_stall("12ms").is_err() && parse_stall("1.5ms").is_err());
+        assert_eq!(format_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(
+            parse_ms("2023-11-14T22:13:20.123Z").unwrap(),
+            1_700_000_000_123
+        );
+    }
+
+    #[test]
+    fn no_record_without_a_session() {
+        let status = VolumeMigrationStatus {
+            volumes: vec![VolumeStatus {
+                volume: "pv-1".into(),
+                ..VolumeStatus::default()
+            }],
+            ..VolumeMigrationStatus::default()
+        };
+        assert!(read_record(&status, "pv-1", 0).unwrap().is_none());
+        let bad = VolumeMigrationStatus {
+            session_id: Some("s".into()),
+            ..status
+        };
+        assert!(
+            read_record(&bad, "pv-1", 0).is_err(),
+            "a session in phase Pending is corrupt"
+        );
+    }
+
+    #[test]
+    fn conditions_follow_the_phase_and_keep_transition_times() {
+        let mut s = VolumeMigrationStatus {
+            phase: MigrationPhase::Copying,
+            progress: Some("10%".into()),
+            ..Default::default()
+        };
+        session_conditions(&mut s, Some(1), 1000);
+        let get = |s: &VolumeMigrationStatus, t: &str| {
+            s.conditions.iter().find(|c| c.type_ == t).cloned().unwrap()
+        };
+        assert_eq!(get(&s, "Progressing").status, "True");
+        assert_eq!(get(&s, "Progressing").reason, "Copying");
+        s.phase = MigrationPhase::Refreshing;
+        session_conditions(&mut s, Some(1), 2000);
+        assert_eq!(
+            get(&s, "Progressing").last_transition_time,
+            format_ms(1000),
+            "still progressing"
+        );
+        s.phase = MigrationPhase::Failed;
+        s.error = Some("Copying: failed: I/O error".into());
+        session_conditions(&mut s, Some(1), 3000);
+        let d = get(&s, "Degraded");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "SessionFailed")
+        );
+        assert!(d.message.contains("I/O error"));
+        assert_eq!(get(&s, "Progressing").last_transition_time, format_ms(3000));
+    }
+}
