@@ -404,6 +404,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 }
             }
             let phase = rec.phase;
+            crate::fault::point(&format!("master:enter:{phase}"));
             let outcome = match self.perform(&mut rec, &mut v, &policy).await {
                 Ok(o) => o,
                 Err(SlaveError::Fenced(m)) => return Err(MasterError::Deposed(m)),
@@ -426,7 +427,10 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 Err(e) => Outcome::Event(Event::Failed(format!("{phase}: {e}"))),
             };
             let event = match outcome {
-                Outcome::Event(e) => e,
+                Outcome::Event(e) => {
+                    crate::fault::point(&format!("master:done:{phase}"));
+                    e
+                }
                 Outcome::Again => {
                     if v.last_save
                         .is_none_or(|t| t.elapsed() > Duration::from_secs(1))

@@ -77,8 +77,15 @@ where
             let r = driver.run().await;
             // A driver that errs out (deposed, store failure) must not
             // leave the others waiting at a barrier forever.
-            if let Err(e) = &r {
-                coord.fail(&m.volume, &e.to_string());
+            match &r {
+                Err(e) => coord.fail(&m.volume, &e.to_string()),
+                Ok(rec)
+                    if rec.phase.is_terminal()
+                        && rec.phase != volmig_api::phase::Phase::Completed =>
+                {
+                    coord.fail(&m.volume, &format!("ended {}", rec.phase));
+                }
+                Ok(_) => {}
             }
             r
         }

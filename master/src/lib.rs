@@ -7,6 +7,7 @@ pub mod admission;
 pub mod bandwidth;
 pub mod driver;
 pub mod error;
+pub mod fault;
 pub mod group;
 pub mod group_run;
 pub mod grpc_slave;

@@ -171,7 +171,9 @@ impl Slave for Agent {
 
     async fn quiesce(&self, r: QuiesceRequest) -> SlaveResult<QuiesceResult> {
         let (s, _g) = self.session_for(&r.fence, true)?;
-        Ok(s.quiesce(Duration::from_millis(r.budget_ms)).await?)
+        let q = s.quiesce(Duration::from_millis(r.budget_ms)).await?;
+        volmig_master::fault::point("agent:done:quiesce");
+        Ok(q)
     }
 
     async fn release(&self, r: Step) -> SlaveResult<SessionState> {
@@ -183,12 +185,17 @@ impl Slave for Agent {
     async fn synchronize(&self, r: Step) -> SlaveResult<SessionState> {
         let (s, _g) = self.session_for(&r.fence, true)?;
         s.synchronize().await?;
+        volmig_master::fault::point("agent:done:synchronize");
         Ok(s.state().await)
     }
 
     async fn redirect(&self, r: RedirectRequest) -> SlaveResult<SessionState> {
         let (s, _g) = self.session_for(&r.fence, true)?;
         s.redirect(r.to_source).await?;
+        if let Some(d) = volmig_master::fault::delay("agent:done:redirect") {
+            tokio::time::sleep(d).await;
+        }
+        volmig_master::fault::point("agent:done:redirect");
         Ok(s.state().await)
     }
 
