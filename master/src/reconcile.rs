@@ -22,7 +22,12 @@ pub fn reconcile(phase: Phase, state: Option<&SessionState>) -> (Phase, &'static
     };
     if st.finished {
         return if st.redirected {
-            (Completed, "the agent already terminated the session")
+            // Terminate again: the agent answers with the result it kept
+            // (verification included), which the record must not lose.
+            (
+                Terminating,
+                "the agent already terminated the session; collecting its result",
+            )
         } else {
             (Aborted, "the agent already rolled the session back")
         };
@@ -76,7 +81,11 @@ mod tests {
         );
         assert_eq!(
             reconcile(Terminating, Some(&st(false, true, true))).0,
-            Completed
+            Terminating
+        );
+        assert_eq!(
+            reconcile(Resuming, Some(&st(false, true, true))).0,
+            Terminating
         );
         assert_eq!(reconcile(Copying, Some(&st(false, false, true))).0, Aborted);
         assert_eq!(reconcile(Refreshing, None).0, Failed);
