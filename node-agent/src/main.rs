@@ -65,8 +65,10 @@ struct ServeArgs {
     /// Where sessions keep their records and dirty maps (never on source or target).
     #[arg(long, default_value = "/var/lib/volmig")]
     state_dir: PathBuf,
-    /// A volume to serve: NAME=PATH (a regular file or block device). Repeatable.
-    #[arg(long = "export", required = true, value_parser = parse_export)]
+    /// A volume to serve: NAME=PATH (a regular file or block device).
+    /// Repeatable; none is allowed (a DaemonSet pod on a node without
+    /// volmig volumes still answers the master).
+    #[arg(long = "export", value_parser = parse_export)]
     exports: Vec<(String, PathBuf)>,
     /// Serve NBD on this unix socket.
     #[arg(long)]
@@ -271,6 +273,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("export {name}"))?;
         server.add_export(Export::new(name.clone(), ip))?;
         tracing::info!(volume = %name, path = %path.display(), "serving");
+    }
+    if a.exports.is_empty() {
+        tracing::warn!("no --export given: this agent serves no volume yet");
     }
     let mut handles = Vec::new();
     if let Some(p) = &a.nbd_unix {
