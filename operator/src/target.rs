@@ -6,8 +6,8 @@
 
 use k8s_openapi::api::core::v1::PersistentVolume;
 
-/// kubelet's pods directory on the node.
-pub const KUBELET_PODS: &str = "/var/lib/kubelet/pods";
+/// kubelet's root directory on the node (`--kubelet-dir`).
+pub const KUBELET_DIR: &str = "/var/lib/kubelet";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TargetPathError {
@@ -32,16 +32,21 @@ pub fn plugin_dir(pv: &PersistentVolume) -> Result<&'static str, TargetPathError
     }
 }
 
-/// `/var/lib/kubelet/pods/<holder pod uid>/volumeDevices/<plugin dir>/<PV name>`.
-pub fn device_path(holder_uid: &str, pv: &PersistentVolume) -> Result<String, TargetPathError> {
+/// `<kubelet dir>/pods/<holder pod uid>/volumeDevices/<plugin dir>/<PV name>`.
+pub fn device_path(
+    kubelet_dir: &str,
+    holder_uid: &str,
+    pv: &PersistentVolume,
+) -> Result<String, TargetPathError> {
     let dir = plugin_dir(pv)?;
     let name = pv
         .metadata
         .name
         .as_deref()
         .ok_or(TargetPathError::Unnamed)?;
+    let root = kubelet_dir.trim_end_matches('/');
     Ok(format!(
-        "{KUBELET_PODS}/{holder_uid}/volumeDevices/{dir}/{name}"
+        "{root}/pods/{holder_uid}/volumeDevices/{dir}/{name}"
     ))
 }
 
@@ -78,7 +83,7 @@ mod tests {
             },
         );
         assert_eq!(
-            device_path("u-1", &csi).unwrap(),
+            device_path(KUBELET_DIR, "u-1", &csi).unwrap(),
             "/var/lib/kubelet/pods/u-1/volumeDevices/kubernetes.io~csi/pvc-1234"
         );
         let local = pv(
@@ -92,7 +97,7 @@ mod tests {
             },
         );
         assert_eq!(
-            device_path("u-2", &local).unwrap(),
+            device_path("/var/lib/kubelet/", "u-2", &local).unwrap(),
             "/var/lib/kubelet/pods/u-2/volumeDevices/kubernetes.io~local-volume/local-pv-a"
         );
         let nfs = pv(
@@ -107,7 +112,7 @@ mod tests {
             },
         );
         assert_eq!(
-            device_path("u", &nfs),
+            device_path(KUBELET_DIR, "u", &nfs),
             Err(TargetPathError::UnsupportedSource("nfs".into()))
         );
     }

@@ -52,6 +52,8 @@ pub struct Settings {
     pub holder_image: String,
     /// Sessions driven at once; others wait in Pending.
     pub max_concurrent: usize,
+    /// kubelet's root directory as the agents see it (the host's).
+    pub kubelet_dir: String,
 }
 
 impl Default for Settings {
@@ -62,6 +64,7 @@ impl Default for Settings {
             agent_port: 7443,
             holder_image: "registry.k8s.io/pause:3.10".into(),
             max_concurrent: 4,
+            kubelet_dir: crate::target::KUBELET_DIR.into(),
         }
     }
 }

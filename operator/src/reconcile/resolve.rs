@@ -280,7 +280,7 @@ pub async fn resolve<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Re
         ));
     };
     let uid = holder_pod.metadata.uid.clone().unwrap_or_default();
-    let target_path = match device_path(&uid, &tpv) {
+    let target_path = match device_path(&ctx.settings.kubelet_dir, &uid, &tpv) {
         Ok(p) => p,
         Err(e) => return Ok(Plan::Fail("TargetNotBlockPublishable", e.to_string())),
     };
