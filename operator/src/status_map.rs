@@ -151,7 +151,10 @@ pub fn write_record(status: &mut VolumeMigrationStatus, rec: &SessionRecord) {
     };
     let v = &mut status.volumes[idx];
     let path = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.display().to_string());
-    v.agent = (!rec.agent.is_empty()).then(|| rec.agent.clone());
+    // The reconciler records the agent it found; a record without one keeps it.
+    if !rec.agent.is_empty() {
+        v.agent = Some(rec.agent.clone());
+    }
     v.source_path = path(&rec.source);
     v.target_path = path(&rec.target);
     v.bytes_total = i(rec.size);

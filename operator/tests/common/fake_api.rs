@@ -78,12 +78,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 3 <= b.len() {
-            if let Ok(n) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(n);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 3 <= b.len()
+            && let Ok(n) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(n);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -172,15 +173,14 @@ impl FakeApi {
             body: parsed.clone(),
         });
         let (coll, name, sub) = split(path);
-        if method != Method::GET {
-            if let Some(c) = st
+        if method != Method::GET
+            && let Some(c) = st
                 .conflicts
                 .iter_mut()
                 .find(|(k, n)| path.contains(k.as_str()) && *n > 0)
-            {
-                c.1 -= 1;
-                return status(409, "Conflict", "injected conflict");
-            }
+        {
+            c.1 -= 1;
+            return status(409, "Conflict", "injected conflict");
         }
         match (method, name) {
             (Method::GET, None) => {
@@ -298,7 +298,19 @@ impl FakeApi {
                 }
                 let mut doc = cur.clone();
                 if ct.contains("json-patch") {
-                    let p: json_patch::Patch = match serde_json::from_value(parsed.clone()) {
+                    // As the API server does: `test` of null passes on a missing path.
+                    let ops: Vec<Value> = parsed
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|op| {
+                            !(op["op"] == "test"
+                                && op["value"].is_null()
+                                && doc.pointer(op["path"].as_str().unwrap_or("")).is_none())
+                        })
+                        .collect();
+                    let p: json_patch::Patch = match serde_json::from_value(Value::Array(ops)) {
                         Ok(p) => p,
                         Err(e) => return status(400, "BadRequest", &e.to_string()),
                     };

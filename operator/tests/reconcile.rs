@@ -1,0 +1,509 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+//! The reconciler against a mock API server (`tower_test::mock::pair`
+//! serving an in-memory cluster, see `common::fake_api`) and an in-process
+//! agent on real files: what a new, a progressing, an aborted, a deleted and
+//! an invalid VolumeMigration lead to, judged by the objects and requests
+//! the API server saw.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::fake_api::FakeApi;
+use common::*;
+use kube::Api;
+use kube::api::DeleteParams;
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use volmig_agent::agent::Agent;
+use volmig_api::crd::VolumeMigration;
+use volmig_operator::agents::Connector;
+use volmig_operator::reconcile::{Context, FINALIZER, Settings, reconcile};
+use volmig_operator::status_store::Saved;
+
+const SIZE: u64 = 16 << 20;
+
+/// The in-process agent as the operator's connector.
+struct InProc(Arc<Agent>);
+
+impl Connector for InProc {
+    type Slave = Arc<Agent>;
+    fn slave(&self, _endpoint: &str) -> volmig_operator::Result<Arc<Agent>> {
+        Ok(self.0.clone())
+    }
+    async fn exports(&self, _endpoint: &str) -> volmig_operator::Result<Vec<String>> {
+        Ok(self.0.list().into_iter().map(|v| v.name).collect())
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    source: PathBuf,
+    target: PathBuf,
+    agent: Arc<Agent>,
+    fake: FakeApi,
+    ctx: Arc<Context<InProc>>,
+    api: Api<VolumeMigration>,
+    saved: mpsc::UnboundedReceiver<Saved>,
+}
+
+/// A cluster with claim `data` (volume `pv-data`) used by pod `app-0` on
+/// node n1, whose agent serves `exported`; and migration `m` with `spec`.
+async fn cluster(spec: Value, exported: &str) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, target) = volumes(dir.path(), SIZE);
+    let agent = Agent::new(&dir.path().join("agent-state")).unwrap();
+    agent.add_volume(exported, &source, false).await.unwrap();
+    let (client, fake) = FakeApi::start();
+    fake.put(
+        &pvc_path("data"),
+        claim("data", Some("pv-data"), "slow", "16Mi", "Filesystem"),
+    );
+    fake.put(&pv_path("pv-data"), csi_volume("pv-data", "data", "16Mi"));
+    fake.put(&pod_path("db", "app-0"), app_pod("app-0", "n1", "data"));
+    fake.put(
+        &pod_path("volmig-system", "agent-n1"),
+        agent_pod("agent-n1", "n1", "10.0.0.5"),
+    );
+    fake.put(
+        &pod_path("volmig-system", "agent-n2"),
+        agent_pod("agent-n2", "n2", "10.0.0.6"),
+    );
+    fake.put(VM_PATH, vm(spec));
+    let settings = Settings {
+        kubelet_dir: dir.path().join("kubelet").display().to_string(),
+        ..Settings::default()
+    };
+    let (tx, saved) = mpsc::unbounded_channel();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "volmig-operator".into(),
+            instance: None,
+        },
+    );
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings,
+        InProc(agent.clone()),
+        1,
+        tx,
+        recorder,
+    ));
+    let api = Api::namespaced(client, "db");
+    Cluster {
+        dir,
+        source,
+        target,
+        agent,
+        fake,
+        ctx,
+        api,
+        saved,
+    }
+}
+
+fn spec(bandwidth: &str) -> Value {
+    json!({
+        "volumes": [{"source": {"persistentVolumeClaim": "data"}, "target": {"storageClassName": "fast"}}],
+        "bandwidthLimit": bandwidth, "syncGoal": "100ms", "copyMode": "Auto", "verify": "Full",
+        "retainSource": true, "abort": false,
+    })
+}
+
+impl Cluster {
+    async fn reconcile(&self) -> volmig_operator::Result<kube::runtime::controller::Action> {
+        let vm = self.api.get("m").await.unwrap();
+        reconcile(Arc::new(vm), self.ctx.clone()).await
+    }
+
+    fn vm(&self) -> Value {
+        self.fake.get(VM_PATH).unwrap_or(Value::Null)
+    }
+
+    fn condition(&self, type_: &str) -> Value {
+        self.vm()["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == type_).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    /// What the provisioner, the scheduler-less kubelet and the CSI node
+    /// plugin do for the holder pod: bind the target claim, run the pod,
+    /// publish the raw device under the pod's directory.
+    fn attach_target(&self) {
+        self.fake.put(
+            &pv_path("pv-target"),
+            csi_volume("pv-target", "data-volmig", "16Mi"),
+        );
+        self.fake.edit(&pvc_path("data-volmig"), |c| {
+            c["spec"]["volumeName"] = json!("pv-target");
+            c["status"] = json!({"phase": "Bound", "capacity": {"storage": "16Mi"}});
+        });
+        let holder = pod_path("db", "volmig-holder-m");
+        self.fake
+            .edit(&holder, |p| p["status"] = json!({"phase": "Running"}));
+        let uid = self.fake.get(&holder).unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let dev = self.dir.path().join(format!(
+            "kubelet/pods/{uid}/volumeDevices/kubernetes.io~csi"
+        ));
+        std::fs::create_dir_all(&dev).unwrap();
+        std::os::unix::fs::symlink(&self.target, dev.join("pv-target")).unwrap();
+    }
+
+    /// Reconciles until the migration's session exists (phase past Pending).
+    async fn start(&self) {
+        self.reconcile().await.unwrap(); // finalizer
+        assert_eq!(self.vm()["metadata"]["finalizers"], json!([FINALIZER]));
+        self.reconcile().await.unwrap(); // target claim + holder pod, waits for them
+        assert_eq!(self.vm()["status"]["phase"], "Pending");
+        assert_eq!(self.condition("Progressing")["reason"], "WaitingForTarget");
+        self.attach_target();
+        self.reconcile().await.unwrap(); // session + driver
+        assert!(
+            self.vm()["status"]["sessionId"].is_string(),
+            "{}",
+            self.vm()
+        );
+    }
+
+    async fn wait_phase(&self, phases: &[&str], secs: u64) -> Value {
+        let t = Instant::now();
+        loop {
+            let st = self.vm()["status"].clone();
+            if phases.iter().any(|p| st["phase"] == *p) {
+                return st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "never reached {phases:?}: {st}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.fake
+            .paths()
+            .into_iter()
+            .filter(|p| p.starts_with("/apis/events.k8s.io/v1/namespaces/db/events/"))
+            .map(|p| {
+                self.fake.get(&p).unwrap()["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_migration_gets_finalizer_target_claim_activating_then_completes() {
+    let mut c = cluster(spec("8Mi"), "pv-data").await;
+    c.start().await;
+
+    // The target claim: same size and access modes, raw block, the class asked
+    // for, owned by the migration, placed on the node.
+    let pvc = c.fake.get(&pvc_path("data-volmig")).unwrap();
+    assert_eq!(pvc["spec"]["volumeMode"], "Block");
+    assert_eq!(pvc["spec"]["storageClassName"], "fast");
+    assert_eq!(pvc["spec"]["accessModes"], json!(["ReadWriteOnce"]));
+    assert_eq!(
+        pvc["spec"]["resources"]["requests"]["storage"],
+        (SIZE).to_string()
+    );
+    assert_eq!(
+        pvc["metadata"]["ownerReferences"][0]["kind"],
+        "VolumeMigration"
+    );
+    assert_eq!(
+        pvc["metadata"]["annotations"]["volume.kubernetes.io/selected-node"],
+        "n1"
+    );
+    let holder = c.fake.get(&pod_path("db", "volmig-holder-m")).unwrap();
+    assert_eq!(holder["spec"]["nodeName"], "n1");
+    assert_eq!(
+        holder["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        "data-volmig"
+    );
+    assert_eq!(
+        holder["spec"]["containers"][0]["volumeDevices"][0]["name"],
+        "target"
+    );
+
+    // The session's first save is phase Activating, with the device path.
+    let first = c
+        .fake
+        .log()
+        .into_iter()
+        .find(|l| l.path.ends_with("/m/status") && l.body["status"]["sessionId"].is_string())
+        .unwrap();
+    assert_eq!(first.body["status"]["phase"], "Activating");
+    let v = &first.body["status"]["volumes"][0];
+    assert_eq!(v["volume"], "pv-data");
+    assert_eq!(v["node"], "n1");
+    assert_eq!(
+        v["agent"], "https://10.0.0.5:7443",
+        "the agent on the pod's node, not n2's"
+    );
+    assert!(
+        v["targetPath"]
+            .as_str()
+            .unwrap()
+            .ends_with("/volumeDevices/kubernetes.io~csi/pv-target")
+    );
+    let first_save = c.saved.recv().await.unwrap();
+    assert_eq!(
+        (first_save.before, first_save.record.phase),
+        (None, volmig_api::phase::Phase::Activating)
+    );
+
+    // Progress becomes status writes, then the migration completes.
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Completed", "{st}");
+    let copied: Vec<i64> = c
+        .fake
+        .log()
+        .iter()
+        .filter(|l| l.path.ends_with("/m/status") && l.body["status"]["phase"] == "Copying")
+        .map(|l| {
+            l.body["status"]["volumes"][0]["bytesCopied"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        copied.len() >= 2
+            && copied.windows(2).all(|w| w[0] <= w[1])
+            && copied.last() > copied.first(),
+        "copy progress was written as it went: {copied:?}"
+    );
+    assert_eq!(c.condition("Ready")["status"], "True");
+    check_volume(&c.target, SIZE, &[]);
+    let active = c
+        .agent
+        .list()
+        .into_iter()
+        .find(|v| v.name == "pv-data")
+        .unwrap()
+        .active;
+    assert_eq!(
+        std::fs::canonicalize(&active).unwrap(),
+        std::fs::canonicalize(&c.target).unwrap(),
+        "the agent serves the volume from the target (through the published device path) now"
+    );
+    assert!(
+        active.ends_with("volumeDevices/kubernetes.io~csi/pv-target"),
+        "{}",
+        active.display()
+    );
+
+    // After completion: the rebinding is made durable.
+    c.reconcile().await.unwrap();
+    let tpv = c.fake.get(&pv_path("pv-target")).unwrap();
+    assert_eq!(tpv["spec"]["persistentVolumeReclaimPolicy"], "Retain");
+    assert_eq!(tpv["metadata"]["annotations"]["volmig.io/backs"], "pv-data");
+    let spv = c.fake.get(&pv_path("pv-data")).unwrap();
+    assert_eq!(
+        spv["metadata"]["annotations"]["volmig.io/backed-by"],
+        "pv-target"
+    );
+    assert!(c.fake.get(&pvc_path("data-volmig")).unwrap()["metadata"]["ownerReferences"].is_null());
+    assert!(
+        c.fake.get(&pod_path("db", "volmig-holder-m")).unwrap()["metadata"]["ownerReferences"]
+            .is_null(),
+        "the holder keeps the target attached under the workload"
+    );
+    assert!(
+        c.fake.get(&pvc_path("data")).is_some() && c.fake.get(&pv_path("pv-data")).is_some(),
+        "source kept"
+    );
+    assert!(
+        c.events().iter().any(|e| e == "Started"),
+        "{:?}",
+        c.events()
+    );
+    assert!(
+        c.events().iter().any(|e| e == "Rebound"),
+        "{:?}",
+        c.events()
+    );
+    // Deleting the completed migration leaves the workload's devices alone.
+    c.api.delete("m", &DeleteParams::default()).await.unwrap();
+    c.reconcile().await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none(), "finalizer released");
+    assert!(c.fake.get(&pod_path("db", "volmig-holder-m")).is_some());
+    assert!(Path::new(&c.source).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spec_abort_rolls_back_and_releases_the_target() {
+    let c = cluster(spec("1Mi"), "pv-data").await;
+    c.start().await;
+    c.wait_phase(&["Copying"], 30).await;
+    c.fake.edit(VM_PATH, |o| o["spec"]["abort"] = json!(true));
+    let st = c.wait_phase(&["Aborted", "Failed", "Completed"], 30).await;
+    assert_eq!(st["phase"], "Aborted", "{st}");
+    assert_eq!(st["abortRequested"], true);
+    let active = c
+        .agent
+        .list()
+        .into_iter()
+        .find(|v| v.name == "pv-data")
+        .unwrap()
+        .active;
+    assert_eq!(active, c.source, "the workload stays on the source");
+    c.reconcile().await.unwrap();
+    assert!(
+        c.fake.get(&pod_path("db", "volmig-holder-m")).is_none(),
+        "holder pod removed"
+    );
+    assert_eq!(c.condition("Ready")["reason"], "Aborted");
+    assert!(
+        c.fake.get(&pv_path("pv-target")).unwrap()["metadata"]["annotations"].is_null(),
+        "no rebinding"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_mid_migration_rolls_back_before_the_finalizer_goes() {
+    let c = cluster(spec("1Mi"), "pv-data").await;
+    c.start().await;
+    c.wait_phase(&["Copying"], 30).await;
+    c.api.delete("m", &DeleteParams::default()).await.unwrap();
+    assert!(c.vm()["metadata"]["deletionTimestamp"].is_string());
+    let e = c.reconcile().await.unwrap_err();
+    assert!(
+        matches!(e, volmig_operator::Error::WaitingForRollback(_)),
+        "{e}"
+    );
+    assert!(
+        c.fake.get(VM_PATH).is_some(),
+        "the finalizer holds until the rollback is done"
+    );
+    let st = c.wait_phase(&["Aborted", "Failed"], 30).await;
+    assert_eq!(st["phase"], "Aborted", "{st}");
+    c.reconcile().await.unwrap();
+    assert!(
+        c.fake.get(VM_PATH).is_none(),
+        "finalizer removed, object gone"
+    );
+    assert!(c.fake.get(&pod_path("db", "volmig-holder-m")).is_none());
+    let active = c
+        .agent
+        .list()
+        .into_iter()
+        .find(|v| v.name == "pv-data")
+        .unwrap()
+        .active;
+    assert_eq!(active, c.source);
+}
+
+/// Writes other than the finalizer, the status and events.
+fn creations(fake: &FakeApi) -> Vec<String> {
+    fake.writes()
+        .into_iter()
+        .filter(|w| {
+            !w.ends_with("/status")
+                && !w.contains("events.k8s.io")
+                && !w.starts_with("PATCH /apis/volmig.io")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_spec_fails_with_a_clear_message_and_creates_nothing() {
+    let mut bad = spec("8Mi");
+    bad["syncGoal"] = json!("fast"); // admission would refuse it; a stale CRD might not
+    bad["volumes"][0]["target"]["persistentVolumeClaim"] = json!("other");
+    let c = cluster(bad, "pv-data").await;
+    c.reconcile().await.unwrap();
+    c.reconcile().await.unwrap();
+    let st = c.vm()["status"].clone();
+    assert_eq!(st["phase"], "Failed");
+    let d = c.condition("Degraded");
+    assert_eq!(
+        (d["status"].as_str(), d["reason"].as_str()),
+        (Some("True"), Some("InvalidSpec"))
+    );
+    let msg = d["message"].as_str().unwrap();
+    assert!(
+        msg.contains("spec.syncGoal \"fast\" is not a duration"),
+        "{msg}"
+    );
+    assert!(msg.contains("exactly one of storageClassName"), "{msg}");
+    assert!(creations(&c.fake).is_empty(), "{:?}", creations(&c.fake));
+    assert!(c.events().contains(&"InvalidSpec".to_string()));
+    // nothing on the agent either
+    assert!(c.agent.list()[0].session.is_none());
+    // and a second pass changes nothing more
+    let n = c.fake.writes().len();
+    c.reconcile().await.unwrap();
+    assert_eq!(c.fake.writes().len(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_the_agent_does_not_serve_fails_with_volume_not_served() {
+    let c = cluster(spec("8Mi"), "some-other-volume").await;
+    c.reconcile().await.unwrap();
+    c.reconcile().await.unwrap();
+    assert_eq!(c.vm()["status"]["phase"], "Failed");
+    let d = c.condition("Degraded");
+    assert_eq!(d["reason"], "VolumeNotServed");
+    let msg = d["message"].as_str().unwrap();
+    assert!(
+        msg.contains("pv-data") && msg.contains("volmig-agent --export pv-data="),
+        "{msg}"
+    );
+    assert!(creations(&c.fake).is_empty(), "{:?}", creations(&c.fake));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_on_two_nodes_fail_with_multi_attach_unsupported() {
+    let c = cluster(spec("8Mi"), "pv-data").await;
+    c.fake
+        .put(&pod_path("db", "app-1"), app_pod("app-1", "n2", "data"));
+    c.reconcile().await.unwrap();
+    c.reconcile().await.unwrap();
+    assert_eq!(c.condition("Degraded")["reason"], "MultiAttachUnsupported");
+    assert!(creations(&c.fake).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_concurrency_limit_a_migration_waits_in_pending() {
+    let c = cluster(spec("8Mi"), "pv-data").await;
+    let stop = Arc::new(volmig_master::StopSignal::default());
+    for i in 0..c.ctx.settings.max_concurrent {
+        let s = stop.clone();
+        c.ctx.drivers.start(
+            &format!("db/other-{i}"),
+            "https://x",
+            stop.clone(),
+            async move {
+                while !s.is_stopped() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        );
+    }
+    c.reconcile().await.unwrap();
+    let action = c.reconcile().await.unwrap();
+    assert_eq!(c.vm()["status"]["phase"], "Pending");
+    assert_eq!(c.condition("Progressing")["reason"], "WaitingForSlot");
+    assert!(format!("{action:?}").contains("requeue"), "{action:?}");
+    assert!(creations(&c.fake).is_empty());
+    stop.stop();
+    c.ctx.drivers.stop_all(Duration::from_secs(5)).await;
+    c.reconcile().await.unwrap();
+    assert_eq!(
+        c.condition("Progressing")["reason"],
+        "WaitingForTarget",
+        "a slot came free"
+    );
+}
