@@ -1,6 +1,7 @@
 //! `volmig-operator`: `crd` prints the CRD; `run` is the operator.
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -17,11 +18,22 @@ struct Cli {
 enum Cmd {
     /// Print the VolumeMigration CRD as YAML.
     Crd,
+    /// Run the operator (leader-elected).
+    Run(volmig_operator::run::RunArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Crd => print!("{}", volmig_operator::crd_gen::crd_yaml()?),
+        Cmd::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+                )
+                .init();
+            volmig_operator::run::run(args).await?;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,208 @@
+//! `volmig-operator run`: probes and metrics, leader election, and while
+//! leading the VolumeMigration controller with its drivers. On SIGTERM (or
+//! a lost lease) the controller stops and every driver stops between steps;
+//! the sessions go on under the next leader.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::ListParams;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+use volmig_api::crd::VolumeMigration;
+
+use crate::agents::GrpcConnector;
+use crate::health::{Health, health_router, metrics_router, serve};
+use crate::metrics::Metrics;
+use crate::reconcile::resolve::MANAGED_BY;
+use crate::reconcile::{Context, Settings, error_policy, reconcile};
+use crate::{leader, observe};
+
+/// The flags of `volmig-operator run` (the Helm chart passes these).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// The operator's namespace (where the agents and the Lease are).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// Label selector of the agent DaemonSet's pods (in --namespace).
+    #[arg(long, default_value = "app.kubernetes.io/component=node-agent")]
+    pub agent_selector: String,
+    /// The agents' gRPC port.
+    #[arg(long, default_value_t = 7443)]
+    pub agent_port: u16,
+    /// The DNS name in the agents' certificate.
+    #[arg(long, default_value = "volmig-agent")]
+    pub agent_tls_name: String,
+    /// Directory with ca.pem, master.pem, master-key.pem (as `volmig certs` writes them).
+    #[arg(long, default_value = "/etc/volmig/tls")]
+    pub tls_dir: PathBuf,
+    /// Serve /metrics here.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Serve /healthz and /readyz here.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    pub health_addr: SocketAddr,
+    /// The Lease used for leader election.
+    #[arg(long, default_value = "volmig-operator")]
+    pub lease_name: String,
+    /// Migrations driven at once; the rest wait in Pending.
+    #[arg(long, default_value_t = 4)]
+    pub max_concurrent: usize,
+    /// This replica's name (lease holder identity, events' reporter).
+    #[arg(long, env = "POD_NAME", default_value = "volmig-operator")]
+    pub pod_name: String,
+    /// Image of the pods that keep a target attached on its node.
+    #[arg(long, default_value = "registry.k8s.io/pause:3.10")]
+    pub holder_image: String,
+    /// kubelet's directory on the nodes, as the agents mount it.
+    #[arg(long, default_value = crate::target::KUBELET_DIR)]
+    pub kubelet_dir: String,
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+pub async fn run(a: RunArgs) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::default());
+    let (h, m) = (a.health_addr, a.metrics_addr);
+    let hr = health_router(health.clone());
+    tokio::spawn(async move {
+        if let Err(e) = serve(h, hr).await {
+            error!(addr = %h, error = %e, "health endpoint failed");
+        }
+    });
+    let mr = metrics_router(metrics.clone());
+    tokio::spawn(async move {
+        if let Err(e) = serve(m, mr).await {
+            error!(addr = %m, error = %e, "metrics endpoint failed");
+        }
+    });
+
+    let (term_tx, mut term) = watch::channel(false);
+    tokio::spawn(async move {
+        terminated().await;
+        let _ = term_tx.send(true);
+    });
+
+    // Ready once the API server answers for VolumeMigrations (the CRD is installed).
+    let vms: Api<VolumeMigration> = Api::all(client.clone());
+    loop {
+        match vms.list(&ListParams::default().limit(1)).await {
+            Ok(_) => break,
+            Err(e) => {
+                warn!(error = %e, "cannot list VolumeMigrations (is the CRD installed?); retrying")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = term.changed() => return Ok(()),
+        }
+    }
+    health.ready.store(true, Ordering::SeqCst);
+
+    let connector = GrpcConnector::new(&a.tls_dir, &a.agent_tls_name)?;
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "volmig-operator".into(),
+            instance: Some(a.pod_name.clone()),
+        },
+    );
+    let (saved_tx, saved_rx) = mpsc::unbounded_channel();
+    tokio::spawn(observe::run(saved_rx, recorder.clone(), metrics.clone()));
+    let settings = Settings {
+        namespace: a.namespace.clone(),
+        agent_selector: a.agent_selector.clone(),
+        agent_port: a.agent_port,
+        holder_image: a.holder_image.clone(),
+        max_concurrent: a.max_concurrent,
+        kubelet_dir: a.kubelet_dir.clone(),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings,
+        connector,
+        1,
+        saved_tx,
+        recorder,
+    ));
+    let mut leading =
+        leader::elect(client.clone(), &a.namespace, &a.lease_name, &a.pod_name).await?;
+    info!(identity = %a.pod_name, lease = %a.lease_name, "waiting for leadership");
+
+    loop {
+        tokio::select! {
+            _ = term.changed() => break,
+            r = leading.wait_for(|l| *l) => { r?; }
+        }
+        let epoch = leader::epoch(client.clone(), &a.namespace, &a.lease_name).await?;
+        ctx.epoch.store(epoch, Ordering::SeqCst);
+        info!(epoch, "leading: reconciling VolumeMigrations");
+
+        let owned =
+            watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let errors = metrics.clone();
+        let controller = Controller::new(vms.clone(), watcher::Config::default())
+            .owns(
+                Api::<PersistentVolumeClaim>::all(client.clone()),
+                owned.clone(),
+            )
+            .owns(Api::<Pod>::all(client.clone()), owned)
+            .graceful_shutdown_on(async move {
+                let _ = stop_rx.await;
+            })
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(move |r| {
+                let errors = errors.clone();
+                async move {
+                    if let Err(e) = r {
+                        errors.reconcile_failed();
+                        warn!(error = %e, "reconcile");
+                    }
+                }
+            });
+        let task = tokio::spawn(controller);
+        let terminating = tokio::select! {
+            _ = term.changed() => true,
+            r = leading.wait_for(|l| !*l) => { r?; warn!("lost the lease; stopping"); false }
+        };
+        let _ = stop_tx.send(());
+        if let Err(e) = task.await {
+            error!(error = %e, "controller task");
+        }
+        ctx.drivers.stop_all(Duration::from_secs(30)).await;
+        info!("drivers stopped between steps; their sessions continue under the next leader");
+        if terminating {
+            break;
+        }
+    }
+    health.stopping.store(true, Ordering::SeqCst);
+    drop(leading); // releases the lease
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
