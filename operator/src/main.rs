@@ -19,7 +19,7 @@ enum Cmd {
     /// Print the VolumeMigration CRD as YAML.
     Crd,
     /// Run the operator (leader-elected).
-    Run(volmig_operator::run::RunArgs),
+    Run(Box<volmig_operator::run::RunArgs>),
 }
 
 #[tokio::main]
@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
                     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
                 )
                 .init();
-            volmig_operator::run::run(args).await?;
+            volmig_operator::run::run(*args).await?;
         }
     }
     Ok(())
