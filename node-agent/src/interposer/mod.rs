@@ -34,6 +34,15 @@
 //!
 //! Attaching and detaching the monitor and redirecting all happen with the
 //! gate held, so no request is in flight while the route changes.
+//!
+//! *Where a write runs* does not enter the argument: a write is done inline
+//! with `RWF_NOWAIT` where the filesystem allows it, else inline on an NBD
+//! connection thread (`nbd::conn_thread`: a thread serving only that
+//! connection), else on the shared blocking pool, and each place runs the
+//! same steps above under the same locks. The one difference: inline, a
+//! mirrored write only *tries* its range locks and, if a copier holds them,
+//! does nothing and goes to the pool to wait there, so a connection thread
+//! never waits for a copier's chunk.
 
 mod gate;
 mod range_lock;
@@ -48,7 +57,7 @@ use std::time::Duration;
 
 use crate::error::{AgentError, Result};
 use crate::monitor::DirtyMap;
-use crate::nbd::{ExportBackend, Extent};
+use crate::nbd::{ExportBackend, Extent, conn_thread};
 use crate::volume::BackingDevice;
 
 /// How writes are handled while a migration is attached.
@@ -127,6 +136,15 @@ struct Route {
     link: Option<Arc<Link>>,
 }
 
+/// Whether a mirrored write waits for its range locks (on the pool) or
+/// gives up when they are held (on a connection thread, which must not wait
+/// for a copier's chunk).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LockWait {
+    Block,
+    Try,
+}
+
 /// One kind of write, applied to a device.
 #[derive(Clone, Copy)]
 enum Mutation<'a> {
@@ -171,10 +189,12 @@ fn to_io(e: AgentError) -> io::Error {
     }
 }
 
+/// Runs device I/O on the shared blocking pool (from any thread, see
+/// `nbd::conn_thread`).
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> io::Result<T> {
-    match tokio::task::spawn_blocking(f).await {
+    match conn_thread::spawn_blocking(f).await {
         Ok(r) => r.map_err(to_io),
         Err(e) => Err(io::Error::other(format!("I/O task failed: {e}"))),
     }
@@ -279,6 +299,7 @@ impl Interposer {
         Ok(())
     }
 
+    /// A write on the pool: waits for range locks as long as it takes.
     fn write_blocking(
         route: &Route,
         counters: &IoCounters,
@@ -286,37 +307,44 @@ impl Interposer {
         length: u64,
         m: Mutation<'_>,
     ) -> Result<()> {
+        Self::write_routed(route, counters, offset, length, m, LockWait::Block).unwrap_or_else(
+            || {
+                // write_routed returns None only for LockWait::Try.
+                Err(AgentError::Invalid(
+                    "a blocking write gave up on its range lock".into(),
+                ))
+            },
+        )
+    }
+
+    /// Applies a write along the route (see the module docs for each
+    /// mode). `None` only with [`LockWait::Try`], when a mirrored write's
+    /// range is locked: nothing was done, and the caller retries on the
+    /// pool.
+    fn write_routed(
+        route: &Route,
+        counters: &IoCounters,
+        offset: u64,
+        length: u64,
+        m: Mutation<'_>,
+        wait: LockWait,
+    ) -> Option<Result<()>> {
         let Some(link) = &route.link else {
-            return m.apply(&route.active, offset, length);
+            return Some(m.apply(&route.active, offset, length));
         };
-        let dirty = &link.dirty;
         match link.mode() {
-            WriteMode::Track => tracked_write(dirty, offset, length, || {
+            WriteMode::Track => Some(tracked_write(&link.dirty, offset, length, || {
                 m.apply(&link.source, offset, length)
-            }),
-            WriteMode::TargetOnly => m.apply(&link.target, offset, length),
+            })),
+            WriteMode::TargetOnly => Some(m.apply(&link.target, offset, length)),
             mode @ (WriteMode::Mirror | WriteMode::MirrorBack) => {
-                let (primary, secondary) = if mode == WriteMode::Mirror {
-                    (&link.source, &link.target)
-                } else {
-                    (&link.target, &link.source)
+                let locked = match wait {
+                    LockWait::Block => link.locks.lock(offset, length),
+                    LockWait::Try => link.locks.try_lock(offset, length)?,
                 };
-                let _locked = link.locks.lock(offset, length);
-                let was_clean = dirty.is_clean(offset, length);
-                dirty.mark(offset, length);
-                m.apply(primary, offset, length)?;
-                if was_clean {
-                    match m.apply(secondary, offset, length) {
-                        Ok(()) => {
-                            dirty.clear(offset, length);
-                        }
-                        Err(e) => {
-                            counters.mirror_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(error = %e, "mirrored write failed on the secondary device; range left dirty");
-                        }
-                    }
-                }
-                Ok(())
+                let r = mirrored_write(link, mode, counters, offset, length, m);
+                drop(locked);
+                Some(r)
             }
         }
     }
@@ -386,6 +414,39 @@ fn tracked_write(
     Ok(())
 }
 
+/// The mirrored-write protocol (see the module docs); the caller holds the
+/// range's locks for the whole call.
+fn mirrored_write(
+    link: &Link,
+    mode: WriteMode,
+    counters: &IoCounters,
+    offset: u64,
+    length: u64,
+    m: Mutation<'_>,
+) -> Result<()> {
+    let (primary, secondary) = if mode == WriteMode::Mirror {
+        (&link.source, &link.target)
+    } else {
+        (&link.target, &link.source)
+    };
+    let dirty = &link.dirty;
+    let was_clean = dirty.is_clean(offset, length);
+    dirty.mark(offset, length);
+    m.apply(primary, offset, length)?;
+    if was_clean {
+        match m.apply(secondary, offset, length) {
+            Ok(()) => {
+                dirty.clear(offset, length);
+            }
+            Err(e) => {
+                counters.mirror_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "mirrored write failed on the secondary device; range left dirty");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The NBD frontend's view of an interposer.
 impl ExportBackend for Interposer {
     fn size(&self) -> u64 {
@@ -410,13 +471,26 @@ impl ExportBackend for Interposer {
         let route = self.route();
         let counters = self.counters.clone();
         let len = buf.len() as u64;
-        if !fua && let Some(r) = Interposer::try_write_inline(&route, offset, &buf) {
-            r.map_err(to_io)?;
-            self.counters
-                .bytes_written
-                .fetch_add(len, Ordering::Relaxed);
-            self.counters.writes.fetch_add(1, Ordering::Relaxed);
-            return Ok(buf);
+        if !fua {
+            // First a write that cannot block (any thread); then, on a
+            // connection thread, the write itself unless it would wait for
+            // a range lock. Either way the same protocol as on the pool.
+            let inline = Interposer::try_write_inline(&route, offset, &buf).or_else(|| {
+                conn_thread::may_block()
+                    .then(|| {
+                        let m = Mutation::Data(&buf);
+                        Interposer::write_routed(&route, &counters, offset, len, m, LockWait::Try)
+                    })
+                    .flatten()
+            });
+            if let Some(r) = inline {
+                r.map_err(to_io)?;
+                self.counters
+                    .bytes_written
+                    .fetch_add(len, Ordering::Relaxed);
+                self.counters.writes.fetch_add(1, Ordering::Relaxed);
+                return Ok(buf);
+            }
         }
         let buf = blocking(move || {
             Interposer::write_blocking(&route, &counters, offset, len, Mutation::Data(&buf))?;

@@ -4,10 +4,13 @@
 //! - [`server`]: [`NbdServer`] with named exports over unix sockets and TCP.
 //! - [`client`]: [`NbdClient`], a minimal client for tools, tests and benches.
 //! - [`backend`]: the [`ExportBackend`] contract an export implements.
+//! - [`conn_thread`]: connections on their own threads, where a backend may
+//!   block briefly.
 
 pub mod backend;
 pub mod bufpool;
 pub mod client;
+pub mod conn_thread;
 pub mod error;
 mod handshake;
 pub mod proto;

@@ -1,5 +1,6 @@
 //! The NBD server: a set of named exports and accept loops (unix socket and
-//! TCP), one task per connection, any number of connections per export
+//! TCP), one thread per connection (up to a bound, see [`conn_thread`];
+//! beyond it one task on the shared runtime), any number of connections per export
 //! (NBD_FLAG_CAN_MULTI_CONN is advertised: the backend is shared, so flushes
 //! are visible across connections).
 
@@ -20,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::backend::ExportBackend;
 use super::bufpool::BufPool;
+use super::conn_thread;
 use super::error::NbdError;
 use super::handshake::{self, Outcome};
 use super::proto;
@@ -116,6 +118,7 @@ struct Inner<B> {
     pool: Arc<BufPool>,
     active: AtomicUsize,
     accepted: AtomicU64,
+    threads: Arc<conn_thread::Slots>,
 }
 
 /// An NBD server for exports backed by `B`.
@@ -281,6 +284,7 @@ impl<B: ExportBackend> NbdServer<B> {
                 pool: Arc::new(BufPool::default()),
                 active: AtomicUsize::new(0),
                 accepted: AtomicU64::new(0),
+                threads: Arc::new(conn_thread::Slots::default()),
             }),
         }
     }
@@ -329,6 +333,13 @@ impl<B: ExportBackend> NbdServer<B> {
     }
 
     /// Connections currently open (handshake or transmission).
+    /// Serve at most `max` connections at once on dedicated threads (see
+    /// [`conn_thread`](super::conn_thread)); the others, and all of them
+    /// with 0, run on the caller's runtime.
+    pub fn set_connection_threads(&self, max: usize) {
+        self.inner.threads.set_max(max);
+    }
+
     pub fn active_connections(&self) -> usize {
         self.inner.active.load(Ordering::Relaxed)
     }
@@ -428,27 +439,16 @@ async fn accept_loop<B: ExportBackend>(
                 Ok((stream, peer)) => {
                     inner.accepted.fetch_add(1, Ordering::Relaxed);
                     debug!(peer = %peer, "connection accepted");
-                    let inner = inner.clone();
-                    let shutdown = shutdown.clone();
-                    conns.spawn(async move {
-                        let result = match stream {
-                            Stream::Unix(s) => {
-                                let (r, w) = s.into_split();
-                                handle_connection(inner, r, w, peer.clone(), shutdown).await
-                            }
-                            Stream::Tcp(s) => {
-                                let (r, w) = s.into_split();
-                                handle_connection(inner, r, w, peer.clone(), shutdown).await
-                            }
-                        };
-                        match result {
-                            Ok(()) => debug!(peer = %peer, "connection closed"),
-                            Err(e) if e.is_disconnect() => {
-                                debug!(peer = %peer, error = %e, "connection dropped")
-                            }
-                            Err(e) => info!(peer = %peer, error = %e, "connection closed on error"),
+                    match serve_on_thread(&inner, stream, peer, shutdown.clone()) {
+                        Ok(done) => {
+                            conns.spawn(async move {
+                                let _ = done.await;
+                            });
                         }
-                    });
+                        Err((stream, peer)) => {
+                            conns.spawn(serve_stream(inner.clone(), stream, peer, shutdown.clone()));
+                        }
+                    }
                 }
                 Err(e) => {
                     // E.g. EMFILE: back off instead of spinning.
@@ -478,6 +478,107 @@ async fn accept_loop<B: ExportBackend>(
         "NBD listener closed, draining connections"
     );
     while conns.join_next().await.is_some() {}
+}
+
+/// Serves one accepted stream on the calling runtime, to completion.
+async fn serve_stream<B: ExportBackend>(
+    inner: Arc<Inner<B>>,
+    stream: Stream,
+    peer: String,
+    shutdown: watch::Receiver<bool>,
+) {
+    let result = match stream {
+        Stream::Unix(s) => {
+            let (r, w) = s.into_split();
+            handle_connection(inner, r, w, peer.clone(), shutdown).await
+        }
+        Stream::Tcp(s) => {
+            let (r, w) = s.into_split();
+            handle_connection(inner, r, w, peer.clone(), shutdown).await
+        }
+    };
+    match result {
+        Ok(()) => debug!(peer = %peer, "connection closed"),
+        Err(e) if e.is_disconnect() => {
+            debug!(peer = %peer, error = %e, "connection dropped")
+        }
+        Err(e) => info!(peer = %peer, error = %e, "connection closed on error"),
+    }
+}
+
+/// A stream detached from the shared runtime's reactor, to be registered
+/// with a connection thread's own.
+enum StdStream {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Stream {
+    fn into_std(self) -> io::Result<StdStream> {
+        Ok(match self {
+            Stream::Unix(s) => StdStream::Unix(s.into_std()?),
+            Stream::Tcp(s) => StdStream::Tcp(s.into_std()?),
+        })
+    }
+}
+
+impl StdStream {
+    /// Registers the stream with the current runtime (it is still in
+    /// non-blocking mode: `into_std` keeps it).
+    fn into_tokio(self) -> io::Result<Stream> {
+        Ok(match self {
+            StdStream::Unix(s) => Stream::Unix(UnixStream::from_std(s)?),
+            StdStream::Tcp(s) => Stream::Tcp(TcpStream::from_std(s)?),
+        })
+    }
+}
+
+/// Serves the connection on a dedicated thread (see `conn_thread`) if a
+/// slot is free; otherwise hands the stream back for the shared runtime.
+fn serve_on_thread<B: ExportBackend>(
+    inner: &Arc<Inner<B>>,
+    stream: Stream,
+    peer: String,
+    shutdown: watch::Receiver<bool>,
+) -> Result<tokio::sync::oneshot::Receiver<()>, (Stream, String)> {
+    let Some(slot) = inner.threads.take() else {
+        return Err((stream, peer));
+    };
+    let std_stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            // The stream is gone with the failed conversion.
+            info!(peer = %peer, error = %e, "cannot move the connection to its thread; closed");
+            let (_tx, rx) = tokio::sync::oneshot::channel();
+            return Ok(rx);
+        }
+    };
+    let inner2 = inner.clone();
+    let spawned = conn_thread::spawn(
+        slot,
+        tokio::runtime::Handle::current(),
+        (std_stream, peer),
+        move |(s, peer): (StdStream, String)| async move {
+            match s.into_tokio() {
+                Ok(s) => serve_stream(inner2, s, peer, shutdown).await,
+                Err(e) => info!(peer = %peer, error = %e, "cannot register the connection; closed"),
+            }
+        },
+    );
+    match spawned {
+        Ok(done) => Ok(done),
+        Err(((s, peer), e)) => {
+            debug!(peer = %peer, error = %e, "no connection thread; serving on the shared runtime");
+            match s.into_tokio() {
+                Ok(s) => Err((s, peer)),
+                Err(e) => {
+                    info!(peer = %peer, error = %e, "cannot register the connection; closed");
+                    let (_tx, rx) = tokio::sync::oneshot::channel();
+                    Ok(rx)
+                }
+            }
+        }
+    }
 }
 
 struct ActiveGuard<'a>(&'a AtomicUsize);

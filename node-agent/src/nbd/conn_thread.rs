@@ -1,0 +1,211 @@
+//! Dedicated connection threads: each NBD connection (up to a bounded
+//! number) runs on its own OS thread with its own single-threaded tokio
+//! runtime, like one of nbdkit's request threads. A request on that thread
+//! may do short blocking device I/O right where it was parsed (a 4 KiB
+//! `pwrite` into the page cache), with no hand-off to a pool thread and back:
+//! blocking there holds up only this connection, never the agent's shared
+//! runtime (gRPC, control socket, copier, other connections).
+//!
+//! I/O that may take long (a read that misses the page cache, `fdatasync`,
+//! a write waiting for a copier's range lock) still goes to the shared
+//! blocking pool through [`spawn_blocking`], which every thread, connection
+//! thread or not, reaches: so the pool's bound (`--io-threads`) holds for
+//! the whole process.
+//!
+//! Connections beyond the bound are served on the shared runtime as before,
+//! where [`may_block`] is false and every blocking call goes to the pool.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+/// Connections served on their own thread at once, per server, unless
+/// [`NbdServer::set_connection_threads`](super::NbdServer::set_connection_threads)
+/// says otherwise.
+pub const MAX_CONNECTION_THREADS: usize = 128;
+
+thread_local! {
+    /// On a connection thread: the shared runtime, whose blocking pool
+    /// takes the long I/O.
+    static SHARED: RefCell<Option<Handle>> = const { RefCell::new(None) };
+}
+
+/// True on a dedicated connection thread: the caller may block it briefly.
+pub fn may_block() -> bool {
+    SHARED.with(|s| s.borrow().is_some())
+}
+
+/// Runs `f` on the shared blocking pool (bounded by `--io-threads`), from
+/// any thread: a connection thread's own runtime has no pool of its own to
+/// use.
+pub fn spawn_blocking<F, R>(f: F) -> JoinHandle<R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let shared = SHARED.with(|s| s.borrow().clone());
+    match shared {
+        Some(h) => h.spawn_blocking(f),
+        None => tokio::task::spawn_blocking(f),
+    }
+}
+
+/// Counts the connection threads of one server; a slot is taken for a
+/// thread's whole life.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    used: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots {
+            used: AtomicUsize::new(0),
+            max: AtomicUsize::new(MAX_CONNECTION_THREADS),
+        }
+    }
+}
+
+pub(crate) struct Slot(Arc<Slots>);
+
+impl Slots {
+    /// A slot, unless the most threads allowed are running.
+    pub(crate) fn take(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.max.load(Ordering::Relaxed);
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            if cur >= max {
+                return None;
+            }
+            match self
+                .used
+                .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(Slot(self.clone())),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// At most `max` connection threads from now on (0: none; running
+    /// ones are not stopped).
+    pub(crate) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn in_use(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Starts a connection thread that runs `work` (given the connection's
+/// input, moved in) to completion on a fresh single-threaded runtime.
+/// `shared` is the runtime whose blocking pool takes the long I/O. Returns
+/// the input back if no thread or runtime could be made (the caller then
+/// serves the connection on the shared runtime), else a receiver that
+/// resolves when the thread is done.
+pub(crate) fn spawn<T, F, Fut>(
+    slot: Slot,
+    shared: Handle,
+    input: T,
+    work: F,
+) -> Result<tokio::sync::oneshot::Receiver<()>, (T, std::io::Error)>
+where
+    T: Send + 'static,
+    F: FnOnce(T) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return Err((input, e)),
+    };
+    // The input goes through a slot the thread empties, so a failed spawn
+    // can hand it back.
+    let cell = Arc::new(std::sync::Mutex::new(Some(input)));
+    let theirs = cell.clone();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            let input = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(input) = input {
+                SHARED.with(|s| *s.borrow_mut() = Some(shared));
+                rt.block_on(work(input));
+            }
+            // Tasks left on the runtime end here, and the slot is free
+            // before anyone is told the thread is done.
+            drop(rt);
+            drop(slot);
+            let _ = done_tx.send(());
+        });
+    match spawned {
+        Ok(_) => Ok(done_rx),
+        Err(e) => {
+            let input = cell.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match input {
+                Some(input) => Err((input, e)),
+                // Unreachable in practice: a thread that never started
+                // cannot have taken the input; report it as served.
+                None => Ok(done_rx),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_bounded_and_returned() {
+        let slots = Arc::new(Slots::default());
+        let held: Vec<Slot> = (0..MAX_CONNECTION_THREADS)
+            .map(|_| slots.take().unwrap())
+            .collect();
+        assert!(slots.take().is_none(), "one slot too many");
+        assert_eq!(slots.in_use(), MAX_CONNECTION_THREADS);
+        drop(held);
+        assert_eq!(slots.in_use(), 0);
+        assert!(slots.take().is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn connection_threads_may_block_and_reach_the_shared_pool() {
+        assert!(!may_block(), "the shared runtime must not block");
+        let slots = Arc::new(Slots::default());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let done = spawn(
+            slots.take().unwrap(),
+            Handle::current(),
+            tx,
+            |tx| async move {
+                let inline = may_block();
+                // The pool is the shared runtime's: its threads are no
+                // connection threads.
+                let pooled = spawn_blocking(may_block).await.unwrap();
+                let _ = tx.send((inline, pooled));
+            },
+        )
+        .map_err(|(_, e)| e)
+        .unwrap();
+        let (inline, pooled) = rx.await.unwrap();
+        done.await.unwrap();
+        assert!(inline, "a connection thread may block");
+        assert!(!pooled, "pool threads are shared ones");
+        assert_eq!(slots.in_use(), 0, "the slot is returned at the end");
+    }
+}
