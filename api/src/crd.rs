@@ -270,13 +270,13 @@ pub struct VolumeMigrationStatus {
     /// The spec generation this status reflects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Fencing epoch of the master driving the session.
+    /// Fencing epoch of the master driving the session (the newest of its volumes').
     #[serde(default)]
     pub epoch: i64,
-    /// The session id agents know the session by.
+    /// The session id agents know the session by (a group's name for several volumes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
-    /// Saves of the session record (optimistic concurrency, with the generation).
+    /// Saves of session records so far.
     #[serde(default)]
     pub revision: i64,
     /// An abort was requested (spec.abort, or the migration was deleted).
@@ -371,6 +371,38 @@ pub struct VolumeStatus {
     pub resumes: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<bool>,
+    /// This volume's session (several in a consistency group; the
+    /// top-level fields sum them up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<VolumeSessionStatus>,
+}
+
+/// One volume's session: what its master needs to continue it.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSessionStatus {
+    pub id: String,
+    #[serde(default)]
+    pub phase: MigrationPhase,
+    #[serde(default)]
+    pub epoch: i64,
+    /// Saves of this volume's record (optimistic concurrency, with the generation).
+    #[serde(default)]
+    pub revision: i64,
+    #[serde(default)]
+    pub abort_requested: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub queued: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover_stall: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<SessionConfigStatus>,
+    #[serde(default)]
+    pub phase_times: Vec<PhaseTimeStatus>,
 }
 
 /// The settings the session runs with (copied from the spec at creation;

@@ -1,9 +1,11 @@
 //! The session record (`volmig_master::SessionRecord`) as the
-//! VolumeMigration status and back: pure functions. Session-wide fields
-//! (session id, epoch, phase, timeline, stall, error, settings) live at the
-//! top of the status; a volume's fields (paths, sizes, counters, progress
-//! flags) in its `status.volumes[i]`, found by the volume's name on the agent
-//! (the source PV's name), which is the record's key.
+//! VolumeMigration status and back: pure functions. A record lives in its
+//! volume's `status.volumes[i]` (found by the volume's name on the agent,
+//! the source PV's name, which is the record's key): paths, sizes, counters
+//! and progress flags as fields of the entry, the session's id, phase,
+//! epoch, timeline, stall, error and settings in its `session`. The
+//! top-level fields sum the volumes up (one volume: the same values; a
+//! consistency group: the least advanced phase, the largest stall...).
 //!
 //! Lossless for what the driver needs, with two roundings people never
 //! notice: rates are whole bytes per second, the stall whole microseconds.
@@ -13,7 +15,7 @@ use std::path::PathBuf;
 use k8s_openapi::jiff::Timestamp;
 use volmig_api::crd::{
     Condition, MigrationPhase, PhaseTimeStatus, SessionConfigStatus, VerifySpec,
-    VolumeMigrationStatus, VolumeStatus,
+    VolumeMigrationStatus, VolumeSessionStatus, VolumeStatus,
 };
 use volmig_api::phase::{Phase, Progress};
 use volmig_master::{PhaseTime, SessionConfig, SessionRecord, Verify};
@@ -114,31 +116,39 @@ fn config_from(c: &SessionConfigStatus) -> SessionConfig {
 
 /// Whether the status holds a session record for `key`.
 pub fn has_record(status: &VolumeMigrationStatus, key: &str) -> bool {
-    status.session_id.is_some() && status.volumes.iter().any(|v| v.volume == key)
+    status
+        .volumes
+        .iter()
+        .any(|v| v.volume == key && v.session.is_some())
 }
 
-/// Writes `rec` into `status` (its volume's entry is created if missing).
-/// Leaves what the record does not own (conditions, claim names, node,
-/// holder pod) alone. The status revision is the store's business.
-pub fn write_record(status: &mut VolumeMigrationStatus, rec: &SessionRecord) {
-    status.phase = rec.phase.into();
-    status.epoch = i(rec.epoch);
-    status.session_id = Some(rec.session.clone());
-    status.abort_requested = rec.abort_requested;
-    status.group = rec.group.clone();
-    status.queued = rec.queued;
-    status.cutover_stall = rec.cutover_stall_ms.map(format_stall);
-    status.error = rec.error.clone();
-    status.config = Some(config_to(&rec.config));
-    status.phase_times = rec
-        .phase_times
+/// The record revision of `key` in `status`, without the generation.
+pub fn volume_revision(status: &VolumeMigrationStatus, key: &str) -> u64 {
+    status
+        .volumes
+        .iter()
+        .find(|v| v.volume == key)
+        .and_then(|v| v.session.as_ref())
+        .map(|s| u(s.revision))
+        .unwrap_or(0)
+}
+
+fn phase_times_to(rec: &SessionRecord) -> Vec<PhaseTimeStatus> {
+    rec.phase_times
         .iter()
         .map(|p| PhaseTimeStatus {
             phase: p.phase.into(),
             start: format_ms(p.start_ms),
             end: p.end_ms.map(format_ms),
         })
-        .collect();
+        .collect()
+}
+
+/// Writes `rec` into its volume's entry of `status` (created if missing)
+/// and sums the volumes up at the top. Leaves what the record does not own
+/// (conditions, claim names, node, holder pod) alone; the volume's record
+/// revision is the store's business.
+pub fn write_record(status: &mut VolumeMigrationStatus, rec: &SessionRecord) {
     let idx = match status.volumes.iter().position(|v| v.volume == rec.volume) {
         Some(i) => i,
         None => {
@@ -150,6 +160,20 @@ pub fn write_record(status: &mut VolumeMigrationStatus, rec: &SessionRecord) {
         }
     };
     let v = &mut status.volumes[idx];
+    let revision = v.session.as_ref().map(|s| s.revision).unwrap_or(0);
+    v.session = Some(VolumeSessionStatus {
+        id: rec.session.clone(),
+        phase: rec.phase.into(),
+        epoch: i(rec.epoch),
+        revision,
+        abort_requested: rec.abort_requested,
+        group: rec.group.clone(),
+        queued: rec.queued,
+        cutover_stall: rec.cutover_stall_ms.map(format_stall),
+        error: rec.error.clone(),
+        config: Some(config_to(&rec.config)),
+        phase_times: phase_times_to(rec),
+    });
     let path = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.display().to_string());
     // The reconciler records the agent it found; a record without one keeps it.
     if !rec.agent.is_empty() {
@@ -170,6 +194,75 @@ pub fn write_record(status: &mut VolumeMigrationStatus, rec: &SessionRecord) {
     v.copy_rate = rec.copy_rate.round() as i64;
     v.resumes = rec.resumes as i64;
     v.verified = rec.verified;
+    summarize(status);
+}
+
+fn order(p: MigrationPhase) -> usize {
+    [
+        MigrationPhase::Pending,
+        MigrationPhase::Activating,
+        MigrationPhase::Copying,
+        MigrationPhase::Refreshing,
+        MigrationPhase::Quiescing,
+        MigrationPhase::Synchronizing,
+        MigrationPhase::Redirecting,
+        MigrationPhase::Resuming,
+        MigrationPhase::Terminating,
+    ]
+    .iter()
+    .position(|x| *x == p)
+    .unwrap_or(usize::MAX)
+}
+
+/// The migration's phase from its volumes' sessions: the least advanced
+/// running one; once all ended, Completed if all completed, else Failed if
+/// any failed, else Aborted.
+pub fn overall_phase(phases: &[MigrationPhase]) -> MigrationPhase {
+    if let Some(p) = phases
+        .iter()
+        .filter(|p| !p.is_terminal())
+        .min_by_key(|p| order(**p))
+    {
+        return *p;
+    }
+    if phases.is_empty() {
+        MigrationPhase::Pending
+    } else if phases.iter().all(|p| *p == MigrationPhase::Completed) {
+        MigrationPhase::Completed
+    } else if phases.contains(&MigrationPhase::Failed) {
+        MigrationPhase::Failed
+    } else {
+        MigrationPhase::Aborted
+    }
+}
+
+/// The top-level fields from the volumes' sessions (what `kubectl get`,
+/// the conditions and people read).
+pub fn summarize(status: &mut VolumeMigrationStatus) {
+    let sessions: Vec<VolumeSessionStatus> = status
+        .volumes
+        .iter()
+        .filter_map(|v| v.session.clone())
+        .collect();
+    let Some(first) = sessions.first() else {
+        return;
+    };
+    status.session_id = Some(first.group.clone().unwrap_or_else(|| first.id.clone()));
+    status.phase = overall_phase(&sessions.iter().map(|s| s.phase).collect::<Vec<_>>());
+    status.epoch = sessions.iter().map(|s| s.epoch).max().unwrap_or(0);
+    status.abort_requested = sessions.iter().any(|s| s.abort_requested);
+    status.group = first.group.clone();
+    status.queued = sessions.iter().any(|s| s.queued);
+    status.cutover_stall = sessions
+        .iter()
+        .filter_map(|s| s.cutover_stall.clone())
+        .max_by(|a, b| {
+            let (x, y) = (parse_stall(a).unwrap_or(0.0), parse_stall(b).unwrap_or(0.0));
+            x.total_cmp(&y)
+        });
+    status.error = sessions.iter().find_map(|s| s.error.clone());
+    status.config = first.config.clone();
+    status.phase_times = first.phase_times.clone();
     status.progress = Some(progress_text(status));
 }
 
@@ -191,30 +284,31 @@ pub fn progress_text(status: &VolumeMigrationStatus) -> String {
 }
 
 /// The record of `key` in `status`, if the status holds one. `revision`
-/// is the store's (generation + status revision).
+/// is the store's (generation + the volume's record revision).
 pub fn read_record(
     status: &VolumeMigrationStatus,
     key: &str,
     revision: u64,
 ) -> Result<Option<SessionRecord>, MapError> {
-    let Some(session) = status.session_id.clone() else {
-        return Ok(None);
-    };
     let Some(v) = status.volumes.iter().find(|v| v.volume == key) else {
         return Ok(None);
     };
-    let phase = status.phase.session_phase().ok_or_else(|| {
+    let Some(s) = &v.session else {
+        return Ok(None);
+    };
+    let session = s.id.clone();
+    let phase = s.phase.session_phase().ok_or_else(|| {
         MapError(format!(
-            "session {session} exists but the phase is {}",
-            status.phase
+            "session {session} exists but its phase is {}",
+            s.phase
         ))
     })?;
-    let config = status
+    let config = s
         .config
         .as_ref()
         .map(config_from)
         .ok_or_else(|| MapError(format!("session {session} has no settings")))?;
-    let phase_times = status
+    let phase_times = s
         .phase_times
         .iter()
         .map(|p| {
@@ -231,7 +325,7 @@ pub fn read_record(
     let path = |p: &Option<String>| p.as_deref().map(PathBuf::from).unwrap_or_default();
     Ok(Some(SessionRecord {
         revision,
-        epoch: u(status.epoch),
+        epoch: u(s.epoch),
         session,
         volume: key.to_string(),
         agent: v.agent.clone().unwrap_or_default(),
@@ -248,22 +342,18 @@ pub fn read_record(
             converged: v.converged,
         },
         redirected: v.redirected,
-        abort_requested: status.abort_requested,
+        abort_requested: s.abort_requested,
         bytes_copied: u(v.bytes_copied),
         copy_rate: v.copy_rate as f64,
         dirty_bytes: u(v.dirty_bytes),
         write_rate: v.write_rate as f64,
         phase_times,
-        cutover_stall_ms: status
-            .cutover_stall
-            .as_deref()
-            .map(parse_stall)
-            .transpose()?,
+        cutover_stall_ms: s.cutover_stall.as_deref().map(parse_stall).transpose()?,
         resumes: u32::try_from(v.resumes).unwrap_or(0),
-        error: status.error.clone(),
+        error: s.error.clone(),
         verified: v.verified,
-        group: status.group.clone(),
-        queued: status.queued,
+        group: s.group.clone(),
+        queued: s.queued,
     }))
 }
 
@@ -386,6 +476,7 @@ pub fn phase_of(status: &VolumeMigrationStatus) -> Option<Phase> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::path::Path;
     use volmig_api::phase::CopyMode;
 
     fn phase() -> impl Strategy<Value = Phase> {
@@ -484,13 +575,54 @@ mod tests {
             ..VolumeMigrationStatus::default()
         };
         assert!(read_record(&status, "pv-1", 0).unwrap().is_none());
-        let bad = VolumeMigrationStatus {
-            session_id: Some("s".into()),
-            ..status
-        };
+        assert!(!has_record(&status, "pv-1"));
+        let mut bad = status.clone();
+        bad.volumes[0].session = Some(VolumeSessionStatus {
+            id: "s".into(),
+            ..Default::default()
+        });
         assert!(
             read_record(&bad, "pv-1", 0).is_err(),
             "a session in phase Pending is corrupt"
+        );
+    }
+
+    #[test]
+    fn a_group_sums_up_at_the_top() {
+        use MigrationPhase::*;
+        assert_eq!(overall_phase(&[Copying, Refreshing]), Copying);
+        assert_eq!(overall_phase(&[Completed, Terminating]), Terminating);
+        assert_eq!(overall_phase(&[Completed, Completed]), Completed);
+        assert_eq!(overall_phase(&[Aborted, Failed]), Failed);
+        assert_eq!(overall_phase(&[Aborted, Completed]), Aborted);
+        assert_eq!(overall_phase(&[]), Pending);
+        let mut st = VolumeMigrationStatus::default();
+        for (vol, phase, stall, size, copied) in [
+            ("a", Phase::Resuming, 3.0, 100, 100),
+            ("b", Phase::Redirecting, 7.5, 300, 100),
+        ] {
+            let mut r = SessionRecord::new(
+                vol,
+                Path::new("/s"),
+                Path::new("/t"),
+                size,
+                SessionConfig::default(),
+            );
+            r.group = Some("db/m".into());
+            r.enter(phase);
+            r.cutover_stall_ms = Some(stall);
+            r.bytes_copied = copied;
+            r.epoch = if vol == "a" { 3 } else { 4 };
+            write_record(&mut st, &r);
+        }
+        assert_eq!(st.phase, MigrationPhase::Redirecting);
+        assert_eq!(st.session_id.as_deref(), Some("db/m"));
+        assert_eq!(st.cutover_stall.as_deref(), Some("7.500ms"));
+        assert_eq!(st.epoch, 4);
+        assert_eq!(st.progress.as_deref(), Some("50%"));
+        assert_eq!(
+            read_record(&st, "b", 0).unwrap().unwrap().phase,
+            Phase::Redirecting
         );
     }
 

@@ -2,14 +2,15 @@
 //! status is the communication data set.
 //!
 //! Optimistic concurrency: a record's revision is the object's
-//! `metadata.generation` plus `status.revision` (the number of record
-//! saves). Both only grow, so equal sums mean nothing changed; a spec edit
-//! (abort, a new bandwidth limit) changes the revision, so the driver's next
-//! save fails with `Conflict`, it reloads and merges those requests. A save
-//! reads the object, checks the revision, writes the record into the status
-//! it read and replaces the status with that object's `resourceVersion`: the
-//! API server answers 409 Conflict when anything wrote in between, which
-//! becomes `MasterError::Conflict` too.
+//! `metadata.generation` plus its volume's `session.revision` (the number
+//! of saves of that record). Both only grow, so equal sums mean nothing
+//! changed; a spec edit (abort, a new bandwidth limit) changes the revision,
+//! so the driver's next save fails with `Conflict`, it reloads and merges
+//! those requests. A save reads the object, checks the revision, writes the
+//! record into the status it read and replaces the status with that
+//! object's `resourceVersion`. When the API server answers 409 (someone
+//! wrote in between: another volume of a group, the reconciler), the save
+//! reads again and retries as long as this record's revision still holds.
 //!
 //! What users ask for lives in the spec and wins on load: `spec.abort` (or
 //! the object being deleted) is an abort request, `spec.bandwidthLimit` the
@@ -22,7 +23,9 @@ use volmig_api::crd::{VolumeMigration, VolumeMigrationStatus, check_spec};
 use volmig_api::phase::Phase;
 use volmig_master::{MasterError, Result, SessionRecord, SessionStore, now_ms};
 
-use crate::status_map::{has_record, read_record, session_conditions, write_record};
+use crate::status_map::{
+    has_record, read_record, session_conditions, volume_revision, write_record,
+};
 
 /// A record saved, for Events and metrics.
 #[derive(Debug, Clone)]
@@ -49,12 +52,18 @@ fn store_err(what: &str, name: &str, e: kube::Error) -> MasterError {
     }
 }
 
-/// The record revision of `vm` (see the module docs).
-pub fn revision_of(vm: &VolumeMigration) -> u64 {
+/// The revision of `key`'s record in `vm` (see the module docs).
+pub fn revision_of(vm: &VolumeMigration, key: &str) -> u64 {
     let g = vm.metadata.generation.unwrap_or(0).max(0) as u64;
-    let r = vm.status.as_ref().map(|s| s.revision).unwrap_or(0).max(0) as u64;
-    g + r
+    g + vm
+        .status
+        .as_ref()
+        .map(|s| volume_revision(s, key))
+        .unwrap_or(0)
 }
+
+/// Saves that lose a race to an unrelated write are retried this often.
+const RETRIES: usize = 16;
 
 impl CrStatusStore {
     pub fn new(api: Api<VolumeMigration>, namespace: &str, name: &str) -> Self {
@@ -93,7 +102,7 @@ impl CrStatusStore {
         let status = vm.status.as_ref().unwrap_or(&empty);
         let name = vm.metadata.name.clone().unwrap_or_default();
         let mut rec =
-            read_record(status, key, revision_of(vm)).map_err(|e| MasterError::Corrupt {
+            read_record(status, key, revision_of(vm, key)).map_err(|e| MasterError::Corrupt {
                 path: format!("VolumeMigration {name}").into(),
                 reason: e.0,
             })?;
@@ -113,54 +122,73 @@ impl SessionStore for CrStatusStore {
     }
 
     async fn save(&self, key: &str, rec: &mut SessionRecord) -> Result<()> {
-        let mut vm = self.get().await?;
-        let mut status = vm.status.clone().unwrap_or_default();
-        let exists = has_record(&status, key);
-        let found = if exists { revision_of(&vm) } else { 0 };
-        if found != rec.revision {
-            return Err(MasterError::Conflict {
-                key: key.to_string(),
-                expected: rec.revision,
-                found,
-            });
-        }
-        let before = if exists {
-            status.phase.session_phase()
-        } else {
-            None
-        };
-        write_record(&mut status, rec);
-        status.revision += 1;
-        session_conditions(&mut status, vm.metadata.generation, now_ms());
-        vm.status = Some(status);
-        match self
-            .api
-            .replace_status(&self.name, &PostParams::default(), &vm)
-            .await
-        {
-            Ok(stored) => {
-                rec.revision = revision_of(&stored);
-                if let Some(tx) = &self.saved {
-                    let _ = tx.send(Saved {
-                        namespace: self.namespace.clone(),
-                        name: self.name.clone(),
-                        before,
-                        record: rec.clone(),
-                    });
-                }
-                Ok(())
+        for _ in 0..RETRIES {
+            let mut vm = self.get().await?;
+            let mut status = vm.status.clone().unwrap_or_default();
+            let exists = has_record(&status, key);
+            let found = if exists { revision_of(&vm, key) } else { 0 };
+            if found != rec.revision {
+                return Err(MasterError::Conflict {
+                    key: key.to_string(),
+                    expected: rec.revision,
+                    found,
+                });
             }
-            Err(kube::Error::Api(ae)) if ae.code == 409 => Err(MasterError::Conflict {
-                key: key.to_string(),
-                expected: rec.revision,
-                found: revision_of(&vm),
-            }),
-            Err(kube::Error::Api(ae)) if ae.code == 404 => Err(MasterError::NoSession(format!(
-                "VolumeMigration {} is gone",
-                self.name
-            ))),
-            Err(e) => Err(store_err("writing the status", &self.name, e)),
+            let before = if exists {
+                status
+                    .volumes
+                    .iter()
+                    .find(|v| v.volume == key)
+                    .and_then(|v| v.session.as_ref())
+                    .and_then(|s| s.phase.session_phase())
+            } else {
+                None
+            };
+            write_record(&mut status, rec);
+            if let Some(s) = status
+                .volumes
+                .iter_mut()
+                .find(|v| v.volume == key)
+                .and_then(|v| v.session.as_mut())
+            {
+                s.revision += 1;
+            }
+            status.revision += 1;
+            session_conditions(&mut status, vm.metadata.generation, now_ms());
+            vm.status = Some(status);
+            match self
+                .api
+                .replace_status(&self.name, &PostParams::default(), &vm)
+                .await
+            {
+                Ok(stored) => {
+                    rec.revision = revision_of(&stored, key);
+                    if let Some(tx) = &self.saved {
+                        let _ = tx.send(Saved {
+                            namespace: self.namespace.clone(),
+                            name: self.name.clone(),
+                            before,
+                            record: rec.clone(),
+                        });
+                    }
+                    return Ok(());
+                }
+                // someone wrote in between: read again, check again
+                Err(kube::Error::Api(ae)) if ae.code == 409 => continue,
+                Err(kube::Error::Api(ae)) if ae.code == 404 => {
+                    return Err(MasterError::NoSession(format!(
+                        "VolumeMigration {} is gone",
+                        self.name
+                    )));
+                }
+                Err(e) => return Err(store_err("writing the status", &self.name, e)),
+            }
         }
+        Err(MasterError::Conflict {
+            key: key.to_string(),
+            expected: rec.revision,
+            found: rec.revision,
+        })
     }
 
     async fn keys(&self) -> Result<Vec<String>> {
@@ -168,11 +196,11 @@ impl SessionStore for CrStatusStore {
         Ok(vm
             .status
             .map(|s| {
-                if s.session_id.is_some() {
-                    s.volumes.into_iter().map(|v| v.volume).collect()
-                } else {
-                    Vec::new()
-                }
+                s.volumes
+                    .into_iter()
+                    .filter(|v| v.session.is_some())
+                    .map(|v| v.volume)
+                    .collect()
             })
             .unwrap_or_default())
     }
