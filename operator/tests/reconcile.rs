@@ -26,16 +26,37 @@ use volmig_operator::status_store::Saved;
 
 const SIZE: u64 = 16 << 20;
 
-/// The in-process agent as the operator's connector.
-struct InProc(Arc<Agent>);
+/// In-process agents as the operator's connector: the agent of node n1
+/// (10.0.0.5) and, for groups across nodes, of n2 (10.0.0.6).
+struct InProc(Arc<Agent>, Option<Arc<Agent>>);
+
+impl InProc {
+    fn agent(&self, endpoint: &str) -> volmig_operator::Result<Arc<Agent>> {
+        match endpoint {
+            "https://10.0.0.5:7443" => Ok(self.0.clone()),
+            "https://10.0.0.6:7443" => {
+                self.1.clone().ok_or_else(|| volmig_operator::Error::Agent {
+                    endpoint: endpoint.into(),
+                    reason: "no agent".into(),
+                })
+            }
+            e => panic!("the operator dialed {e}"),
+        }
+    }
+}
 
 impl Connector for InProc {
     type Slave = Arc<Agent>;
-    fn slave(&self, _endpoint: &str) -> volmig_operator::Result<Arc<Agent>> {
-        Ok(self.0.clone())
+    fn slave(&self, endpoint: &str) -> volmig_operator::Result<Arc<Agent>> {
+        self.agent(endpoint)
     }
-    async fn exports(&self, _endpoint: &str) -> volmig_operator::Result<Vec<String>> {
-        Ok(self.0.list().into_iter().map(|v| v.name).collect())
+    async fn exports(&self, endpoint: &str) -> volmig_operator::Result<Vec<String>> {
+        Ok(self
+            .agent(endpoint)?
+            .list()
+            .into_iter()
+            .map(|v| v.name)
+            .collect())
     }
 }
 
@@ -88,7 +109,7 @@ async fn cluster(spec: Value, exported: &str) -> Cluster {
     let ctx = Arc::new(Context::new(
         client.clone(),
         settings,
-        InProc(agent.clone()),
+        InProc(agent.clone(), None),
         1,
         tx,
         recorder,
@@ -405,6 +426,27 @@ async fn deletion_mid_migration_rolls_back_before_the_finalizer_goes() {
     assert_eq!(active, c.source);
 }
 
+/// What the provisioner, kubelet and the CSI node plugin do for a holder
+/// pod: bind its claim to a new PV, run the pod, publish the raw device.
+fn attach(fake: &FakeApi, dir: &Path, claim_name: &str, pv: &str, holder: &str, file: &Path) {
+    fake.put(&pv_path(pv), csi_volume(pv, claim_name, "16Mi"));
+    fake.edit(&pvc_path(claim_name), |c| {
+        c["spec"]["volumeName"] = json!(pv);
+        c["status"] = json!({"phase": "Bound", "capacity": {"storage": "16Mi"}});
+    });
+    let holder = pod_path("db", holder);
+    fake.edit(&holder, |p| p["status"] = json!({"phase": "Running"}));
+    let uid = fake.get(&holder).unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dev = dir.join(format!(
+        "kubelet/pods/{uid}/volumeDevices/kubernetes.io~csi"
+    ));
+    std::fs::create_dir_all(&dev).unwrap();
+    std::os::unix::fs::symlink(file, dev.join(pv)).unwrap();
+}
+
 /// Writes other than the finalizer, the status and events.
 fn creations(fake: &FakeApi) -> Vec<String> {
     fake.writes()
@@ -506,4 +548,104 @@ async fn over_the_concurrency_limit_a_migration_waits_in_pending() {
         "WaitingForTarget",
         "a slot came free"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_volumes_on_two_nodes_cut_over_as_one_group() {
+    let c = cluster(spec("8Mi"), "pv-data").await;
+    // a second volume, used on node n2, served by n2's agent
+    let logs_dir = c.dir.path().join("logs");
+    std::fs::create_dir_all(&logs_dir).unwrap();
+    let (logs_src, logs_dst) = volumes(&logs_dir, SIZE);
+    let agent2 = Agent::new(&c.dir.path().join("agent2-state")).unwrap();
+    agent2
+        .add_volume("pv-logs", &logs_src, false)
+        .await
+        .unwrap();
+    c.fake.put(
+        &pvc_path("logs"),
+        claim("logs", Some("pv-logs"), "slow", "16Mi", "Filesystem"),
+    );
+    c.fake
+        .put(&pv_path("pv-logs"), csi_volume("pv-logs", "logs", "16Mi"));
+    c.fake
+        .put(&pod_path("db", "app-1"), app_pod("app-1", "n2", "logs"));
+    c.fake.edit(VM_PATH, |o| {
+        o["spec"]["volumes"] = json!([
+            {"source": {"persistentVolumeClaim": "data"}, "target": {"storageClassName": "fast"}},
+            {"source": {"persistentVolumeClaim": "logs"}, "target": {"storageClassName": "fast"}},
+        ]);
+    });
+    let ctx = Arc::new(Context::new(
+        c.ctx.client.clone(),
+        c.ctx.settings.clone(),
+        InProc(c.agent.clone(), Some(agent2.clone())),
+        1,
+        c.ctx.saved.clone(),
+        Recorder::new(
+            c.ctx.client.clone(),
+            Reporter {
+                controller: "volmig-operator".into(),
+                instance: None,
+            },
+        ),
+    ));
+    let run = |ctx: Arc<Context<InProc>>| {
+        let api = c.api.clone();
+        async move { reconcile(Arc::new(api.get("m").await.unwrap()), ctx).await }
+    };
+    run(ctx.clone()).await.unwrap(); // finalizer
+    run(ctx.clone()).await.unwrap(); // claims, holders
+    let h1 = c.fake.get(&pod_path("db", "volmig-holder-m-1")).unwrap();
+    assert_eq!(
+        h1["spec"]["nodeName"], "n2",
+        "each volume's holder on its own node"
+    );
+    assert!(c.fake.get(&pvc_path("logs-volmig")).is_some());
+    attach(
+        &c.fake,
+        c.dir.path(),
+        "data-volmig",
+        "pv-target",
+        "volmig-holder-m",
+        &c.target,
+    );
+    run(ctx.clone()).await.unwrap();
+    assert!(
+        c.vm()["status"]["sessionId"].is_null(),
+        "no session while one volume still waits"
+    );
+    attach(
+        &c.fake,
+        c.dir.path(),
+        "logs-volmig",
+        "pv-logs-target",
+        "volmig-holder-m-1",
+        &logs_dst,
+    );
+    run(ctx.clone()).await.unwrap();
+    let st = c.vm()["status"].clone();
+    assert_eq!(st["sessionId"], "m", "the group's name: {st}");
+    assert_eq!(st["volumes"][1]["agent"], "https://10.0.0.6:7443");
+
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Completed", "{st}");
+    for v in st["volumes"].as_array().unwrap() {
+        assert_eq!(v["session"]["phase"], "Completed", "{v}");
+        assert_eq!(v["session"]["group"], "m");
+        assert_eq!(v["redirected"], true);
+    }
+    check_volume(&c.target, SIZE, &[]);
+    check_volume(&logs_dst, SIZE, &[]);
+    run(ctx.clone()).await.unwrap(); // rebinding, both volumes
+    for (src, tgt) in [("pv-data", "pv-target"), ("pv-logs", "pv-logs-target")] {
+        assert_eq!(
+            c.fake.get(&pv_path(src)).unwrap()["metadata"]["annotations"]["volmig.io/backed-by"],
+            tgt
+        );
+        assert_eq!(
+            c.fake.get(&pv_path(tgt)).unwrap()["spec"]["persistentVolumeReclaimPolicy"],
+            "Retain"
+        );
+    }
 }

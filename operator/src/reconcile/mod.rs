@@ -4,9 +4,10 @@
 //! - deletion: request an abort, wait for the rollback, remove the holder
 //!   pod, then let the finalizer go;
 //! - an invalid spec: phase Failed with the reason, nothing created;
-//! - no session yet: take a slot (`--max-concurrent`), resolve the source,
-//!   node, agent and target (see [`resolve`]), create the session record in
-//!   the status (phase Activating) and start its driver;
+//! - no session yet: take a slot (`--max-concurrent`), resolve each
+//!   volume's source, node, agent and target (see [`resolve`]), create the
+//!   session records in the status (phase Activating) and start the driver
+//!   (several volumes: a consistency group, cut over together);
 //! - a running session: keep a driver on it (after a restart or a new
 //!   leader, under a newer epoch), pass `spec.abort` on;
 //! - an ended session: after Completed, make the rebinding durable (see
@@ -29,6 +30,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use volmig_api::crd::{MigrationPhase, VolumeMigration, VolumeStatus, check_spec};
+use volmig_master::group_run::Member;
 use volmig_master::{Driver, DriverConfig, MasterError, SessionConfig, StopSignal};
 
 use crate::agents::Connector;
@@ -222,18 +224,6 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
         .await?;
         return Ok(Action::await_change());
     }
-    if vm.spec.volumes.len() > 1 {
-        // TODO(issue 5): drive consistency groups once master's group driver lands.
-        let msg = format!(
-            "{} volumes in one migration (a consistency group) are not supported yet; create one VolumeMigration per volume",
-            vm.spec.volumes.len()
-        );
-        if status::failed_before_start(&api, vm, "GroupNotSupported", &msg).await? {
-            ctx.event(vm, EventType::Warning, "GroupNotSupported", msg)
-                .await;
-        }
-        return Ok(Action::await_change());
-    }
     let active = ctx.drivers.active();
     if active >= ctx.settings.max_concurrent {
         let msg = format!(
@@ -244,8 +234,8 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
         return Ok(requeue(15));
     }
 
-    let r = match resolve::resolve(ctx, vm).await? {
-        Plan::Ready(r) => r,
+    let rs = match resolve::resolve(ctx, vm).await? {
+        Plan::Ready(rs) => rs,
         Plan::Wait(reason, msg) => {
             if status::pending(&api, vm, reason, &msg).await? {
                 ctx.event(vm, EventType::Normal, reason, msg).await;
@@ -260,18 +250,21 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
         }
     };
 
-    // Record where the volume is, then create the session (Activating).
+    // Record where the volumes are, then create the session(s) (Activating).
     status::update_status(&api, vm, |s| {
-        s.volumes = vec![VolumeStatus {
-            source: r.source_claim.clone(),
-            target: r.target_claim.clone(),
-            volume: r.volume.clone(),
-            target_volume: Some(r.target_volume.clone()),
-            node: Some(r.node.clone()),
-            agent: Some(r.agent.clone()),
-            holder_pod: Some(r.holder_pod.clone()),
-            ..VolumeStatus::default()
-        }];
+        s.volumes = rs
+            .iter()
+            .map(|r| VolumeStatus {
+                source: r.source_claim.clone(),
+                target: r.target_claim.clone(),
+                volume: r.volume.clone(),
+                target_volume: Some(r.target_volume.clone()),
+                node: Some(r.node.clone()),
+                agent: Some(r.agent.clone()),
+                holder_pod: Some(r.holder_pod.clone()),
+                ..VolumeStatus::default()
+            })
+            .collect();
     })
     .await?;
     let config = SessionConfig {
@@ -284,64 +277,120 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
     let store =
         CrStatusStore::new(api.clone(), &ns, &vm.name_any()).with_observer(ctx.saved.clone());
     let epoch = ctx.epoch_for(vm);
-    let rec = volmig_master::create_session(
-        &store,
-        &r.volume,
-        std::path::Path::new(&r.target_path),
-        config,
-        epoch,
-    )
-    .await?;
-    info!(migration = %key(vm), session = %rec.session, volume = %r.volume, node = %r.node, epoch, "session created");
+    if let [r] = rs.as_slice() {
+        let rec = volmig_master::create_session(
+            &store,
+            &r.volume,
+            std::path::Path::new(&r.target_path),
+            config,
+            epoch,
+        )
+        .await?;
+        info!(migration = %key(vm), session = %rec.session, volume = %r.volume, node = %r.node, epoch, "session created");
+    } else {
+        let members = members(ctx, &rs)?;
+        volmig_master::group_run::create_group(&store, &vm.name_any(), &members, &config, epoch)
+            .await?;
+        info!(migration = %key(vm), volumes = rs.len(), epoch, "consistency group created");
+    }
+    let what: Vec<String> = rs
+        .iter()
+        .map(|r| {
+            format!(
+                "{} (volume {}, node {}) to claim {}",
+                r.source_claim, r.volume, r.node, r.target_claim
+            )
+        })
+        .collect();
     ctx.event(
         vm,
         EventType::Normal,
         "Started",
-        format!(
-            "migrating {} (volume {}) on node {} to claim {}",
-            r.source_claim, r.volume, r.node, r.target_claim
-        ),
+        format!("migrating {}", what.join("; ")),
     )
     .await;
-    start_driver(vm, ctx, &r, epoch)?;
+    start_driver(vm, ctx, &rs, epoch)?;
     Ok(requeue(30))
 }
 
+fn members<C: Connector>(ctx: &Context<C>, rs: &[Resolved]) -> Result<Vec<Member<C::Slave>>> {
+    rs.iter()
+        .map(|r| {
+            Ok(Member {
+                volume: r.volume.clone(),
+                target: r.target_path.clone().into(),
+                agent: r.agent.clone(),
+                slave: ctx.connector.slave(&r.agent)?,
+            })
+        })
+        .collect()
+}
+
+/// Runs the migration's driver: one `Driver` for one volume, the group
+/// driver (one driver per member, cut over together) for several.
 fn start_driver<C: Connector>(
     vm: &VolumeMigration,
     ctx: &Context<C>,
-    r: &Resolved,
+    rs: &[Resolved],
     epoch: u64,
 ) -> Result<()> {
     let ns = vm.namespace().unwrap_or_default();
     let name = vm.name_any();
     let api: Api<VolumeMigration> = Api::namespaced(ctx.client.clone(), &ns);
     let store = CrStatusStore::new(api, &ns, &name).with_observer(ctx.saved.clone());
-    let slave = ctx.connector.slave(&r.agent)?;
+    let cfg = DriverConfig {
+        epoch,
+        ..DriverConfig::default()
+    };
     let stop = Arc::new(StopSignal::default());
-    let driver = Driver::new(
-        slave,
-        store,
-        &r.volume,
-        DriverConfig {
-            epoch,
-            ..DriverConfig::default()
-        },
-        stop.clone(),
-    );
     let k = key(vm);
-    let volume = r.volume.clone();
+    let agents: Vec<String> = rs.iter().map(|r| r.agent.clone()).collect();
     let task_key = k.clone();
-    let started = ctx.drivers.start(&k, &r.agent, stop, async move {
-        let k = task_key;
-        match driver.run().await {
-            Ok(rec) => info!(migration = %k, volume, phase = %rec.phase, "driver ended"),
-            Err(MasterError::Deposed(m)) => info!(migration = %k, volume, why = m, "driver deposed by a newer epoch"),
-            Err(e) => warn!(migration = %k, volume, error = %e, "driver stopped on an error; the next reconcile restarts it"),
+    let fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match rs {
+        [r] => {
+            let driver = Driver::new(
+                ctx.connector.slave(&r.agent)?,
+                store,
+                &r.volume,
+                cfg,
+                stop.clone(),
+            );
+            let volume = r.volume.clone();
+            Box::pin(async move {
+                let k = task_key;
+                match driver.run().await {
+                    Ok(rec) => info!(migration = %k, volume, phase = %rec.phase, "driver ended"),
+                    Err(MasterError::Deposed(m)) => {
+                        info!(migration = %k, volume, why = m, "driver deposed by a newer epoch")
+                    }
+                    Err(e) => {
+                        warn!(migration = %k, volume, error = %e, "driver stopped on an error; the next reconcile restarts it")
+                    }
+                }
+            })
         }
-    });
-    if started {
-        info!(migration = %key(vm), epoch, agent = %r.agent, "driver started");
+        _ => {
+            let members = members(ctx, rs)?;
+            let stop = stop.clone();
+            Box::pin(async move {
+                let k = task_key;
+                let results =
+                    volmig_master::group_run::run_group(&name, members, store, cfg, stop).await;
+                for r in results {
+                    match r {
+                        Ok(rec) => {
+                            info!(migration = %k, volume = %rec.volume, phase = %rec.phase, "group member ended")
+                        }
+                        Err(e) => {
+                            warn!(migration = %k, error = %e, "group member stopped; the next reconcile restarts the group")
+                        }
+                    }
+                }
+            })
+        }
+    };
+    if ctx.drivers.start(&k, &agents.join(","), stop, fut) {
+        info!(migration = %k, epoch, agents = %agents.join(","), "driver started");
     }
     Ok(())
 }
@@ -350,43 +399,47 @@ fn start_driver<C: Connector>(
 async fn keep_driving<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<()> {
     let k = key(vm);
     let st = vm.status.clone().unwrap_or_default();
-    let Some(v) = st.volumes.first() else {
+    if st.volumes.is_empty() {
         return Ok(());
-    };
-    let node = v.node.clone().unwrap_or_default();
-    // The agent may have moved (a restarted agent pod gets a new IP).
+    }
+    // The agents may have moved (a restarted agent pod gets a new IP).
     let agent_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let agent = crate::agents::agent_on_node(
-        &agent_pods,
-        &ctx.settings.agent_selector,
-        &node,
-        ctx.settings.agent_port,
-    )
-    .await?;
-    let Some(agent) = agent else {
-        warn!(migration = %k, node, "no ready agent on the node; the driver retries until one is back");
-        return Ok(());
-    };
+    let mut rs = Vec::new();
+    for v in &st.volumes {
+        let node = v.node.clone().unwrap_or_default();
+        let Some(agent) = crate::agents::agent_on_node(
+            &agent_pods,
+            &ctx.settings.agent_selector,
+            &node,
+            ctx.settings.agent_port,
+        )
+        .await?
+        else {
+            warn!(migration = %k, node, "no ready agent on the node; the driver retries until one is back");
+            return Ok(());
+        };
+        rs.push(Resolved {
+            source_claim: v.source.clone(),
+            volume: v.volume.clone(),
+            node,
+            agent,
+            target_claim: v.target.clone(),
+            target_volume: v.target_volume.clone().unwrap_or_default(),
+            holder_pod: v.holder_pod.clone().unwrap_or_default(),
+            target_path: v.target_path.clone().unwrap_or_default(),
+        });
+    }
+    let agents: Vec<String> = rs.iter().map(|r| r.agent.clone()).collect();
     match ctx.drivers.endpoint(&k) {
-        Some(e) if e == agent => return Ok(()),
+        Some(e) if e == agents.join(",") => return Ok(()),
         Some(_) => {
-            info!(migration = %k, %agent, "the agent moved; restarting the driver");
+            info!(migration = %k, agents = %agents.join(","), "an agent moved; restarting the driver");
             ctx.drivers.stop(&k);
             return Ok(()); // started again by the next reconcile
         }
         None => {}
     }
-    let r = Resolved {
-        source_claim: v.source.clone(),
-        volume: v.volume.clone(),
-        node,
-        agent,
-        target_claim: v.target.clone(),
-        target_volume: v.target_volume.clone().unwrap_or_default(),
-        holder_pod: v.holder_pod.clone().unwrap_or_default(),
-        target_path: v.target_path.clone().unwrap_or_default(),
-    };
-    start_driver(vm, ctx, &r, ctx.epoch_for(vm))
+    start_driver(vm, ctx, &rs, ctx.epoch_for(vm))
 }
 
 /// The session ended: make the outcome durable, release what is not needed.
@@ -399,13 +452,15 @@ async fn finish<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<
                 vm,
                 EventType::Normal,
                 "Rebound",
-                "the source volume is now backed by the target; the target claim and its holder pod stay (see docs/ARCHITECTURE.md, Operator)".into(),
+                "the source volumes are now backed by their targets; the target claims and holder pods stay (see docs/ARCHITECTURE.md, Operator)".into(),
             )
             .await;
         }
-    } else if let Some(h) = st.volumes.first().and_then(|v| v.holder_pod.clone()) {
-        // Aborted or failed: the agent detached the target.
-        delete_holder(ctx, &ns, &h).await?;
+    } else {
+        // Aborted or failed: the agents detached the targets.
+        for h in st.volumes.iter().filter_map(|v| v.holder_pod.clone()) {
+            delete_holder(ctx, &ns, &h).await?;
+        }
     }
     Ok(Action::await_change())
 }
@@ -430,7 +485,7 @@ async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result
         if !st.abort_requested {
             let api: Api<VolumeMigration> = Api::namespaced(ctx.client.clone(), &ns);
             let store = CrStatusStore::new(api, &ns, &vm.name_any());
-            if let Some(v) = st.volumes.first() {
+            for v in st.volumes.iter().filter(|v| v.session.is_some()) {
                 match volmig_master::request_abort(&store, &v.volume).await {
                     Ok(_) | Err(MasterError::Invalid(_)) => {}
                     Err(e) => return Err(e.into()),
@@ -447,10 +502,10 @@ async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result
         keep_driving(vm, ctx).await?;
         return Err(Error::WaitingForRollback(k));
     }
-    if st.phase != MigrationPhase::Completed
-        && let Some(h) = st.volumes.first().and_then(|v| v.holder_pod.clone())
-    {
-        delete_holder(ctx, &ns, &h).await?;
+    if st.phase != MigrationPhase::Completed {
+        for h in st.volumes.iter().filter_map(|v| v.holder_pod.clone()) {
+            delete_holder(ctx, &ns, &h).await?;
+        }
     }
     ctx.drivers.stop(&k);
     info!(migration = %k, phase = %st.phase, "finalized");

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
-use volmig_api::crd::VolumeMigration;
+use volmig_api::crd::{VolumeMigration, VolumeStatus};
 
 use super::Context;
 use crate::agents::Connector;
@@ -27,18 +27,23 @@ use crate::error::Result;
 pub const BACKED_BY: &str = "volmig.io/backed-by";
 pub const BACKS: &str = "volmig.io/backs";
 
-/// Returns true when it changed something (false: already done).
+/// Rebinds every volume of `vm`; true when it changed something (false:
+/// already done).
 pub async fn rebind<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Result<bool> {
-    let ns = vm.namespace().unwrap_or_default();
-    let Some(v) = vm.status.as_ref().and_then(|s| s.volumes.first()).cloned() else {
-        return Ok(false);
-    };
+    let mut changed = false;
+    for v in vm.status.iter().flat_map(|s| s.volumes.iter()) {
+        changed |= rebind_volume(ctx, &vm.namespace().unwrap_or_default(), v).await?;
+    }
+    Ok(changed)
+}
+
+async fn rebind_volume<C: Connector>(ctx: &Context<C>, ns: &str, v: &VolumeStatus) -> Result<bool> {
     let Some(target_pv) = v.target_volume.clone() else {
         return Ok(false);
     };
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let pp = PatchParams::default();
     let mut changed = false;
 

@@ -46,7 +46,8 @@ pub struct Resolved {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Plan {
-    Ready(Resolved),
+    /// Every volume, in spec order.
+    Ready(Vec<Resolved>),
     /// Not there yet: look again later (reason, message).
     Wait(&'static str, String),
     /// Cannot work as asked (reason, message); nothing was started.
@@ -61,10 +62,34 @@ pub fn target_claim_name(pair: &VolumePair) -> String {
         .unwrap_or_else(|| format!("{}-volmig", pair.source.persistent_volume_claim))
 }
 
-/// The holder pod of `vm`.
-pub fn holder_name(vm: &str) -> String {
-    let n = format!("volmig-holder-{vm}");
+/// The holder pod of `vm`'s volume `index`.
+pub fn holder_name(vm: &str, index: usize) -> String {
+    let n = if index == 0 {
+        format!("volmig-holder-{vm}")
+    } else {
+        format!("volmig-holder-{vm}-{index}")
+    };
     n.chars().take(253).collect()
+}
+
+/// Resolves every volume of `vm`: the first failure fails the migration,
+/// else the first wait makes it wait.
+pub async fn resolve<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Result<Plan> {
+    let mut ready = Vec::new();
+    let mut wait = None;
+    for (i, pair) in vm.spec.volumes.iter().enumerate() {
+        match resolve_volume(ctx, vm, i, pair).await? {
+            Plan::Ready(mut r) => ready.append(&mut r),
+            Plan::Wait(reason, msg) => {
+                wait.get_or_insert((reason, msg));
+            }
+            fail @ Plan::Fail(..) => return Ok(fail),
+        }
+    }
+    Ok(match wait {
+        Some((reason, msg)) => Plan::Wait(reason, msg),
+        None => Plan::Ready(ready),
+    })
 }
 
 fn claim_bytes(pvc: &PersistentVolumeClaim) -> Option<u64> {
@@ -113,12 +138,14 @@ fn owner(
     vm.controller_owner_ref(&()).into_iter().collect()
 }
 
-pub async fn resolve<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Result<Plan> {
+async fn resolve_volume<C: Connector>(
+    ctx: &Context<C>,
+    vm: &VolumeMigration,
+    index: usize,
+    pair: &VolumePair,
+) -> Result<Plan> {
     let ns = vm.namespace().unwrap_or_default();
     let name = vm.name_any();
-    let Some(pair) = vm.spec.volumes.first() else {
-        return Ok(Plan::Fail("InvalidSpec", "spec.volumes is empty".into()));
-    };
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
@@ -146,7 +173,7 @@ pub async fn resolve<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Re
     let size = pv_bytes(&pv).or_else(|| claim_bytes(&src)).unwrap_or(0);
 
     // where it is used
-    let holder = holder_name(&name);
+    let holder = holder_name(&name, index);
     let all_pods = pods.list(&ListParams::default()).await?;
     let nodes: BTreeSet<String> = all_pods
         .items
@@ -284,7 +311,7 @@ pub async fn resolve<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Re
         Ok(p) => p,
         Err(e) => return Ok(Plan::Fail("TargetNotBlockPublishable", e.to_string())),
     };
-    Ok(Plan::Ready(Resolved {
+    Ok(Plan::Ready(vec![Resolved {
         source_claim: src_name.clone(),
         volume: pv_name,
         node,
@@ -293,7 +320,7 @@ pub async fn resolve<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Re
         target_volume: target_pv,
         holder_pod: holder,
         target_path,
-    }))
+    }]))
 }
 
 /// Why an existing claim cannot be a target, if it cannot.
