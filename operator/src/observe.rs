@@ -83,3 +83,53 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use volmig_master::{SessionConfig, SessionRecord};
+
+    fn saved(before: Option<Phase>, phase: Phase, error: Option<&str>) -> Saved {
+        let mut record = SessionRecord::new(
+            "pv-1",
+            Path::new(""),
+            Path::new("/t"),
+            1,
+            SessionConfig::default(),
+        );
+        record.phase = phase;
+        record.error = error.map(str::to_string);
+        Saved {
+            namespace: "db".into(),
+            name: "m".into(),
+            before,
+            record,
+        }
+    }
+
+    #[test]
+    fn every_phase_change_and_failure_is_an_event() {
+        let (t, reason, note) = event_for(&saved(None, Phase::Activating, None)).unwrap();
+        assert_eq!((t, reason.as_str()), (EventType::Normal, "Activating"));
+        assert!(note.starts_with("Pending -> Activating"), "{note}");
+        assert!(
+            event_for(&saved(Some(Phase::Copying), Phase::Copying, None)).is_none(),
+            "progress is no event"
+        );
+        let (t, reason, note) = event_for(&saved(
+            Some(Phase::Copying),
+            Phase::Failed,
+            Some("Copying: failed: EIO"),
+        ))
+        .unwrap();
+        assert_eq!(
+            (t, reason.as_str()),
+            (EventType::Warning, "MigrationFailed")
+        );
+        assert!(note.contains("EIO"), "{note}");
+        let (_, reason, _) =
+            event_for(&saved(Some(Phase::Terminating), Phase::Completed, None)).unwrap();
+        assert_eq!(reason, "Completed");
+    }
+}
