@@ -103,7 +103,7 @@ pub struct VolumeMigrationSpec {
     #[serde(default = "default_sync_goal")]
     #[schemars(regex(pattern = rules::DURATION_PATTERN))]
     pub sync_goal: String,
-    /// Copy bandwidth per second (e.g. 200Mi); changeable while the migration runs.
+    /// Copy bandwidth per second and volume (e.g. 200Mi); changeable while the migration runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = rules::QUANTITY_PATTERN))]
     pub bandwidth_limit: Option<String>,
