@@ -522,6 +522,29 @@ HISTORY = [
     "residue never shrinks, but Auto waited for two passes not shrinking by 5%. Fix: switch to mirror "
     "after one refresh pass whose residue did not halve. After: the demo's migration went from 3.6-10 s "
     "to 1.7 s; see section 2 for this run.",
+    "**Frontend 4k random writes** (full run: 0.49x / 0.53x / 0.81x nbdkit at qd1 / qd8 / qd32; 29.7 µs "
+    "of agent CPU per write at qd8 vs nbdkit's 13.5). Cause (perf, randwrite qd8): 35% of the agent's "
+    "samples in `finish_task_switch`, 13% in futex wake-ups: ext4 refuses `RWF_NOWAIT` buffered writes, so "
+    "every write went task -> blocking pool -> task, two thread hand-offs (a write done on the task instead, "
+    "not allowed as it blocks the reactor, reached 1.48x / 1.34x nbdkit at qd1 / qd8). Fix: each NBD "
+    "connection runs on its own thread with a single-threaded runtime (`nbd::conn_thread`, 128 per "
+    "server, the rest on the shared runtime), like nbdkit's request threads; a write without FUA is done "
+    "there, blocking only that connection; cache-missing reads, flush, FUA and mirrored writes whose range "
+    "a copier holds still go to the bounded pool. After (A/B script beside nbdkit, 5 interleaved rounds "
+    "of 3 s, noisy machine, load 4-9): randwrite qd1 0.27x -> 1.64x, qd8 0.50x -> 1.29x, qd32 0.56x -> "
+    "1.23x; agent CPU per write at qd8 15.0 -> 3.1 µs (nbdkit 5.4); randread qd1/qd8 unchanged "
+    "(already inline). Migration under load did not get faster with it: the faster workload dirties "
+    "more and competes with the copier (1 GiB Auto, one run each: 4.39 s before, 5.26 s after; "
+    "Mirror 3.71 -> 3.61 s; QEMU write-blocking 3.39 s).",
+    "**Migration under load, not fixed yet** (Auto 1.36-1.64x QEMU write-blocking's time). Measured "
+    "cause: Auto starts in background mode; under fio's 4k random writes at qd8 every 64 KiB grain is "
+    "dirty again by the end of the copy pass, so the first refresh pass re-copies the whole volume "
+    "before Auto switches to mirror (2.2x the volume copied vs 1.0x for Mirror). A 4 KiB grain "
+    "(`--grain 4Ki`, 32 MiB of map per TiB) cut it to one refresh pass (5.85 -> 4.75 s at 1 GiB, "
+    "noisy) but overshot the stall (144 ms: the residue estimate uses the rate of 1 MiB copies, not "
+    "scattered 4 KiB ones); Mirror from the start is at 1.05-1.11x. What would close it: decide mirror "
+    "*during* the copy pass when the re-dirtied share of what was copied is high (a policy change in "
+    "`api::phase`/the master's driver), or sub-grain dirty bits with a residue estimate per run.",
 ]
 
 
