@@ -106,20 +106,18 @@ impl Slots {
 }
 
 async fn set_queued<St: SessionStore>(store: &St, key: &str, queued: bool) -> Result<()> {
-    for _ in 0..5 {
-        let Some(mut rec) = store.load(key).await? else {
-            return Err(MasterError::NoSession(key.to_string()));
-        };
-        if rec.queued == queued {
-            return Ok(());
-        }
+    let r = crate::store::update(store, key, |rec| {
+        let change = rec.queued != queued;
         rec.queued = queued;
-        match store.save(key, &mut rec).await {
-            Err(MasterError::Conflict { .. }) => continue,
-            r => return r,
-        }
+        Ok(change)
+    })
+    .await;
+    match r {
+        // The flag is for people watching; a record that keeps changing
+        // under us must not keep its session from running.
+        Err(MasterError::Invalid(_)) => Ok(()),
+        r => r.map(|_| ()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -666,11 +666,7 @@ pub async fn create_session<St: SessionStore>(
 
 /// Records an abort request; the driver acts on it at its next step.
 pub async fn request_abort<St: SessionStore>(store: &St, volume: &str) -> Result<SessionRecord> {
-    for _ in 0..5 {
-        let mut rec = store
-            .load(volume)
-            .await?
-            .ok_or_else(|| MasterError::NoSession(volume.to_string()))?;
+    crate::store::update(store, volume, |rec| {
         if rec.phase.is_terminal() {
             return Err(MasterError::Invalid(format!(
                 "session {} already {}",
@@ -678,15 +674,9 @@ pub async fn request_abort<St: SessionStore>(store: &St, volume: &str) -> Result
             )));
         }
         rec.abort_requested = true;
-        match store.save(volume, &mut rec).await {
-            Ok(()) => return Ok(rec),
-            Err(MasterError::Conflict { .. }) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(MasterError::Invalid(
-        "the record kept changing; try again".into(),
-    ))
+        Ok(true)
+    })
+    .await
 }
 
 /// Changes a running session's bandwidth limit; the driver pushes it.
@@ -695,19 +685,9 @@ pub async fn set_bandwidth<St: SessionStore>(
     volume: &str,
     bytes_per_sec: u64,
 ) -> Result<SessionRecord> {
-    for _ in 0..5 {
-        let mut rec = store
-            .load(volume)
-            .await?
-            .ok_or_else(|| MasterError::NoSession(volume.to_string()))?;
+    crate::store::update(store, volume, |rec| {
         rec.config.bandwidth = bytes_per_sec;
-        match store.save(volume, &mut rec).await {
-            Ok(()) => return Ok(rec),
-            Err(MasterError::Conflict { .. }) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(MasterError::Invalid(
-        "the record kept changing; try again".into(),
-    ))
+        Ok(true)
+    })
+    .await
 }

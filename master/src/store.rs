@@ -18,6 +18,36 @@ pub trait SessionStore: Send + Sync {
     fn keys(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
 }
 
+/// Why [`update`] gave up: other writers saved `key` five times in a row.
+fn kept_changing() -> MasterError {
+    MasterError::Invalid("the record kept changing; try again".into())
+}
+
+/// Loads `key`'s record, lets `change` edit it and saves it, loading again
+/// when another writer saved in between (optimistic concurrency). `change`
+/// returns whether there is anything to save.
+pub async fn update<St: SessionStore>(
+    store: &St,
+    key: &str,
+    mut change: impl FnMut(&mut SessionRecord) -> Result<bool>,
+) -> Result<SessionRecord> {
+    for _ in 0..5 {
+        let mut rec = store
+            .load(key)
+            .await?
+            .ok_or_else(|| MasterError::NoSession(key.to_string()))?;
+        if !change(&mut rec)? {
+            return Ok(rec);
+        }
+        match store.save(key, &mut rec).await {
+            Ok(()) => return Ok(rec),
+            Err(MasterError::Conflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(kept_changing())
+}
+
 #[derive(Debug, Clone)]
 pub struct FileStore {
     root: PathBuf,
