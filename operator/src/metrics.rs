@@ -147,20 +147,19 @@ impl Metrics {
         }
         let mut phases = self.phases.lock().unwrap_or_else(|p| p.into_inner());
         phases.insert((s.namespace.clone(), s.name.clone()), r.phase);
-        for p in Phase::ALL {
-            let n = phases.values().filter(|x| **x == p).count();
-            self.sessions
-                .get_or_create(&PhaseLabels {
-                    phase: p.to_string(),
-                })
-                .set(n as i64);
-        }
+        self.publish_sessions(&phases);
     }
 
     /// Forgets a deleted migration.
     pub fn forget(&self, namespace: &str, name: &str) {
         let mut phases = self.phases.lock().unwrap_or_else(|p| p.into_inner());
         phases.remove(&(namespace.to_string(), name.to_string()));
+        self.publish_sessions(&phases);
+    }
+
+    /// Sets the sessions-by-phase gauges from `phases` (every phase, so a
+    /// phase nobody is in any more reads 0).
+    fn publish_sessions(&self, phases: &HashMap<(String, String), Phase>) {
         for p in Phase::ALL {
             let n = phases.values().filter(|x| **x == p).count();
             self.sessions
