@@ -12,20 +12,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
+use volmig_api::phase::Phase;
 
 const SIZE: u64 = 16 << 20;
 const HOT: u64 = 4 << 20;
-
-const PHASES: [&str; 8] = [
-    "Activating",
-    "Copying",
-    "Refreshing",
-    "Quiescing",
-    "Synchronizing",
-    "Redirecting",
-    "Resuming",
-    "Terminating",
-];
 
 /// Runs `vol`'s migration with `VOLMIG_FAULT=point` on the master, checks
 /// the master died of it, runs it again and checks the outcome.
@@ -69,7 +59,9 @@ fn master_killed_at(lab: &Lab, agent: &Agent, vol: &str, point: &str) {
 fn master_sigkilled_in_every_phase_continues_and_completes() {
     let lab = Lab::new();
     let mut cases = Vec::new();
-    for (i, phase) in PHASES.iter().enumerate() {
+    // Every phase a session passes through (the terminal ones have no step).
+    let phases = Phase::ALL.into_iter().filter(|p| !p.is_terminal());
+    for (i, phase) in phases.enumerate() {
         for when in ["enter", "done"] {
             cases.push((format!("v{i}{when}"), format!("master:{when}:{phase}")));
         }
