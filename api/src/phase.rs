@@ -90,6 +90,14 @@ pub struct Policy {
     pub max_passes: u32,
     /// Auto mode: passes whose residue did not halve before mirroring.
     pub stall_passes: u32,
+    /// Auto mode, during the copy pass: when the workload, at the rate it
+    /// re-dirties what was copied, is projected to write each grain more
+    /// than this many times over the whole pass, refresh passes cannot
+    /// halve the residue (see [`projected_hits`]): mirror from here on.
+    pub redirty_hits: f64,
+    /// The share is judged only once the copy pass has walked this share of
+    /// the volume (a few early writes say little).
+    pub redirty_min_walked: f64,
 }
 
 impl Default for Policy {
@@ -99,6 +107,8 @@ impl Default for Policy {
             sync_goal: Duration::from_millis(100),
             max_passes: 30,
             stall_passes: 1,
+            redirty_hits: 1.0,
+            redirty_min_walked: 1.0 / 32.0,
         }
     }
 }
@@ -121,6 +131,13 @@ pub struct Progress {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Activated,
+    /// A slice of a pass ended: the pass has walked `walked` bytes of a
+    /// `size`-byte volume, and `redirtied` of those are dirty again.
+    SliceDone {
+        walked: u64,
+        redirtied: u64,
+        size: u64,
+    },
     /// A copy or refresh pass ended with `dirty_bytes` left; the copier moves
     /// `copy_rate` bytes per second.
     PassDone {
@@ -197,6 +214,19 @@ pub fn transition(
         }
         (
             Copying | Refreshing,
+            Event::SliceDone {
+                walked,
+                redirtied,
+                size,
+            },
+        ) => Ok(after_slice(
+            phase,
+            progress,
+            (*walked, *redirtied, *size),
+            policy,
+        )),
+        (
+            Copying | Refreshing,
             Event::PassDone {
                 dirty_bytes,
                 copy_rate,
@@ -240,6 +270,77 @@ pub fn transition(
         (Resuming, Event::Resumed) => Ok(to(Terminating, progress, "workload I/O released")),
         (Terminating, Event::Terminated) => Ok(to(Completed, progress, "migration complete")),
         _ => Err(bad()),
+    }
+}
+
+/// Share of the walked part of a pass that is dirty again when each grain
+/// is written `x` times per pass duration (uniform random writes, Poisson
+/// arrivals, a constant copy rate: a grain copied at time u of t has been
+/// hit with probability 1 - e^(-x(t-u)/t); averaged over u).
+fn redirtied_share(x: f64) -> f64 {
+    if x < 1e-9 {
+        x / 2.0
+    } else {
+        1.0 - (1.0 - (-x).exp()) / x
+    }
+}
+
+/// How many times the workload will have written each grain by the end of
+/// the copy pass, projected from the share of the walked part written
+/// again so far: the hits per grain over the time so far (the inverse of
+/// [`redirtied_share`]), scaled by the pass's length (`size / walked` of
+/// the time so far, the copy rate being constant).
+///
+/// Under 1, each refresh pass copies less than half of the one before
+/// (the residue `r` of a pass is re-dirtied by about `x * r / 2` while it
+/// is copied): refresh converges. Above it, it cannot.
+pub fn projected_hits(walked: u64, redirtied: u64, size: u64) -> f64 {
+    if walked == 0 {
+        return 0.0;
+    }
+    let share = (redirtied as f64 / walked as f64).clamp(0.0, 0.999);
+    // Bisection: redirtied_share is increasing, from 0 towards 1.
+    let (mut lo, mut hi) = (0.0f64, 1e4f64);
+    for _ in 0..100 {
+        let mid = (lo + hi) / 2.0;
+        if redirtied_share(mid) < share {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo * size as f64 / walked as f64
+}
+
+/// Mid-pass: Auto mode gives up on background copying as soon as the copy
+/// pass shows the workload re-dirtying what it copied faster than refresh
+/// passes could catch up; waiting for the pass's end and a refresh pass to
+/// prove it would copy the volume twice more.
+fn after_slice(
+    phase: Phase,
+    progress: Progress,
+    (walked, redirtied, size): (u64, u64, u64),
+    policy: &Policy,
+) -> Transition {
+    let mut p = progress;
+    let judged = walked > 0 && walked as f64 >= policy.redirty_min_walked * size as f64;
+    if policy.mode == CopyMode::Auto && phase == Phase::Copying && !p.mirror && judged {
+        let hits = projected_hits(walked, redirtied, size);
+        if hits > policy.redirty_hits {
+            p.mirror = true;
+            return Transition {
+                next: phase,
+                progress: p,
+                why: format!(
+                    "{redirtied} B of the {walked} B copied so far was written again: about {hits:.1} writes per grain by the end of the pass, more than refresh can catch up with; switching to mirror mode"
+                ),
+            };
+        }
+    }
+    Transition {
+        next: phase,
+        progress: p,
+        why: String::new(),
     }
 }
 
@@ -470,9 +571,95 @@ mod tests {
         assert_eq!(t.next, Phase::Refreshing);
     }
 
+    #[test]
+    fn auto_mirrors_mid_copy_when_the_workload_redirties_what_was_copied() {
+        let slice = |walked: u64, redirtied: u64, mode| {
+            transition(
+                Phase::Copying,
+                Progress::default(),
+                &Event::SliceDone {
+                    walked,
+                    redirtied,
+                    size: 1 << 30,
+                },
+                &pol(mode),
+            )
+            .unwrap()
+        };
+        // 10% of the first 128 MiB written again: about 1.9 hits per grain
+        // over the whole pass. Mirror now, still copying.
+        let t = slice(128 << 20, 13 << 20, CopyMode::Auto);
+        assert_eq!(t.next, Phase::Copying);
+        assert!(t.progress.mirror, "{}", t.why);
+        // 2% of it: about 0.3 hits; refresh passes can catch up.
+        let t = slice(128 << 20, 2_700_000, CopyMode::Auto);
+        assert!(!t.progress.mirror);
+        // Most of the volume walked and most of it dirty again: mirror.
+        let t = slice(900 << 20, 600 << 20, CopyMode::Auto);
+        assert!(t.progress.mirror);
+        // Too little walked to judge (under 1/32 of the volume).
+        let t = slice(16 << 20, 16 << 20, CopyMode::Auto);
+        assert!(!t.progress.mirror);
+        // Background never mirrors.
+        let t = slice(256 << 20, 256 << 20, CopyMode::Background);
+        assert!(!t.progress.mirror);
+        // In a refresh pass the walked part holds clean grains never
+        // copied: the share means nothing there.
+        let t = transition(
+            Phase::Refreshing,
+            Progress::default(),
+            &Event::SliceDone {
+                walked: 256 << 20,
+                redirtied: 256 << 20,
+                size: 1 << 30,
+            },
+            &pol(CopyMode::Auto),
+        )
+        .unwrap();
+        assert!(!t.progress.mirror);
+        assert_eq!(t.next, Phase::Refreshing);
+        // Not a phase event elsewhere.
+        assert!(
+            transition(
+                Phase::Quiescing,
+                Progress::default(),
+                &Event::SliceDone {
+                    walked: 1,
+                    redirtied: 1,
+                    size: 1
+                },
+                &pol(CopyMode::Auto)
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn projected_hits_inverts_the_share_model() {
+        for x in [0.01, 0.3, 1.0, 2.5, 8.0] {
+            let share = redirtied_share(x);
+            // Walked the whole volume: the projection is x itself.
+            let got = projected_hits(1 << 30, (share * (1u64 << 30) as f64) as u64, 1 << 30);
+            assert!((got - x).abs() < 1e-3 * x.max(1.0), "x {x}: got {got}");
+            // A quarter walked with the same share: four times the time left.
+            let got = projected_hits(1 << 28, (share * (1u64 << 28) as f64) as u64, 1 << 30);
+            assert!(
+                (got - 4.0 * x).abs() < 4e-3 * x.max(1.0),
+                "x {x}: got {got}"
+            );
+        }
+        assert_eq!(projected_hits(0, 0, 1 << 30), 0.0);
+        assert_eq!(projected_hits(1 << 20, 0, 1 << 30), 0.0);
+    }
+
     fn any_event() -> impl Strategy<Value = Event> {
         prop_oneof![
             Just(Event::Activated),
+            (0u64..1 << 30, 0u64..1 << 30).prop_map(|(w, r)| Event::SliceDone {
+                walked: w,
+                redirtied: r.min(w),
+                size: 1 << 30,
+            }),
             (0u64..1 << 32, 0.0f64..1e9).prop_map(|(d, r)| Event::PassDone {
                 dirty_bytes: d,
                 copy_rate: r

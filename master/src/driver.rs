@@ -110,7 +110,8 @@ struct Volatile {
 
 enum Outcome {
     Event(Event),
-    /// Nothing to report yet (a partial pass); go round again.
+    /// Nothing to report (a pass cut short by an abort or a stop); go round
+    /// again.
     Again,
 }
 
@@ -428,19 +429,13 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
             };
             let event = match outcome {
                 Outcome::Event(e) => {
-                    crate::fault::point(&format!("master:done:{phase}"));
+                    if !matches!(e, Event::SliceDone { .. }) {
+                        crate::fault::point(&format!("master:done:{phase}"));
+                    }
                     e
                 }
                 Outcome::Again => {
-                    if v.last_save
-                        .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-                    {
-                        if let Ok(st) = self.slave.get_state(self.step(&rec)).await {
-                            Self::absorb(&mut rec, &st);
-                        }
-                        self.save(&mut rec).await?;
-                        v.last_save = Some(Instant::now());
-                    }
+                    self.save_progress(&mut rec, &mut v).await?;
                     continue;
                 }
             };
@@ -475,6 +470,14 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                     continue;
                 }
             };
+            // A slice that changed nothing is progress, not a step.
+            if matches!(event, Event::SliceDone { .. })
+                && t.next == phase
+                && t.progress == rec.progress
+            {
+                self.save_progress(&mut rec, &mut v).await?;
+                continue;
+            }
             if phase == Phase::Quiescing
                 && let Some(g) = &self.group
             {
@@ -498,7 +501,10 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 self.call(&mut v, || self.slave.release(self.step(&rec)))
                     .await?;
             }
-            if t.next != phase || t.next == Phase::Refreshing {
+            if t.next != phase
+                || t.next == Phase::Refreshing
+                || t.progress.mirror != rec.progress.mirror
+            {
                 info!(volume = %rec.volume, session = %rec.session, from = %phase, to = %t.next, why = %t.why, "phase");
             }
             rec.progress = t.progress;
@@ -508,6 +514,35 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
             self.save(&mut rec).await?;
             v.last_save = Some(Instant::now());
         }
+    }
+
+    /// How long the next copy call may run. Auto mode's copy pass reports
+    /// more often until it has decided on mirroring: the decision is worth
+    /// most early (see `phase::after_slice`).
+    fn slice_for(&self, rec: &SessionRecord, policy: &volmig_api::Policy) -> Duration {
+        if rec.phase == Phase::Copying
+            && policy.mode == volmig_api::CopyMode::Auto
+            && !rec.progress.mirror
+        {
+            self.cfg.slice.min(Duration::from_millis(100))
+        } else {
+            self.cfg.slice
+        }
+    }
+
+    /// Saves progress within a phase, at most once a second (a CR status
+    /// write per copy slice would load the API server for nothing).
+    async fn save_progress(&self, rec: &mut SessionRecord, v: &mut Volatile) -> Result<()> {
+        if v.last_save
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+        {
+            if let Ok(st) = self.slave.get_state(self.step(rec)).await {
+                Self::absorb(rec, &st);
+            }
+            self.save(rec).await?;
+            v.last_save = Some(Instant::now());
+        }
+        Ok(())
     }
 
     /// One step of the record's phase on the slave.
@@ -542,14 +577,21 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 }
                 let req = CopyPassRequest {
                     fence: fence.clone(),
-                    slice_ms: self.cfg.slice.as_millis() as u64,
+                    slice_ms: self.slice_for(rec, policy).as_millis() as u64,
                 };
                 let r = self.call(v, || self.slave.copy_pass(req.clone())).await?;
                 rec.bytes_copied += r.bytes.saturating_sub(v.pass_seen);
                 v.pass_seen = if r.complete { 0 } else { r.bytes };
                 rec.dirty_bytes = r.dirty_bytes;
-                if r.stopped || !r.complete {
+                if r.stopped {
                     return Ok(Outcome::Again);
+                }
+                if !r.complete {
+                    return Ok(Outcome::Event(Event::SliceDone {
+                        walked: r.walked,
+                        redirtied: r.redirtied_bytes,
+                        size: rec.size,
+                    }));
                 }
                 let secs = (r.elapsed_us as f64 / 1e6).max(1e-6);
                 // Small passes are latency bound: keep the estimate of a

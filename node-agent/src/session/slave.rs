@@ -350,7 +350,11 @@ impl SlaveSession {
             c.elapsed += t.elapsed();
         }
         *lock(&self.cursor) = if complete { PassCursor::default() } else { c };
+        // The cursor: where the next dirty run not yet handled starts.
+        let walked = r.next.unwrap_or_else(|| self.link.dirty.size());
         Ok(PassResult {
+            walked,
+            redirtied_bytes: self.link.dirty.dirty_bytes_in(0, walked),
             complete,
             bytes: c.bytes,
             data_bytes: c.data_bytes,
