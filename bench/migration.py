@@ -253,6 +253,9 @@ def run(cfg, workdir):
         C.log(f"under load: {size} MiB")
         order = [("QEMU", "background"), ("volmig", "Background"), ("QEMU", "write-blocking"),
                  ("volmig", "Mirror"), ("volmig", "Auto")]
+        only = os.environ.get("VOLBENCH_MODES")  # e.g. "volmig:Mirror,QEMU:write-blocking"
+        if only:
+            order = [o for o in order if f"{o[0]}:{o[1]}" in only.split(",")]
         for system, mode in order:
             if system == "QEMU":
                 if script:

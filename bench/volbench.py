@@ -57,6 +57,9 @@ def main():
 
     mode = "quick" if a.quick else "full"
     cfg = dict(CONFIGS[mode])
+    if os.environ.get("VOLBENCH_LOAD_SIZES"):
+        # e.g. VOLBENCH_LOAD_SIZES=1024 for a focused look at one size
+        cfg["load_sizes"] = [int(x) for x in os.environ["VOLBENCH_LOAD_SIZES"].split(",")]
     only = [s for s in a.only.split(",") if s] or SECTIONS
     for s in only:
         if s not in SECTIONS:
