@@ -288,7 +288,7 @@ fn zero_range(to: &BackingDevice, offset: u64, length: u64, known_zero: bool) ->
     if known_zero {
         Ok(())
     } else {
-        to.write_zeroes(offset, length, true)
+        to.write_zeroes_bulk(offset, length, true)
     }
 }
 
@@ -313,7 +313,7 @@ fn copy_data(
         let buf = &mut buf[..n];
         from.read_at(buf, offset)?;
         if !sparse {
-            to.write_at(buf, offset)?;
+            to.write_bulk(buf, offset)?;
             return Ok(length);
         }
         let buf: &[u8] = buf;
@@ -337,7 +337,7 @@ fn copy_data(
                         if zero {
                             zero_range(to, off, (e - s) as u64, known_zero)?;
                         } else {
-                            to.write_at(&buf[s..e], off)?;
+                            to.write_bulk(&buf[s..e], off)?;
                             data += (e - s) as u64;
                         }
                     }
