@@ -5,9 +5,9 @@
 use std::future::Future;
 
 use crate::agent::{
-    CopyPassRequest, PassResult, PrepareRequest, QuiesceRequest, QuiesceResult, RedirectRequest,
-    ResumeResult, SessionState, SetBandwidthRequest, SetMirrorRequest, Step, TerminateRequest,
-    TerminateResult,
+    CopyPassRequest, DirtyBatch, MergeDirtyRequest, PassResult, PrepareRequest, QuiesceRequest,
+    QuiesceResult, RedirectRequest, ResumeResult, SessionState, SetBandwidthRequest,
+    SetMirrorRequest, Step, TakeDirtyRequest, TerminateRequest, TerminateResult,
 };
 
 /// Why a slave refused or failed a call. Each kind maps to one gRPC code.
@@ -112,6 +112,14 @@ pub trait Slave: Send + Sync {
         r: SetBandwidthRequest,
     ) -> impl Future<Output = SlaveResult<SessionState>> + Send;
     fn get_state(&self, r: Step) -> impl Future<Output = SlaveResult<SessionState>> + Send;
+    fn take_dirty(
+        &self,
+        r: TakeDirtyRequest,
+    ) -> impl Future<Output = SlaveResult<DirtyBatch>> + Send;
+    fn merge_dirty(
+        &self,
+        r: MergeDirtyRequest,
+    ) -> impl Future<Output = SlaveResult<SessionState>> + Send;
 }
 
 macro_rules! forward {
@@ -138,6 +146,8 @@ forward! {
     abort(Step) -> SessionState;
     set_bandwidth(SetBandwidthRequest) -> SessionState;
     get_state(Step) -> SessionState;
+    take_dirty(TakeDirtyRequest) -> DirtyBatch;
+    merge_dirty(MergeDirtyRequest) -> SessionState;
 }
 
 #[cfg(test)]

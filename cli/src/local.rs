@@ -13,8 +13,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use volmig_agent::session::Phase;
 use volmig_agent::units::human_bytes;
 use volmig_master::{
-    BandwidthPool, ClientTls, Driver, DriverConfig, FileStore, GrpcSlave, Member, SessionConfig,
-    SessionRecord, SessionStore, Slots, StopSignal,
+    BandwidthPool, ClientTls, Driver, DriverConfig, FileStore, GrpcSlave, Member, MultiAttach,
+    SessionConfig, SessionRecord, SessionStore, Slots, StopSignal,
 };
 
 /// How to reach the agent.
@@ -55,30 +55,59 @@ fn store(dir: &Path) -> anyhow::Result<FileStore> {
 pub struct VolumeSpec {
     pub volume: String,
     pub target: PathBuf,
+    /// The agent that copies.
     pub agent: AgentAddr,
+    /// Multi-attach: other agents serving the same volume.
+    pub shared_with: Vec<AgentAddr>,
 }
 
-/// Reads `VOLUME=TARGET` or `VOLUME=TARGET@AGENT_URL`; the agent defaults
-/// to `default` (the same TLS settings apply to every agent).
+impl VolumeSpec {
+    fn slave(&self) -> anyhow::Result<MultiAttach<GrpcSlave>> {
+        let others = self
+            .shared_with
+            .iter()
+            .map(|a| Ok((a.url.clone(), a.slave()?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(MultiAttach::new(self.agent.slave()?, others))
+    }
+
+    fn shared_urls(&self) -> Vec<String> {
+        self.shared_with.iter().map(|a| a.url.clone()).collect()
+    }
+}
+
+/// Reads `VOLUME=TARGET`, `VOLUME=TARGET@AGENT_URL` or, for a multi-attach
+/// volume, `VOLUME=TARGET@URL1,URL2,...` (the first agent copies); the
+/// agent defaults to `default` (the same TLS settings apply to every
+/// agent).
 pub fn parse_volume_spec(spec: &str, default: &AgentAddr) -> anyhow::Result<VolumeSpec> {
     let Some((volume, rest)) = spec.split_once('=') else {
         bail!("--volume {spec:?}: expected VOLUME=TARGET or VOLUME=TARGET@AGENT_URL");
     };
-    let (target, agent) = match rest.rsplit_once('@') {
-        Some((t, a)) if a.starts_with("http://") || a.starts_with("https://") => (t, Some(a)),
-        _ => (rest, None),
+    let (target, agents) = match rest.rsplit_once('@') {
+        Some((t, a)) if a.starts_with("http://") || a.starts_with("https://") => {
+            (t, a.split(',').collect::<Vec<_>>())
+        }
+        _ => (rest, Vec::new()),
     };
+    if agents.iter().any(|a| a.is_empty()) {
+        bail!("--volume {spec:?}: an empty agent address");
+    }
     if volume.is_empty() || target.is_empty() {
         bail!("--volume {spec:?}: the volume and the target must not be empty");
     }
-    let mut addr = default.clone();
-    if let Some(a) = agent {
-        addr.url = a.to_string();
-    }
+    let at = |url: &str| AgentAddr {
+        url: url.to_string(),
+        ..default.clone()
+    };
     Ok(VolumeSpec {
         volume: volume.to_string(),
         target: target.into(),
-        agent: addr,
+        agent: agents
+            .first()
+            .map(|u| at(u))
+            .unwrap_or_else(|| default.clone()),
+        shared_with: agents.iter().skip(1).map(|u| at(u)).collect(),
     })
 }
 
@@ -101,6 +130,14 @@ async fn epoch_for(store: &FileStore, volumes: &[VolumeSpec]) -> anyhow::Result<
         if let Some(rec) = store.load(&v.volume).await?
             && !rec.phase.is_terminal()
         {
+            if rec.shared_with != v.shared_urls() {
+                bail!(
+                    "volume {} has an unfinished session {} shared with [{}]; continue it with the same agents (an agent added mid-session has not tracked its writes), or `volmig abort` it",
+                    v.volume,
+                    rec.session,
+                    rec.shared_with.join(", ")
+                );
+            }
             if rec.target != v.target {
                 bail!(
                     "volume {} has an unfinished session {} to {}; continue it with that target, or `volmig abort` it",
@@ -175,7 +212,8 @@ pub async fn migrate(
             volume: v.volume.clone(),
             target: v.target.clone(),
             agent: v.agent.url.clone(),
-            slave: v.agent.slave()?,
+            shared_with: v.shared_urls(),
+            slave: v.slave()?,
         });
     }
     if let Some(g) = &plan.group {
@@ -189,6 +227,7 @@ pub async fn migrate(
                 volmig_master::create_session(&store, &v.volume, &v.target, config.clone(), epoch)
                     .await?;
             rec.agent = v.agent.url.clone();
+            rec.shared_with = v.shared_urls();
             store.save(&v.volume, &mut rec).await?;
             eprintln!("session {} started", rec.session);
         }
@@ -385,6 +424,11 @@ mod tests {
         );
         let v = parse_volume_spec("log=/t/x@y.img", &d).unwrap();
         assert_eq!(v.target.to_str().unwrap(), "/t/x@y.img");
+        let v =
+            parse_volume_spec("rwx=/t/rwx.img@https://a:1,https://b:2,https://c:3", &d).unwrap();
+        assert_eq!(v.agent.url, "https://a:1");
+        assert_eq!(v.shared_urls(), ["https://b:2", "https://c:3"]);
+        assert!(parse_volume_spec("rwx=/t@https://a:1,", &d).is_err());
         assert!(parse_volume_spec("nope", &d).is_err());
         assert!(parse_volume_spec("=/x", &d).is_err());
     }

@@ -57,9 +57,16 @@ enum Cmd {
         /// The target backing device on the agent's host.
         target: std::path::PathBuf,
         /// More volumes: VOLUME=TARGET, or VOLUME=TARGET@AGENT_URL for a
-        /// volume another agent serves (repeatable).
-        #[arg(long = "volume", value_name = "VOLUME=TARGET[@AGENT]")]
+        /// volume another agent serves, or VOLUME=TARGET@URL1,URL2,... for
+        /// a multi-attach volume (the first agent copies) (repeatable).
+        #[arg(long = "volume", value_name = "VOLUME=TARGET[@AGENT[,AGENT...]]")]
         more: Vec<String>,
+        /// Multi-attach: another agent serving VOLUME at the same time
+        /// (same volume name and paths on its host). It monitors its
+        /// workload's writes for --agent, which copies; all cut over
+        /// together (repeatable).
+        #[arg(long = "shared-with", value_name = "AGENT_URL")]
+        shared_with: Vec<String>,
         /// Cut every volume over together as one consistency group: all or
         /// none switch to their targets.
         #[arg(long)]
@@ -161,6 +168,7 @@ fn main() -> anyhow::Result<()> {
             volume,
             target,
             more,
+            shared_with,
             group,
             max_concurrent,
             total_bandwidth,
@@ -177,6 +185,13 @@ fn main() -> anyhow::Result<()> {
                 volume,
                 target,
                 agent: addr.clone(),
+                shared_with: shared_with
+                    .into_iter()
+                    .map(|url| local::AgentAddr {
+                        url,
+                        ..addr.clone()
+                    })
+                    .collect(),
             }];
             for spec in &more {
                 volumes.push(local::parse_volume_spec(spec, &addr)?);

@@ -444,11 +444,13 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 if let Some(g) = self.group.as_ref().filter(|_| phase != Phase::Terminating) {
                     g.fail(&self.key, msg);
                 }
-                if let Err(e) = self
+                match self
                     .call(&mut v, || self.slave.abort(self.step(&rec)))
                     .await
                 {
-                    warn!(volume = %rec.volume, error = %e, "rollback incomplete");
+                    // The record says where the workload ended up.
+                    Ok(st) => rec.redirected = st.redirected,
+                    Err(e) => warn!(volume = %rec.volume, error = %e, "rollback incomplete"),
                 }
                 rec.error = Some(msg.clone());
                 rec.enter(Phase::Failed);
@@ -559,6 +561,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                     fence: fence.clone(),
                     target: rec.target.display().to_string(),
                     config: Some(rec.config.to_wire()),
+                    monitor_only: false,
                 };
                 let st = self.call(v, || self.slave.prepare(req.clone())).await?;
                 rec.size = st.size;

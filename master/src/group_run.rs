@@ -19,6 +19,9 @@ pub struct Member<S> {
     pub target: PathBuf,
     /// Where its agent is reached (recorded for status; empty in-process).
     pub agent: String,
+    /// Multi-attach: the other agents serving it (recorded; the slave is
+    /// then a [`MultiAttach`](crate::MultiAttach) over all of them).
+    pub shared_with: Vec<String>,
     pub slave: S,
 }
 
@@ -49,6 +52,7 @@ pub async fn create_group<S, St: SessionStore>(
                 .await?;
         rec.group = Some(name.to_string());
         rec.agent = m.agent.clone();
+        rec.shared_with = m.shared_with.clone();
         store.save(&m.volume, &mut rec).await?;
     }
     Ok(())

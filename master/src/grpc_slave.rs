@@ -8,9 +8,9 @@ use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use volmig_api::agent::agent_client::AgentClient;
 use volmig_api::agent::{
-    CopyPassRequest, PassResult, PrepareRequest, QuiesceRequest, QuiesceResult, RedirectRequest,
-    ResumeResult, SessionState, SetBandwidthRequest, SetMirrorRequest, Step, TerminateRequest,
-    TerminateResult,
+    CopyPassRequest, DirtyBatch, MergeDirtyRequest, PassResult, PrepareRequest, QuiesceRequest,
+    QuiesceResult, RedirectRequest, ResumeResult, SessionState, SetBandwidthRequest,
+    SetMirrorRequest, Step, TakeDirtyRequest, TerminateRequest, TerminateResult,
 };
 use volmig_api::{Slave, SlaveError, SlaveResult};
 
@@ -37,6 +37,10 @@ fn read(p: &PathBuf) -> Result<Vec<u8>> {
         source,
     })
 }
+
+/// Largest message either way: a dirty map handed between agents of a
+/// multi-attach volume is 2 MiB per TiB at the default 64 KiB grain.
+pub const MAX_MESSAGE: usize = 64 << 20;
 
 /// Longest any single call may take (a full pass is cut in slices).
 const CALL_DEADLINE: Duration = Duration::from_secs(120);
@@ -67,7 +71,9 @@ impl GrpcSlave {
             None => {}
         }
         Ok(Self {
-            client: AgentClient::new(ep.connect_lazy()),
+            client: AgentClient::new(ep.connect_lazy())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
         })
     }
 }
@@ -96,4 +102,6 @@ rpc! {
     abort(Step) -> SessionState;
     set_bandwidth(SetBandwidthRequest) -> SessionState;
     get_state(Step) -> SessionState;
+    take_dirty(TakeDirtyRequest) -> DirtyBatch;
+    merge_dirty(MergeDirtyRequest) -> SessionState;
 }

@@ -177,6 +177,10 @@ pub struct SessionRecord {
     /// Waiting for a free session slot (the concurrency limit).
     #[serde(default)]
     pub queued: bool,
+    /// Multi-attach volumes: the other agents serving the volume, which
+    /// monitor their writes for the copying agent (`agent`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_with: Vec<String>,
 }
 
 pub fn now_ms() -> u64 {
@@ -224,6 +228,7 @@ impl SessionRecord {
             verified: None,
             group: None,
             queued: false,
+            shared_with: Vec::new(),
         }
     }
 
@@ -270,6 +275,13 @@ impl SessionRecord {
             r.source.display(),
             r.target.display()
         );
+        if !r.shared_with.is_empty() {
+            let _ = writeln!(
+                o,
+                "shared by   {} (multi-attach: they monitor, {via} copies)",
+                r.shared_with.join(", ")
+            );
+        }
         let _ = writeln!(o, "session     {} (epoch {})", r.session, r.epoch);
         let err = r
             .error

@@ -14,9 +14,10 @@ use tonic::{Request, Response, Status};
 use volmig_api::Slave;
 use volmig_api::agent::agent_server::{Agent as AgentRpc, AgentServer};
 use volmig_api::agent::{
-    CopyPassRequest, ListVolumesRequest, ListVolumesResponse, PassResult, PrepareRequest, Progress,
-    QuiesceRequest, QuiesceResult, RedirectRequest, ResumeResult, SessionState,
-    SetBandwidthRequest, SetMirrorRequest, Step, TerminateRequest, TerminateResult, VolumeInfo,
+    CopyPassRequest, DirtyBatch, ListVolumesRequest, ListVolumesResponse, MergeDirtyRequest,
+    PassResult, PrepareRequest, Progress, QuiesceRequest, QuiesceResult, RedirectRequest,
+    ResumeResult, SessionState, SetBandwidthRequest, SetMirrorRequest, Step, TakeDirtyRequest,
+    TerminateRequest, TerminateResult, VolumeInfo,
 };
 
 use crate::agent::Agent;
@@ -86,6 +87,14 @@ impl AgentRpc for Service {
         Ok(Response::new(self.0.get_state(r.into_inner()).await?))
     }
 
+    async fn take_dirty(&self, r: Request<TakeDirtyRequest>) -> Rpc<DirtyBatch> {
+        Ok(Response::new(self.0.take_dirty(r.into_inner()).await?))
+    }
+
+    async fn merge_dirty(&self, r: Request<MergeDirtyRequest>) -> Rpc<SessionState> {
+        Ok(Response::new(self.0.merge_dirty(r.into_inner()).await?))
+    }
+
     type WatchProgressStream =
         Pin<Box<dyn Stream<Item = std::result::Result<Progress, Status>> + Send>>;
 
@@ -146,7 +155,11 @@ pub async fn serve(
             .map_err(|e| AgentError::Invalid(format!("TLS configuration: {e}")))?;
     }
     builder
-        .add_service(AgentServer::new(Service(agent)))
+        .add_service(
+            AgentServer::new(Service(agent))
+                .max_decoding_message_size(volmig_master::grpc_slave::MAX_MESSAGE)
+                .max_encoding_message_size(volmig_master::grpc_slave::MAX_MESSAGE),
+        )
         .serve_with_shutdown(addr, shutdown)
         .await
         .map_err(|e| AgentError::Task(format!("gRPC server on {addr}: {e}")))

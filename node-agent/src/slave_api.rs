@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use volmig_api::agent::{
-    CopyMode, CopyPassRequest, Fence, PassResult, PrepareRequest, QuiesceRequest, QuiesceResult,
-    RedirectRequest, ResumeResult, SessionState, SetBandwidthRequest, SetMirrorRequest, Step,
-    TerminateRequest, TerminateResult, Verify as WireVerify,
+    CopyMode, CopyPassRequest, DirtyBatch, Fence, MergeDirtyRequest, PassResult, PrepareRequest,
+    QuiesceRequest, QuiesceResult, RedirectRequest, ResumeResult, SessionState,
+    SetBandwidthRequest, SetMirrorRequest, Step, TakeDirtyRequest, TerminateRequest,
+    TerminateResult, Verify as WireVerify,
 };
 use volmig_api::{Slave, SlaveError, SlaveResult};
 use volmig_master::Verify;
@@ -141,6 +142,7 @@ impl Slave for Agent {
                 cfg.in_flight as usize
             },
             sparse: cfg.sparse,
+            monitor_only: r.monitor_only,
         };
         let s = SlaveSession::prepare(
             interposer,
@@ -246,6 +248,17 @@ impl Slave for Agent {
         let (s, _) = self.session_for(&r.fence, false)?;
         Ok(s.state().await)
     }
+
+    async fn take_dirty(&self, r: TakeDirtyRequest) -> SlaveResult<DirtyBatch> {
+        let (s, _) = self.session_for(&r.fence, false)?;
+        Ok(s.take_dirty(r.ack)?)
+    }
+
+    async fn merge_dirty(&self, r: MergeDirtyRequest) -> SlaveResult<SessionState> {
+        let (s, _) = self.session_for(&r.fence, false)?;
+        s.merge_dirty(r.grain, r.size, &r.runs)?;
+        Ok(s.state().await)
+    }
 }
 
 #[cfg(test)]
@@ -290,11 +303,93 @@ mod tests {
                     sparse: true,
                     ..WireConfig::default()
                 }),
+                monitor_only: false,
             })
             .await
             .unwrap();
         assert!(st.attached && !st.finished);
         (dir, agent, ip)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_monitor_only_session_hands_over_its_writes_until_acknowledged() {
+        let (dir, primary, _) = prepared().await;
+        // A second agent serving the same volume file.
+        let second = Agent::new(&dir.path().join("state2")).unwrap();
+        let ip2 = second
+            .add_volume("v", &dir.path().join("src"), false)
+            .await
+            .unwrap();
+        let prep = |monitor_only| PrepareRequest {
+            fence: fence(2),
+            target: dir.path().join("tgt").display().to_string(),
+            config: Some(WireConfig {
+                grain: 65536,
+                ..WireConfig::default()
+            }),
+            monitor_only,
+        };
+        let st = second.prepare(prep(true)).await.unwrap();
+        assert_eq!(st.dirty_bytes, 0, "a monitor starts with nothing dirty");
+        let take = |ack| TakeDirtyRequest {
+            fence: fence(2),
+            ack,
+        };
+        ip2.write(3 << 16, vec![7u8; 4096], false).await.unwrap();
+        ip2.write(40 << 16, vec![7u8; 4096], false).await.unwrap();
+        let b1 = second.take_dirty(take(0)).await.unwrap();
+        assert_eq!(b1.dirty_bytes, 2 << 16);
+        assert_eq!((b1.grain, b1.size), (65536, 4 << 20));
+        // Not acknowledged (a master that died before merging): handed
+        // over again, with what was written since.
+        ip2.write(50 << 16, vec![7u8; 4096], false).await.unwrap();
+        let b2 = second.take_dirty(take(0)).await.unwrap();
+        assert_eq!(b2.dirty_bytes, 3 << 16);
+        assert!(b2.batch > b1.batch);
+        // Merged into the copying agent's map, and acknowledged.
+        let before = primary.get_state(Step { fence: fence(2) }).await.unwrap();
+        primary
+            .copy_pass(CopyPassRequest {
+                fence: fence(2),
+                slice_ms: 0,
+            })
+            .await
+            .unwrap();
+        let clean = primary.get_state(Step { fence: fence(2) }).await.unwrap();
+        assert!(clean.dirty_bytes < before.dirty_bytes);
+        let merged = primary
+            .merge_dirty(MergeDirtyRequest {
+                fence: fence(2),
+                grain: b2.grain,
+                size: b2.size,
+                runs: b2.runs.clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(merged.dirty_bytes, clean.dirty_bytes + (3 << 16));
+        let b3 = second.take_dirty(take(b2.batch)).await.unwrap();
+        assert_eq!(b3.dirty_bytes, 0, "acknowledged grains are forgotten");
+        // A map of another shape is refused; the secondary never copies.
+        let e = primary
+            .merge_dirty(MergeDirtyRequest {
+                fence: fence(2),
+                grain: 4096,
+                size: b2.size,
+                runs: b2.runs,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SlaveError::Invalid(_)), "{e}");
+        let e = second
+            .copy_pass(CopyPassRequest {
+                fence: fence(2),
+                slice_ms: 0,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SlaveError::Invalid(_)), "{e}");
+        let e = primary.take_dirty(take(0)).await.unwrap_err();
+        assert!(matches!(e, SlaveError::Invalid(_)), "{e}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,6 +444,7 @@ mod tests {
                 fence: other.clone(),
                 target: dir.path().join("tgt").display().to_string(),
                 config: None,
+                monitor_only: false,
             })
             .await
             .unwrap_err();

@@ -354,6 +354,8 @@ pub fn read_record(
         verified: v.verified,
         group: s.group.clone(),
         queued: s.queued,
+        // The operator refuses multi-attach volumes (MultiAttachUnsupported).
+        shared_with: Vec::new(),
     }))
 }
 
@@ -529,6 +531,7 @@ mod tests {
                 verified,
                 group: flags[3].then(|| "db/pg".to_string()),
                 queued: flags[2] && !flags[1],
+                shared_with: Vec::new(),
             }
         }
     }

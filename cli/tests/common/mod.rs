@@ -269,8 +269,22 @@ impl Writer {
         hot: u64,
         size: u64,
     ) -> Writer {
+        Self::start_in(rt, sock, export, 0, hot, size)
+    }
+
+    /// A writer on the blocks of `[lo, hi)` only (several writers on one
+    /// volume through several agents keep to their own ranges).
+    pub fn start_in(
+        rt: &tokio::runtime::Runtime,
+        sock: PathBuf,
+        export: &str,
+        lo: u64,
+        hi: u64,
+        size: u64,
+    ) -> Writer {
+        let first = lo / BLOCK;
         let gens: Arc<Vec<AtomicU32>> =
-            Arc::new((0..hot / BLOCK).map(|_| AtomicU32::new(0)).collect());
+            Arc::new((0..hi / BLOCK).map(|_| AtomicU32::new(0)).collect());
         let stop = Arc::new(AtomicBool::new(false));
         let maybe: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
         let export = export.to_string();
@@ -279,13 +293,13 @@ impl Writer {
             async move {
                 let mut c = NbdClient::connect_unix(&sock, &export).await.unwrap();
                 let mut buf = vec![0u8; BLOCK as usize];
-                let mut x = 0x9e37_79b9u64 ^ export.len() as u64;
+                let mut x = 0x9e37_79b9u64 ^ export.len() as u64 ^ first;
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    let b = x % (hot / BLOCK);
+                    let b = first + x % (hi / BLOCK - first);
                     let g = gens[b as usize].load(Ordering::Relaxed) + 1;
                     fill(&mut buf, b, g);
                     match c.write(b * BLOCK, &buf, false).await {
@@ -333,6 +347,34 @@ impl Writer {
             maybe,
             n,
             size: self.size,
+        }
+    }
+}
+
+impl Written {
+    /// What two writers on disjoint ranges of one volume wrote together.
+    pub fn merge(self, other: Written) -> Written {
+        let (long, short) = if self.gens.len() >= other.gens.len() {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        let gens: Vec<AtomicU32> = long
+            .gens
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let o = short.gens.get(i).map(|g| g.load(Ordering::Relaxed));
+                AtomicU32::new(g.load(Ordering::Relaxed).max(o.unwrap_or(0)))
+            })
+            .collect();
+        let mut maybe = long.maybe;
+        maybe.extend(short.maybe);
+        Written {
+            gens: Arc::new(gens),
+            maybe,
+            n: long.n + short.n,
+            size: long.size,
         }
     }
 }

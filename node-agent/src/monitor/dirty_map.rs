@@ -338,6 +338,61 @@ impl DirtyMap {
         (n << self.grain_shift).min(self.size)
     }
 
+    /// Moves every dirty grain into `pending` (a bitmap of the same
+    /// shape, OR-ed in) and clears it here, one word at a time with an
+    /// atomic swap: a write's second mark after the swap dirties its grain
+    /// here again, so nothing written after the hand-over is lost. Returns
+    /// the grains moved.
+    pub fn take_into(&self, pending: &mut [u64]) -> u64 {
+        let bits = self.bits();
+        let mut moved = 0u64;
+        for (w, p) in bits.iter().zip(pending.iter_mut()) {
+            if w.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let taken = w.swap(0, Ordering::SeqCst);
+            let n = taken.count_ones() as u64;
+            if n > 0 {
+                self.dirty.fetch_sub(n, Ordering::AcqRel);
+                *p |= taken;
+                moved += n;
+            }
+        }
+        moved
+    }
+
+    /// Marks the grains of `words` (bitmap words from `first_word` on, as
+    /// `take_into` hands them over); bits past the last grain are ignored.
+    pub fn merge_words(&self, first_word: u64, words: &[u64]) {
+        let bits = self.bits();
+        for (i, &w) in words.iter().enumerate() {
+            let idx = first_word.saturating_add(i as u64);
+            let Some(slot) = usize::try_from(idx).ok().and_then(|i| bits.get(i)) else {
+                return;
+            };
+            let first_grain = idx * 64;
+            let valid = if self.grains >= first_grain + 64 {
+                u64::MAX
+            } else {
+                (1u64 << (self.grains - first_grain)) - 1
+            };
+            let w = w & valid;
+            if w == 0 {
+                continue;
+            }
+            let old = slot.fetch_or(w, Ordering::SeqCst);
+            let new = (w & !old).count_ones() as u64;
+            if new > 0 {
+                self.dirty.fetch_add(new, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Bitmap words a map of this shape has.
+    pub fn word_count(&self) -> usize {
+        self.bits().len()
+    }
+
     /// Marks the whole volume dirty.
     pub fn mark_all(&self) {
         self.mark(0, self.size);
@@ -425,6 +480,35 @@ fn boot_id() -> (u64, u64) {
 mod tests {
 
     #[test]
+    fn take_into_and_merge_words_move_grains_between_maps() {
+        let size = 100 * 4096 + 1; // 101 grains: the last word is partial
+        let a = DirtyMap::in_memory(size, 4096).unwrap();
+        a.clear(0, size);
+        let b = DirtyMap::in_memory(size, 4096).unwrap();
+        b.clear(0, size);
+        a.mark(0, 1);
+        a.mark(70 * 4096, 4096);
+        a.mark(size - 1, 1);
+        let mut pending = vec![0u64; a.word_count()];
+        assert_eq!(a.take_into(&mut pending), 3);
+        assert!(a.is_empty(), "taken grains leave the map");
+        // A write after the hand-over dirties its grain here again.
+        a.mark(70 * 4096, 1);
+        assert_eq!(a.take_into(&mut pending), 1);
+        assert_eq!(pending.iter().map(|w| w.count_ones()).sum::<u32>(), 3);
+        // Bits past the end are ignored on merge.
+        let mut words = pending.clone();
+        words[1] |= 1 << 63;
+        b.merge_words(0, &words);
+        assert_eq!(b.dirty_grains(), 3);
+        assert!(!b.is_clean(70 * 4096, 1) && !b.is_clean(0, 1) && !b.is_clean(size - 1, 1));
+        b.merge_words(0, &words);
+        assert_eq!(b.dirty_grains(), 3, "merging twice changes nothing");
+        b.merge_words(1000, &[u64::MAX]);
+        assert_eq!(b.dirty_grains(), 3, "words past the map are ignored");
+    }
+
+    #[test]
     fn dirty_bytes_in_counts_the_grains_a_range_touches() {
         let m = DirtyMap::in_memory(1 << 20, 4096).unwrap();
         m.clear(0, 1 << 20);
@@ -433,7 +517,11 @@ mod tests {
         m.mark((1 << 20) - 1, 1);
         assert_eq!(m.dirty_bytes_in(0, 1 << 20), 5 * 4096);
         assert_eq!(m.dirty_bytes_in(0, 100 * 4096), 4096);
-        assert_eq!(m.dirty_bytes_in(4096, 100 * 4096), 4096, "grain 100 touched by the last byte");
+        assert_eq!(
+            m.dirty_bytes_in(4096, 100 * 4096),
+            4096,
+            "grain 100 touched by the last byte"
+        );
         assert_eq!(m.dirty_bytes_in(101 * 4096, 1), 4096);
         assert_eq!(m.dirty_bytes_in(1 << 20, 4096), 0, "past the end");
         assert_eq!(m.dirty_bytes_in(0, 0), 0);

@@ -18,6 +18,10 @@ pub struct SlaveConfig {
     pub chunk_size: u64,
     pub in_flight: usize,
     pub sparse: bool,
+    /// A secondary agent of a multi-attach volume: tracks its workload's
+    /// writes for the copying agent, never copies.
+    #[serde(default)]
+    pub monitor_only: bool,
 }
 
 impl Default for SlaveConfig {
@@ -29,6 +33,7 @@ impl Default for SlaveConfig {
             chunk_size: 1 << 20,
             in_flight: 8,
             sparse: true,
+            monitor_only: false,
         }
     }
 }

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use volmig_api::agent::{PassResult, QuiesceResult, SessionState, TerminateResult};
+use volmig_api::agent::{
+    DirtyBatch, DirtyWords, PassResult, QuiesceResult, SessionState, TerminateResult,
+};
 
 use super::checkpoint::{SlaveConfig, SlaveRecord, StateDir};
 use super::verify::verify_blocking;
@@ -50,6 +52,35 @@ pub struct SlaveSession {
     lease_ms: AtomicU64,
     write_rate: AtomicU64,
     copy_rate: AtomicU64,
+    /// Monitor-only sessions: grains handed to the master, kept until it
+    /// acknowledges their batch.
+    shipped: Mutex<Shipped>,
+}
+
+/// Dirty grains a monitor-only session handed over and the master has not
+/// acknowledged yet (see `take_dirty`).
+#[derive(Debug, Default)]
+struct Shipped {
+    batch: u64,
+    words: Vec<u64>,
+}
+
+/// Runs of non-zero words of a bitmap, as they go on the wire.
+fn word_runs(words: &[u64]) -> Vec<DirtyWords> {
+    let mut runs: Vec<DirtyWords> = Vec::new();
+    for (i, &w) in words.iter().enumerate() {
+        if w == 0 {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(r) if r.first_word + r.words.len() as u64 == i as u64 => r.words.push(w),
+            _ => runs.push(DirtyWords {
+                first_word: i as u64,
+                words: vec![w],
+            }),
+        }
+    }
+    runs
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -116,7 +147,7 @@ impl SlaveSession {
             source: source.path().to_path_buf(),
             target: target.path().to_path_buf(),
             size: source.size(),
-            mirror: config.mirror_from_start,
+            mirror: config.mirror_from_start && !config.monitor_only,
             config,
             redirected: false,
             finished: false,
@@ -130,6 +161,11 @@ impl SlaveSession {
             record.config.grain,
             false,
         )?;
+        if record.config.monitor_only {
+            // Nothing to copy here: only what this agent's workload writes
+            // from the attach on, handed to the copying agent.
+            dirty.clear(0, record.size);
+        }
         let fresh_zero = target.is_fully_unallocated().unwrap_or(false);
         let mode = if record.mirror {
             WriteMode::Mirror
@@ -178,6 +214,12 @@ impl SlaveSession {
         } else {
             WriteMode::Track
         };
+        if record.config.monitor_only && !record.redirected {
+            // Grains handed over but not acknowledged were only in memory:
+            // hand everything over again (the copying agent re-copies the
+            // volume; nothing is lost).
+            dirty.mark_all();
+        }
         record.resumes += 1;
         let link = Arc::new(Link::new(source, target, Arc::new(dirty), mode));
         let session = Self::build(interposer.clone(), state, record, link.clone())?;
@@ -213,6 +255,7 @@ impl SlaveSession {
             lease_ms: AtomicU64::new(QUIESCE_LEASE.as_millis() as u64),
             write_rate: AtomicU64::new(0),
             copy_rate: AtomicU64::new(0),
+            shipped: Mutex::new(Shipped::default()),
         });
         tokio::spawn(s.clone().tick());
         Ok(s)
@@ -321,11 +364,78 @@ impl SlaveSession {
         Ok(())
     }
 
+    fn require_copying(&self, op: &str) -> Result<()> {
+        if lock(&self.record).config.monitor_only {
+            return Err(AgentError::Invalid(format!(
+                "{op}: this agent only monitors the volume (multi-attach secondary); the copying agent copies"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Monitor-only sessions: hands the grains dirtied since the last call
+    /// (and any batch not acknowledged yet) to the master. `ack` is the
+    /// batch the master merged into the copying agent; only then are those
+    /// grains forgotten here.
+    pub fn take_dirty(&self, ack: u64) -> Result<DirtyBatch> {
+        self.require_active("take_dirty")?;
+        let (size, grain) = {
+            let r = lock(&self.record);
+            if !r.config.monitor_only {
+                return Err(AgentError::Invalid(
+                    "take_dirty: this agent copies the volume; only monitor-only sessions hand over dirty grains".into(),
+                ));
+            }
+            (r.size, r.config.grain)
+        };
+        let mut sh = lock(&self.shipped);
+        if sh.words.len() != self.link.dirty.word_count() {
+            sh.words = vec![0; self.link.dirty.word_count()];
+        }
+        if ack != 0 && ack == sh.batch {
+            sh.words.iter_mut().for_each(|w| *w = 0);
+        }
+        self.link.dirty.take_into(&mut sh.words);
+        sh.batch += 1;
+        let grains: u64 = sh.words.iter().map(|w| w.count_ones() as u64).sum();
+        Ok(DirtyBatch {
+            batch: sh.batch,
+            grain,
+            size,
+            runs: word_runs(&sh.words),
+            dirty_bytes: (grains * grain).min(size),
+        })
+    }
+
+    /// The copying agent: marks grains another agent's workload dirtied.
+    pub fn merge_dirty(&self, grain: u64, size: u64, runs: &[DirtyWords]) -> Result<()> {
+        self.require_active("merge_dirty")?;
+        self.require_copying("merge_dirty")?;
+        let r = lock(&self.record);
+        if r.config.grain != grain || r.size != size {
+            return Err(AgentError::Invalid(format!(
+                "merge_dirty: a map of {size} B in {grain} B grains does not match this session's {} B in {} B grains",
+                r.size, r.config.grain
+            )));
+        }
+        if r.redirected {
+            return Err(AgentError::Transition(
+                "merge_dirty: already redirected".into(),
+            ));
+        }
+        drop(r);
+        for run in runs {
+            self.link.dirty.merge_words(run.first_word, &run.words);
+        }
+        Ok(())
+    }
+
     /// Continues the current pass for at most `slice` (None: to its end).
     /// At the end of a pass the target is flushed, while the workload runs,
     /// so the flush inside the cutover window only covers the residue.
     pub async fn copy_pass(&self, slice: Option<Duration>) -> Result<PassResult> {
         self.require_active("copy")?;
+        self.require_copying("copy")?;
         if lock(&self.record).redirected {
             return Err(AgentError::Transition("copy: already redirected".into()));
         }
@@ -368,6 +478,7 @@ impl SlaveSession {
     /// ordering argument in `interposer`.
     pub fn set_mirror(&self, on: bool) -> Result<()> {
         self.require_active("set_mirror")?;
+        self.require_copying("set_mirror")?;
         let mut r = lock(&self.record);
         if r.redirected {
             return Err(AgentError::Transition(

@@ -320,6 +320,7 @@ fn members<C: Connector>(ctx: &Context<C>, rs: &[Resolved]) -> Result<Vec<Member
                 volume: r.volume.clone(),
                 target: r.target_path.clone().into(),
                 agent: r.agent.clone(),
+                shared_with: Vec::new(),
                 slave: ctx.connector.slave(&r.agent)?,
             })
         })
