@@ -24,8 +24,11 @@ fn master_killed_at(lab: &Lab, agent: &Agent, vol: &str, point: &str) {
     let w = Writer::start(&rt, lab.sock(&agent.name), vol, HOT, SIZE);
     std::thread::sleep(Duration::from_millis(100));
     // A small bandwidth limit keeps Copying long enough for writes to
-    // dirty copied regions, so there is always a refresh pass.
-    let args: Vec<String> = ["--bandwidth", "16Mi"].map(String::from).to_vec();
+    // dirty copied regions, and Background mode (Auto may mirror during the
+    // copy pass and skip refresh) makes sure there is a refresh pass.
+    let args: Vec<String> = ["--bandwidth", "16Mi", "--mode", "Background"]
+        .map(String::from)
+        .to_vec();
     let st = lab
         .master(agent, vol, &args)
         .env("VOLMIG_FAULT", point)
