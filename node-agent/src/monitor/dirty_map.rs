@@ -278,19 +278,33 @@ impl DirtyMap {
         }
     }
 
+    /// Sets the bits of `mask` in word `w`, counting the grains that
+    /// became dirty.
+    fn set_bits(&self, w: usize, mask: u64) {
+        let old = self.bits()[w].fetch_or(mask, Ordering::SeqCst);
+        let new = (!old & mask).count_ones() as u64;
+        if new > 0 {
+            self.dirty.fetch_add(new, Ordering::AcqRel);
+        }
+    }
+
+    /// Clears the bits of `mask` in word `w`; returns those that were set
+    /// (and no longer counted).
+    fn clear_bits(&self, w: usize, mask: u64) -> u64 {
+        let was = self.bits()[w].fetch_and(!mask, Ordering::SeqCst) & mask;
+        if was != 0 {
+            self.dirty
+                .fetch_sub(was.count_ones() as u64, Ordering::AcqRel);
+        }
+        was
+    }
+
     /// Marks every grain the byte range touches.
     pub fn mark(&self, offset: u64, length: u64) {
         let Some((first, last)) = self.grain_range(offset, length) else {
             return;
         };
-        let bits = self.bits();
-        Self::for_words(first, last, |w, mask| {
-            let old = bits[w].fetch_or(mask, Ordering::SeqCst);
-            let new = (!old & mask).count_ones() as u64;
-            if new > 0 {
-                self.dirty.fetch_add(new, Ordering::AcqRel);
-            }
-        });
+        Self::for_words(first, last, |w, mask| self.set_bits(w, mask));
     }
 
     /// Clears every grain the byte range touches; returns how many were set.
@@ -298,15 +312,10 @@ impl DirtyMap {
         let Some((first, last)) = self.grain_range(offset, length) else {
             return 0;
         };
-        let bits = self.bits();
         let mut cleared = 0;
         Self::for_words(first, last, |w, mask| {
-            let old = bits[w].fetch_and(!mask, Ordering::SeqCst);
-            cleared += (old & mask).count_ones() as u64;
+            cleared += self.clear_bits(w, mask).count_ones() as u64;
         });
-        if cleared > 0 {
-            self.dirty.fetch_sub(cleared, Ordering::AcqRel);
-        }
         cleared
     }
 
@@ -346,17 +355,13 @@ impl DirtyMap {
     pub fn take_into(&self, pending: &mut [u64]) -> u64 {
         let bits = self.bits();
         let mut moved = 0u64;
-        for (w, p) in bits.iter().zip(pending.iter_mut()) {
-            if w.load(Ordering::Relaxed) == 0 {
+        for (w, p) in pending.iter_mut().enumerate().take(bits.len()) {
+            if bits[w].load(Ordering::Relaxed) == 0 {
                 continue;
             }
-            let taken = w.swap(0, Ordering::SeqCst);
-            let n = taken.count_ones() as u64;
-            if n > 0 {
-                self.dirty.fetch_sub(n, Ordering::AcqRel);
-                *p |= taken;
-                moved += n;
-            }
+            let taken = self.clear_bits(w, u64::MAX);
+            *p |= taken;
+            moved += taken.count_ones() as u64;
         }
         moved
     }
@@ -364,27 +369,13 @@ impl DirtyMap {
     /// Marks the grains of `words` (bitmap words from `first_word` on, as
     /// `take_into` hands them over); bits past the last grain are ignored.
     pub fn merge_words(&self, first_word: u64, words: &[u64]) {
-        let bits = self.bits();
-        for (i, &w) in words.iter().enumerate() {
-            let idx = first_word.saturating_add(i as u64);
-            let Some(slot) = usize::try_from(idx).ok().and_then(|i| bits.get(i)) else {
-                return;
-            };
-            let first_grain = idx * 64;
-            let valid = if self.grains >= first_grain + 64 {
-                u64::MAX
-            } else {
-                (1u64 << (self.grains - first_grain)) - 1
-            };
-            let w = w & valid;
-            if w == 0 {
+        for (i, &word) in words.iter().enumerate() {
+            let first = first_word.saturating_add(i as u64).saturating_mul(64);
+            if first >= self.grains || word == 0 {
                 continue;
             }
-            let old = slot.fetch_or(w, Ordering::SeqCst);
-            let new = (w & !old).count_ones() as u64;
-            if new > 0 {
-                self.dirty.fetch_add(new, Ordering::AcqRel);
-            }
+            let last = (first + 63).min(self.grains - 1);
+            Self::for_words(first, last, |w, valid| self.set_bits(w, word & valid));
         }
     }
 

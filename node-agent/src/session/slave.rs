@@ -364,13 +364,18 @@ impl SlaveSession {
         Ok(())
     }
 
-    fn require_copying(&self, op: &str) -> Result<()> {
-        if lock(&self.record).config.monitor_only {
-            return Err(AgentError::Invalid(format!(
+    /// Refuses `op` unless this session has the role it needs: the copying
+    /// agent's (`monitor_only` false) or a multi-attach secondary's.
+    fn require_role(&self, op: &str, monitor_only: bool) -> Result<()> {
+        match (lock(&self.record).config.monitor_only, monitor_only) {
+            (true, false) => Err(AgentError::Invalid(format!(
                 "{op}: this agent only monitors the volume (multi-attach secondary); the copying agent copies"
-            )));
+            ))),
+            (false, true) => Err(AgentError::Invalid(format!(
+                "{op}: this agent copies the volume; only monitor-only sessions hand over dirty grains"
+            ))),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Monitor-only sessions: hands the grains dirtied since the last call
@@ -379,13 +384,9 @@ impl SlaveSession {
     /// grains forgotten here.
     pub fn take_dirty(&self, ack: u64) -> Result<DirtyBatch> {
         self.require_active("take_dirty")?;
+        self.require_role("take_dirty", true)?;
         let (size, grain) = {
             let r = lock(&self.record);
-            if !r.config.monitor_only {
-                return Err(AgentError::Invalid(
-                    "take_dirty: this agent copies the volume; only monitor-only sessions hand over dirty grains".into(),
-                ));
-            }
             (r.size, r.config.grain)
         };
         let mut sh = lock(&self.shipped);
@@ -410,7 +411,7 @@ impl SlaveSession {
     /// The copying agent: marks grains another agent's workload dirtied.
     pub fn merge_dirty(&self, grain: u64, size: u64, runs: &[DirtyWords]) -> Result<()> {
         self.require_active("merge_dirty")?;
-        self.require_copying("merge_dirty")?;
+        self.require_role("merge_dirty", false)?;
         let r = lock(&self.record);
         if r.config.grain != grain || r.size != size {
             return Err(AgentError::Invalid(format!(
@@ -435,7 +436,7 @@ impl SlaveSession {
     /// so the flush inside the cutover window only covers the residue.
     pub async fn copy_pass(&self, slice: Option<Duration>) -> Result<PassResult> {
         self.require_active("copy")?;
-        self.require_copying("copy")?;
+        self.require_role("copy", false)?;
         if lock(&self.record).redirected {
             return Err(AgentError::Transition("copy: already redirected".into()));
         }
@@ -478,7 +479,7 @@ impl SlaveSession {
     /// ordering argument in `interposer`.
     pub fn set_mirror(&self, on: bool) -> Result<()> {
         self.require_active("set_mirror")?;
-        self.require_copying("set_mirror")?;
+        self.require_role("set_mirror", false)?;
         let mut r = lock(&self.record);
         if r.redirected {
             return Err(AgentError::Transition(

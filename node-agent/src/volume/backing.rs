@@ -124,14 +124,11 @@ impl BackingDevice {
     /// free between them and a workload write waits for one piece's
     /// memcpy, not a whole chunk's.
     pub fn write_bulk(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let _one = self.bulk_turn();
-        if self.direct || self.kind != DeviceKind::File {
+        let Some(_one) = self.bulk_turn() else {
             return self.write_at(buf, offset);
-        }
-        let mut done = 0usize;
-        for piece in buf.chunks(BULK_PIECE) {
-            self.write_at(piece, offset + done as u64)?;
-            done += piece.len();
+        };
+        for (i, piece) in buf.chunks(BULK_PIECE).enumerate() {
+            self.write_at(piece, offset + (i * BULK_PIECE) as u64)?;
         }
         Ok(())
     }
@@ -142,6 +139,8 @@ impl BackingDevice {
         self.write_zeroes(offset, length, may_trim)
     }
 
+    /// The bulk-writer turn of a buffered file; `None` for O_DIRECT files
+    /// and block devices, which need none.
     fn bulk_turn(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
         (self.kind == DeviceKind::File && !self.direct)
             // The mutex guards no data: a poisoned one is as good.
