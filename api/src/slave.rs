@@ -4,12 +4,6 @@
 
 use std::future::Future;
 
-use crate::agent::{
-    CopyPassRequest, DirtyBatch, MergeDirtyRequest, PassResult, PrepareRequest, QuiesceRequest,
-    QuiesceResult, RedirectRequest, ResumeResult, SessionState, SetBandwidthRequest,
-    SetMirrorRequest, Step, TakeDirtyRequest, TerminateRequest, TerminateResult,
-};
-
 /// Why a slave refused or failed a call. Each kind maps to one gRPC code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SlaveError {
@@ -84,46 +78,39 @@ impl From<tonic::Status> for SlaveError {
 
 pub type SlaveResult<T> = Result<T, SlaveError>;
 
-/// One method per agent RPC; see `agent.proto` for their contracts.
-pub trait Slave: Send + Sync {
-    fn prepare(&self, r: PrepareRequest) -> impl Future<Output = SlaveResult<SessionState>> + Send;
-    fn copy_pass(&self, r: CopyPassRequest)
-    -> impl Future<Output = SlaveResult<PassResult>> + Send;
-    fn set_mirror(
-        &self,
-        r: SetMirrorRequest,
-    ) -> impl Future<Output = SlaveResult<SessionState>> + Send;
-    fn quiesce(&self, r: QuiesceRequest)
-    -> impl Future<Output = SlaveResult<QuiesceResult>> + Send;
-    fn release(&self, r: Step) -> impl Future<Output = SlaveResult<SessionState>> + Send;
-    fn synchronize(&self, r: Step) -> impl Future<Output = SlaveResult<SessionState>> + Send;
-    fn redirect(
-        &self,
-        r: RedirectRequest,
-    ) -> impl Future<Output = SlaveResult<SessionState>> + Send;
-    fn resume(&self, r: Step) -> impl Future<Output = SlaveResult<ResumeResult>> + Send;
-    fn terminate(
-        &self,
-        r: TerminateRequest,
-    ) -> impl Future<Output = SlaveResult<TerminateResult>> + Send;
-    fn abort(&self, r: Step) -> impl Future<Output = SlaveResult<SessionState>> + Send;
-    fn set_bandwidth(
-        &self,
-        r: SetBandwidthRequest,
-    ) -> impl Future<Output = SlaveResult<SessionState>> + Send;
-    fn get_state(&self, r: Step) -> impl Future<Output = SlaveResult<SessionState>> + Send;
-    fn take_dirty(
-        &self,
-        r: TakeDirtyRequest,
-    ) -> impl Future<Output = SlaveResult<DirtyBatch>> + Send;
-    fn merge_dirty(
-        &self,
-        r: MergeDirtyRequest,
-    ) -> impl Future<Output = SlaveResult<SessionState>> + Send;
+/// Calls `$m!` with every slave call as `name(Request) -> Response;`: the
+/// one list the [`Slave`] trait, its forwarding impls and the gRPC client
+/// (`volmig_master::GrpcSlave`) are generated from, so a new agent RPC is
+/// added in one place (plus its implementations).
+#[macro_export]
+macro_rules! slave_calls {
+    ($m:ident) => {
+        $m! {
+            prepare($crate::agent::PrepareRequest) -> $crate::agent::SessionState;
+            copy_pass($crate::agent::CopyPassRequest) -> $crate::agent::PassResult;
+            set_mirror($crate::agent::SetMirrorRequest) -> $crate::agent::SessionState;
+            quiesce($crate::agent::QuiesceRequest) -> $crate::agent::QuiesceResult;
+            release($crate::agent::Step) -> $crate::agent::SessionState;
+            synchronize($crate::agent::Step) -> $crate::agent::SessionState;
+            redirect($crate::agent::RedirectRequest) -> $crate::agent::SessionState;
+            resume($crate::agent::Step) -> $crate::agent::ResumeResult;
+            terminate($crate::agent::TerminateRequest) -> $crate::agent::TerminateResult;
+            abort($crate::agent::Step) -> $crate::agent::SessionState;
+            set_bandwidth($crate::agent::SetBandwidthRequest) -> $crate::agent::SessionState;
+            get_state($crate::agent::Step) -> $crate::agent::SessionState;
+            take_dirty($crate::agent::TakeDirtyRequest) -> $crate::agent::DirtyBatch;
+            merge_dirty($crate::agent::MergeDirtyRequest) -> $crate::agent::SessionState;
+        }
+    };
 }
 
-macro_rules! forward {
+macro_rules! define_slave {
     ($($name:ident($req:ty) -> $res:ty;)*) => {
+        /// One method per agent RPC; see `agent.proto` for their contracts.
+        pub trait Slave: Send + Sync {
+            $(fn $name(&self, r: $req) -> impl Future<Output = SlaveResult<$res>> + Send;)*
+        }
+
         /// A shared slave is a slave.
         impl<T: Slave> Slave for std::sync::Arc<T> {
             $(fn $name(&self, r: $req) -> impl Future<Output = SlaveResult<$res>> + Send {
@@ -133,22 +120,7 @@ macro_rules! forward {
     };
 }
 
-forward! {
-    prepare(PrepareRequest) -> SessionState;
-    copy_pass(CopyPassRequest) -> PassResult;
-    set_mirror(SetMirrorRequest) -> SessionState;
-    quiesce(QuiesceRequest) -> QuiesceResult;
-    release(Step) -> SessionState;
-    synchronize(Step) -> SessionState;
-    redirect(RedirectRequest) -> SessionState;
-    resume(Step) -> ResumeResult;
-    terminate(TerminateRequest) -> TerminateResult;
-    abort(Step) -> SessionState;
-    set_bandwidth(SetBandwidthRequest) -> SessionState;
-    get_state(Step) -> SessionState;
-    take_dirty(TakeDirtyRequest) -> DirtyBatch;
-    merge_dirty(MergeDirtyRequest) -> SessionState;
-}
+slave_calls!(define_slave);
 
 #[cfg(test)]
 mod tests {

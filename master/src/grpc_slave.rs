@@ -7,11 +7,6 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use volmig_api::agent::agent_client::AgentClient;
-use volmig_api::agent::{
-    CopyPassRequest, DirtyBatch, MergeDirtyRequest, PassResult, PrepareRequest, QuiesceRequest,
-    QuiesceResult, RedirectRequest, ResumeResult, SessionState, SetBandwidthRequest,
-    SetMirrorRequest, Step, TakeDirtyRequest, TerminateRequest, TerminateResult,
-};
 use volmig_api::{Slave, SlaveError, SlaveResult};
 
 use crate::error::{MasterError, Result};
@@ -89,19 +84,4 @@ macro_rules! rpc {
     };
 }
 
-rpc! {
-    prepare(PrepareRequest) -> SessionState;
-    copy_pass(CopyPassRequest) -> PassResult;
-    set_mirror(SetMirrorRequest) -> SessionState;
-    quiesce(QuiesceRequest) -> QuiesceResult;
-    release(Step) -> SessionState;
-    synchronize(Step) -> SessionState;
-    redirect(RedirectRequest) -> SessionState;
-    resume(Step) -> ResumeResult;
-    terminate(TerminateRequest) -> TerminateResult;
-    abort(Step) -> SessionState;
-    set_bandwidth(SetBandwidthRequest) -> SessionState;
-    get_state(Step) -> SessionState;
-    take_dirty(TakeDirtyRequest) -> DirtyBatch;
-    merge_dirty(MergeDirtyRequest) -> SessionState;
-}
+volmig_api::slave_calls!(rpc);
