@@ -338,6 +338,11 @@ pub struct VolumeStatus {
     /// The target's raw device on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_path: Option<String>,
+    /// A multi-attach volume (pods on several nodes use it): the other
+    /// nodes, whose agents track their pods' writes for the agent above
+    /// (which copies) and cut over with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_with: Vec<SharedAttachment>,
     #[serde(default)]
     pub bytes_total: i64,
     #[serde(default)]
@@ -375,6 +380,23 @@ pub struct VolumeStatus {
     /// top-level fields sum them up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<VolumeSessionStatus>,
+}
+
+/// Another node using a multi-attach volume: its agent, and where that
+/// node sees the target.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedAttachment {
+    pub node: String,
+    /// The agent's gRPC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The pod that keeps the target attached to this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_pod: Option<String>,
+    /// The target's raw device on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_path: Option<String>,
 }
 
 /// One volume's session: what its master needs to continue it.

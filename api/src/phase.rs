@@ -86,7 +86,11 @@ pub struct Policy {
     pub mode: CopyMode,
     /// Longest acceptable I/O stall at cutover.
     pub sync_goal: Duration,
-    /// Background mode: after this many refresh passes cut over anyway.
+    /// After this many refresh passes cut over anyway, with a stall longer
+    /// than the goal (`converged` false). Background reaches it when the
+    /// workload outruns the copy; Auto only once it mirrors; Mirror
+    /// practically never, unless writes the mirror cannot cover keep the
+    /// residue up (the other agents of a multi-attach volume).
     pub max_passes: u32,
     /// Auto mode: passes whose residue did not halve before mirroring.
     pub stall_passes: u32,
@@ -252,7 +256,7 @@ pub fn transition(
             },
         ) => {
             let left = policy.sync_goal.saturating_sub(*spent);
-            let forced = !progress.converged && policy.mode == CopyMode::Background;
+            let forced = !progress.converged;
             if forced || estimate(*dirty_bytes, *copy_rate) <= left {
                 Ok(to(Synchronizing, progress, "residue fits the sync goal"))
             } else {
@@ -384,7 +388,7 @@ fn after_pass(
                 format!("residue {dirty} B stopped shrinking; switching to mirror mode"),
             )
         }
-        CopyMode::Background if p.passes >= policy.max_passes => {
+        _ if p.passes >= policy.max_passes && (p.mirror || policy.mode == CopyMode::Background) => {
             p.converged = false;
             next(
                 Phase::Quiescing,
@@ -546,6 +550,63 @@ mod tests {
         )
         .unwrap();
         assert!(t.progress.mirror);
+    }
+
+    #[test]
+    fn mirroring_modes_force_cutover_after_max_passes_too() {
+        // Writes the mirror cannot cover (another agent's, on a multi-attach
+        // volume) can keep the residue above the goal forever.
+        for mode in [CopyMode::Auto, CopyMode::Mirror] {
+            let p = Policy {
+                max_passes: 3,
+                ..pol(mode)
+            };
+            let mut pr = Progress {
+                mirror: true,
+                ..Progress::default()
+            };
+            let ev = Event::PassDone {
+                dirty_bytes: 500 << 20,
+                copy_rate: 100e6,
+            };
+            let mut ph = Phase::Refreshing;
+            for _ in 0..3 {
+                let t = transition(ph, pr, &ev, &p).unwrap();
+                (ph, pr) = (t.next, t.progress);
+            }
+            assert_eq!((ph, pr.converged), (Phase::Quiescing, false), "{mode:?}");
+            let t = transition(
+                ph,
+                pr,
+                &Event::Quiesced {
+                    dirty_bytes: 500 << 20,
+                    copy_rate: 100e6,
+                    spent: Duration::ZERO,
+                },
+                &p,
+            )
+            .unwrap();
+            assert_eq!(t.next, Phase::Synchronizing, "{mode:?}");
+        }
+        // Auto that has not mirrored yet tries mirroring first.
+        let p = Policy {
+            max_passes: 1,
+            ..pol(CopyMode::Auto)
+        };
+        let t = transition(
+            Phase::Refreshing,
+            Progress {
+                last_dirty: Some(500 << 20),
+                ..Progress::default()
+            },
+            &Event::PassDone {
+                dirty_bytes: 500 << 20,
+                copy_rate: 100e6,
+            },
+            &p,
+        )
+        .unwrap();
+        assert_eq!((t.next, t.progress.mirror), (Phase::Refreshing, true));
     }
 
     #[test]

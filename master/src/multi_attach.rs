@@ -39,6 +39,10 @@ use volmig_api::{Slave, SlaveError, SlaveResult};
 struct Secondary<S> {
     agent: String,
     slave: S,
+    /// Where this agent's node sees the target, when not where the copying
+    /// agent's does (in a cluster each node publishes the device under its
+    /// own holder pod's directory).
+    target: Option<String>,
     /// The last batch of its grains merged into the copying agent.
     merged: Mutex<u64>,
 }
@@ -74,15 +78,29 @@ impl<S: Slave> MultiAttach<S> {
         }
     }
 
-    /// `secondaries`: (agent address for messages, its slave).
+    /// `secondaries`: (agent address for messages, its slave); every agent
+    /// sees the target at the path the copying agent is given.
     pub fn new(primary: S, secondaries: Vec<(String, S)>) -> Self {
+        Self::with_targets(
+            primary,
+            secondaries
+                .into_iter()
+                .map(|(agent, slave)| (agent, slave, None))
+                .collect(),
+        )
+    }
+
+    /// `secondaries`: (agent address, its slave, the target's path on its
+    /// node when it differs from the copying agent's).
+    pub fn with_targets(primary: S, secondaries: Vec<(String, S, Option<String>)>) -> Self {
         Self {
             primary,
             secondaries: secondaries
                 .into_iter()
-                .map(|(agent, slave)| Secondary {
+                .map(|(agent, slave, target)| Secondary {
                     agent,
                     slave,
+                    target,
                     merged: Mutex::new(0),
                 })
                 .collect(),
@@ -93,8 +111,13 @@ impl<S: Slave> MultiAttach<S> {
         self.secondaries.iter().map(|s| s.agent.clone()).collect()
     }
 
-    /// Moves every secondary's dirty grains into the copying agent's map.
-    async fn ship(&self, fence: &Option<volmig_api::agent::Fence>) -> SlaveResult<()> {
+    /// Moves every secondary's dirty grains into the copying agent's map;
+    /// the copying agent's state after the last merge, if any merged.
+    async fn ship(
+        &self,
+        fence: &Option<volmig_api::agent::Fence>,
+    ) -> SlaveResult<Option<SessionState>> {
+        let mut merged = None;
         for s in &self.secondaries {
             let ack = *lock(&s.merged);
             let b = s
@@ -106,18 +129,20 @@ impl<S: Slave> MultiAttach<S> {
                 .await
                 .map_err(|e| on(&s.agent, e))?;
             if !b.runs.is_empty() {
-                self.primary
-                    .merge_dirty(MergeDirtyRequest {
-                        fence: fence.clone(),
-                        grain: b.grain,
-                        size: b.size,
-                        runs: b.runs,
-                    })
-                    .await?;
+                merged = Some(
+                    self.primary
+                        .merge_dirty(MergeDirtyRequest {
+                            fence: fence.clone(),
+                            grain: b.grain,
+                            size: b.size,
+                            runs: b.runs,
+                        })
+                        .await?,
+                );
             }
             *lock(&s.merged) = b.batch;
         }
-        Ok(())
+        Ok(merged)
     }
 
     /// Releases the secondaries (after a quiesce that did not go through).
@@ -140,14 +165,27 @@ impl<S: Slave> Slave for MultiAttach<S> {
         for s in &self.secondaries {
             let mut req = r.clone();
             req.monitor_only = true;
+            if let Some(t) = &s.target {
+                req.target = t.clone();
+            }
             s.slave.prepare(req).await.map_err(|e| on(&s.agent, e))?;
         }
         self.primary.prepare(r).await
     }
 
     async fn copy_pass(&self, r: CopyPassRequest) -> SlaveResult<PassResult> {
-        self.ship(&r.fence).await?;
-        self.primary.copy_pass(r).await
+        let fence = r.fence.clone();
+        self.ship(&fence).await?;
+        let mut res = self.primary.copy_pass(r).await?;
+        // What the other agents' workloads wrote meanwhile is residue too:
+        // without it a pass would look converged and the quiesce, which
+        // ships it, would find the residue over the goal every time.
+        if !res.stopped
+            && let Some(st) = self.ship(&fence).await?
+        {
+            res.dirty_bytes = res.dirty_bytes.max(st.dirty_bytes);
+        }
+        Ok(res)
     }
 
     async fn set_mirror(&self, r: SetMirrorRequest) -> SlaveResult<SessionState> {

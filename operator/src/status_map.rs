@@ -354,8 +354,9 @@ pub fn read_record(
         verified: v.verified,
         group: s.group.clone(),
         queued: s.queued,
-        // The operator refuses multi-attach volumes (MultiAttachUnsupported).
-        shared_with: Vec::new(),
+        // The other nodes of a multi-attach volume (the reconciler records
+        // them with their agents before the session starts).
+        shared_with: v.shared_with.iter().map(|a| a.node.clone()).collect(),
     }))
 }
 

@@ -29,16 +29,19 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-use volmig_api::crd::{MigrationPhase, VolumeMigration, VolumeStatus, check_spec};
+use volmig_api::crd::{
+    MigrationPhase, SharedAttachment, VolumeMigration, VolumeMigrationStatus, VolumeStatus,
+    check_spec,
+};
 use volmig_master::group_run::Member;
-use volmig_master::{Driver, DriverConfig, MasterError, SessionConfig, StopSignal};
+use volmig_master::{Driver, DriverConfig, MasterError, MultiAttach, SessionConfig, StopSignal};
 
 use crate::agents::Connector;
 use crate::drivers::Drivers;
 use crate::error::{Error, Result};
 use crate::status_map::verify_from;
 use crate::status_store::{CrStatusStore, Saved};
-use resolve::{Plan, Resolved};
+use resolve::{Attachment, Plan, Resolved};
 
 pub const FINALIZER: &str = "volmig.io/cleanup";
 
@@ -262,6 +265,16 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
                 node: Some(r.node.clone()),
                 agent: Some(r.agent.clone()),
                 holder_pod: Some(r.holder_pod.clone()),
+                shared_with: r
+                    .shared
+                    .iter()
+                    .map(|a| SharedAttachment {
+                        node: a.node.clone(),
+                        agent: Some(a.agent.clone()),
+                        holder_pod: Some(a.holder_pod.clone()),
+                        target_path: Some(a.target_path.clone()),
+                    })
+                    .collect(),
                 ..VolumeStatus::default()
             })
             .collect();
@@ -296,8 +309,14 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
     let what: Vec<String> = rs
         .iter()
         .map(|r| {
+            let shared = if r.shared.is_empty() {
+                String::new()
+            } else {
+                let nodes: Vec<&str> = r.shared.iter().map(|a| a.node.as_str()).collect();
+                format!(", also used on {}", nodes.join(", "))
+            };
             format!(
-                "{} (volume {}, node {}) to claim {}",
+                "{} (volume {}, node {}{shared}) to claim {}",
                 r.source_claim, r.volume, r.node, r.target_claim
             )
         })
@@ -313,17 +332,62 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
     Ok(requeue(30))
 }
 
-fn members<C: Connector>(ctx: &Context<C>, rs: &[Resolved]) -> Result<Vec<Member<C::Slave>>> {
+/// The slave of one volume: its copying agent, and the agents of the other
+/// nodes of a multi-attach volume, each with its own path to the target.
+fn slave_of<C: Connector>(ctx: &Context<C>, r: &Resolved) -> Result<MultiAttach<C::Slave>> {
+    let others = r
+        .shared
+        .iter()
+        .map(|a| {
+            Ok((
+                a.agent.clone(),
+                ctx.connector.slave(&a.agent)?,
+                Some(a.target_path.clone()),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(MultiAttach::with_targets(
+        ctx.connector.slave(&r.agent)?,
+        others,
+    ))
+}
+
+fn members<C: Connector>(
+    ctx: &Context<C>,
+    rs: &[Resolved],
+) -> Result<Vec<Member<MultiAttach<C::Slave>>>> {
     rs.iter()
         .map(|r| {
             Ok(Member {
                 volume: r.volume.clone(),
                 target: r.target_path.clone().into(),
                 agent: r.agent.clone(),
-                shared_with: Vec::new(),
-                slave: ctx.connector.slave(&r.agent)?,
+                shared_with: r.shared.iter().map(|a| a.node.clone()).collect(),
+                slave: slave_of(ctx, r)?,
             })
         })
+        .collect()
+}
+
+/// Every agent the migration's driver talks to, copying ones first.
+fn agents_of(rs: &[Resolved]) -> String {
+    let copying = rs.iter().map(|r| r.agent.clone());
+    let shared = rs
+        .iter()
+        .flat_map(|r| r.shared.iter().map(|a| a.agent.clone()));
+    copying.chain(shared).collect::<Vec<_>>().join(",")
+}
+
+/// Every holder pod of the migration, on every node.
+fn holder_pods(st: &VolumeMigrationStatus) -> Vec<String> {
+    st.volumes
+        .iter()
+        .flat_map(|v| {
+            v.holder_pod
+                .iter()
+                .chain(v.shared_with.iter().filter_map(|a| a.holder_pod.as_ref()))
+        })
+        .cloned()
         .collect()
 }
 
@@ -345,17 +409,11 @@ fn start_driver<C: Connector>(
     };
     let stop = Arc::new(StopSignal::default());
     let k = key(vm);
-    let agents: Vec<String> = rs.iter().map(|r| r.agent.clone()).collect();
+    let agents = agents_of(rs);
     let task_key = k.clone();
     let fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match rs {
         [r] => {
-            let driver = Driver::new(
-                ctx.connector.slave(&r.agent)?,
-                store,
-                &r.volume,
-                cfg,
-                stop.clone(),
-            );
+            let driver = Driver::new(slave_of(ctx, r)?, store, &r.volume, cfg, stop.clone());
             let volume = r.volume.clone();
             Box::pin(async move {
                 let k = task_key;
@@ -390,10 +448,34 @@ fn start_driver<C: Connector>(
             })
         }
     };
-    if ctx.drivers.start(&k, &agents.join(","), stop, fut) {
-        info!(migration = %k, epoch, agents = %agents.join(","), "driver started");
+    if ctx.drivers.start(&k, &agents, stop, fut) {
+        info!(migration = %k, epoch, agents = %agents, "driver started");
     }
     Ok(())
+}
+
+/// The ready agent on `node`, or None (logged: the driver retries until
+/// one is back).
+async fn agent_for<C: Connector>(
+    ctx: &Context<C>,
+    migration: &str,
+    node: &str,
+) -> Result<Option<String>> {
+    let agent_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let found = crate::agents::agent_on_node(
+        &agent_pods,
+        &ctx.settings.agent_selector,
+        node,
+        ctx.settings.agent_port,
+    )
+    .await?;
+    if found.is_none() {
+        warn!(
+            migration,
+            node, "no ready agent on the node; the driver retries until one is back"
+        );
+    }
+    Ok(found)
 }
 
 /// A session exists and is not over: make sure a driver runs it.
@@ -404,21 +486,24 @@ async fn keep_driving<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> R
         return Ok(());
     }
     // The agents may have moved (a restarted agent pod gets a new IP).
-    let agent_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let mut rs = Vec::new();
     for v in &st.volumes {
         let node = v.node.clone().unwrap_or_default();
-        let Some(agent) = crate::agents::agent_on_node(
-            &agent_pods,
-            &ctx.settings.agent_selector,
-            &node,
-            ctx.settings.agent_port,
-        )
-        .await?
-        else {
-            warn!(migration = %k, node, "no ready agent on the node; the driver retries until one is back");
+        let Some(agent) = agent_for(ctx, &k, &node).await? else {
             return Ok(());
         };
+        let mut shared = Vec::new();
+        for a in &v.shared_with {
+            let Some(agent) = agent_for(ctx, &k, &a.node).await? else {
+                return Ok(());
+            };
+            shared.push(Attachment {
+                node: a.node.clone(),
+                agent,
+                holder_pod: a.holder_pod.clone().unwrap_or_default(),
+                target_path: a.target_path.clone().unwrap_or_default(),
+            });
+        }
         rs.push(Resolved {
             source_claim: v.source.clone(),
             volume: v.volume.clone(),
@@ -428,13 +513,14 @@ async fn keep_driving<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> R
             target_volume: v.target_volume.clone().unwrap_or_default(),
             holder_pod: v.holder_pod.clone().unwrap_or_default(),
             target_path: v.target_path.clone().unwrap_or_default(),
+            shared,
         });
     }
-    let agents: Vec<String> = rs.iter().map(|r| r.agent.clone()).collect();
+    let agents = agents_of(&rs);
     match ctx.drivers.endpoint(&k) {
-        Some(e) if e == agents.join(",") => return Ok(()),
+        Some(e) if e == agents => return Ok(()),
         Some(_) => {
-            info!(migration = %k, agents = %agents.join(","), "an agent moved; restarting the driver");
+            info!(migration = %k, agents = %agents, "an agent moved; restarting the driver");
             ctx.drivers.stop(&k);
             return Ok(()); // started again by the next reconcile
         }
@@ -459,7 +545,7 @@ async fn finish<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<
         }
     } else {
         // Aborted or failed: the agents detached the targets.
-        for h in st.volumes.iter().filter_map(|v| v.holder_pod.clone()) {
+        for h in holder_pods(&st) {
             delete_holder(ctx, &ns, &h).await?;
         }
     }
@@ -504,7 +590,7 @@ async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result
         return Err(Error::WaitingForRollback(k));
     }
     if st.phase != MigrationPhase::Completed {
-        for h in st.volumes.iter().filter_map(|v| v.holder_pod.clone()) {
+        for h in holder_pods(&st) {
             delete_holder(ctx, &ns, &h).await?;
         }
     }

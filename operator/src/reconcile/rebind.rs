@@ -8,7 +8,7 @@
 //! - the source PV is annotated `volmig.io/backed-by: <target PV>`: whatever
 //!   stages the source PV for a later pod start (the agent's export, and
 //!   volmig's CSI node plugin once it exists) serves the target instead;
-//! - the target claim and the holder pod lose their owner reference to the
+//! - the target claim and the holder pods lose their owner reference to the
 //!   migration, so deleting the VolumeMigration does not detach the target
 //!   under the running workload.
 //!
@@ -79,15 +79,21 @@ async fn rebind_volume<C: Connector>(ctx: &Context<C>, ns: &str, v: &VolumeStatu
         claims.patch(&v.target, &pp, &Patch::Merge(&orphan)).await?;
         changed = true;
     }
-    if let Some(h) = &v.holder_pod
-        && let Some(p) = pods.get_opt(h).await?
-        && p.metadata
-            .owner_references
-            .as_ref()
-            .is_some_and(|o| !o.is_empty())
-    {
-        pods.patch(h, &pp, &Patch::Merge(&orphan)).await?;
-        changed = true;
+    // every node's holder pod (several for a multi-attach volume)
+    let holders = v
+        .holder_pod
+        .iter()
+        .chain(v.shared_with.iter().filter_map(|a| a.holder_pod.as_ref()));
+    for h in holders {
+        if let Some(p) = pods.get_opt(h).await?
+            && p.metadata
+                .owner_references
+                .as_ref()
+                .is_some_and(|o| !o.is_empty())
+        {
+            pods.patch(h, &pp, &Patch::Merge(&orphan)).await?;
+            changed = true;
+        }
     }
     Ok(changed)
 }

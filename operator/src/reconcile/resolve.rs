@@ -30,7 +30,18 @@ pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 /// Where the holder pod's container sees the target (unused by it).
 pub const HOLDER_DEVICE: &str = "/dev/volmig-target";
 
-/// What a migration's one volume resolved to.
+/// Another node of a multi-attach volume: its agent and its view of the
+/// target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attachment {
+    pub node: String,
+    pub agent: String,
+    pub holder_pod: String,
+    pub target_path: String,
+}
+
+/// What a migration's one volume resolved to (node, agent, holder pod and
+/// target path: of the node whose agent copies).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
     pub source_claim: String,
@@ -42,6 +53,8 @@ pub struct Resolved {
     pub target_volume: String,
     pub holder_pod: String,
     pub target_path: String,
+    /// The other nodes using it (multi-attach), if any.
+    pub shared: Vec<Attachment>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,13 +75,16 @@ pub fn target_claim_name(pair: &VolumePair) -> String {
         .unwrap_or_else(|| format!("{}-volmig", pair.source.persistent_volume_claim))
 }
 
-/// The holder pod of `vm`'s volume `index`.
-pub fn holder_name(vm: &str, index: usize) -> String {
-    let n = if index == 0 {
-        format!("volmig-holder-{vm}")
-    } else {
-        format!("volmig-holder-{vm}-{index}")
-    };
+/// The holder pod of `vm`'s volume `index` on its `k`th node (k > 0: the
+/// other nodes of a multi-attach volume).
+pub fn holder_name(vm: &str, index: usize, k: usize) -> String {
+    let mut n = format!("volmig-holder-{vm}");
+    if index > 0 {
+        n.push_str(&format!("-{index}"));
+    }
+    if k > 0 {
+        n.push_str(&format!("-s{k}"));
+    }
     n.chars().take(253).collect()
 }
 
@@ -138,6 +154,18 @@ fn owner(
     vm.controller_owner_ref(&()).into_iter().collect()
 }
 
+/// A step of resolution that stops it: the plan says why.
+type Found<T> = std::result::Result<T, Plan>;
+
+/// Whether `p` is one of migration `vm`'s holder pods.
+fn holder_of(p: &Pod, vm: &str) -> bool {
+    p.labels().get(MIGRATION_LABEL).map(String::as_str) == Some(vm)
+        && p.labels()
+            .get("app.kubernetes.io/component")
+            .map(String::as_str)
+            == Some("target-holder")
+}
+
 async fn resolve_volume<C: Connector>(
     ctx: &Context<C>,
     vm: &VolumeMigration,
@@ -172,72 +200,33 @@ async fn resolve_volume<C: Connector>(
     };
     let size = pv_bytes(&pv).or_else(|| claim_bytes(&src)).unwrap_or(0);
 
-    // where it is used
-    let holder = holder_name(&name, index);
+    // where it is used: one node, or several for a multi-attach volume
+    // (the first, by name, copies; the others track their pods' writes)
     let all_pods = pods.list(&ListParams::default()).await?;
-    let nodes: BTreeSet<String> = all_pods
+    let nodes: Vec<String> = all_pods
         .items
         .iter()
-        .filter(|p| live(p) && uses_claim(p, src_name) && p.name_any() != holder)
+        .filter(|p| live(p) && uses_claim(p, src_name) && !holder_of(p, &name))
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect::<BTreeSet<String>>()
+        .into_iter()
         .collect();
-    let node = match nodes.len() {
-        0 => {
-            return Ok(Plan::Fail(
-                "NoConsumerPod",
-                format!(
-                    "no running pod uses claim {src_name}: volmig migrates volumes while a pod uses them, through the agent on that pod's node"
-                ),
-            ));
-        }
-        1 => nodes.into_iter().next().unwrap_or_default(),
-        _ => {
-            return Ok(Plan::Fail(
-                "MultiAttachUnsupported",
-                format!(
-                    "claim {src_name} is used by pods on several nodes ({}); volmig migrates a volume attached to one node only",
-                    nodes.into_iter().collect::<Vec<_>>().join(", ")
-                ),
-            ));
-        }
-    };
-
-    // the agent on that node, and whether it serves the volume
-    let agent_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let Some(agent) = agent_on_node(
-        &agent_pods,
-        &ctx.settings.agent_selector,
-        &node,
-        ctx.settings.agent_port,
-    )
-    .await?
-    else {
-        return Ok(Plan::Wait(
-            "AgentNotReady",
-            format!(
-                "no ready volmig agent (pods {} in namespace {}) on node {node}",
-                ctx.settings.agent_selector, ctx.settings.namespace
-            ),
-        ));
-    };
-    let exports = match ctx.connector.exports(&agent).await {
-        Ok(e) => e,
-        Err(e) => return Ok(Plan::Wait("AgentUnreachable", e.to_string())),
-    };
-    if !exports.iter().any(|v| v == &pv_name) {
+    if nodes.is_empty() {
         return Ok(Plan::Fail(
-            "VolumeNotServed",
+            "NoConsumerPod",
             format!(
-                "volume {pv_name} (claim {src_name}) is not served through volmig's interposer on node {node}: its agent exports {}. \
-                 Only volumes the node agent serves (volmig-agent --export {pv_name}=<device>, or volumes of volmig's CSI driver) can move live; \
-                 export it and restart the pod on that device, then create this migration again",
-                if exports.is_empty() {
-                    "no volumes".to_string()
-                } else {
-                    exports.join(", ")
-                }
+                "no running pod uses claim {src_name}: volmig migrates volumes while a pod uses them, through the agent on that pod's node"
             ),
         ));
+    }
+
+    // the agent on each node, and whether it serves the volume
+    let mut agents = Vec::new();
+    for node in &nodes {
+        match serving_agent(ctx, node, &pv_name, src_name).await? {
+            Ok(a) => agents.push(a),
+            Err(plan) => return Ok(plan),
+        }
     }
 
     // the target claim
@@ -253,10 +242,19 @@ async fn resolve_volume<C: Connector>(
                     ),
                 ));
             }
-            if !ours && let Some(why) = unsuitable_target(&t, size, &all_pods.items, &holder) {
+            if !ours && let Some(why) = unsuitable_target(&t, size, &all_pods.items, &name) {
                 return Ok(Plan::Fail(
                     "TargetClaimUnsuitable",
                     format!("claim {target_name}: {why}"),
+                ));
+            }
+            if nodes.len() > 1 && !shareable(&t) {
+                return Ok(Plan::Fail(
+                    "TargetClaimUnsuitable",
+                    format!(
+                        "claim {src_name} is used on nodes {}, so its target must be attachable to all of them, but claim {target_name} is not ReadWriteMany",
+                        nodes.join(", ")
+                    ),
                 ));
             }
             t
@@ -268,36 +266,32 @@ async fn resolve_volume<C: Connector>(
                     format!("target claim {ns}/{target_name} does not exist"),
                 ));
             };
-            let pvc = new_target_claim(vm, &src, &target_name, &class, size, &node);
+            let pvc = new_target_claim(vm, &src, &target_name, &class, size, &nodes[0]);
             claims.create(&PostParams::default(), &pvc).await?
         }
     };
 
-    // the holder pod that attaches the target on the node
-    let holder_pod = match pods.get_opt(&holder).await? {
-        Some(p) => p,
-        None => {
-            let p = holder_pod(vm, &holder, &node, &target_name, &ctx.settings.holder_image)?;
-            pods.create(&PostParams::default(), &p).await?
+    // a holder pod that attaches the target on each node (all of them
+    // created before waiting for any)
+    let mut holders = Vec::new();
+    let mut waiting = None;
+    for (k, node) in nodes.iter().enumerate() {
+        let holder = holder_name(&name, index, k);
+        match hold_target(ctx, vm, &pods, &holder, node, &target_name).await? {
+            Ok(uid) => holders.push((holder, uid)),
+            Err(fail @ Plan::Fail(..)) => return Ok(fail),
+            Err(wait) => {
+                waiting.get_or_insert(wait);
+            }
         }
-    };
-    if holder_pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.as_deref())
-        != Some(node.as_str())
-    {
-        return Ok(Plan::Fail(
-            "HolderOnWrongNode",
-            format!("pod {holder} exists on another node than {node}; delete it"),
-        ));
     }
-    let running = holder_pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-    let target_pv = target.spec.as_ref().and_then(|s| s.volume_name.clone());
-    let (true, Some(target_pv)) = (running, target_pv) else {
+    if let Some(wait) = waiting {
+        return Ok(wait);
+    }
+    let Some(target_pv) = target.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
         return Ok(Plan::Wait(
             "WaitingForTarget",
-            format!("waiting for pod {holder} to attach claim {target_name} on node {node}"),
+            format!("waiting for claim {target_name} to be bound"),
         ));
     };
     let Some(tpv) = pvs.get_opt(&target_pv).await? else {
@@ -306,21 +300,129 @@ async fn resolve_volume<C: Connector>(
             format!("claim {target_name} names volume {target_pv}, which does not exist yet"),
         ));
     };
-    let uid = holder_pod.metadata.uid.clone().unwrap_or_default();
-    let target_path = match device_path(&ctx.settings.kubelet_dir, &uid, &tpv) {
-        Ok(p) => p,
-        Err(e) => return Ok(Plan::Fail("TargetNotBlockPublishable", e.to_string())),
+    let mut attachments = Vec::new();
+    for ((node, agent), (holder_pod, uid)) in nodes.into_iter().zip(agents).zip(holders) {
+        let target_path = match device_path(&ctx.settings.kubelet_dir, &uid, &tpv) {
+            Ok(p) => p,
+            Err(e) => return Ok(Plan::Fail("TargetNotBlockPublishable", e.to_string())),
+        };
+        attachments.push(Attachment {
+            node,
+            agent,
+            holder_pod,
+            target_path,
+        });
+    }
+    let mut attachments = attachments.into_iter();
+    let Some(first) = attachments.next() else {
+        // One attachment per node, and `nodes` is not empty (checked above).
+        return Ok(Plan::Fail(
+            "NoConsumerPod",
+            format!("no node uses claim {src_name}"),
+        ));
     };
     Ok(Plan::Ready(vec![Resolved {
         source_claim: src_name.clone(),
         volume: pv_name,
-        node,
-        agent,
+        node: first.node,
+        agent: first.agent,
         target_claim: target_name,
         target_volume: target_pv,
-        holder_pod: holder,
-        target_path,
+        holder_pod: first.holder_pod,
+        target_path: first.target_path,
+        shared: attachments.collect(),
     }]))
+}
+
+/// Whether a claim can be attached to several nodes at once.
+fn shareable(c: &PersistentVolumeClaim) -> bool {
+    c.spec
+        .as_ref()
+        .and_then(|s| s.access_modes.as_ref())
+        .is_some_and(|m| m.iter().any(|m| m == "ReadWriteMany"))
+}
+
+/// The ready agent on `node`, if it serves volume `pv_name`.
+async fn serving_agent<C: Connector>(
+    ctx: &Context<C>,
+    node: &str,
+    pv_name: &str,
+    claim: &str,
+) -> Result<Found<String>> {
+    let agent_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let Some(agent) = agent_on_node(
+        &agent_pods,
+        &ctx.settings.agent_selector,
+        node,
+        ctx.settings.agent_port,
+    )
+    .await?
+    else {
+        return Ok(Err(Plan::Wait(
+            "AgentNotReady",
+            format!(
+                "no ready volmig agent (pods {} in namespace {}) on node {node}",
+                ctx.settings.agent_selector, ctx.settings.namespace
+            ),
+        )));
+    };
+    let exports = match ctx.connector.exports(&agent).await {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(Plan::Wait("AgentUnreachable", e.to_string()))),
+    };
+    if !exports.iter().any(|v| v == pv_name) {
+        return Ok(Err(Plan::Fail(
+            "VolumeNotServed",
+            format!(
+                "volume {pv_name} (claim {claim}) is not served through volmig's interposer on node {node}: its agent exports {}. \
+                 Only volumes the node agent serves (volmig-agent --export {pv_name}=<device>, or volumes of volmig's CSI driver) can move live; \
+                 export it and restart the pod on that device, then create this migration again",
+                if exports.is_empty() {
+                    "no volumes".to_string()
+                } else {
+                    exports.join(", ")
+                }
+            ),
+        )));
+    }
+    Ok(Ok(agent))
+}
+
+/// The holder pod `holder` of claim `claim` on `node` (created if missing):
+/// its uid once it runs there.
+async fn hold_target<C: Connector>(
+    ctx: &Context<C>,
+    vm: &VolumeMigration,
+    pods: &Api<Pod>,
+    holder: &str,
+    node: &str,
+    claim: &str,
+) -> Result<Found<String>> {
+    let holder_pod = match pods.get_opt(holder).await? {
+        Some(p) => p,
+        None => {
+            let p = holder_pod(vm, holder, node, claim, &ctx.settings.holder_image)?;
+            pods.create(&PostParams::default(), &p).await?
+        }
+    };
+    if holder_pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        != Some(node)
+    {
+        return Ok(Err(Plan::Fail(
+            "HolderOnWrongNode",
+            format!("pod {holder} exists on another node than {node}; delete it"),
+        )));
+    }
+    if holder_pod.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running") {
+        return Ok(Err(Plan::Wait(
+            "WaitingForTarget",
+            format!("waiting for pod {holder} to attach claim {claim} on node {node}"),
+        )));
+    }
+    Ok(Ok(holder_pod.metadata.uid.clone().unwrap_or_default()))
 }
 
 /// Why an existing claim cannot be a target, if it cannot.
@@ -328,7 +430,7 @@ pub fn unsuitable_target(
     t: &PersistentVolumeClaim,
     size: u64,
     pods: &[Pod],
-    holder: &str,
+    vm: &str,
 ) -> Option<String> {
     let mode = t.spec.as_ref().and_then(|s| s.volume_mode.as_deref());
     if mode != Some("Block") {
@@ -349,7 +451,7 @@ pub fn unsuitable_target(
     let name = t.name_any();
     let users: Vec<String> = pods
         .iter()
-        .filter(|p| live(p) && uses_claim(p, &name) && p.name_any() != holder)
+        .filter(|p| live(p) && uses_claim(p, &name) && !holder_of(p, vm))
         .map(|p| p.name_any())
         .collect();
     if !users.is_empty() {
@@ -467,28 +569,65 @@ mod tests {
         .unwrap()
     }
 
+    /// A holder pod of migration `vm`.
+    fn holder(name: &str, vm: &str, claim: &str) -> Pod {
+        let mut p = pod_using(name, claim);
+        p.metadata.labels = Some(
+            [
+                (MIGRATION_LABEL.to_string(), vm.to_string()),
+                (
+                    "app.kubernetes.io/component".to_string(),
+                    "target-holder".to_string(),
+                ),
+            ]
+            .into(),
+        );
+        p
+    }
+
     #[test]
     fn target_validation() {
-        assert!(unsuitable_target(&claim(Some("Block"), "10Gi"), 10 << 30, &[], "h").is_none());
+        assert!(unsuitable_target(&claim(Some("Block"), "10Gi"), 10 << 30, &[], "m").is_none());
         assert!(
-            unsuitable_target(&claim(None, "10Gi"), 1, &[], "h")
+            unsuitable_target(&claim(None, "10Gi"), 1, &[], "m")
                 .unwrap()
                 .contains("Block")
         );
         assert!(
-            unsuitable_target(&claim(Some("Block"), "1Gi"), 10 << 30, &[], "h")
+            unsuitable_target(&claim(Some("Block"), "1Gi"), 10 << 30, &[], "m")
                 .unwrap()
                 .contains("smaller")
         );
-        let users = [pod_using("app-0", "t"), pod_using("h", "t")];
+        let users = [
+            pod_using("app-0", "t"),
+            holder("volmig-holder-m", "m", "t"),
+            holder("volmig-holder-m-s1", "m", "t"),
+        ];
         assert!(
-            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users, "h")
+            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users, "m")
                 .unwrap()
                 .contains("app-0")
         );
         assert!(
-            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users[1..], "h").is_none(),
-            "our holder pod does not count"
+            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users[1..], "m").is_none(),
+            "our holder pods (one per node) do not count"
         );
+        assert!(
+            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users[1..], "other")
+                .unwrap()
+                .contains("volmig-holder-m"),
+            "another migration's holder pod does"
+        );
+    }
+
+    #[test]
+    fn holder_names_never_collide() {
+        let names: BTreeSet<String> = (0..3)
+            .flat_map(|i| (0..3).map(move |k| holder_name("m", i, k)))
+            .collect();
+        assert_eq!(names.len(), 9, "{names:?}");
+        assert_eq!(holder_name("m", 0, 0), "volmig-holder-m");
+        assert_eq!(holder_name("m", 1, 0), "volmig-holder-m-1");
+        assert_eq!(holder_name("m", 0, 2), "volmig-holder-m-s2");
     }
 }
