@@ -560,6 +560,23 @@ HISTORY = [
     "(the copier left the target's pages dirty in the page cache, and rewriting a dirty page is "
     "cheaper than dirtying a clean one), which lifts volmig's whole-run share over 100%; the window "
     "share (during the migration only) is the cleaner comparison.",
+    "**Frontend at queue depth 8** (full run of 59afc10: randread 4k qd8 0.58x nbdkit, randwrite 0.56x; "
+    "the agent at 0.57 cores while nbdkit used 0.94). Cause: on a connection thread the reader, the "
+    "request tasks and the reply writer share one thread, and the reader parsed every pipelined request "
+    "before yielding, so all eight replies left in one batch; fio then sent its next eight in one batch, "
+    "and client and server took turns instead of working at once. Yielding after every request fixed "
+    "depth 8 but halved depth 32 (a write per reply). Fix: yield after every third of the client's "
+    "queue depth as the reader sees it (requests buffered plus in flight). After (A/B beside the old "
+    "binary, 2 interleaved rounds of 4 s): randread qd8 102k -> 199-211k IOPS (nbdkit 186k in the "
+    "full run), randwrite qd8 45-54k -> 70-75k (nbdkit 62k), qd32 unchanged within noise.",
+    "**Frontend at queue depth 1, not fixed** (0.53-0.54x nbdkit in the full run). Not a cost per I/O: "
+    "with server and fio pinned to one CPU volmig serves 113k randread IOPS to nbdkit's 75k (76k vs "
+    "62k randwrite); pinned to different CPUs both serve 14-16k. Unpinned, the scheduler puts nbdkit's "
+    "thread beside fio far more often (29k) than the agent's connection thread (16k). nbdkit's threads "
+    "sleep in a blocking `read` on the socket, whose wake-up is a synchronous, affine one; the agent's "
+    "thread sleeps in `epoll_wait`. What would close it: when nothing is in flight, let the connection "
+    "thread wait for the next request in a blocking `recv` (with a timeout to notice shutdown) instead "
+    "of the reactor. Untried.",
 ]
 
 
