@@ -574,9 +574,11 @@ HISTORY = [
     "62k randwrite); pinned to different CPUs both serve 14-16k. Unpinned, the scheduler puts nbdkit's "
     "thread beside fio far more often (29k) than the agent's connection thread (16k). nbdkit's threads "
     "sleep in a blocking `read` on the socket, whose wake-up is a synchronous, affine one; the agent's "
-    "thread sleeps in `epoll_wait`. What would close it: when nothing is in flight, let the connection "
-    "thread wait for the next request in a blocking `recv` (with a timeout to notice shutdown) instead "
-    "of the reactor. Untried.",
+    "thread sleeps in `epoll_wait`. Tried and dropped: when nothing is in flight, the connection "
+    "thread waits in a blocking `poll` on its socket instead of the reactor (A/B, 2 rounds: randread "
+    "qd1 14.3-14.4k vs 15.0-15.3k without it, no gain), so the wake-up path alone is not it. Next "
+    "to try: a blocking `recv` as nbdkit does, or several threads per connection taking turns at "
+    "the socket.",
     "**Worst write latency under load at 4 GiB** (full run of 59afc10: Auto 242 ms worst latency, "
     "135 ms stall; Mirror 212 ms; the workload at 10-13% of its rate during the copy). Cause: the "
     "copier writes the target through the page cache at memory speed, so gigabytes of dirty pages "
@@ -589,7 +591,12 @@ HISTORY = [
     "-> 52 ms; stall 63-73 -> 3-4 ms; migration time 9.1 s -> 8.3-9.0 s. At 1 GiB the copy pass fell "
     "from about 2 s to 0.5 s (Mirror 0.47 s in all, 11 ms worst latency). Not changed: the workload's "
     "rate *during* a 4 GiB copy stays low (10-17% of its baseline, QEMU write-blocking 41% while "
-    "taking 1.5x as long); the copy and the workload's mirrored writes share two cores and one disk.",
+    "taking 1.5x as long); the copy and the workload's mirrored writes share two cores and one disk. "
+    "In the full run after it (0ae2499) the 4 GiB worst latency is 54 ms against QEMU background's "
+    "45 ms (write-blocking: 288 ms), so that goal reads as missed; at 4 GiB it is noise of the machine "
+    "rather than of the migration: the same workload with no migration at all had worst latencies of "
+    "42-140 ms in that run's baselines (Auto's own baseline: 140 ms), the kernel writing back the "
+    "workload's own dirty pages, while the cutover stall was 4 ms.",
 ]
 
 

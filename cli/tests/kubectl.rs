@@ -13,8 +13,8 @@ use kube::CustomResourceExt;
 use kube::client::Body;
 use serde_json::{Value, json};
 use volmig_api::crd::{
-    Condition, CopyModeSpec, MigrationPhase, PhaseTimeStatus, VerifySpec, VolumeMigration,
-    VolumeMigrationStatus, VolumeSessionStatus, VolumeStatus, check_spec,
+    Condition, CopyModeSpec, MigrationPhase, PhaseTimeStatus, SharedAttachment, VerifySpec,
+    VolumeMigration, VolumeMigrationStatus, VolumeSessionStatus, VolumeStatus, check_spec,
 };
 use volmig_cli::kubectl::Error;
 use volmig_cli::kubectl::args::{Cli, Cmd, MigrateArgs};
@@ -241,6 +241,10 @@ fn sample() -> VolumeMigration {
                     phase: MigrationPhase::Resuming,
                     ..VolumeSessionStatus::default()
                 }),
+                shared_with: vec![SharedAttachment {
+                    node: "node-2".into(),
+                    ..SharedAttachment::default()
+                }],
                 ..vol("data", 4 << 30, true)
             },
             vol("logs", 2 << 30, false),
@@ -282,7 +286,7 @@ fn status_shows_phase_volumes_stall_timeline_and_conditions() {
         "Phase:      Resuming",
         "Progress:   75%",
         "Stall:      12.345ms",
-        "data -> data-volmig  [####################] 100%  4.00 GiB / 4.00 GiB  dirty 1.00 MiB  passes 3  node node-1  (Resuming, redirected)",
+        "data -> data-volmig  [####################] 100%  4.00 GiB / 4.00 GiB  dirty 1.00 MiB  passes 3  node node-1 (also node-2)  (Resuming, redirected)",
         "logs -> logs-volmig  [##########----------]  50%  2.00 GiB / 4.00 GiB",
         "Timeline:",
         "Copying        2026-01-01T10:00:00.000Z  90.250s",

@@ -137,6 +137,24 @@ fn spec(bandwidth: &str) -> Value {
 }
 
 impl Cluster {
+    /// The cluster's context with n2's agent (10.0.0.6) reachable too.
+    fn with_second_agent(&self, agent2: Arc<Agent>) -> Arc<Context<InProc>> {
+        Arc::new(Context::new(
+            self.ctx.client.clone(),
+            self.ctx.settings.clone(),
+            InProc(self.agent.clone(), Some(agent2)),
+            1,
+            self.ctx.saved.clone(),
+            Recorder::new(
+                self.ctx.client.clone(),
+                Reporter {
+                    controller: "volmig-operator".into(),
+                    instance: None,
+                },
+            ),
+        ))
+    }
+
     async fn reconcile(&self) -> volmig_operator::Result<kube::runtime::controller::Action> {
         let vm = self.api.get("m").await.unwrap();
         reconcile(Arc::new(vm), self.ctx.clone()).await
@@ -551,20 +569,7 @@ async fn a_volume_used_on_two_nodes_moves_with_both_agents_and_loses_no_write() 
         .add_volume("pv-data", &c.source, false)
         .await
         .unwrap();
-    let ctx = Arc::new(Context::new(
-        c.ctx.client.clone(),
-        c.ctx.settings.clone(),
-        InProc(c.agent.clone(), Some(agent2.clone())),
-        1,
-        c.ctx.saved.clone(),
-        Recorder::new(
-            c.ctx.client.clone(),
-            Reporter {
-                controller: "volmig-operator".into(),
-                instance: None,
-            },
-        ),
-    ));
+    let ctx = c.with_second_agent(agent2.clone());
     let run = |ctx: Arc<Context<InProc>>| {
         let api = c.api.clone();
         async move { reconcile(Arc::new(api.get("m").await.unwrap()), ctx).await }
@@ -681,20 +686,7 @@ async fn a_volume_used_on_two_nodes_needs_a_read_write_many_target() {
         .add_volume("pv-data", &c.source, false)
         .await
         .unwrap();
-    let ctx = Arc::new(Context::new(
-        c.ctx.client.clone(),
-        c.ctx.settings.clone(),
-        InProc(c.agent.clone(), Some(agent2)),
-        1,
-        c.ctx.saved.clone(),
-        Recorder::new(
-            c.ctx.client.clone(),
-            Reporter {
-                controller: "volmig-operator".into(),
-                instance: None,
-            },
-        ),
-    ));
+    let ctx = c.with_second_agent(agent2);
     for _ in 0..2 {
         reconcile(Arc::new(c.api.get("m").await.unwrap()), ctx.clone())
             .await
@@ -769,20 +761,7 @@ async fn two_volumes_on_two_nodes_cut_over_as_one_group() {
             {"source": {"persistentVolumeClaim": "logs"}, "target": {"storageClassName": "fast"}},
         ]);
     });
-    let ctx = Arc::new(Context::new(
-        c.ctx.client.clone(),
-        c.ctx.settings.clone(),
-        InProc(c.agent.clone(), Some(agent2.clone())),
-        1,
-        c.ctx.saved.clone(),
-        Recorder::new(
-            c.ctx.client.clone(),
-            Reporter {
-                controller: "volmig-operator".into(),
-                instance: None,
-            },
-        ),
-    ));
+    let ctx = c.with_second_agent(agent2.clone());
     let run = |ctx: Arc<Context<InProc>>| {
         let api = c.api.clone();
         async move { reconcile(Arc::new(api.get("m").await.unwrap()), ctx).await }

@@ -99,6 +99,11 @@ fn volume_line(v: &VolumeStatus) -> String {
     );
     if let Some(node) = &v.node {
         let _ = write!(line, "  node {node}");
+        // a multi-attach volume: the other nodes cut over with it
+        let others: Vec<&str> = v.shared_with.iter().map(|a| a.node.as_str()).collect();
+        if !others.is_empty() {
+            let _ = write!(line, " (also {})", others.join(", "));
+        }
     }
     if !flags.is_empty() {
         let _ = write!(line, "  ({})", flags.join(", "));
