@@ -104,6 +104,19 @@ pub struct Policy {
     pub redirty_min_walked: f64,
 }
 
+/// The share of the sync goal a residue's estimated copy time may take.
+/// The rate comes from the pass's mostly sequential copy; a residue of
+/// scattered grains copies slower, so aiming at the whole goal put
+/// stalls right at it (85-100 ms for a 100 ms goal under random writes).
+pub const SYNC_AIM: f64 = 0.8;
+
+impl Policy {
+    /// The estimated synchronize time a cutover may start with.
+    pub fn aim(&self) -> Duration {
+        self.sync_goal.mul_f64(SYNC_AIM)
+    }
+}
+
 impl Default for Policy {
     fn default() -> Self {
         Self {
@@ -255,7 +268,7 @@ pub fn transition(
                 spent,
             },
         ) => {
-            let left = policy.sync_goal.saturating_sub(*spent);
+            let left = policy.aim().saturating_sub(*spent);
             let forced = !progress.converged;
             if forced || estimate(*dirty_bytes, *copy_rate) <= left {
                 Ok(to(Synchronizing, progress, "residue fits the sync goal"))
@@ -365,7 +378,7 @@ fn after_pass(
     p.stalled_passes = if shrinking { 0 } else { p.stalled_passes + 1 };
     p.last_dirty = Some(dirty);
     p.converged = true;
-    let fits = estimate(dirty, rate) <= policy.sync_goal;
+    let fits = estimate(dirty, rate) <= policy.aim();
     let next = |next, p, why: String| Transition {
         next,
         progress: p,
@@ -607,6 +620,40 @@ mod tests {
         )
         .unwrap();
         assert_eq!((t.next, t.progress.mirror), (Phase::Refreshing, true));
+    }
+
+    #[test]
+    fn a_residue_is_cut_over_only_within_the_aim_not_the_whole_goal() {
+        let p = pol(CopyMode::Background); // goal 100 ms, aim 80 ms
+        let at = |ms: f64| Event::PassDone {
+            dirty_bytes: (ms * 1e6) as u64, // at 1e9 B/s: `ms` milliseconds
+            copy_rate: 1e9,
+        };
+        let t = transition(Phase::Refreshing, Progress::default(), &at(79.0), &p).unwrap();
+        assert_eq!(t.next, Phase::Quiescing);
+        let t = transition(Phase::Refreshing, Progress::default(), &at(90.0), &p).unwrap();
+        assert_eq!(
+            t.next,
+            Phase::Refreshing,
+            "90 ms fits the goal but not the aim"
+        );
+        let quiesced = |ms: f64| Event::Quiesced {
+            dirty_bytes: (ms * 1e6) as u64,
+            copy_rate: 1e9,
+            spent: Duration::from_millis(10),
+        };
+        let conv = Progress {
+            converged: true,
+            ..Progress::default()
+        };
+        let t = transition(Phase::Quiescing, conv, &quiesced(65.0), &p).unwrap();
+        assert_eq!(t.next, Phase::Synchronizing);
+        let t = transition(Phase::Quiescing, conv, &quiesced(75.0), &p).unwrap();
+        assert_eq!(
+            t.next,
+            Phase::Refreshing,
+            "10 ms spent + 75 ms > the 80 ms aim"
+        );
     }
 
     #[test]
