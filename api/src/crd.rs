@@ -165,6 +165,16 @@ pub enum CopyModeSpec {
     Auto,
 }
 
+/// The OpenAPI v3 schema of the CRD's one version (what the API server
+/// validates a VolumeMigration against), as JSON; None if the generated
+/// CRD carries none.
+pub fn openapi_schema() -> Option<serde_json::Value> {
+    use kube::CustomResourceExt;
+    let crd = VolumeMigration::crd();
+    let schema = crd.spec.versions.first()?.schema.as_ref()?;
+    serde_json::to_value(schema.open_api_v3_schema.as_ref()?).ok()
+}
+
 impl From<CopyModeSpec> for CopyMode {
     fn from(m: CopyModeSpec) -> Self {
         match m {

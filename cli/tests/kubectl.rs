@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use clap::Parser;
 use http::{Request, Response};
 use k8s_openapi::jiff::Timestamp;
-use kube::CustomResourceExt;
 use kube::client::Body;
 use serde_json::{Value, json};
 use volmig_api::crd::{
@@ -159,17 +158,7 @@ fn bad_input_is_refused_with_a_message_naming_the_problem() {
 
 /// The CRD's OpenAPI schema.
 fn schema() -> Value {
-    let crd = VolumeMigration::crd();
-    serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap()
+    volmig_api::crd::openapi_schema().expect("the generated CRD has a schema")
 }
 
 #[test]

@@ -43,18 +43,9 @@ fn generated_crd_files_are_current() {
     assert_eq!(back, serde_json::to_value(VolumeMigration::crd()).unwrap());
 }
 
+/// The CRD's OpenAPI schema.
 fn schema() -> Value {
-    let crd = VolumeMigration::crd();
-    serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap()
+    volmig_api::crd::openapi_schema().expect("the generated CRD has a schema")
 }
 
 fn obj(spec: Value) -> Value {

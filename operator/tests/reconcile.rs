@@ -156,8 +156,16 @@ impl Cluster {
     }
 
     async fn reconcile(&self) -> volmig_operator::Result<kube::runtime::controller::Action> {
+        self.reconcile_with(&self.ctx).await
+    }
+
+    /// One reconcile of migration `m` under `ctx`.
+    async fn reconcile_with(
+        &self,
+        ctx: &Arc<Context<InProc>>,
+    ) -> volmig_operator::Result<kube::runtime::controller::Action> {
         let vm = self.api.get("m").await.unwrap();
-        reconcile(Arc::new(vm), self.ctx.clone()).await
+        reconcile(Arc::new(vm), ctx.clone()).await
     }
 
     fn vm(&self) -> Value {
@@ -175,26 +183,14 @@ impl Cluster {
     /// plugin do for the holder pod: bind the target claim, run the pod,
     /// publish the raw device under the pod's directory.
     fn attach_target(&self) {
-        self.fake.put(
-            &pv_path("pv-target"),
-            csi_volume("pv-target", "data-volmig", "16Mi"),
+        attach(
+            &self.fake,
+            self.dir.path(),
+            "data-volmig",
+            "pv-target",
+            "volmig-holder-m",
+            &self.target,
         );
-        self.fake.edit(&pvc_path("data-volmig"), |c| {
-            c["spec"]["volumeName"] = json!("pv-target");
-            c["status"] = json!({"phase": "Bound", "capacity": {"storage": "16Mi"}});
-        });
-        let holder = pod_path("db", "volmig-holder-m");
-        self.fake
-            .edit(&holder, |p| p["status"] = json!({"phase": "Running"}));
-        let uid = self.fake.get(&holder).unwrap()["metadata"]["uid"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let dev = self.dir.path().join(format!(
-            "kubelet/pods/{uid}/volumeDevices/kubernetes.io~csi"
-        ));
-        std::fs::create_dir_all(&dev).unwrap();
-        std::os::unix::fs::symlink(&self.target, dev.join("pv-target")).unwrap();
     }
 
     /// Reconciles until the migration's session exists (phase past Pending).
@@ -570,12 +566,8 @@ async fn a_volume_used_on_two_nodes_moves_with_both_agents_and_loses_no_write() 
         .await
         .unwrap();
     let ctx = c.with_second_agent(agent2.clone());
-    let run = |ctx: Arc<Context<InProc>>| {
-        let api = c.api.clone();
-        async move { reconcile(Arc::new(api.get("m").await.unwrap()), ctx).await }
-    };
-    run(ctx.clone()).await.unwrap(); // finalizer
-    run(ctx.clone()).await.unwrap(); // target claim, a holder pod per node
+    c.reconcile_with(&ctx).await.unwrap(); // finalizer
+    c.reconcile_with(&ctx).await.unwrap(); // target claim, a holder pod per node
     let pvc = c.fake.get(&pvc_path("data-volmig")).unwrap();
     assert_eq!(
         pvc["spec"]["accessModes"],
@@ -597,7 +589,7 @@ async fn a_volume_used_on_two_nodes_moves_with_both_agents_and_loses_no_write() 
             holder,
             &c.target,
         );
-        run(ctx.clone()).await.unwrap();
+        c.reconcile_with(&ctx).await.unwrap();
     }
 
     // writers on both nodes from before the session starts until after it
@@ -659,7 +651,7 @@ async fn a_volume_used_on_two_nodes_moves_with_both_agents_and_loses_no_write() 
         );
     }
 
-    run(ctx.clone()).await.unwrap(); // rebinding
+    c.reconcile_with(&ctx).await.unwrap(); // rebinding
     for holder in ["volmig-holder-m", "volmig-holder-m-s1"] {
         let h = c.fake.get(&pod_path("db", holder)).unwrap();
         assert!(
@@ -688,9 +680,7 @@ async fn a_volume_used_on_two_nodes_needs_a_read_write_many_target() {
         .unwrap();
     let ctx = c.with_second_agent(agent2);
     for _ in 0..2 {
-        reconcile(Arc::new(c.api.get("m").await.unwrap()), ctx.clone())
-            .await
-            .unwrap();
+        c.reconcile_with(&ctx).await.unwrap();
     }
     let d = c.condition("Degraded");
     assert_eq!(d["reason"], "TargetClaimUnsuitable", "{d}");
@@ -762,12 +752,8 @@ async fn two_volumes_on_two_nodes_cut_over_as_one_group() {
         ]);
     });
     let ctx = c.with_second_agent(agent2.clone());
-    let run = |ctx: Arc<Context<InProc>>| {
-        let api = c.api.clone();
-        async move { reconcile(Arc::new(api.get("m").await.unwrap()), ctx).await }
-    };
-    run(ctx.clone()).await.unwrap(); // finalizer
-    run(ctx.clone()).await.unwrap(); // claims, holders
+    c.reconcile_with(&ctx).await.unwrap(); // finalizer
+    c.reconcile_with(&ctx).await.unwrap(); // claims, holders
     let h1 = c.fake.get(&pod_path("db", "volmig-holder-m-1")).unwrap();
     assert_eq!(
         h1["spec"]["nodeName"], "n2",
@@ -782,7 +768,7 @@ async fn two_volumes_on_two_nodes_cut_over_as_one_group() {
         "volmig-holder-m",
         &c.target,
     );
-    run(ctx.clone()).await.unwrap();
+    c.reconcile_with(&ctx).await.unwrap();
     assert!(
         c.vm()["status"]["sessionId"].is_null(),
         "no session while one volume still waits"
@@ -795,7 +781,7 @@ async fn two_volumes_on_two_nodes_cut_over_as_one_group() {
         "volmig-holder-m-1",
         &logs_dst,
     );
-    run(ctx.clone()).await.unwrap();
+    c.reconcile_with(&ctx).await.unwrap();
     let st = c.vm()["status"].clone();
     assert_eq!(st["sessionId"], "m", "the group's name: {st}");
     assert_eq!(st["volumes"][1]["agent"], "https://10.0.0.6:7443");
@@ -809,7 +795,7 @@ async fn two_volumes_on_two_nodes_cut_over_as_one_group() {
     }
     check_volume(&c.target, SIZE, &[]);
     check_volume(&logs_dst, SIZE, &[]);
-    run(ctx.clone()).await.unwrap(); // rebinding, both volumes
+    c.reconcile_with(&ctx).await.unwrap(); // rebinding, both volumes
     for (src, tgt) in [("pv-data", "pv-target"), ("pv-logs", "pv-logs-target")] {
         assert_eq!(
             c.fake.get(&pv_path(src)).unwrap()["metadata"]["annotations"]["volmig.io/backed-by"],

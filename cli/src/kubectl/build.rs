@@ -11,14 +11,9 @@ use super::args::MigrateArgs;
 use super::{Error, Result};
 
 fn copy_mode(s: &str) -> Result<CopyModeSpec> {
-    match s.to_ascii_lowercase().as_str() {
-        "auto" => Ok(CopyModeSpec::Auto),
-        "background" => Ok(CopyModeSpec::Background),
-        "mirror" => Ok(CopyModeSpec::Mirror),
-        _ => Err(Error::Args(format!(
-            "--mode {s:?}: expected Auto, Background or Mirror"
-        ))),
-    }
+    s.parse::<volmig_api::phase::CopyMode>()
+        .map(CopyModeSpec::from)
+        .map_err(|_| Error::Args(format!("--mode {s:?}: expected Auto, Background or Mirror")))
 }
 
 fn verify(s: &str) -> Result<VerifySpec> {

@@ -117,6 +117,18 @@ impl<C: Connector> Context<C> {
         self.epoch.load(Ordering::SeqCst).max(recorded + 1)
     }
 
+    /// The endpoint of the ready agent pod on `node`, if any.
+    pub async fn agent_on(&self, node: &str) -> Result<Option<String>> {
+        let agent_pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.settings.namespace);
+        crate::agents::agent_on_node(
+            &agent_pods,
+            &self.settings.agent_selector,
+            node,
+            self.settings.agent_port,
+        )
+        .await
+    }
+
     async fn event(&self, vm: &VolumeMigration, type_: EventType, reason: &str, note: String) {
         let ev = KubeEvent {
             type_,
@@ -382,11 +394,7 @@ fn agents_of(rs: &[Resolved]) -> String {
 fn holder_pods(st: &VolumeMigrationStatus) -> Vec<String> {
     st.volumes
         .iter()
-        .flat_map(|v| {
-            v.holder_pod
-                .iter()
-                .chain(v.shared_with.iter().filter_map(|a| a.holder_pod.as_ref()))
-        })
+        .flat_map(resolve::holders)
         .cloned()
         .collect()
 }
@@ -461,14 +469,7 @@ async fn agent_for<C: Connector>(
     migration: &str,
     node: &str,
 ) -> Result<Option<String>> {
-    let agent_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let found = crate::agents::agent_on_node(
-        &agent_pods,
-        &ctx.settings.agent_selector,
-        node,
-        ctx.settings.agent_port,
-    )
-    .await?;
+    let found = ctx.agent_on(node).await?;
     if found.is_none() {
         warn!(
             migration,

@@ -80,11 +80,7 @@ async fn rebind_volume<C: Connector>(ctx: &Context<C>, ns: &str, v: &VolumeStatu
         changed = true;
     }
     // every node's holder pod (several for a multi-attach volume)
-    let holders = v
-        .holder_pod
-        .iter()
-        .chain(v.shared_with.iter().filter_map(|a| a.holder_pod.as_ref()));
-    for h in holders {
+    for h in super::resolve::holders(v) {
         if let Some(p) = pods.get_opt(h).await?
             && p.metadata
                 .owner_references

@@ -13,11 +13,11 @@ use k8s_openapi::api::core::v1::{
 use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use volmig_api::crd::{VolumeMigration, VolumePair};
+use volmig_api::crd::{VolumeMigration, VolumePair, VolumeStatus};
 use volmig_api::units::parse_size;
 
 use super::Context;
-use crate::agents::{Connector, agent_on_node};
+use crate::agents::Connector;
 use crate::error::Result;
 use crate::target::device_path;
 
@@ -86,6 +86,14 @@ pub fn holder_name(vm: &str, index: usize, k: usize) -> String {
         n.push_str(&format!("-s{k}"));
     }
     n.chars().take(253).collect()
+}
+
+/// A volume's holder pods as recorded in its status: its own node's, then
+/// the other nodes' of a multi-attach volume.
+pub fn holders(v: &VolumeStatus) -> impl Iterator<Item = &String> {
+    v.holder_pod
+        .iter()
+        .chain(v.shared_with.iter().filter_map(|a| a.holder_pod.as_ref()))
 }
 
 /// Resolves every volume of `vm`: the first failure fails the migration,
@@ -349,15 +357,7 @@ async fn serving_agent<C: Connector>(
     pv_name: &str,
     claim: &str,
 ) -> Result<Found<String>> {
-    let agent_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let Some(agent) = agent_on_node(
-        &agent_pods,
-        &ctx.settings.agent_selector,
-        node,
-        ctx.settings.agent_port,
-    )
-    .await?
-    else {
+    let Some(agent) = ctx.agent_on(node).await? else {
         return Ok(Err(Plan::Wait(
             "AgentNotReady",
             format!(
