@@ -1,19 +1,27 @@
 //! Types shared by the master (operator, `volmig migrate`) and the node
-//! agents (slaves): the phase machine and the agent gRPC API.
+//! agents (slaves): the phase machine, a session's settings, the slave
+//! contract in domain types with its one protobuf boundary, and the fault
+//! hooks the crash tests use.
 
+pub mod config;
 #[cfg(feature = "crd")]
 pub mod crd;
+pub mod fault;
+pub mod limits;
 pub mod phase;
 pub mod slave;
 pub mod units;
 
-/// The agent (slave) API, generated from `proto/volmig/agent/v1/agent.proto`.
-pub mod agent {
+/// The agent API's protobuf messages and gRPC stubs, generated from
+/// `proto/volmig/agent/v1/agent.proto`. Only the gRPC client and server
+/// use them; everything else speaks [`slave`]'s domain types.
+pub mod wire {
     #![allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_docs)]
     tonic::include_proto!("volmig.agent.v1");
 }
 
+pub use config::{SessionConfig, Verify};
 pub use phase::{
     BadTransition, CopyMode, Event, Phase, Policy, Progress, Transition, estimate, transition,
 };
-pub use slave::{Slave, SlaveError, SlaveResult};
+pub use slave::{ErrorKind, Fence, Slave, SlaveError, SlaveResult};

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use volmig_agent::nbd::NbdClient;
-use volmig_api::agent::{Fence, Step};
-use volmig_api::{Slave, SlaveError};
+use volmig_api::Slave;
+use volmig_api::{ErrorKind, Fence};
 use volmig_master::GrpcSlave;
 
 const SIZE: u64 = 128 << 20;
@@ -108,17 +108,15 @@ fn master_sigkilled_mid_copy_continues_under_a_new_epoch() {
     assert_eq!(done["verified"], true);
 
     // The deposed master's epoch is refused by the agent.
-    let fence = |epoch| Step {
-        fence: Some(Fence {
-            session_id: done["session"].as_str().unwrap().to_string(),
-            volume: "vol".into(),
-            epoch,
-        }),
+    let fence = |epoch| Fence {
+        session: done["session"].as_str().unwrap().to_string(),
+        volume: "vol".into(),
+        epoch,
     };
     rt.block_on(async {
         let slave = GrpcSlave::new(&env.agent.url(), Some(&env.lab.tls("certs"))).unwrap();
         let e = slave.get_state(fence(1)).await.unwrap_err();
-        assert!(matches!(e, SlaveError::Fenced(_)), "{e}");
+        assert!(e.is(ErrorKind::Fenced), "{e}");
         let st = slave.get_state(fence(2)).await.unwrap();
         assert!(st.finished && st.redirected);
     });
@@ -147,30 +145,28 @@ fn agent_refuses_masters_without_a_valid_client_certificate() {
     mixed.ca = env.p("certs").join("ca.pem"); // trusts the agent, but presents a foreign cert
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let step = Step {
-            fence: Some(Fence {
-                session_id: "s".into(),
-                volume: "vol".into(),
-                epoch: 1,
-            }),
+        let step = Fence {
+            session: "s".into(),
+            volume: "vol".into(),
+            epoch: 1,
         };
         let foreign = GrpcSlave::new(&env.agent.url(), Some(&mixed)).unwrap();
         let e = foreign.get_state(step.clone()).await.unwrap_err();
         // Reaching the service would answer NotFound (no such session).
         assert!(
-            !matches!(e, SlaveError::NotFound(_)),
+            !e.is(ErrorKind::NotFound),
             "a foreign client certificate must not get through: {e}"
         );
         let plain = GrpcSlave::new(&format!("http://127.0.0.1:{}", env.agent.port), None).unwrap();
         let e = plain.get_state(step.clone()).await.unwrap_err();
         assert!(
-            !matches!(e, SlaveError::NotFound(_)),
+            !e.is(ErrorKind::NotFound),
             "plain text must not get through: {e}"
         );
         // The right certificate gets an answer (no such session).
         let ok = GrpcSlave::new(&env.agent.url(), Some(&env.lab.tls("certs"))).unwrap();
         let e = ok.get_state(step).await.unwrap_err();
-        assert!(matches!(e, SlaveError::NotFound(_)), "{e}");
+        assert!(e.is(ErrorKind::NotFound), "{e}");
     });
     // Nothing changed on the agent's side: no session was made.
     assert!(!env.p("a-state/vol.slave.json").exists());

@@ -11,18 +11,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tracing::{info, warn};
-use volmig_api::agent::{
-    CopyPassRequest, Fence, PrepareRequest, QuiesceRequest, RedirectRequest, SessionState,
-    SetBandwidthRequest, SetMirrorRequest, Step, TerminateRequest,
-};
 use volmig_api::phase::{Event, Phase, transition};
-use volmig_api::{Slave, SlaveError};
+use volmig_api::slave::{
+    CopyPass, Fence, Prepare, Quiesce, Redirect, SessionState, SetBandwidth, SetMirror, Terminate,
+};
+use volmig_api::{ErrorKind, Slave, SlaveError, fault};
 
 use crate::bandwidth::BandwidthPool;
 use crate::error::{MasterError, Result};
 use crate::group::{Barrier, GroupCoord, Verdict};
-use crate::reconcile::reconcile;
 use crate::record::{SessionRecord, now_ms};
+use crate::recovery::recover;
 use crate::store::SessionStore;
 
 /// How a driver behaves; defaults suit both local mode and the operator.
@@ -144,16 +143,15 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
 
     fn fence(&self, rec: &SessionRecord) -> Fence {
         Fence {
-            session_id: rec.session.clone(),
+            session: rec.session.clone(),
             volume: rec.volume.clone(),
             epoch: self.cfg.epoch,
         }
     }
 
-    fn step(&self, rec: &SessionRecord) -> Step {
-        Step {
-            fence: Some(self.fence(rec)),
-        }
+    /// A step that only names the session.
+    fn step(&self, rec: &SessionRecord) -> Fence {
+        self.fence(rec)
     }
 
     /// Calls the slave, retrying while it is unreachable or busy.
@@ -168,7 +166,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
             match f().await {
                 Ok(t) => return Ok(t),
                 Err(e) if e.is_transient() && start.elapsed() < self.cfg.unreachable_for => {
-                    if matches!(e, SlaveError::Unavailable(_)) {
+                    if e.is(ErrorKind::Unavailable) {
                         v.need_reconcile = true;
                     }
                     if self.stop.is_stopped() {
@@ -243,7 +241,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
     fn absorb(rec: &mut SessionRecord, st: &SessionState) {
         rec.dirty_bytes = st.dirty_bytes;
         rec.write_rate = st.write_rate;
-        rec.resumes = st.resumes as u32;
+        rec.resumes = st.resumes;
         if rec.size == 0 {
             rec.size = st.size;
         }
@@ -291,8 +289,10 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                     .await
                 {
                     Ok(s) => Some(s),
-                    Err(SlaveError::NotFound(_)) => None,
-                    Err(SlaveError::Fenced(m)) => return Err(MasterError::Deposed(m)),
+                    Err(e) if e.is(ErrorKind::NotFound) => None,
+                    Err(e) if e.is(ErrorKind::Fenced) => {
+                        return Err(MasterError::Deposed(e.to_string()));
+                    }
                     Err(e) if e.is_transient() => continue,
                     Err(e) => return Err(e.into()),
                 };
@@ -301,7 +301,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                     v.pushed_mirror = st.mirror;
                     rec.redirected = st.redirected;
                 }
-                let (mut phase, mut why) = reconcile(rec.phase, st.as_ref());
+                let (mut phase, mut why) = recover(rec.phase, st.as_ref());
                 if let Some(g) = &self.group
                     && matches!(
                         phase,
@@ -354,7 +354,9 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                         }
                         info!(volume = %rec.volume, "aborted; the workload is on the source");
                     }
-                    Err(SlaveError::Fenced(m)) => return Err(MasterError::Deposed(m)),
+                    Err(e) if e.is(ErrorKind::Fenced) => {
+                        return Err(MasterError::Deposed(e.to_string()));
+                    }
                     Err(e) => {
                         rec.error = Some(format!("abort: {e}"));
                         rec.enter(Phase::Failed);
@@ -368,8 +370,8 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 None => rec.config.bandwidth,
             };
             if v.pushed_bandwidth != Some(bandwidth) && rec.phase != Phase::Activating {
-                let req = SetBandwidthRequest {
-                    fence: Some(self.fence(&rec)),
+                let req = SetBandwidth {
+                    fence: self.fence(&rec),
                     bytes_per_sec: bandwidth,
                 };
                 if self
@@ -405,10 +407,12 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 }
             }
             let phase = rec.phase;
-            crate::fault::point(&format!("master:enter:{phase}"));
+            fault::point(&format!("master:enter:{phase}"));
             let outcome = match self.perform(&mut rec, &mut v, &policy).await {
                 Ok(o) => o,
-                Err(SlaveError::Fenced(m)) => return Err(MasterError::Deposed(m)),
+                Err(e) if e.is(ErrorKind::Fenced) => {
+                    return Err(MasterError::Deposed(e.to_string()));
+                }
                 Err(e) if e.is_transient() => {
                     if self.stop.is_stopped() {
                         continue;
@@ -418,8 +422,8 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                         self.cfg.unreachable_for
                     )))
                 }
-                Err(SlaveError::WrongState(m)) => {
-                    warn!(volume = %rec.volume, %phase, reason = %m, "agent is not where the record says; reconciling");
+                Err(e) if e.is(ErrorKind::WrongState) => {
+                    warn!(volume = %rec.volume, %phase, reason = %e, "agent is not where the record says; recovering");
                     v.need_reconcile = true;
                     Outcome::Again
                 }
@@ -430,7 +434,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
             let event = match outcome {
                 Outcome::Event(e) => {
                     if !matches!(e, Event::SliceDone { .. }) {
-                        crate::fault::point(&format!("master:done:{phase}"));
+                        fault::point(&format!("master:done:{phase}"));
                     }
                     e
                 }
@@ -554,33 +558,33 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
         v: &mut Volatile,
         policy: &volmig_api::Policy,
     ) -> std::result::Result<Outcome, SlaveError> {
-        let fence = Some(self.fence(rec));
+        let fence = self.fence(rec);
         Ok(Outcome::Event(match rec.phase {
             Phase::Activating => {
-                let req = PrepareRequest {
+                let req = Prepare {
                     fence: fence.clone(),
-                    target: rec.target.display().to_string(),
-                    config: Some(rec.config.to_wire()),
+                    target: rec.target.clone(),
+                    config: rec.config.clone(),
                     monitor_only: false,
                 };
                 let st = self.call(v, || self.slave.prepare(req.clone())).await?;
                 rec.size = st.size;
-                rec.source = st.source.clone().into();
+                rec.source = st.source.clone();
                 Self::absorb(rec, &st);
                 Event::Activated
             }
             Phase::Copying | Phase::Refreshing => {
                 if rec.progress.mirror && !v.pushed_mirror {
-                    let req = SetMirrorRequest {
+                    let req = SetMirror {
                         fence: fence.clone(),
                         on: true,
                     };
                     self.call(v, || self.slave.set_mirror(req.clone())).await?;
                     v.pushed_mirror = true;
                 }
-                let req = CopyPassRequest {
+                let req = CopyPass {
                     fence: fence.clone(),
-                    slice_ms: self.slice_for(rec, policy).as_millis() as u64,
+                    slice: Some(self.slice_for(rec, policy)),
                 };
                 let r = self.call(v, || self.slave.copy_pass(req.clone())).await?;
                 rec.bytes_copied += r.bytes.saturating_sub(v.pass_seen);
@@ -596,7 +600,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                         size: rec.size,
                     }));
                 }
-                let secs = (r.elapsed_us as f64 / 1e6).max(1e-6);
+                let secs = r.elapsed.as_secs_f64().max(1e-6);
                 // Small passes are latency bound: keep the estimate of a
                 // real one. The data rate, flush included, is what the
                 // residue costs at cutover (holes are nearly free).
@@ -619,9 +623,9 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 } else {
                     self.cfg.forced_drain
                 };
-                let req = QuiesceRequest {
+                let req = Quiesce {
                     fence: fence.clone(),
-                    budget_ms: budget.as_millis().max(1) as u64,
+                    budget,
                 };
                 let q = self.call(v, || self.slave.quiesce(req.clone())).await?;
                 if !q.quiesced {
@@ -631,21 +635,18 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                     Event::Quiesced {
                         dirty_bytes: q.dirty_bytes,
                         copy_rate: rec.copy_rate,
-                        spent: Duration::from_micros(q.spent_us),
+                        spent: q.spent,
                     }
                 }
             }
             Phase::Synchronizing => {
-                let step = Step {
-                    fence: fence.clone(),
-                };
-                self.call(v, || self.slave.synchronize(step.clone()))
+                self.call(v, || self.slave.synchronize(fence.clone()))
                     .await?;
                 rec.dirty_bytes = 0;
                 Event::Synchronized
             }
             Phase::Redirecting => {
-                let req = RedirectRequest {
+                let req = Redirect {
                     fence: fence.clone(),
                     to_source: false,
                 };
@@ -654,20 +655,17 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 Event::Redirected
             }
             Phase::Resuming => {
-                let step = Step {
-                    fence: fence.clone(),
-                };
-                let r = self.call(v, || self.slave.resume(step.clone())).await?;
-                if r.stall_us > 0 {
-                    rec.cutover_stall_ms = Some(r.stall_us as f64 / 1e3);
+                let r = self.call(v, || self.slave.resume(fence.clone())).await?;
+                if let Some(stall) = r.stall {
+                    rec.cutover_stall_ms = Some(stall.as_secs_f64() * 1e3);
                 }
                 Event::Resumed
             }
             Phase::Terminating => {
-                let req = TerminateRequest {
+                let req = Terminate {
                     fence: fence.clone(),
-                    verify: rec.config.verify.to_wire() as i32,
-                    failback_window_ms: rec.config.failback_window_ms,
+                    verify: rec.config.verify,
+                    failback_window: rec.config.failback_window(),
                 };
                 let t = self.call(v, || self.slave.terminate(req.clone())).await?;
                 rec.verified = Some(t.verified);

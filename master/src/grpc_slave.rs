@@ -1,12 +1,18 @@
-//! A slave reached over gRPC (mutual TLS, or plain text when explicitly
-//! allowed). Every call has a deadline so a hung agent looks unreachable
-//! (and is retried) rather than stalling the master forever.
+//! A slave reached over gRPC: over TCP with mutual TLS (or plain text when
+//! explicitly allowed), or over the agent's local unix socket (`unix:///path`),
+//! where the socket's file permissions stand in for client certificates.
+//! Every call has a deadline so a hung agent looks unreachable (and is
+//! retried) rather than stalling the master forever. Requests and answers
+//! are converted between domain types and protobuf here and nowhere else.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use hyper_util::rt::TokioIo;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use volmig_api::agent::agent_client::AgentClient;
+use volmig_api::limits::MAX_MESSAGE;
+use volmig_api::slave::wire::{FromWire, IntoWire};
+use volmig_api::wire::agent_client::AgentClient;
 use volmig_api::{Slave, SlaveError, SlaveResult};
 
 use crate::error::{MasterError, Result};
@@ -33,40 +39,68 @@ fn read(p: &PathBuf) -> Result<Vec<u8>> {
     })
 }
 
-/// Largest message either way: a dirty map handed between agents of a
-/// multi-attach volume is 2 MiB per TiB at the default 64 KiB grain.
-pub const MAX_MESSAGE: usize = 64 << 20;
-
 /// Longest any single call may take (a full pass is cut in slices).
 const CALL_DEADLINE: Duration = Duration::from_secs(120);
 
+/// The socket path of a `unix://` agent address.
+pub fn unix_path(url: &str) -> Option<PathBuf> {
+    url.strip_prefix("unix://").map(PathBuf::from)
+}
+
 impl GrpcSlave {
-    /// A lazily connecting client of the agent at `url` (`https://host:port`
-    /// with `tls`, `http://` without).
+    /// A lazily connecting client of the agent at `url`: `https://host:port`
+    /// with `tls`, `http://host:port` without, or `unix:///path/agent.sock`
+    /// (the agent's local socket; no TLS).
     pub fn new(url: &str, tls: Option<&ClientTls>) -> Result<Self> {
-        let mut ep = Endpoint::from_shared(url.to_string())
-            .map_err(|e| MasterError::Invalid(format!("agent address {url}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(CALL_DEADLINE);
-        match tls {
-            Some(t) => {
-                let cfg = ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(read(&t.ca)?))
-                    .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?))
-                    .domain_name(t.domain.clone());
-                ep = ep
-                    .tls_config(cfg)
-                    .map_err(|e| MasterError::Invalid(format!("TLS configuration: {e}")))?;
+        let channel = if let Some(path) = unix_path(url) {
+            if path.as_os_str().is_empty() || !path.is_absolute() {
+                return Err(MasterError::Invalid(format!(
+                    "agent address {url}: a unix socket address is unix:///absolute/path"
+                )));
             }
-            None if url.starts_with("https://") => {
-                return Err(MasterError::Invalid(
-                    "an https:// agent address needs TLS files".into(),
-                ));
+            if tls.is_some() {
+                return Err(MasterError::Invalid(format!(
+                    "agent address {url}: a unix socket takes no TLS (its file permissions decide who may connect)"
+                )));
             }
-            None => {}
-        }
+            // The URI is a placeholder: the connector dials the socket.
+            Endpoint::from_static("http://agent.local")
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(CALL_DEADLINE)
+                .connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                    let path = path.clone();
+                    async move {
+                        tokio::net::UnixStream::connect(path)
+                            .await
+                            .map(TokioIo::new)
+                    }
+                }))
+        } else {
+            let mut ep = Endpoint::from_shared(url.to_string())
+                .map_err(|e| MasterError::Invalid(format!("agent address {url}: {e}")))?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(CALL_DEADLINE);
+            match tls {
+                Some(t) => {
+                    let cfg = ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(read(&t.ca)?))
+                        .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?))
+                        .domain_name(t.domain.clone());
+                    ep = ep
+                        .tls_config(cfg)
+                        .map_err(|e| MasterError::Invalid(format!("TLS configuration: {e}")))?;
+                }
+                None if url.starts_with("https://") => {
+                    return Err(MasterError::Invalid(
+                        "an https:// agent address needs TLS files".into(),
+                    ));
+                }
+                None => {}
+            }
+            ep.connect_lazy()
+        };
         Ok(Self {
-            client: AgentClient::new(ep.connect_lazy())
+            client: AgentClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         })
@@ -78,7 +112,8 @@ macro_rules! rpc {
         impl Slave for GrpcSlave {
             $(async fn $name(&self, r: $req) -> SlaveResult<$res> {
                 let mut c = self.client.clone();
-                c.$name(r).await.map(|x| x.into_inner()).map_err(SlaveError::from)
+                let answer = c.$name(r.into_wire()).await.map_err(SlaveError::from)?;
+                <$res>::from_wire(answer.into_inner())
             })*
         }
     };

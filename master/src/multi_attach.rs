@@ -28,12 +28,12 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use volmig_api::agent::{
-    CopyPassRequest, DirtyBatch, MergeDirtyRequest, PassResult, PrepareRequest, QuiesceRequest,
-    QuiesceResult, RedirectRequest, ResumeResult, SessionState, SetBandwidthRequest,
-    SetMirrorRequest, Step, TakeDirtyRequest, TerminateRequest, TerminateResult, Verify,
+use volmig_api::slave::{
+    CopyPass, DirtyBatch, Fence, ListVolumes, MergeDirty, PassResult, Prepare, Quiesce,
+    QuiesceResult, Redirect, ResumeResult, ServeVolume, SessionState, SetBandwidth, SetMirror,
+    TakeDirty, Terminate, TerminateResult, UnserveVolume, Unserved, VolumeInfo, VolumeList,
 };
-use volmig_api::{Slave, SlaveError, SlaveResult};
+use volmig_api::{ErrorKind, Slave, SlaveError, SlaveResult, Verify};
 
 /// Another agent serving the volume.
 struct Secondary<S> {
@@ -42,7 +42,7 @@ struct Secondary<S> {
     /// Where this agent's node sees the target, when not where the copying
     /// agent's does (in a cluster each node publishes the device under its
     /// own holder pod's directory).
-    target: Option<String>,
+    target: Option<std::path::PathBuf>,
     /// The last batch of its grains merged into the copying agent.
     merged: Mutex<u64>,
 }
@@ -60,13 +60,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Names the agent in a secondary's error.
 fn on(agent: &str, e: SlaveError) -> SlaveError {
-    match e {
-        SlaveError::Failed(m) => SlaveError::Failed(format!("agent {agent}: {m}")),
-        SlaveError::Invalid(m) => SlaveError::Invalid(format!("agent {agent}: {m}")),
-        SlaveError::NotFound(m) => SlaveError::NotFound(format!("agent {agent}: {m}")),
-        SlaveError::WrongState(m) => SlaveError::WrongState(format!("agent {agent}: {m}")),
-        other => other,
-    }
+    e.agent(agent)
 }
 
 impl<S: Slave> MultiAttach<S> {
@@ -92,7 +86,10 @@ impl<S: Slave> MultiAttach<S> {
 
     /// `secondaries`: (agent address, its slave, the target's path on its
     /// node when it differs from the copying agent's).
-    pub fn with_targets(primary: S, secondaries: Vec<(String, S, Option<String>)>) -> Self {
+    pub fn with_targets(
+        primary: S,
+        secondaries: Vec<(String, S, Option<std::path::PathBuf>)>,
+    ) -> Self {
         Self {
             primary,
             secondaries: secondaries
@@ -113,16 +110,13 @@ impl<S: Slave> MultiAttach<S> {
 
     /// Moves every secondary's dirty grains into the copying agent's map;
     /// the copying agent's state after the last merge, if any merged.
-    async fn ship(
-        &self,
-        fence: &Option<volmig_api::agent::Fence>,
-    ) -> SlaveResult<Option<SessionState>> {
+    async fn ship(&self, fence: &Fence) -> SlaveResult<Option<SessionState>> {
         let mut merged = None;
         for s in &self.secondaries {
             let ack = *lock(&s.merged);
             let b = s
                 .slave
-                .take_dirty(TakeDirtyRequest {
+                .take_dirty(TakeDirty {
                     fence: fence.clone(),
                     ack,
                 })
@@ -131,7 +125,7 @@ impl<S: Slave> MultiAttach<S> {
             if !b.runs.is_empty() {
                 merged = Some(
                     self.primary
-                        .merge_dirty(MergeDirtyRequest {
+                        .merge_dirty(MergeDirty {
                             fence: fence.clone(),
                             grain: b.grain,
                             size: b.size,
@@ -146,20 +140,15 @@ impl<S: Slave> MultiAttach<S> {
     }
 
     /// Releases the secondaries (after a quiesce that did not go through).
-    async fn release_secondaries(&self, fence: &Option<volmig_api::agent::Fence>) {
+    async fn release_secondaries(&self, fence: &Fence) {
         for s in &self.secondaries {
-            let _ = s
-                .slave
-                .release(Step {
-                    fence: fence.clone(),
-                })
-                .await;
+            let _ = s.slave.release(fence.clone()).await;
         }
     }
 }
 
 impl<S: Slave> Slave for MultiAttach<S> {
-    async fn prepare(&self, r: PrepareRequest) -> SlaveResult<SessionState> {
+    async fn prepare(&self, r: Prepare) -> SlaveResult<SessionState> {
         // Secondaries first: their monitors must be attached before the
         // copying agent copies anything.
         for s in &self.secondaries {
@@ -173,7 +162,7 @@ impl<S: Slave> Slave for MultiAttach<S> {
         self.primary.prepare(r).await
     }
 
-    async fn copy_pass(&self, r: CopyPassRequest) -> SlaveResult<PassResult> {
+    async fn copy_pass(&self, r: CopyPass) -> SlaveResult<PassResult> {
         let fence = r.fence.clone();
         self.ship(&fence).await?;
         let mut res = self.primary.copy_pass(r).await?;
@@ -188,11 +177,11 @@ impl<S: Slave> Slave for MultiAttach<S> {
         Ok(res)
     }
 
-    async fn set_mirror(&self, r: SetMirrorRequest) -> SlaveResult<SessionState> {
+    async fn set_mirror(&self, r: SetMirror) -> SlaveResult<SessionState> {
         self.primary.set_mirror(r).await
     }
 
-    async fn quiesce(&self, r: QuiesceRequest) -> SlaveResult<QuiesceResult> {
+    async fn quiesce(&self, r: Quiesce) -> SlaveResult<QuiesceResult> {
         let t0 = Instant::now();
         for s in &self.secondaries {
             let q = s
@@ -204,7 +193,7 @@ impl<S: Slave> Slave for MultiAttach<S> {
                 self.release_secondaries(&r.fence).await;
                 return Ok(QuiesceResult {
                     quiesced: false,
-                    spent_us: t0.elapsed().as_micros() as u64,
+                    spent: t0.elapsed(),
                     dirty_bytes: q.dirty_bytes,
                 });
             }
@@ -225,19 +214,19 @@ impl<S: Slave> Slave for MultiAttach<S> {
             self.release_secondaries(&r.fence).await;
         }
         Ok(QuiesceResult {
-            spent_us: (t0.elapsed().as_micros() as u64).max(q.spent_us),
+            spent: t0.elapsed().max(q.spent),
             ..q
         })
     }
 
-    async fn release(&self, r: Step) -> SlaveResult<SessionState> {
-        self.release_secondaries(&r.fence).await;
+    async fn release(&self, r: Fence) -> SlaveResult<SessionState> {
+        self.release_secondaries(&r).await;
         self.primary.release(r).await
     }
 
-    async fn synchronize(&self, r: Step) -> SlaveResult<SessionState> {
+    async fn synchronize(&self, r: Fence) -> SlaveResult<SessionState> {
         // Again, for a master that restarted between quiesce and here.
-        self.ship(&r.fence).await?;
+        self.ship(&r).await?;
         let st = self.primary.synchronize(r.clone()).await?;
         for s in &self.secondaries {
             s.slave
@@ -248,7 +237,7 @@ impl<S: Slave> Slave for MultiAttach<S> {
         Ok(st)
     }
 
-    async fn redirect(&self, r: RedirectRequest) -> SlaveResult<SessionState> {
+    async fn redirect(&self, r: Redirect) -> SlaveResult<SessionState> {
         let mut st = self.primary.redirect(r.clone()).await?;
         for s in &self.secondaries {
             let ss = s
@@ -261,7 +250,7 @@ impl<S: Slave> Slave for MultiAttach<S> {
         Ok(st)
     }
 
-    async fn resume(&self, r: Step) -> SlaveResult<ResumeResult> {
+    async fn resume(&self, r: Fence) -> SlaveResult<ResumeResult> {
         let mut res = self.primary.resume(r.clone()).await?;
         for s in &self.secondaries {
             let x = s
@@ -269,12 +258,12 @@ impl<S: Slave> Slave for MultiAttach<S> {
                 .resume(r.clone())
                 .await
                 .map_err(|e| on(&s.agent, e))?;
-            res.stall_us = res.stall_us.max(x.stall_us);
+            res.stall = res.stall.max(x.stall);
         }
         Ok(res)
     }
 
-    async fn terminate(&self, r: TerminateRequest) -> SlaveResult<TerminateResult> {
+    async fn terminate(&self, r: Terminate) -> SlaveResult<TerminateResult> {
         // The copying agent verifies (the data is one volume) while the
         // others still mirror back, so the source stays level with the
         // target for their writes too; then they stop and detach.
@@ -284,41 +273,42 @@ impl<S: Slave> Slave for MultiAttach<S> {
         }
         for s in &self.secondaries {
             let mut req = r.clone();
-            req.verify = Verify::None as i32;
+            req.verify = Verify::None;
             s.slave.terminate(req).await.map_err(|e| on(&s.agent, e))?;
         }
         Ok(res)
     }
 
-    async fn abort(&self, r: Step) -> SlaveResult<SessionState> {
+    async fn abort(&self, r: Fence) -> SlaveResult<SessionState> {
         // Every agent, whatever the others answer; a secondary that never
         // got the session has nothing to roll back.
         let mut failed = Vec::new();
         for s in &self.secondaries {
             match s.slave.abort(r.clone()).await {
-                Ok(_) | Err(SlaveError::NotFound(_)) => {}
-                Err(e) => failed.push(format!("agent {}: {e}", s.agent)),
+                Ok(_) => {}
+                Err(e) if e.is(ErrorKind::NotFound) => {}
+                Err(e) => failed.push(on(&s.agent, e).to_string()),
             }
         }
         let st = self.primary.abort(r).await?;
         if failed.is_empty() {
             Ok(st)
         } else {
-            Err(SlaveError::Failed(format!(
-                "rollback incomplete: {}",
-                failed.join("; ")
-            )))
+            Err(
+                SlaveError::failed(format!("rollback incomplete: {}", failed.join("; ")))
+                    .op("abort"),
+            )
         }
     }
 
-    async fn set_bandwidth(&self, r: SetBandwidthRequest) -> SlaveResult<SessionState> {
+    async fn set_bandwidth(&self, r: SetBandwidth) -> SlaveResult<SessionState> {
         self.primary.set_bandwidth(r).await
     }
 
     /// The copying agent's state, where the cutover flags hold for every
     /// agent: attached, quiesced and redirected only when all are. A
     /// secondary without the session makes the whole session unknown.
-    async fn get_state(&self, r: Step) -> SlaveResult<SessionState> {
+    async fn get_state(&self, r: Fence) -> SlaveResult<SessionState> {
         let mut st = self.primary.get_state(r.clone()).await?;
         let mut any_redirected = st.redirected;
         for s in &self.secondaries {
@@ -334,18 +324,31 @@ impl<S: Slave> Slave for MultiAttach<S> {
             st.redirected &= ss.redirected;
         }
         if any_redirected && !st.redirected && !st.quiesced && !st.finished {
-            return Err(SlaveError::Failed(
-                "the volume is redirected on some of its agents and not on others, and no longer quiesced: abort the session (every agent fails back to the source, which mirror-back kept complete)".into(),
+            return Err(SlaveError::failed(
+                "the volume is redirected on some of its agents and not on others, and no longer quiesced: abort the session (every agent fails back to the source, which mirror-back kept complete)",
             ));
         }
         Ok(st)
     }
 
-    async fn take_dirty(&self, r: TakeDirtyRequest) -> SlaveResult<DirtyBatch> {
+    async fn take_dirty(&self, r: TakeDirty) -> SlaveResult<DirtyBatch> {
         self.primary.take_dirty(r).await
     }
 
-    async fn merge_dirty(&self, r: MergeDirtyRequest) -> SlaveResult<SessionState> {
+    async fn merge_dirty(&self, r: MergeDirty) -> SlaveResult<SessionState> {
         self.primary.merge_dirty(r).await
+    }
+
+    // Serving is each agent's own business: these reach the copying agent.
+    async fn serve_volume(&self, r: ServeVolume) -> SlaveResult<VolumeInfo> {
+        self.primary.serve_volume(r).await
+    }
+
+    async fn unserve_volume(&self, r: UnserveVolume) -> SlaveResult<Unserved> {
+        self.primary.unserve_volume(r).await
+    }
+
+    async fn list_volumes(&self, r: ListVolumes) -> SlaveResult<VolumeList> {
+        self.primary.list_volumes(r).await
     }
 }

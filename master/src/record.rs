@@ -4,126 +4,11 @@
 //! source or target, after every phase change and while copying.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use volmig_api::agent;
-use volmig_api::phase::{CopyMode, Phase, Policy, Progress};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum Verify {
-    None,
-    /// Compare a random sample of chunks.
-    Sample,
-    /// Compare every byte.
-    #[default]
-    Full,
-}
-
-impl std::str::FromStr for Verify {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "none" => Ok(Verify::None),
-            "sample" => Ok(Verify::Sample),
-            "full" => Ok(Verify::Full),
-            _ => Err(format!("unknown verify mode {s:?} (None, Sample or Full)")),
-        }
-    }
-}
-
-/// What the user asked for.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SessionConfig {
-    pub mode: CopyMode,
-    pub sync_goal_ms: u64,
-    /// Copy bandwidth limit in bytes per second, 0 = unlimited.
-    pub bandwidth: u64,
-    pub grain: u64,
-    pub chunk_size: u64,
-    pub in_flight: usize,
-    pub sparse: bool,
-    pub verify: Verify,
-    /// Keep mirroring writes back to the source this long after redirect.
-    pub failback_window_ms: u64,
-    pub max_passes: u32,
-}
-
-impl Default for SessionConfig {
-    fn default() -> Self {
-        let p = Policy::default();
-        Self {
-            mode: CopyMode::Auto,
-            sync_goal_ms: p.sync_goal.as_millis() as u64,
-            bandwidth: 0,
-            grain: 64 << 10,
-            chunk_size: 1 << 20,
-            in_flight: 8,
-            sparse: true,
-            verify: Verify::Full,
-            failback_window_ms: 0,
-            max_passes: p.max_passes,
-        }
-    }
-}
-
-impl SessionConfig {
-    pub fn policy(&self) -> Policy {
-        Policy {
-            mode: self.mode,
-            sync_goal: Duration::from_millis(self.sync_goal_ms),
-            max_passes: self.max_passes,
-            ..Policy::default()
-        }
-    }
-
-    /// What the slave needs to know of it.
-    pub fn to_wire(&self) -> agent::SessionConfig {
-        agent::SessionConfig {
-            mode: match self.mode {
-                CopyMode::Background => agent::CopyMode::Background,
-                CopyMode::Mirror => agent::CopyMode::Mirror,
-                CopyMode::Auto => agent::CopyMode::Auto,
-            } as i32,
-            sync_goal_ms: self.sync_goal_ms,
-            bandwidth: self.bandwidth,
-            grain: self.grain,
-            chunk_size: self.chunk_size,
-            in_flight: self.in_flight as u32,
-            sparse: self.sparse,
-        }
-    }
-
-    /// Rejects what no slave could run.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.sync_goal_ms == 0 {
-            return Err("sync goal must be positive".into());
-        }
-        if !self.grain.is_power_of_two() || self.grain < 4096 {
-            return Err(format!(
-                "granularity {} must be a power of two of at least 4096",
-                self.grain
-            ));
-        }
-        if self.chunk_size < self.grain {
-            return Err(format!(
-                "chunk size {} is smaller than the granularity {}",
-                self.chunk_size, self.grain
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Verify {
-    pub fn to_wire(self) -> agent::Verify {
-        match self {
-            Verify::None => agent::Verify::None,
-            Verify::Sample => agent::Verify::Sample,
-            Verify::Full => agent::Verify::Full,
-        }
-    }
-}
+pub use volmig_api::config::{SessionConfig, Verify};
+use volmig_api::phase::{Phase, Progress};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhaseTime {
@@ -354,34 +239,5 @@ mod tests {
         assert_eq!(r.phase_times.len(), 2);
         assert!(r.phase_times.iter().all(|p| p.end_ms.is_some()));
         assert_eq!(r.phase, Phase::Completed);
-    }
-
-    #[test]
-    fn config_validation() {
-        assert!(SessionConfig::default().validate().is_ok());
-        assert!(
-            SessionConfig {
-                sync_goal_ms: 0,
-                ..SessionConfig::default()
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            SessionConfig {
-                grain: 3000,
-                ..SessionConfig::default()
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            SessionConfig {
-                chunk_size: 4096,
-                ..SessionConfig::default()
-            }
-            .validate()
-            .is_err()
-        );
     }
 }

@@ -54,6 +54,8 @@ pub struct SessionStatus {
 pub struct VolumeInfo {
     pub name: String,
     pub size: u64,
+    /// The backing device it was asked to serve.
+    pub backing: PathBuf,
     /// The backing device workload I/O goes to now.
     pub active: PathBuf,
     pub phase: Option<Phase>,
@@ -324,14 +326,23 @@ impl Agent {
     }
 
     pub fn list(&self) -> Vec<VolumeInfo> {
-        let vols: Vec<(String, Arc<Interposer>, Option<Arc<SlaveSession>>)> = lock(&self.volumes)
+        type Entry = (String, PathBuf, Arc<Interposer>, Option<Arc<SlaveSession>>);
+        let vols: Vec<Entry> = lock(&self.volumes)
             .iter()
-            .map(|(n, v)| (n.clone(), v.interposer.clone(), v.slave.clone()))
+            .map(|(n, v)| {
+                (
+                    n.clone(),
+                    v.configured_path.clone(),
+                    v.interposer.clone(),
+                    v.slave.clone(),
+                )
+            })
             .collect();
         vols.into_iter()
-            .map(|(name, ip, slave)| {
+            .map(|(name, backing, ip, slave)| {
                 let phase = self.status(&name).ok().map(|s| s.record.phase);
                 VolumeInfo {
+                    backing,
                     size: ip.size(),
                     active: ip.active().path().to_path_buf(),
                     phase,

@@ -1,6 +1,8 @@
 //! The agent's gRPC service: the [`Slave`] contract over the network, with
 //! mutual TLS (the agent requires a client certificate from its CA; plain
-//! text only when explicitly asked for, for local development).
+//! text only when explicitly asked for, for local development). Requests
+//! are converted to domain types here, once (`FromWire`), and answers back
+//! (`IntoWire`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,13 +14,11 @@ use tokio_stream::Stream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use volmig_api::Slave;
-use volmig_api::agent::agent_server::{Agent as AgentRpc, AgentServer};
-use volmig_api::agent::{
-    CopyPassRequest, DirtyBatch, ListVolumesRequest, ListVolumesResponse, MergeDirtyRequest,
-    PassResult, PrepareRequest, Progress, QuiesceRequest, QuiesceResult, RedirectRequest,
-    ResumeResult, SessionState, SetBandwidthRequest, SetMirrorRequest, Step, TakeDirtyRequest,
-    TerminateRequest, TerminateResult, VolumeInfo,
-};
+use volmig_api::limits::MAX_MESSAGE;
+use volmig_api::slave::wire::{FromWire, IntoWire};
+use volmig_api::slave::{self as dom, Fence};
+use volmig_api::wire::agent_server::{Agent as AgentRpc, AgentServer};
+use volmig_api::wire::{self as pb, Progress};
 
 use crate::agent::Agent;
 use crate::error::{AgentError, Result};
@@ -48,64 +48,97 @@ struct Service(Arc<Agent>);
 
 type Rpc<T> = std::result::Result<Response<T>, Status>;
 
+/// Generates the unary methods from the one list of slave calls: the
+/// request converted and checked, the agent's answer converted back.
+macro_rules! unary {
+    ($($name:ident($req:ty) -> $res:ty;)*) => {
+        impl Service {
+            $(async fn $name(
+                &self,
+                r: Request<<$req as FromWire>::Wire>,
+            ) -> Rpc<<$res as IntoWire>::Wire> {
+                let req = <$req>::from_wire(r.into_inner())?;
+                let answer = self.0.$name(req).await?;
+                Ok(Response::new(answer.into_wire()))
+            })*
+        }
+    };
+}
+
+volmig_api::slave_calls!(unary);
+
 #[tonic::async_trait]
 impl AgentRpc for Service {
-    async fn prepare(&self, r: Request<PrepareRequest>) -> Rpc<SessionState> {
-        Ok(Response::new(self.0.prepare(r.into_inner()).await?))
+    async fn prepare(&self, r: Request<pb::PrepareRequest>) -> Rpc<pb::SessionState> {
+        Service::prepare(self, r).await
     }
-    async fn copy_pass(&self, r: Request<CopyPassRequest>) -> Rpc<PassResult> {
-        Ok(Response::new(self.0.copy_pass(r.into_inner()).await?))
+    async fn copy_pass(&self, r: Request<pb::CopyPassRequest>) -> Rpc<pb::PassResult> {
+        Service::copy_pass(self, r).await
     }
-    async fn set_mirror(&self, r: Request<SetMirrorRequest>) -> Rpc<SessionState> {
-        Ok(Response::new(self.0.set_mirror(r.into_inner()).await?))
+    async fn set_mirror(&self, r: Request<pb::SetMirrorRequest>) -> Rpc<pb::SessionState> {
+        Service::set_mirror(self, r).await
     }
-    async fn quiesce(&self, r: Request<QuiesceRequest>) -> Rpc<QuiesceResult> {
-        Ok(Response::new(self.0.quiesce(r.into_inner()).await?))
+    async fn quiesce(&self, r: Request<pb::QuiesceRequest>) -> Rpc<pb::QuiesceResult> {
+        Service::quiesce(self, r).await
     }
-    async fn release(&self, r: Request<Step>) -> Rpc<SessionState> {
-        Ok(Response::new(self.0.release(r.into_inner()).await?))
+    async fn release(&self, r: Request<pb::Step>) -> Rpc<pb::SessionState> {
+        Service::release(self, r).await
     }
-    async fn synchronize(&self, r: Request<Step>) -> Rpc<SessionState> {
-        Ok(Response::new(self.0.synchronize(r.into_inner()).await?))
+    async fn synchronize(&self, r: Request<pb::Step>) -> Rpc<pb::SessionState> {
+        Service::synchronize(self, r).await
     }
-    async fn redirect(&self, r: Request<RedirectRequest>) -> Rpc<SessionState> {
-        Ok(Response::new(self.0.redirect(r.into_inner()).await?))
+    async fn redirect(&self, r: Request<pb::RedirectRequest>) -> Rpc<pb::SessionState> {
+        Service::redirect(self, r).await
     }
-    async fn resume(&self, r: Request<Step>) -> Rpc<ResumeResult> {
-        Ok(Response::new(self.0.resume(r.into_inner()).await?))
+    async fn resume(&self, r: Request<pb::Step>) -> Rpc<pb::ResumeResult> {
+        Service::resume(self, r).await
     }
-    async fn terminate(&self, r: Request<TerminateRequest>) -> Rpc<TerminateResult> {
-        Ok(Response::new(self.0.terminate(r.into_inner()).await?))
+    async fn terminate(&self, r: Request<pb::TerminateRequest>) -> Rpc<pb::TerminateResult> {
+        Service::terminate(self, r).await
     }
-    async fn abort(&self, r: Request<Step>) -> Rpc<SessionState> {
-        Ok(Response::new(self.0.abort(r.into_inner()).await?))
+    async fn abort(&self, r: Request<pb::Step>) -> Rpc<pb::SessionState> {
+        Service::abort(self, r).await
     }
-    async fn set_bandwidth(&self, r: Request<SetBandwidthRequest>) -> Rpc<SessionState> {
-        Ok(Response::new(self.0.set_bandwidth(r.into_inner()).await?))
+    async fn set_bandwidth(&self, r: Request<pb::SetBandwidthRequest>) -> Rpc<pb::SessionState> {
+        Service::set_bandwidth(self, r).await
     }
-    async fn get_state(&self, r: Request<Step>) -> Rpc<SessionState> {
-        Ok(Response::new(self.0.get_state(r.into_inner()).await?))
+    async fn get_state(&self, r: Request<pb::Step>) -> Rpc<pb::SessionState> {
+        Service::get_state(self, r).await
     }
-
-    async fn take_dirty(&self, r: Request<TakeDirtyRequest>) -> Rpc<DirtyBatch> {
-        Ok(Response::new(self.0.take_dirty(r.into_inner()).await?))
+    async fn take_dirty(&self, r: Request<pb::TakeDirtyRequest>) -> Rpc<pb::DirtyBatch> {
+        Service::take_dirty(self, r).await
     }
-
-    async fn merge_dirty(&self, r: Request<MergeDirtyRequest>) -> Rpc<SessionState> {
-        Ok(Response::new(self.0.merge_dirty(r.into_inner()).await?))
+    async fn merge_dirty(&self, r: Request<pb::MergeDirtyRequest>) -> Rpc<pb::SessionState> {
+        Service::merge_dirty(self, r).await
+    }
+    async fn serve_volume(&self, r: Request<pb::ServeVolumeRequest>) -> Rpc<pb::VolumeInfo> {
+        Service::serve_volume(self, r).await
+    }
+    async fn unserve_volume(
+        &self,
+        r: Request<pb::UnserveVolumeRequest>,
+    ) -> Rpc<pb::UnserveVolumeResponse> {
+        Service::unserve_volume(self, r).await
+    }
+    async fn list_volumes(
+        &self,
+        r: Request<pb::ListVolumesRequest>,
+    ) -> Rpc<pb::ListVolumesResponse> {
+        Service::list_volumes(self, r).await
     }
 
     type WatchProgressStream =
         Pin<Box<dyn Stream<Item = std::result::Result<Progress, Status>> + Send>>;
 
-    async fn watch_progress(&self, r: Request<Step>) -> Rpc<Self::WatchProgressStream> {
-        let step = r.into_inner();
-        self.0.get_state(step.clone()).await?; // fenced, exists
+    async fn watch_progress(&self, r: Request<pb::Step>) -> Rpc<Self::WatchProgressStream> {
+        let fence = Fence::from_wire(r.into_inner())?;
+        self.0.get_state(fence.clone()).await?; // fenced, exists
         let agent = self.0.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             loop {
-                let item = agent.get_state(step.clone()).await.map_err(Status::from);
+                let item: std::result::Result<dom::SessionState, Status> =
+                    agent.get_state(fence.clone()).await.map_err(Status::from);
                 let done = item.as_ref().map(|s| s.finished).unwrap_or(true);
                 let item = item.map(|s| Progress {
                     bytes_copied: s.bytes_copied,
@@ -122,21 +155,6 @@ impl AgentRpc for Service {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
-    }
-
-    async fn list_volumes(&self, _r: Request<ListVolumesRequest>) -> Rpc<ListVolumesResponse> {
-        let volumes = self
-            .0
-            .list()
-            .into_iter()
-            .map(|v| VolumeInfo {
-                name: v.name,
-                size: v.size,
-                active: v.active.display().to_string(),
-                session_id: v.session.unwrap_or_default(),
-            })
-            .collect();
-        Ok(Response::new(ListVolumesResponse { volumes }))
     }
 }
 
@@ -157,8 +175,8 @@ pub async fn serve(
     builder
         .add_service(
             AgentServer::new(Service(agent))
-                .max_decoding_message_size(volmig_master::grpc_slave::MAX_MESSAGE)
-                .max_encoding_message_size(volmig_master::grpc_slave::MAX_MESSAGE),
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
         )
         .serve_with_shutdown(addr, shutdown)
         .await

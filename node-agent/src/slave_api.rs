@@ -1,88 +1,99 @@
 //! The agent as a slave: the [`Slave`] contract over its volumes. Checks
 //! every call's fence (session and epoch), runs one operation per volume at
 //! a time (a concurrent one is `Busy`), and maps agent errors to the
-//! contract's kinds. The gRPC service and the in-process master both come
-//! through here.
+//! contract's kinds, with the volume and session as context. The gRPC
+//! service and in-process masters both come through here.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use volmig_api::agent::{
-    CopyMode, CopyPassRequest, DirtyBatch, Fence, MergeDirtyRequest, PassResult, PrepareRequest,
-    QuiesceRequest, QuiesceResult, RedirectRequest, ResumeResult, SessionState,
-    SetBandwidthRequest, SetMirrorRequest, Step, TakeDirtyRequest, TerminateRequest,
-    TerminateResult, Verify as WireVerify,
+use volmig_api::fault;
+use volmig_api::slave::{
+    CopyPass, DirtyBatch, Fence, ListVolumes, MergeDirty, PassResult, Prepare, Quiesce,
+    QuiesceResult, Redirect, ResumeResult, ServeVolume, SessionState, SetBandwidth, SetMirror,
+    TakeDirty, Terminate, TerminateResult, UnserveVolume, Unserved, VolumeInfo, VolumeList,
 };
-use volmig_api::{Slave, SlaveError, SlaveResult};
-use volmig_master::Verify;
+use volmig_api::{ErrorKind, Slave, SlaveError, SlaveResult};
 
 use crate::agent::{Agent, lock};
 use crate::error::AgentError;
-use crate::session::{SlaveConfig, SlaveSession};
+use crate::session::SlaveSession;
 
 impl From<AgentError> for SlaveError {
     fn from(e: AgentError) -> Self {
-        let m = e.to_string();
-        match e {
+        let kind = match &e {
             AgentError::Open { .. }
             | AgentError::NotADevice { .. }
             | AgentError::ReadOnly { .. }
             | AgentError::TargetTooSmall { .. }
             | AgentError::SameDevice { .. }
-            | AgentError::Invalid(_) => SlaveError::Invalid(m),
-            AgentError::SessionExists { .. } => SlaveError::AlreadyExists(m),
-            AgentError::UnknownVolume(_) | AgentError::NoSession(_) => SlaveError::NotFound(m),
-            AgentError::Transition(_) => SlaveError::WrongState(m),
-            _ => SlaveError::Failed(m),
-        }
+            | AgentError::Invalid(_) => ErrorKind::Invalid,
+            AgentError::SessionExists { .. } => ErrorKind::AlreadyExists,
+            AgentError::UnknownVolume(_) | AgentError::NoSession(_) => ErrorKind::NotFound,
+            AgentError::Transition(_) => ErrorKind::WrongState,
+            _ => ErrorKind::Failed,
+        };
+        SlaveError::new(kind, e.to_string())
     }
-}
-
-fn fence_of(f: &Option<Fence>) -> SlaveResult<&Fence> {
-    f.as_ref()
-        .filter(|f| !f.volume.is_empty() && !f.session_id.is_empty())
-        .ok_or_else(|| {
-            SlaveError::Invalid("the call carries no fence (session, volume, epoch)".into())
-        })
 }
 
 /// The operation lock of a volume, taken without waiting.
 type OpGuard = tokio::sync::OwnedMutexGuard<()>;
+
+fn busy(volume: &str) -> SlaveError {
+    SlaveError::new(
+        ErrorKind::Busy,
+        "another operation is running on this volume",
+    )
+    .volume(volume)
+}
+
+fn fenced(f: &Fence, newer: u64) -> SlaveError {
+    SlaveError::new(
+        ErrorKind::Fenced,
+        format!("epoch {} is older than {newer}", f.epoch),
+    )
+    .volume(&f.volume)
+    .session(&f.session)
+}
+
+/// Names the call's volume and session in an error.
+fn within<T>(op: &'static str, f: &Fence, r: Result<T, AgentError>) -> SlaveResult<T> {
+    r.map_err(|e| {
+        SlaveError::from(e)
+            .op(op)
+            .volume(&f.volume)
+            .session(&f.session)
+    })
+}
 
 impl Agent {
     /// The fenced session of a call, and (with `exclusive`) the volume's
     /// operation lock.
     fn session_for(
         &self,
-        f: &Option<Fence>,
+        fence: &Fence,
         exclusive: bool,
     ) -> SlaveResult<(Arc<SlaveSession>, Option<OpGuard>)> {
-        let fence = fence_of(f)?;
         let (slave, op) = {
             let vols = lock(&self.volumes);
-            let v = vols
-                .get(&fence.volume)
-                .ok_or_else(|| SlaveError::NotFound(format!("unknown volume {}", fence.volume)))?;
+            let v = vols.get(&fence.volume).ok_or_else(|| {
+                SlaveError::not_found("unknown volume: this agent does not serve it")
+                    .volume(&fence.volume)
+            })?;
             (v.slave.clone(), v.op.clone())
         };
         let slave = slave
-            .filter(|s| s.session_id() == fence.session_id)
+            .filter(|s| s.session_id() == fence.session)
             .ok_or_else(|| {
-                SlaveError::NotFound(format!(
-                    "no session {} on volume {}",
-                    fence.session_id, fence.volume
-                ))
+                SlaveError::not_found("no such session on this volume")
+                    .volume(&fence.volume)
+                    .session(&fence.session)
             })?;
-        slave.fence(fence.epoch).map_err(|newer| {
-            SlaveError::Fenced(format!("epoch {} is older than {newer}", fence.epoch))
-        })?;
+        slave
+            .fence(fence.epoch)
+            .map_err(|newer| fenced(fence, newer))?;
         let guard = if exclusive {
-            Some(op.try_lock_owned().map_err(|_| {
-                SlaveError::Busy(format!(
-                    "another operation is running on volume {}",
-                    fence.volume
-                ))
-            })?)
+            Some(op.try_lock_owned().map_err(|_| busy(&fence.volume))?)
         } else {
             None
         };
@@ -91,173 +102,182 @@ impl Agent {
 }
 
 impl Slave for Agent {
-    async fn prepare(&self, r: PrepareRequest) -> SlaveResult<SessionState> {
-        let fence = fence_of(&r.fence)?.clone();
-        let cfg = r.config.unwrap_or_default();
+    async fn prepare(&self, r: Prepare) -> SlaveResult<SessionState> {
+        let fence = r.fence;
         let (interposer, existing, op) = {
             let vols = lock(&self.volumes);
-            let v = vols
-                .get(&fence.volume)
-                .ok_or_else(|| SlaveError::NotFound(format!("unknown volume {}", fence.volume)))?;
+            let v = vols.get(&fence.volume).ok_or_else(|| {
+                SlaveError::not_found("unknown volume: this agent does not serve it")
+                    .op("prepare")
+                    .volume(&fence.volume)
+            })?;
             (v.interposer.clone(), v.slave.clone(), v.op.clone())
         };
-        let _guard = op.try_lock_owned().map_err(|_| {
-            SlaveError::Busy(format!(
-                "another operation is running on volume {}",
-                fence.volume
-            ))
-        })?;
+        let _guard = op.try_lock_owned().map_err(|_| busy(&fence.volume))?;
         if let Some(s) = existing {
-            if s.session_id() == fence.session_id {
-                s.fence(fence.epoch).map_err(|n| {
-                    SlaveError::Fenced(format!("epoch {} is older than {n}", fence.epoch))
-                })?;
+            if s.session_id() == fence.session {
+                s.fence(fence.epoch).map_err(|n| fenced(&fence, n))?;
                 return Ok(s.state().await); // prepared already: idempotent
             }
             if !s.is_finished() {
-                return Err(SlaveError::AlreadyExists(format!(
-                    "volume {} already has a migration in progress (session {})",
-                    fence.volume,
-                    s.session_id()
-                )));
+                return Err(SlaveError::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "the volume already has a migration in progress (session {})",
+                        s.session_id()
+                    ),
+                )
+                .op("prepare")
+                .volume(&fence.volume));
             }
         }
-        let defaults = SlaveConfig::default();
-        let config = SlaveConfig {
-            mirror_from_start: cfg.mode == CopyMode::Mirror as i32,
-            bandwidth: cfg.bandwidth,
-            grain: if cfg.grain == 0 {
-                defaults.grain
-            } else {
-                cfg.grain
-            },
-            chunk_size: if cfg.chunk_size == 0 {
-                defaults.chunk_size
-            } else {
-                cfg.chunk_size
-            },
-            in_flight: if cfg.in_flight == 0 {
-                defaults.in_flight
-            } else {
-                cfg.in_flight as usize
-            },
-            sparse: cfg.sparse,
-            monitor_only: r.monitor_only,
-        };
-        let s = SlaveSession::prepare(
-            interposer,
-            self.state().clone(),
-            &fence.session_id,
-            fence.epoch,
-            std::path::Path::new(&r.target),
-            config,
-        )
-        .await?;
+        let s = within(
+            "prepare",
+            &fence,
+            SlaveSession::prepare(
+                interposer,
+                self.state().clone(),
+                &fence.session,
+                fence.epoch,
+                &r.target,
+                r.config,
+                r.monitor_only,
+            )
+            .await,
+        )?;
         if let Some(v) = lock(&self.volumes).get_mut(&fence.volume) {
             v.slave = Some(s.clone());
         }
         Ok(s.state().await)
     }
 
-    async fn copy_pass(&self, r: CopyPassRequest) -> SlaveResult<PassResult> {
+    async fn copy_pass(&self, r: CopyPass) -> SlaveResult<PassResult> {
         let (s, _g) = self.session_for(&r.fence, true)?;
-        let slice = (r.slice_ms > 0).then(|| Duration::from_millis(r.slice_ms));
-        Ok(s.copy_pass(slice).await?)
+        within("copy", &r.fence, s.copy_pass(r.slice).await)
     }
 
-    async fn set_mirror(&self, r: SetMirrorRequest) -> SlaveResult<SessionState> {
+    async fn set_mirror(&self, r: SetMirror) -> SlaveResult<SessionState> {
         let (s, _g) = self.session_for(&r.fence, false)?;
-        s.set_mirror(r.on)?;
+        within("set mirror", &r.fence, s.set_mirror(r.on))?;
         Ok(s.state().await)
     }
 
-    async fn quiesce(&self, r: QuiesceRequest) -> SlaveResult<QuiesceResult> {
+    async fn quiesce(&self, r: Quiesce) -> SlaveResult<QuiesceResult> {
         let (s, _g) = self.session_for(&r.fence, true)?;
-        let q = s.quiesce(Duration::from_millis(r.budget_ms)).await?;
-        volmig_master::fault::point("agent:done:quiesce");
+        let q = within("quiesce", &r.fence, s.quiesce(r.budget).await)?;
+        fault::point("agent:done:quiesce");
         Ok(q)
     }
 
-    async fn release(&self, r: Step) -> SlaveResult<SessionState> {
-        let (s, _g) = self.session_for(&r.fence, true)?;
-        s.release().await?;
+    async fn release(&self, f: Fence) -> SlaveResult<SessionState> {
+        let (s, _g) = self.session_for(&f, true)?;
+        within("release", &f, s.release().await)?;
         Ok(s.state().await)
     }
 
-    async fn synchronize(&self, r: Step) -> SlaveResult<SessionState> {
-        let (s, _g) = self.session_for(&r.fence, true)?;
-        s.synchronize().await?;
-        volmig_master::fault::point("agent:done:synchronize");
+    async fn synchronize(&self, f: Fence) -> SlaveResult<SessionState> {
+        let (s, _g) = self.session_for(&f, true)?;
+        within("synchronize", &f, s.synchronize().await)?;
+        fault::point("agent:done:synchronize");
         Ok(s.state().await)
     }
 
-    async fn redirect(&self, r: RedirectRequest) -> SlaveResult<SessionState> {
+    async fn redirect(&self, r: Redirect) -> SlaveResult<SessionState> {
         let (s, _g) = self.session_for(&r.fence, true)?;
-        s.redirect(r.to_source).await?;
-        if let Some(d) = volmig_master::fault::delay("agent:done:redirect") {
+        within("redirect", &r.fence, s.redirect(r.to_source).await)?;
+        if let Some(d) = fault::delay("agent:done:redirect") {
             tokio::time::sleep(d).await;
         }
-        volmig_master::fault::point("agent:done:redirect");
+        fault::point("agent:done:redirect");
         Ok(s.state().await)
     }
 
-    async fn resume(&self, r: Step) -> SlaveResult<ResumeResult> {
-        let (s, _g) = self.session_for(&r.fence, true)?;
-        let stall = s.resume().await?;
-        Ok(ResumeResult {
-            stall_us: stall.map(|d| d.as_micros() as u64).unwrap_or(0),
-        })
+    async fn resume(&self, f: Fence) -> SlaveResult<ResumeResult> {
+        let (s, _g) = self.session_for(&f, true)?;
+        let stall = within("resume", &f, s.resume().await)?;
+        Ok(ResumeResult { stall })
     }
 
-    async fn terminate(&self, r: TerminateRequest) -> SlaveResult<TerminateResult> {
+    async fn terminate(&self, r: Terminate) -> SlaveResult<TerminateResult> {
         let (s, _g) = self.session_for(&r.fence, true)?;
-        let verify = match WireVerify::try_from(r.verify).unwrap_or(WireVerify::Full) {
-            WireVerify::None => Verify::None,
-            WireVerify::Sample => Verify::Sample,
-            WireVerify::Full | WireVerify::Unspecified => Verify::Full,
-        };
-        Ok(
-            s.terminate(verify, Duration::from_millis(r.failback_window_ms))
-                .await?,
+        within(
+            "terminate",
+            &r.fence,
+            s.terminate(r.verify, r.failback_window).await,
         )
     }
 
-    async fn abort(&self, r: Step) -> SlaveResult<SessionState> {
-        let (s, _) = self.session_for(&r.fence, false)?;
+    async fn abort(&self, f: Fence) -> SlaveResult<SessionState> {
+        let (s, _) = self.session_for(&f, false)?;
         // Stop a running pass, then wait for the volume's operation.
         s.interrupt();
-        let op = {
-            let fence = fence_of(&r.fence)?;
-            lock(&self.volumes).get(&fence.volume).map(|v| v.op.clone())
-        };
+        let op = lock(&self.volumes).get(&f.volume).map(|v| v.op.clone());
         let _g = match op {
             Some(op) => Some(op.lock_owned().await),
             None => None,
         };
-        s.abort().await?;
+        within("abort", &f, s.abort().await)?;
         Ok(s.state().await)
     }
 
-    async fn set_bandwidth(&self, r: SetBandwidthRequest) -> SlaveResult<SessionState> {
+    async fn set_bandwidth(&self, r: SetBandwidth) -> SlaveResult<SessionState> {
         let (s, _) = self.session_for(&r.fence, false)?;
-        s.set_bandwidth(r.bytes_per_sec)?;
+        within("set bandwidth", &r.fence, s.set_bandwidth(r.bytes_per_sec))?;
         Ok(s.state().await)
     }
 
-    async fn get_state(&self, r: Step) -> SlaveResult<SessionState> {
-        let (s, _) = self.session_for(&r.fence, false)?;
+    async fn get_state(&self, f: Fence) -> SlaveResult<SessionState> {
+        let (s, _) = self.session_for(&f, false)?;
         Ok(s.state().await)
     }
 
-    async fn take_dirty(&self, r: TakeDirtyRequest) -> SlaveResult<DirtyBatch> {
+    async fn take_dirty(&self, r: TakeDirty) -> SlaveResult<DirtyBatch> {
         let (s, _) = self.session_for(&r.fence, false)?;
-        Ok(s.take_dirty(r.ack)?)
+        within("take dirty", &r.fence, s.take_dirty(r.ack))
     }
 
-    async fn merge_dirty(&self, r: MergeDirtyRequest) -> SlaveResult<SessionState> {
+    async fn merge_dirty(&self, r: MergeDirty) -> SlaveResult<SessionState> {
         let (s, _) = self.session_for(&r.fence, false)?;
-        s.merge_dirty(r.grain, r.size, &r.runs)?;
+        within(
+            "merge dirty",
+            &r.fence,
+            s.merge_dirty(r.grain, r.size, &r.runs),
+        )?;
         Ok(s.state().await)
+    }
+
+    async fn serve_volume(&self, r: ServeVolume) -> SlaveResult<VolumeInfo> {
+        Err(
+            SlaveError::invalid("serving at runtime is not supported by this agent yet")
+                .op("serve")
+                .volume(r.volume),
+        )
+    }
+
+    async fn unserve_volume(&self, r: UnserveVolume) -> SlaveResult<Unserved> {
+        Err(
+            SlaveError::invalid("serving at runtime is not supported by this agent yet")
+                .op("unserve")
+                .volume(r.volume),
+        )
+    }
+
+    async fn list_volumes(&self, _r: ListVolumes) -> SlaveResult<VolumeList> {
+        Ok(VolumeList {
+            volumes: self
+                .list()
+                .into_iter()
+                .map(|v| VolumeInfo {
+                    name: v.name,
+                    size: v.size,
+                    backing: v.backing,
+                    active: v.active,
+                    session: v.session,
+                    frontends: Vec::new(),
+                    error: None,
+                })
+                .collect(),
+        })
     }
 }
 
@@ -265,14 +285,15 @@ impl Slave for Agent {
 mod tests {
     use super::*;
     use crate::nbd::ExportBackend;
-    use volmig_api::agent::SessionConfig as WireConfig;
+    use std::time::Duration;
+    use volmig_api::SessionConfig;
 
-    fn fence(epoch: u64) -> Option<Fence> {
-        Some(Fence {
-            session_id: "s1".into(),
+    fn fence(epoch: u64) -> Fence {
+        Fence {
+            session: "s1".into(),
             volume: "v".into(),
             epoch,
-        })
+        }
     }
 
     async fn prepared() -> (
@@ -293,16 +314,16 @@ mod tests {
             .await
             .unwrap();
         let st = agent
-            .prepare(PrepareRequest {
+            .prepare(Prepare {
                 fence: fence(2),
-                target: dir.path().join("tgt").display().to_string(),
-                config: Some(WireConfig {
+                target: dir.path().join("tgt"),
+                config: SessionConfig {
                     grain: 65536,
                     chunk_size: 1 << 20,
                     in_flight: 2,
                     sparse: true,
-                    ..WireConfig::default()
-                }),
+                    ..SessionConfig::default()
+                },
                 monitor_only: false,
             })
             .await
@@ -320,18 +341,18 @@ mod tests {
             .add_volume("v", &dir.path().join("src"), false)
             .await
             .unwrap();
-        let prep = |monitor_only| PrepareRequest {
+        let prep = |monitor_only| Prepare {
             fence: fence(2),
-            target: dir.path().join("tgt").display().to_string(),
-            config: Some(WireConfig {
+            target: dir.path().join("tgt"),
+            config: SessionConfig {
                 grain: 65536,
-                ..WireConfig::default()
-            }),
+                ..SessionConfig::default()
+            },
             monitor_only,
         };
         let st = second.prepare(prep(true)).await.unwrap();
         assert_eq!(st.dirty_bytes, 0, "a monitor starts with nothing dirty");
-        let take = |ack| TakeDirtyRequest {
+        let take = |ack| TakeDirty {
             fence: fence(2),
             ack,
         };
@@ -347,18 +368,18 @@ mod tests {
         assert_eq!(b2.dirty_bytes, 3 << 16);
         assert!(b2.batch > b1.batch);
         // Merged into the copying agent's map, and acknowledged.
-        let before = primary.get_state(Step { fence: fence(2) }).await.unwrap();
+        let before = primary.get_state(fence(2)).await.unwrap();
         primary
-            .copy_pass(CopyPassRequest {
+            .copy_pass(CopyPass {
                 fence: fence(2),
-                slice_ms: 0,
+                slice: None,
             })
             .await
             .unwrap();
-        let clean = primary.get_state(Step { fence: fence(2) }).await.unwrap();
+        let clean = primary.get_state(fence(2)).await.unwrap();
         assert!(clean.dirty_bytes < before.dirty_bytes);
         let merged = primary
-            .merge_dirty(MergeDirtyRequest {
+            .merge_dirty(MergeDirty {
                 fence: fence(2),
                 grain: b2.grain,
                 size: b2.size,
@@ -371,7 +392,7 @@ mod tests {
         assert_eq!(b3.dirty_bytes, 0, "acknowledged grains are forgotten");
         // A map of another shape is refused; the secondary never copies.
         let e = primary
-            .merge_dirty(MergeDirtyRequest {
+            .merge_dirty(MergeDirty {
                 fence: fence(2),
                 grain: 4096,
                 size: b2.size,
@@ -379,17 +400,17 @@ mod tests {
             })
             .await
             .unwrap_err();
-        assert!(matches!(e, SlaveError::Invalid(_)), "{e}");
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         let e = second
-            .copy_pass(CopyPassRequest {
+            .copy_pass(CopyPass {
                 fence: fence(2),
-                slice_ms: 0,
+                slice: None,
             })
             .await
             .unwrap_err();
-        assert!(matches!(e, SlaveError::Invalid(_)), "{e}");
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         let e = primary.take_dirty(take(0)).await.unwrap_err();
-        assert!(matches!(e, SlaveError::Invalid(_)), "{e}");
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -400,9 +421,9 @@ mod tests {
             .unwrap()
             .set_quiesce_lease(Duration::from_millis(300));
         let q = agent
-            .quiesce(QuiesceRequest {
+            .quiesce(Quiesce {
                 fence: fence(2),
-                budget_ms: 2000,
+                budget: Duration::from_secs(2),
             })
             .await
             .unwrap();
@@ -420,39 +441,36 @@ mod tests {
             .expect("the lease never released the I/O")
             .unwrap()
             .unwrap();
-        let st = agent.get_state(Step { fence: fence(2) }).await.unwrap();
+        let st = agent.get_state(fence(2)).await.unwrap();
         assert!(!st.quiesced && !st.redirected);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stale_epochs_and_foreign_sessions_are_refused() {
         let (dir, agent, _ip) = prepared().await;
-        let e = agent.get_state(Step { fence: fence(1) }).await.unwrap_err();
-        assert!(matches!(e, SlaveError::Fenced(_)), "{e}");
+        let e = agent.get_state(fence(1)).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Fenced, "{e}");
         // a newer epoch takes over, after which the old one is refused too
-        agent.get_state(Step { fence: fence(3) }).await.unwrap();
-        let e = agent.get_state(Step { fence: fence(2) }).await.unwrap_err();
-        assert!(matches!(e, SlaveError::Fenced(_)), "{e}");
+        agent.get_state(fence(3)).await.unwrap();
+        let e = agent.get_state(fence(2)).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Fenced, "{e}");
         // another session on the same volume
-        let other = Some(Fence {
-            session_id: "s2".into(),
+        let other = Fence {
+            session: "s2".into(),
             volume: "v".into(),
             epoch: 9,
-        });
+        };
         let e = agent
-            .prepare(PrepareRequest {
+            .prepare(Prepare {
                 fence: other.clone(),
-                target: dir.path().join("tgt").display().to_string(),
-                config: None,
+                target: dir.path().join("tgt"),
+                config: SessionConfig::default(),
                 monitor_only: false,
             })
             .await
             .unwrap_err();
-        assert!(matches!(e, SlaveError::AlreadyExists(_)), "{e}");
-        let e = agent.get_state(Step { fence: other }).await.unwrap_err();
-        assert!(matches!(e, SlaveError::NotFound(_)), "{e}");
-        // no fence at all
-        let e = agent.get_state(Step { fence: None }).await.unwrap_err();
-        assert!(matches!(e, SlaveError::Invalid(_)), "{e}");
+        assert_eq!(e.kind, ErrorKind::AlreadyExists, "{e}");
+        let e = agent.get_state(other).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     }
 }

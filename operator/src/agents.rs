@@ -8,10 +8,8 @@ use std::future::Future;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use volmig_api::Slave;
-use volmig_api::agent::ListVolumesRequest;
-use volmig_api::agent::agent_client::AgentClient;
+use volmig_api::slave::ListVolumes;
 use volmig_master::{ClientTls, GrpcSlave};
 
 use crate::error::{Error, Result};
@@ -49,30 +47,6 @@ impl GrpcConnector {
         }
         Ok(Self { tls })
     }
-
-    fn channel(&self, endpoint: &str) -> Result<tonic::transport::Channel> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| Error::Tls(format!("{}: {e}", p.display())))
-        };
-        let cfg = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&self.tls.ca)?))
-            .identity(Identity::from_pem(
-                read(&self.tls.cert)?,
-                read(&self.tls.key)?,
-            ))
-            .domain_name(self.tls.domain.clone());
-        let agent_err = |e: tonic::transport::Error| Error::Agent {
-            endpoint: endpoint.to_string(),
-            reason: e.to_string(),
-        };
-        Ok(Endpoint::from_shared(endpoint.to_string())
-            .map_err(agent_err)?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(15))
-            .tls_config(cfg)
-            .map_err(agent_err)?
-            .connect_lazy())
-    }
 }
 
 impl Connector for GrpcConnector {
@@ -83,15 +57,20 @@ impl Connector for GrpcConnector {
     }
 
     async fn exports(&self, endpoint: &str) -> Result<Vec<String>> {
-        let mut c = AgentClient::new(self.channel(endpoint)?);
-        let r = c
-            .list_volumes(ListVolumesRequest {})
+        let list = self
+            .slave(endpoint)?
+            .list_volumes(ListVolumes)
             .await
-            .map_err(|s| Error::Agent {
+            .map_err(|e| Error::Agent {
                 endpoint: endpoint.to_string(),
-                reason: s.to_string(),
+                reason: e.to_string(),
             })?;
-        Ok(r.into_inner().volumes.into_iter().map(|v| v.name).collect())
+        Ok(list
+            .volumes
+            .into_iter()
+            .filter(|v| v.error.is_none())
+            .map(|v| v.name)
+            .collect())
     }
 }
 

@@ -17,9 +17,9 @@ use common::*;
 use kube::Api;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use volmig_api::Slave;
 use volmig_api::crd::VolumeMigration;
 use volmig_api::phase::Phase;
-use volmig_api::{Slave, SlaveError};
 use volmig_master::{
     Driver, DriverConfig, SessionConfig, SessionStore, StopSignal, create_session,
 };
@@ -296,12 +296,10 @@ fn a_new_leader_continues_the_session_under_a_newer_epoch() {
         assert_eq!(status(&s.fake)["epoch"], 2);
 
         // The old leader's epoch is refused by the agent.
-        let old = volmig_api::agent::Step {
-            fence: Some(volmig_api::agent::Fence {
-                session_id: session.clone(),
-                volume: "pv-data".into(),
-                epoch: 1,
-            }),
+        let old = volmig_api::Fence {
+            session: session.clone(),
+            volume: "pv-data".into(),
+            epoch: 1,
         };
         let e = s
             .conn
@@ -310,7 +308,7 @@ fn a_new_leader_continues_the_session_under_a_newer_epoch() {
             .get_state(old)
             .await
             .unwrap_err();
-        assert!(matches!(e, SlaveError::Fenced(_)), "{e}");
+        assert!(e.is(volmig_api::ErrorKind::Fenced), "{e}");
 
         tokio::time::sleep(Duration::from_millis(200)).await;
         stop_w.store(true, Ordering::Relaxed);

@@ -7,36 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use volmig_api::SessionConfig;
+
 use crate::error::{AgentError, Result};
-
-/// Copy settings the slave runs with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SlaveConfig {
-    pub mirror_from_start: bool,
-    pub bandwidth: u64,
-    pub grain: u64,
-    pub chunk_size: u64,
-    pub in_flight: usize,
-    pub sparse: bool,
-    /// A secondary agent of a multi-attach volume: tracks its workload's
-    /// writes for the copying agent, never copies.
-    #[serde(default)]
-    pub monitor_only: bool,
-}
-
-impl Default for SlaveConfig {
-    fn default() -> Self {
-        Self {
-            mirror_from_start: false,
-            bandwidth: 0,
-            grain: 64 << 10,
-            chunk_size: 1 << 20,
-            in_flight: 8,
-            sparse: true,
-            monitor_only: false,
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlaveRecord {
@@ -47,7 +20,11 @@ pub struct SlaveRecord {
     pub source: PathBuf,
     pub target: PathBuf,
     pub size: u64,
-    pub config: SlaveConfig,
+    pub config: SessionConfig,
+    /// A secondary agent of a multi-attach volume: tracks its workload's
+    /// writes for the copying agent, never copies.
+    #[serde(default)]
+    pub monitor_only: bool,
     pub mirror: bool,
     /// The workload's active device is the target.
     pub redirected: bool,
@@ -138,7 +115,8 @@ mod tests {
             source: "/a".into(),
             target: "/b".into(),
             size: 10,
-            config: SlaveConfig::default(),
+            config: SessionConfig::default(),
+            monitor_only: false,
             mirror: false,
             redirected: true,
             finished: false,

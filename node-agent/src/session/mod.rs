@@ -7,8 +7,9 @@ mod slave;
 mod verify;
 
 pub use crate::agent::SessionStatus;
-pub use checkpoint::{SlaveConfig, SlaveRecord, StateDir};
+pub use checkpoint::{SlaveRecord, StateDir};
 pub use slave::SlaveSession;
 pub use volmig_api::phase;
 pub use volmig_api::phase::{CopyMode, Event, Phase, Policy, Progress, transition};
-pub use volmig_master::{PhaseTime, SessionConfig, SessionRecord, Verify};
+pub use volmig_api::{SessionConfig, Verify};
+pub use volmig_master::{PhaseTime, SessionRecord};

@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use volmig_api::agent::{
-    DirtyBatch, DirtyWords, PassResult, QuiesceResult, SessionState, TerminateResult,
+use volmig_api::slave::{
+    DirtyBatch, DirtyRun, PassResult, QuiesceResult, SessionState, TerminateResult,
 };
+use volmig_api::{CopyMode, SessionConfig};
 
-use super::checkpoint::{SlaveConfig, SlaveRecord, StateDir};
+use super::checkpoint::{SlaveRecord, StateDir};
 use super::verify::verify_blocking;
 use crate::copy::{Copier, CopyConfig, Throttle};
 use crate::error::{AgentError, Result};
@@ -66,15 +67,15 @@ struct Shipped {
 }
 
 /// Runs of non-zero words of a bitmap, as they go on the wire.
-fn word_runs(words: &[u64]) -> Vec<DirtyWords> {
-    let mut runs: Vec<DirtyWords> = Vec::new();
+fn word_runs(words: &[u64]) -> Vec<DirtyRun> {
+    let mut runs: Vec<DirtyRun> = Vec::new();
     for (i, &w) in words.iter().enumerate() {
         if w == 0 {
             continue;
         }
         match runs.last_mut() {
             Some(r) if r.first_word + r.words.len() as u64 == i as u64 => r.words.push(w),
-            _ => runs.push(DirtyWords {
+            _ => runs.push(DirtyRun {
                 first_word: i as u64,
                 words: vec![w],
             }),
@@ -124,7 +125,8 @@ impl SlaveSession {
         session_id: &str,
         epoch: u64,
         target_path: &std::path::Path,
-        config: SlaveConfig,
+        config: SessionConfig,
+        monitor_only: bool,
     ) -> Result<Arc<Self>> {
         if let Some(l) = interposer.link() {
             return Err(AgentError::SessionExists {
@@ -132,12 +134,7 @@ impl SlaveSession {
                 session: l.target.name(),
             });
         }
-        if !config.grain.is_power_of_two() || config.grain < 4096 {
-            return Err(AgentError::Invalid(format!(
-                "granularity {} must be a power of two of at least 4096",
-                config.grain
-            )));
-        }
+        config.validate().map_err(AgentError::Invalid)?;
         let source = interposer.active();
         let target = open_target(&source, target_path)?;
         let record = SlaveRecord {
@@ -147,8 +144,9 @@ impl SlaveSession {
             source: source.path().to_path_buf(),
             target: target.path().to_path_buf(),
             size: source.size(),
-            mirror: config.mirror_from_start && !config.monitor_only,
+            mirror: config.mode == CopyMode::Mirror && !monitor_only,
             config,
+            monitor_only,
             redirected: false,
             finished: false,
             verified: None,
@@ -161,7 +159,7 @@ impl SlaveSession {
             record.config.grain,
             false,
         )?;
-        if record.config.monitor_only {
+        if record.monitor_only {
             // Nothing to copy here: only what this agent's workload writes
             // from the attach on, handed to the copying agent.
             dirty.clear(0, record.size);
@@ -214,7 +212,7 @@ impl SlaveSession {
         } else {
             WriteMode::Track
         };
-        if record.config.monitor_only && !record.redirected {
+        if record.monitor_only && !record.redirected {
             // Grains handed over but not acknowledged were only in memory:
             // hand everything over again (the copying agent re-copies the
             // volume; nothing is lost).
@@ -332,12 +330,12 @@ impl SlaveSession {
     pub async fn state(&self) -> SessionState {
         let r = self.record();
         SessionState {
-            session_id: r.session_id,
+            session: r.session_id,
             volume: r.volume,
             epoch: r.epoch,
             size: r.size,
-            source: r.source.display().to_string(),
-            target: r.target.display().to_string(),
+            source: r.source,
+            target: r.target,
             attached: !r.finished,
             mirror: r.mirror,
             quiesced: self.interposer.gate().is_held().await,
@@ -351,7 +349,7 @@ impl SlaveSession {
             finished: r.finished,
             copy_rate: f64::from_bits(self.copy_rate.load(Ordering::Relaxed)),
             write_rate: f64::from_bits(self.write_rate.load(Ordering::Relaxed)),
-            resumes: r.resumes as u64,
+            resumes: r.resumes,
         }
     }
 
@@ -367,7 +365,7 @@ impl SlaveSession {
     /// Refuses `op` unless this session has the role it needs: the copying
     /// agent's (`monitor_only` false) or a multi-attach secondary's.
     fn require_role(&self, op: &str, monitor_only: bool) -> Result<()> {
-        match (lock(&self.record).config.monitor_only, monitor_only) {
+        match (lock(&self.record).monitor_only, monitor_only) {
             (true, false) => Err(AgentError::Invalid(format!(
                 "{op}: this agent only monitors the volume (multi-attach secondary); the copying agent copies"
             ))),
@@ -409,7 +407,7 @@ impl SlaveSession {
     }
 
     /// The copying agent: marks grains another agent's workload dirtied.
-    pub fn merge_dirty(&self, grain: u64, size: u64, runs: &[DirtyWords]) -> Result<()> {
+    pub fn merge_dirty(&self, grain: u64, size: u64, runs: &[DirtyRun]) -> Result<()> {
         self.require_active("merge_dirty")?;
         self.require_role("merge_dirty", false)?;
         let r = lock(&self.record);
@@ -469,7 +467,7 @@ impl SlaveSession {
             complete,
             bytes: c.bytes,
             data_bytes: c.data_bytes,
-            elapsed_us: c.elapsed.as_micros() as u64,
+            elapsed: c.elapsed,
             dirty_bytes: self.link.dirty.dirty_bytes(),
             stopped: r.stopped,
         })
@@ -518,7 +516,7 @@ impl SlaveSession {
         if self.interposer.gate().hold(budget).await.is_err() {
             return Ok(QuiesceResult {
                 quiesced: false,
-                spent_us: t0.elapsed().as_micros() as u64,
+                spent: t0.elapsed(),
                 dirty_bytes: self.link.dirty.dirty_bytes(),
             });
         }
@@ -526,7 +524,7 @@ impl SlaveSession {
         self.arm_lease();
         Ok(QuiesceResult {
             quiesced: true,
-            spent_us: t0.elapsed().as_micros() as u64,
+            spent: t0.elapsed(),
             dirty_bytes: self.link.dirty.dirty_bytes(),
         })
     }
@@ -647,7 +645,7 @@ impl SlaveSession {
     /// wait the failback window, stop mirroring back, detach. Idempotent.
     pub async fn terminate(
         &self,
-        verify: volmig_master::Verify,
+        verify: volmig_api::Verify,
         failback: Duration,
     ) -> Result<TerminateResult> {
         {
@@ -675,7 +673,7 @@ impl SlaveSession {
             self.copier.run_pass(&never).await?;
         }
         let verified = lock(&self.record).verified;
-        if verify != volmig_master::Verify::None && verified.is_none() {
+        if verify != volmig_api::Verify::None && verified.is_none() {
             let link = self.link.clone();
             let diff = run_blocking(move || verify_blocking(&link, verify)).await?;
             {

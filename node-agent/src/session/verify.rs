@@ -13,7 +13,7 @@ use rand::Rng;
 
 use crate::error::Result;
 use crate::interposer::Link;
-use volmig_master::Verify;
+use volmig_api::Verify;
 
 const VERIFY_CHUNK: u64 = 4 << 20;
 const SAMPLE_MIN: u64 = 64;

@@ -354,7 +354,7 @@ fn slave_of<C: Connector>(ctx: &Context<C>, r: &Resolved) -> Result<MultiAttach<
             Ok((
                 a.agent.clone(),
                 ctx.connector.slave(&a.agent)?,
-                Some(a.target_path.clone()),
+                Some(a.target_path.clone().into()),
             ))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -3,12 +3,12 @@
 //! restarted; the master died after the agent finished a step). This pure
 //! function says where the session really is.
 
-use volmig_api::agent::SessionState;
 use volmig_api::phase::Phase;
+use volmig_api::slave::SessionState;
 
 /// Where to continue from `phase`, given the agent's view (`None`: the agent
 /// has no such session).
-pub fn reconcile(phase: Phase, state: Option<&SessionState>) -> (Phase, &'static str) {
+pub fn recover(phase: Phase, state: Option<&SessionState>) -> (Phase, &'static str) {
     use Phase::*;
     if phase.is_terminal() {
         return (phase, "terminal");
@@ -64,36 +64,36 @@ mod tests {
     fn cases() {
         use Phase::*;
         assert_eq!(
-            reconcile(Synchronizing, Some(&st(false, false, false))).0,
+            recover(Synchronizing, Some(&st(false, false, false))).0,
             Refreshing
         );
         assert_eq!(
-            reconcile(Synchronizing, Some(&st(true, false, false))).0,
+            recover(Synchronizing, Some(&st(true, false, false))).0,
             Synchronizing
         );
         assert_eq!(
-            reconcile(Redirecting, Some(&st(true, true, false))).0,
+            recover(Redirecting, Some(&st(true, true, false))).0,
             Resuming
         );
         assert_eq!(
-            reconcile(Quiescing, Some(&st(false, true, false))).0,
+            recover(Quiescing, Some(&st(false, true, false))).0,
             Resuming
         );
         assert_eq!(
-            reconcile(Terminating, Some(&st(false, true, true))).0,
+            recover(Terminating, Some(&st(false, true, true))).0,
             Terminating
         );
         assert_eq!(
-            reconcile(Resuming, Some(&st(false, true, true))).0,
+            recover(Resuming, Some(&st(false, true, true))).0,
             Terminating
         );
-        assert_eq!(reconcile(Copying, Some(&st(false, false, true))).0, Aborted);
-        assert_eq!(reconcile(Refreshing, None).0, Failed);
-        assert_eq!(reconcile(Activating, None).0, Activating);
+        assert_eq!(recover(Copying, Some(&st(false, false, true))).0, Aborted);
+        assert_eq!(recover(Refreshing, None).0, Failed);
+        assert_eq!(recover(Activating, None).0, Activating);
         assert_eq!(
-            reconcile(Activating, Some(&st(false, false, false))).0,
+            recover(Activating, Some(&st(false, false, false))).0,
             Copying
         );
-        assert_eq!(reconcile(Completed, None).0, Completed);
+        assert_eq!(recover(Completed, None).0, Completed);
     }
 }
