@@ -1,8 +1,10 @@
 //! Types shared by the master (operator, `volmig migrate`) and the node
-//! agents (slaves): the phase machine and the agent gRPC API.
+//! agents (slaves): the phase machine and the agent gRPC API; and, between
+//! a volume's interposer and its frontends, the I/O contract ([`io`]).
 
 #[cfg(feature = "crd")]
 pub mod crd;
+pub mod io;
 pub mod phase;
 pub mod slave;
 pub mod units;

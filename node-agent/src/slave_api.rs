@@ -264,8 +264,8 @@ impl Slave for Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nbd::ExportBackend;
     use volmig_api::agent::SessionConfig as WireConfig;
+    use volmig_api::io::VolumeIo;
 
     fn fence(epoch: u64) -> Option<Fence> {
         Some(Fence {

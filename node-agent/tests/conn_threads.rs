@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
-//! Connections on their own threads (`nbd::conn_thread`): the bound on
+//! Connections on their own threads (`volmig_api::io::threads`): the bound on
 //! threads falls back to the shared runtime, and writes done inline on
 //! connection threads keep the write-ordering argument of the interposer
 //! (many concurrent fio writers, each verifying its own region, through a
@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Agent, MIB, Out, pattern_file, require_bin, run, run_cmd, sparse_file};
-use volmig_agent::nbd::{Export, ExportBackend, Extent, NbdClient, NbdServer, conn_thread};
+use volmig_agent::nbd::{Export, NbdClient, NbdServer};
+use volmig_api::io::threads::may_block;
+use volmig_api::io::{Extent, VolumeIo};
 
 /// Remembers, per write offset, whether the write ran where it may block.
 struct Probe {
@@ -23,7 +25,7 @@ struct Probe {
     seen: Mutex<Vec<(u64, bool)>>,
 }
 
-impl ExportBackend for Probe {
+impl VolumeIo for Probe {
     fn size(&self) -> u64 {
         self.size
     }
@@ -37,10 +39,7 @@ impl ExportBackend for Probe {
     }
 
     async fn write(&self, offset: u64, buf: Vec<u8>, _fua: bool) -> io::Result<Vec<u8>> {
-        self.seen
-            .lock()
-            .unwrap()
-            .push((offset, conn_thread::may_block()));
+        self.seen.lock().unwrap().push((offset, may_block()));
         let o = offset as usize;
         self.data.lock().unwrap()[o..o + buf.len()].copy_from_slice(&buf);
         Ok(buf)
