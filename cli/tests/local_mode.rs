@@ -8,9 +8,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
-use volmig_agent::nbd::NbdClient;
 use volmig_api::agent::{Fence, Step};
 use volmig_api::{Slave, SlaveError};
+use volmig_frontends::nbd::NbdClient;
 use volmig_master::GrpcSlave;
 
 const SIZE: u64 = 128 << 20;
