@@ -9,8 +9,8 @@ use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use volmig_agent::nbd::{Export, NbdServer};
 use volmig_api::io::{Extent, VolumeIo};
+use volmig_frontends::nbd::{Export, NbdServer};
 
 const SIZE: u64 = 1 << 20;
 
