@@ -1,12 +1,14 @@
 //! Types shared by the master (operator, `volmig migrate`) and the node
 //! agents (slaves): the phase machine, a session's settings, the slave
-//! contract in domain types with its one protobuf boundary, and the fault
-//! hooks the crash tests use.
+//! contract in domain types with its one protobuf boundary, the fault
+//! hooks the crash tests use; and, between a volume's interposer and its
+//! frontends, the I/O contract ([`io`]).
 
 pub mod config;
 #[cfg(feature = "crd")]
 pub mod crd;
 pub mod fault;
+pub mod io;
 pub mod limits;
 pub mod phase;
 pub mod slave;

@@ -13,9 +13,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use volmig_agent::agent::Agent;
 use volmig_agent::interposer::Interposer;
-use volmig_agent::nbd::{Export, NbdClient, NbdServer};
 use volmig_agent::session::{Phase, SessionConfig, SessionStatus};
 use volmig_agent::units::human_bytes;
+use volmig_frontends::nbd::{Export, NbdClient, NbdServer};
 
 use crate::pattern::{BLOCK, fill};
 

@@ -8,9 +8,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
-use volmig_agent::nbd::NbdClient;
 use volmig_api::Slave;
 use volmig_api::{ErrorKind, Fence};
+use volmig_frontends::nbd::NbdClient;
 use volmig_master::GrpcSlave;
 
 const SIZE: u64 = 128 << 20;

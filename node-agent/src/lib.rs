@@ -1,9 +1,10 @@
 //! volmig node agent: the data plane of a live volume migration.
 //!
-//! Workload I/O reaches a volume's [`interposer`] through a frontend
-//! ([`nbd`]); the [`monitor`] records writes in a dirty map; the [`copy`]
-//! module moves data from source to target; a [`session`] drives the eight
-//! phases; the [`agent`] holds the volumes and sessions of one node.
+//! Workload I/O reaches a volume's [`interposer`] through a frontend (the
+//! `volmig-frontends` crate, over `volmig_api::io::VolumeIo`); the
+//! [`monitor`] records writes in a dirty map; the [`copy`] module moves data
+//! from source to target; a [`session`] drives the eight phases; the
+//! [`agent`] holds the volumes and sessions of one node.
 
 pub mod agent;
 pub mod control;
@@ -12,7 +13,6 @@ pub mod error;
 pub mod grpc;
 pub mod interposer;
 pub mod monitor;
-pub mod nbd;
 pub mod session;
 pub mod session_args;
 pub mod slave_api;

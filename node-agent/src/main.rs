@@ -8,9 +8,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use volmig_agent::agent::Agent;
 use volmig_agent::control::{self, ControlClient, Reply, Request};
-use volmig_agent::nbd::{Export, NbdServer};
 use volmig_agent::session_args::SessionArgs;
 use volmig_agent::units::{human_bytes, parse_size};
+use volmig_frontends::nbd::{Export, NbdServer};
 
 #[derive(Parser)]
 #[command(

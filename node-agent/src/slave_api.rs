@@ -284,9 +284,9 @@ impl Slave for Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nbd::ExportBackend;
     use std::time::Duration;
     use volmig_api::SessionConfig;
+    use volmig_api::io::VolumeIo;
 
     fn fence(epoch: u64) -> Fence {
         Fence {

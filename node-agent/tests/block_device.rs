@@ -8,9 +8,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use volmig_agent::agent::Agent;
-use volmig_agent::nbd::ExportBackend;
 use volmig_agent::session::{Phase, SessionConfig};
 use volmig_agent::volume::{BackingDevice, DeviceKind, OpenMode};
+use volmig_api::io::VolumeIo;
 
 struct Loop(PathBuf);
 

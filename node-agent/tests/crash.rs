@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use volmig_agent::nbd::NbdClient;
+use volmig_frontends::nbd::NbdClient;
 
 const BLOCK: u64 = 4096;
 const SIZE: u64 = 128 << 20;

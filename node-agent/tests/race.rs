@@ -10,8 +10,8 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use volmig_agent::agent::Agent;
 use volmig_agent::interposer::Interposer;
-use volmig_agent::nbd::ExportBackend;
 use volmig_agent::session::{CopyMode, Phase, SessionConfig, Verify};
+use volmig_api::io::VolumeIo;
 
 const BLOCK: u64 = 64 << 10;
 

@@ -529,7 +529,7 @@ async fn interposer_writer(
     parity: u64,
     stop: Arc<AtomicBool>,
 ) -> u64 {
-    use volmig_agent::nbd::ExportBackend;
+    use volmig_api::io::VolumeIo;
     let vol = agent.interposer("pv-data").unwrap();
     let mut buf = vec![0u8; BLOCK as usize];
     let (mut x, mut n) = (0x9e37_79b9u64 + parity, 0);

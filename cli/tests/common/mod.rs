@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use volmig_agent::nbd::NbdClient;
+use volmig_frontends::nbd::NbdClient;
 use volmig_master::ClientTls;
 
 pub const BLOCK: u64 = 4096;

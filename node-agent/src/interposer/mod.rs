@@ -36,13 +36,14 @@
 //! gate held, so no request is in flight while the route changes.
 //!
 //! *Where a write runs* does not enter the argument: a write is done inline
-//! with `RWF_NOWAIT` where the filesystem allows it, else inline on an NBD
-//! connection thread (`nbd::conn_thread`: a thread serving only that
-//! connection), else on the shared blocking pool, and each place runs the
-//! same steps above under the same locks. The one difference: inline, a
-//! mirrored write only *tries* its range locks and, if a copier holds them,
-//! does nothing and goes to the pool to wait there, so a connection thread
-//! never waits for a copier's chunk.
+//! with `RWF_NOWAIT` where the filesystem allows it, else inline on a
+//! frontend's dedicated I/O thread (`volmig_api::io::threads`: a thread
+//! serving only that frontend's requests, one connection say), else on the
+//! shared blocking pool, and each place runs the same steps above under the
+//! same locks. The one difference: inline, a mirrored write only *tries* its
+//! range locks and, if a copier holds them, does nothing and goes to the
+//! pool to wait there, so a dedicated I/O thread never waits for a copier's
+//! chunk.
 
 mod gate;
 mod range_lock;
@@ -55,9 +56,10 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use volmig_api::io::{Extent, VolumeIo, threads};
+
 use crate::error::{AgentError, Result};
 use crate::monitor::DirtyMap;
-use crate::nbd::{ExportBackend, Extent, conn_thread};
 use crate::volume::BackingDevice;
 
 /// How writes are handled while a migration is attached.
@@ -137,8 +139,8 @@ struct Route {
 }
 
 /// Whether a mirrored write waits for its range locks (on the pool) or
-/// gives up when they are held (on a connection thread, which must not wait
-/// for a copier's chunk).
+/// gives up when they are held (on a dedicated I/O thread, which must not
+/// wait for a copier's chunk).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum LockWait {
     Block,
@@ -190,11 +192,11 @@ fn to_io(e: AgentError) -> io::Error {
 }
 
 /// Runs device I/O on the shared blocking pool (from any thread, see
-/// `nbd::conn_thread`).
+/// `volmig_api::io::threads`).
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> io::Result<T> {
-    match conn_thread::spawn_blocking(f).await {
+    match threads::spawn_blocking(f).await {
         Ok(r) => r.map_err(to_io),
         Err(e) => Err(io::Error::other(format!("I/O task failed: {e}"))),
     }
@@ -447,8 +449,8 @@ fn mirrored_write(
     Ok(())
 }
 
-/// The NBD frontend's view of an interposer.
-impl ExportBackend for Interposer {
+/// A frontend's view of an interposer.
+impl VolumeIo for Interposer {
     fn size(&self) -> u64 {
         self.size
     }
@@ -473,10 +475,10 @@ impl ExportBackend for Interposer {
         let len = buf.len() as u64;
         if !fua {
             // First a write that cannot block (any thread); then, on a
-            // connection thread, the write itself unless it would wait for
+            // dedicated I/O thread, the write itself unless it would wait for
             // a range lock. Either way the same protocol as on the pool.
             let inline = Interposer::try_write_inline(&route, offset, &buf).or_else(|| {
-                conn_thread::may_block()
+                threads::may_block()
                     .then(|| {
                         let m = Mutation::Data(&buf);
                         Interposer::write_routed(&route, &counters, offset, len, m, LockWait::Try)

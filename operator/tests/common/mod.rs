@@ -203,7 +203,7 @@ pub async fn writer(
     gens: Arc<Vec<AtomicU32>>,
     stop: Arc<AtomicBool>,
 ) -> u64 {
-    let mut c = volmig_agent::nbd::NbdClient::connect_unix(&sock, &volume)
+    let mut c = volmig_frontends::nbd::NbdClient::connect_unix(&sock, &volume)
         .await
         .unwrap();
     let mut buf = vec![0u8; BLOCK as usize];

@@ -1,46 +1,44 @@
-//! Dedicated connection threads: each NBD connection (up to a bounded
-//! number) runs on its own OS thread with its own single-threaded tokio
-//! runtime, like one of nbdkit's request threads. A request on that thread
-//! may do short blocking device I/O right where it was parsed (a 4 KiB
-//! `pwrite` into the page cache), with no hand-off to a pool thread and back:
-//! blocking there holds up only this connection, never the agent's shared
-//! runtime (gRPC, control socket, copier, other connections).
+//! Dedicated I/O threads: a frontend may serve a stream of requests (an NBD
+//! connection, a kernel queue) on its own OS thread with its own
+//! single-threaded tokio runtime, like one of nbdkit's request threads. A
+//! request on that thread may do short blocking device I/O right where it
+//! was parsed (a 4 KiB `pwrite` into the page cache), with no hand-off to a
+//! pool thread and back: blocking there holds up only this thread's
+//! requests, never the process's shared runtime (gRPC, control socket,
+//! copier, other frontends' requests).
 //!
 //! I/O that may take long (a read that misses the page cache, `fdatasync`,
 //! a write waiting for a copier's range lock) still goes to the shared
-//! blocking pool through [`spawn_blocking`], which every thread, connection
-//! thread or not, reaches: so the pool's bound (`--io-threads`) holds for
-//! the whole process.
+//! blocking pool through [`spawn_blocking`], which every thread, dedicated
+//! or not, reaches: so the pool's bound (`--io-threads`) holds for the
+//! whole process.
 //!
-//! Connections beyond the bound are served on the shared runtime as before,
-//! where [`may_block`] is false and every blocking call goes to the pool.
+//! A frontend bounds its dedicated threads with [`Slots`]; requests beyond
+//! the bound are served on the shared runtime, where [`may_block`] is false
+//! and every blocking call goes to the pool.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
-/// Connections served on their own thread at once, per server, unless
-/// [`NbdServer::set_connection_threads`](super::NbdServer::set_connection_threads)
-/// says otherwise.
-pub const MAX_CONNECTION_THREADS: usize = 128;
-
 thread_local! {
-    /// On a connection thread: the shared runtime, whose blocking pool
+    /// On a dedicated I/O thread: the shared runtime, whose blocking pool
     /// takes the long I/O.
     static SHARED: RefCell<Option<Handle>> = const { RefCell::new(None) };
 }
 
-/// True on a dedicated connection thread: the caller may block it briefly.
+/// True on a dedicated I/O thread: the caller may block it briefly.
 pub fn may_block() -> bool {
     SHARED.with(|s| s.borrow().is_some())
 }
 
 /// Runs `f` on the shared blocking pool (bounded by `--io-threads`), from
-/// any thread: a connection thread's own runtime has no pool of its own to
-/// use.
+/// any thread: a dedicated I/O thread's own runtime has no pool of its own
+/// to use.
 pub fn spawn_blocking<F, R>(f: F) -> JoinHandle<R>
 where
     F: FnOnce() -> R + Send + 'static,
@@ -53,28 +51,29 @@ where
     }
 }
 
-/// Counts the connection threads of one server; a slot is taken for a
-/// thread's whole life.
+/// Counts the dedicated I/O threads of one frontend (one server, say); a
+/// slot is taken for a thread's whole life.
 #[derive(Debug)]
-pub(crate) struct Slots {
+pub struct Slots {
     used: AtomicUsize,
     max: AtomicUsize,
 }
 
-impl Default for Slots {
-    fn default() -> Self {
-        Slots {
-            used: AtomicUsize::new(0),
-            max: AtomicUsize::new(MAX_CONNECTION_THREADS),
-        }
-    }
-}
-
-pub(crate) struct Slot(Arc<Slots>);
+/// One dedicated I/O thread's place in its [`Slots`], given back on drop.
+#[derive(Debug)]
+pub struct Slot(Arc<Slots>);
 
 impl Slots {
+    /// Room for at most `max` dedicated threads at once.
+    pub fn new(max: usize) -> Self {
+        Slots {
+            used: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+        }
+    }
+
     /// A slot, unless the most threads allowed are running.
-    pub(crate) fn take(self: &Arc<Self>) -> Option<Slot> {
+    pub fn take(self: &Arc<Self>) -> Option<Slot> {
         let max = self.max.load(Ordering::Relaxed);
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
@@ -91,9 +90,9 @@ impl Slots {
         }
     }
 
-    /// At most `max` connection threads from now on (0: none; running
+    /// At most `max` dedicated threads from now on (0: none; running
     /// ones are not stopped).
-    pub(crate) fn set_max(&self, max: usize) {
+    pub fn set_max(&self, max: usize) {
         self.max.store(max, Ordering::Relaxed);
     }
 
@@ -109,13 +108,14 @@ impl Drop for Slot {
     }
 }
 
-/// Starts a connection thread that runs `work` (given the connection's
+/// Starts a dedicated I/O thread named `name` that runs `work` (given its
 /// input, moved in) to completion on a fresh single-threaded runtime.
 /// `shared` is the runtime whose blocking pool takes the long I/O. Returns
 /// the input back if no thread or runtime could be made (the caller then
-/// serves the connection on the shared runtime), else a receiver that
-/// resolves when the thread is done.
-pub(crate) fn spawn<T, F, Fut>(
+/// serves it on the shared runtime), else a receiver that resolves when the
+/// thread is done.
+pub fn spawn_dedicated<T, F, Fut>(
+    name: impl Into<String>,
     slot: Slot,
     shared: Handle,
     input: T,
@@ -139,7 +139,7 @@ where
     let theirs = cell.clone();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new()
-        .name("nbd-conn".into())
+        .name(name.into())
         .spawn(move || {
             let input = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(input) = input {
@@ -170,32 +170,33 @@ where
 mod tests {
     use super::*;
 
+    const MAX: usize = 128;
+
     #[test]
     fn slots_are_bounded_and_returned() {
-        let slots = Arc::new(Slots::default());
-        let held: Vec<Slot> = (0..MAX_CONNECTION_THREADS)
-            .map(|_| slots.take().unwrap())
-            .collect();
+        let slots = Arc::new(Slots::new(MAX));
+        let held: Vec<Slot> = (0..MAX).map(|_| slots.take().unwrap()).collect();
         assert!(slots.take().is_none(), "one slot too many");
-        assert_eq!(slots.in_use(), MAX_CONNECTION_THREADS);
+        assert_eq!(slots.in_use(), MAX);
         drop(held);
         assert_eq!(slots.in_use(), 0);
         assert!(slots.take().is_some());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn connection_threads_may_block_and_reach_the_shared_pool() {
+    async fn dedicated_threads_may_block_and_reach_the_shared_pool() {
         assert!(!may_block(), "the shared runtime must not block");
-        let slots = Arc::new(Slots::default());
+        let slots = Arc::new(Slots::new(MAX));
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let done = spawn(
+        let done = spawn_dedicated(
+            "io-test",
             slots.take().unwrap(),
             Handle::current(),
             tx,
             |tx| async move {
                 let inline = may_block();
                 // The pool is the shared runtime's: its threads are no
-                // connection threads.
+                // dedicated I/O threads.
                 let pooled = spawn_blocking(may_block).await.unwrap();
                 let _ = tx.send((inline, pooled));
             },
@@ -204,7 +205,7 @@ mod tests {
         .unwrap();
         let (inline, pooled) = rx.await.unwrap();
         done.await.unwrap();
-        assert!(inline, "a connection thread may block");
+        assert!(inline, "a dedicated I/O thread may block");
         assert!(!pooled, "pool threads are shared ones");
         assert_eq!(slots.in_use(), 0, "the slot is returned at the end");
     }

@@ -18,10 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-use volmig_agent::nbd::proto::{self, OptionHeader, OptionReplyHeader, Request};
-use volmig_agent::nbd::{
-    ClientOptions, Export, ExportBackend, Extent, NbdClient, NbdError, NbdServer, ServerHandle,
-};
+use volmig_api::io::{Extent, VolumeIo};
+use volmig_frontends::nbd::proto::{self, OptionHeader, OptionReplyHeader, Request};
+use volmig_frontends::nbd::{ClientOptions, Export, NbdClient, NbdError, NbdServer, ServerHandle};
 
 const MIB: usize = 1024 * 1024;
 const DISK_SIZE: u64 = 64 * MIB as u64;
@@ -109,7 +108,7 @@ impl MemBackend {
     }
 }
 
-impl ExportBackend for MemBackend {
+impl VolumeIo for MemBackend {
     fn size(&self) -> u64 {
         self.size
     }

@@ -1,26 +1,33 @@
-//! What an NBD export serves: the contract between the NBD frontend and the
-//! interposer. The frontend knows nothing of migrations; the interposer knows
-//! nothing of NBD.
+//! The frontend-neutral I/O contract: what a volume offers to whatever
+//! serves it to a workload (the NBD server today, kernel block devices
+//! later). The interposer implements [`VolumeIo`]; a frontend is generic
+//! over it. The frontend knows nothing of migrations; the interposer knows
+//! nothing of the frontend's protocol.
+//!
+//! [`threads`] is the I/O-thread policy both sides share: where a request
+//! may block, and the bounded pool that takes the I/O that may not.
+
+pub mod threads;
 
 use std::future::Future;
 use std::io;
 
-/// One run of the volume's allocation map, as `base:allocation` reports it.
+/// One run of the volume's allocation map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
     pub length: u64,
-    /// No storage is allocated (NBD_STATE_HOLE).
+    /// No storage is allocated.
     pub hole: bool,
-    /// Reads return zeroes (NBD_STATE_ZERO).
+    /// Reads return zeroes.
     pub zero: bool,
 }
 
-/// A volume as the frontend sees it. All offsets and lengths are already
+/// A volume as a frontend sees it. All offsets and lengths are already
 /// checked by the frontend against `size()` before a call is made.
 ///
 /// Buffers are passed by value and handed back so the frontend can pool them
 /// (no per-request allocation of large buffers on the hot path).
-pub trait ExportBackend: Send + Sync + 'static {
+pub trait VolumeIo: Send + Sync + 'static {
     /// Size of the volume in bytes.
     fn size(&self) -> u64;
     /// Fill all of `buf` from `offset`; returns the buffer.

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
+use volmig_api::io::VolumeIo;
 
-use super::backend::ExportBackend;
 use super::error::NbdError;
 use super::proto::{self, InfoReply, OptionReplyHeader};
 use super::server::{Export, ExportTable};
@@ -110,7 +110,7 @@ pub(crate) async fn negotiate<R, W, B>(
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
-    B: ExportBackend,
+    B: VolumeIo,
 {
     w.write_all(&proto::encode_greeting(
         proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
@@ -258,7 +258,7 @@ where
     }
 }
 
-fn lookup_for_export_name<B: ExportBackend>(
+fn lookup_for_export_name<B: VolumeIo>(
     exports: &ExportTable<B>,
     name: &[u8],
 ) -> Result<Arc<Export<B>>, NbdError> {
@@ -290,7 +290,7 @@ async fn handle_info<W, B>(
 ) -> Result<Option<Arc<Export<B>>>, NbdError>
 where
     W: AsyncWrite + Unpin,
-    B: ExportBackend,
+    B: VolumeIo,
 {
     let req = match proto::parse_info_request(payload) {
         Ok(r) => r,
@@ -368,7 +368,7 @@ async fn handle_meta_context<W, B>(
 ) -> Result<(), NbdError>
 where
     W: AsyncWrite + Unpin,
-    B: ExportBackend,
+    B: VolumeIo,
 {
     let setting = option == proto::OPT_SET_META_CONTEXT;
     if setting {

@@ -2,7 +2,7 @@
 //! Every pure NBD parser on arbitrary bytes: errors are fine, panics are not.
 
 use libfuzzer_sys::fuzz_target;
-use volmig_agent::nbd::proto::*;
+use volmig_frontends::nbd::proto::*;
 
 fuzz_target!(|data: &[u8]| {
     let _ = parse_request(data);

@@ -9,7 +9,8 @@ use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use volmig_agent::nbd::{Export, ExportBackend, Extent, NbdServer};
+use volmig_api::io::{Extent, VolumeIo};
+use volmig_frontends::nbd::{Export, NbdServer};
 
 const SIZE: u64 = 1 << 20;
 
@@ -22,7 +23,7 @@ fn check(offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-impl ExportBackend for Mem {
+impl VolumeIo for Mem {
     fn size(&self) -> u64 {
         SIZE
     }

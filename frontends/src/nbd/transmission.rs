@@ -19,8 +19,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
+use volmig_api::io::threads;
+use volmig_api::io::{Extent, VolumeIo};
 
-use super::backend::{ExportBackend, Extent};
 use super::bufpool::BufPool;
 use super::error::NbdError;
 use super::proto::{self, BlockDescriptor, ChunkHeader, Request, SimpleReply};
@@ -188,7 +189,7 @@ impl<B> Conn<B> {
     }
 }
 
-impl<B: ExportBackend> Conn<B> {
+impl<B: VolumeIo> Conn<B> {
     fn backend_error(&self, req: &Request, e: &io::Error) -> u32 {
         let errno = proto::errno_from_io(e);
         warn!(
@@ -316,7 +317,7 @@ pub(crate) async fn run<R, W, B>(
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
-    B: ExportBackend,
+    B: VolumeIo,
 {
     let conn = Arc::new(conn);
     let (tx, rx) = mpsc::channel(REPLY_QUEUE);
@@ -386,7 +387,7 @@ async fn reader_loop<R, B>(
 ) -> End
 where
     R: AsyncRead + Unpin,
-    B: ExportBackend,
+    B: VolumeIo,
 {
     let mut hdr = [0u8; proto::REQUEST_SIZE];
     // On a connection thread the reader, the request tasks and the reply
@@ -401,7 +402,7 @@ where
     // requests, `depth` being the client's queue depth as seen here
     // (requests waiting in the buffer plus those in flight; a decaying
     // maximum): a batch is cut in about three.
-    let on_thread = super::conn_thread::may_block();
+    let on_thread = threads::may_block();
     let (mut since_yield, mut depth) = (0usize, 1usize);
     loop {
         tokio::select! {
@@ -458,7 +459,7 @@ async fn handle_request<R, B>(
 ) -> Flow
 where
     R: AsyncRead + Unpin,
-    B: ExportBackend,
+    B: VolumeIo,
 {
     let size = conn.export.backend.size();
     let in_range = req
@@ -749,7 +750,7 @@ async fn spawn_simple<B, F, Fut>(
     op: F,
 ) -> Flow
 where
-    B: ExportBackend,
+    B: VolumeIo,
     F: FnOnce(Arc<Conn<B>>) -> Fut + Send + 'static,
     Fut: Future<Output = io::Result<()>> + Send,
 {

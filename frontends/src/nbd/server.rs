@@ -1,6 +1,6 @@
 //! The NBD server: a set of named exports and accept loops (unix socket and
-//! TCP), one thread per connection (up to a bound, see [`conn_thread`];
-//! beyond it one task on the shared runtime), any number of connections per export
+//! TCP), one thread per connection (up to a bound, see
+//! [`volmig_api::io::threads`]; beyond it one task on the shared runtime), any number of connections per export
 //! (NBD_FLAG_CAN_MULTI_CONN is advertised: the backend is shared, so flushes
 //! are visible across connections).
 
@@ -18,10 +18,10 @@ use tokio::net::{TcpListener, TcpStream, ToSocketAddrs, UnixListener, UnixStream
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
+use volmig_api::io::VolumeIo;
+use volmig_api::io::threads::{self, Slots};
 
-use super::backend::ExportBackend;
 use super::bufpool::BufPool;
-use super::conn_thread;
 use super::error::NbdError;
 use super::handshake::{self, Outcome};
 use super::proto;
@@ -31,6 +31,12 @@ use super::transmission::{self, Conn};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_BUFFER: usize = 64 * 1024;
 const WRITE_BUFFER: usize = 256 * 1024;
+
+/// Connections served on their own thread at once, per server, unless
+/// [`NbdServer::set_connection_threads`] says otherwise.
+pub const MAX_CONNECTION_THREADS: usize = 128;
+/// The name of a connection's dedicated I/O thread.
+const CONNECTION_THREAD_NAME: &str = "nbd-conn";
 
 /// One named export.
 pub struct Export<B> {
@@ -118,7 +124,7 @@ struct Inner<B> {
     pool: Arc<BufPool>,
     active: AtomicUsize,
     accepted: AtomicU64,
-    threads: Arc<conn_thread::Slots>,
+    threads: Arc<Slots>,
 }
 
 /// An NBD server for exports backed by `B`.
@@ -138,7 +144,7 @@ impl<B> Clone for NbdServer<B> {
     }
 }
 
-impl<B: ExportBackend> Default for NbdServer<B> {
+impl<B: VolumeIo> Default for NbdServer<B> {
     fn default() -> Self {
         Self::new()
     }
@@ -274,7 +280,7 @@ impl Listener {
     }
 }
 
-impl<B: ExportBackend> NbdServer<B> {
+impl<B: VolumeIo> NbdServer<B> {
     pub fn new() -> Self {
         NbdServer {
             inner: Arc::new(Inner {
@@ -284,7 +290,7 @@ impl<B: ExportBackend> NbdServer<B> {
                 pool: Arc::new(BufPool::default()),
                 active: AtomicUsize::new(0),
                 accepted: AtomicU64::new(0),
-                threads: Arc::new(conn_thread::Slots::default()),
+                threads: Arc::new(Slots::new(MAX_CONNECTION_THREADS)),
             }),
         }
     }
@@ -334,7 +340,7 @@ impl<B: ExportBackend> NbdServer<B> {
 
     /// Connections currently open (handshake or transmission).
     /// Serve at most `max` connections at once on dedicated threads (see
-    /// [`conn_thread`](super::conn_thread)); the others, and all of them
+    /// [`volmig_api::io::threads`]); the others, and all of them
     /// with 0, run on the caller's runtime.
     pub fn set_connection_threads(&self, max: usize) {
         self.inner.threads.set_max(max);
@@ -422,7 +428,7 @@ impl<B: ExportBackend> NbdServer<B> {
     }
 }
 
-async fn accept_loop<B: ExportBackend>(
+async fn accept_loop<B: VolumeIo>(
     inner: Arc<Inner<B>>,
     listener: Listener,
     shutdown: watch::Receiver<bool>,
@@ -481,7 +487,7 @@ async fn accept_loop<B: ExportBackend>(
 }
 
 /// Serves one accepted stream on the calling runtime, to completion.
-async fn serve_stream<B: ExportBackend>(
+async fn serve_stream<B: VolumeIo>(
     inner: Arc<Inner<B>>,
     stream: Stream,
     peer: String,
@@ -533,9 +539,10 @@ impl StdStream {
     }
 }
 
-/// Serves the connection on a dedicated thread (see `conn_thread`) if a
-/// slot is free; otherwise hands the stream back for the shared runtime.
-fn serve_on_thread<B: ExportBackend>(
+/// Serves the connection on a dedicated I/O thread (see
+/// [`volmig_api::io::threads`]) if a slot is free; otherwise hands the
+/// stream back for the shared runtime.
+fn serve_on_thread<B: VolumeIo>(
     inner: &Arc<Inner<B>>,
     stream: Stream,
     peer: String,
@@ -554,7 +561,8 @@ fn serve_on_thread<B: ExportBackend>(
         }
     };
     let inner2 = inner.clone();
-    let spawned = conn_thread::spawn(
+    let spawned = threads::spawn_dedicated(
+        CONNECTION_THREAD_NAME,
         slot,
         tokio::runtime::Handle::current(),
         (std_stream, peer),
@@ -604,7 +612,7 @@ async fn handle_connection<B, R, W>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), NbdError>
 where
-    B: ExportBackend,
+    B: VolumeIo,
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
