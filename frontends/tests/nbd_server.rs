@@ -1509,11 +1509,18 @@ async fn pipelined_requests_and_disc_drains_in_flight() {
 async fn exports_change_at_runtime_and_shutdown_drains() {
     timed(async {
         let f = Fixture::start().await;
-        let mut c = f.client("ro").await;
+        let mut removed = f.client("ro").await;
+        let mut c = f.client("disk").await;
+        assert_eq!(removed.read(0, 512).await.unwrap(), vec![0; 512]);
         assert!(f.server.remove_export("ro").is_some());
         assert_eq!(f.server.export_names(), ["disk"]);
-        // Existing connection keeps working, new ones are refused.
-        assert_eq!(c.read(0, 512).await.unwrap(), vec![0; 512]);
+        // The removed export's connection is closed, new ones are refused;
+        // other exports' connections keep working.
+        let e = tokio::time::timeout(Duration::from_secs(10), removed.read(0, 512))
+            .await
+            .expect("the removed export's connection must close, not hang");
+        assert!(e.is_err(), "a removed export still answered");
+        assert_eq!(c.read(0, 512).await.unwrap().len(), 512);
         let e = NbdClient::connect_unix(&f.sock, "ro").await.unwrap_err();
         assert!(
             matches!(e, NbdError::OptionRejected { reply, .. } if reply == proto::REP_ERR_UNKNOWN),

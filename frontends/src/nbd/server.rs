@@ -44,6 +44,8 @@ pub struct Export<B> {
     pub(crate) description: String,
     pub(crate) read_only: bool,
     pub(crate) backend: Arc<B>,
+    /// Set when the export is removed: its connections close.
+    removed: watch::Sender<bool>,
 }
 
 impl<B> Export<B> {
@@ -54,6 +56,7 @@ impl<B> Export<B> {
             description: String::new(),
             read_only: false,
             backend,
+            removed: watch::Sender::new(false),
         }
     }
 
@@ -83,6 +86,11 @@ impl<B> Export<B> {
 
     pub fn backend(&self) -> &Arc<B> {
         &self.backend
+    }
+
+    /// Becomes true when the export is removed from its server.
+    pub(crate) fn removed(&self) -> watch::Receiver<bool> {
+        self.removed.subscribe()
     }
 }
 
@@ -130,8 +138,8 @@ struct Inner<B> {
 /// An NBD server for exports backed by `B`.
 ///
 /// Cheap to clone; clones share exports, buffer pool and counters. Exports
-/// can be added and removed while serving; removing one does not affect
-/// connections already using it.
+/// can be added and removed while serving; removing one closes the
+/// connections using it (after answering their requests in flight).
 pub struct NbdServer<B> {
     inner: Arc<Inner<B>>,
 }
@@ -314,18 +322,23 @@ impl<B: VolumeIo> NbdServer<B> {
         Ok(())
     }
 
-    /// Unregister an export; returns its backend if it existed. Existing
-    /// connections to it keep working until they disconnect.
+    /// Unregister an export; returns its backend if it existed. New
+    /// clients no longer find it; the connections already using it answer
+    /// the requests they have in flight, then close (their clients see the
+    /// connection end, never a half-done request).
     pub fn remove_export(&self, name: &str) -> Option<Arc<B>> {
-        let mut list = self
-            .inner
-            .exports
-            .list
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        let pos = list.iter().position(|e| e.name == name)?;
-        let e = list.remove(pos);
-        info!(export = %name, "export removed");
+        let e = {
+            let mut list = self
+                .inner
+                .exports
+                .list
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let pos = list.iter().position(|e| e.name == name)?;
+            list.remove(pos)
+        };
+        e.removed.send_replace(true);
+        info!(export = %name, "export removed; closing its connections");
         Some(e.backend.clone())
     }
 

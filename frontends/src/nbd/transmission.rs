@@ -259,6 +259,8 @@ enum End {
     Eof,
     /// Server shutdown.
     Shutdown,
+    /// The export was removed from the server.
+    Removed,
     /// The writer task is gone (socket write failed).
     WriterGone,
     /// Protocol violation: close right away.
@@ -327,7 +329,16 @@ where
         bytes: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES)),
     };
 
-    let end = reader_loop(&conn, &mut reader, &tx, &limits, &mut shutdown).await;
+    let mut removed = conn.export.removed();
+    let end = reader_loop(
+        &conn,
+        &mut reader,
+        &tx,
+        &limits,
+        &mut shutdown,
+        &mut removed,
+    )
+    .await;
     // Request tasks hold clones of `tx`; the writer ends once they are done.
     drop(tx);
     let written = match writer_task.await {
@@ -348,6 +359,10 @@ where
         }
         End::Shutdown => {
             info!(export = %conn.export.name, peer = %conn.peer, "closing connection for server shutdown");
+            Ok(())
+        }
+        End::Removed => {
+            info!(export = %conn.export.name, peer = %conn.peer, "closing connection: the export was removed");
             Ok(())
         }
         End::WriterGone => Ok(()),
@@ -384,6 +399,7 @@ async fn reader_loop<R, B>(
     tx: &mpsc::Sender<OutMsg>,
     limits: &Limits,
     shutdown: &mut watch::Receiver<bool>,
+    removed: &mut watch::Receiver<bool>,
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -408,6 +424,7 @@ where
         tokio::select! {
             biased;
             _ = wait_shutdown(shutdown) => return End::Shutdown,
+            _ = wait_shutdown(removed) => return End::Removed,
             r = reader.read_exact(&mut hdr) => {
                 if let Err(e) = r {
                     return if e.kind() == io::ErrorKind::UnexpectedEof {
