@@ -1,7 +1,9 @@
-//! `volmig demo`: a complete live migration on temporary files. A source
-//! volume is served over NBD; writers keep writing through NBD before,
-//! during and after the migration; at the end every block of the target is
-//! checked against what the writers wrote.
+//! `volmig demo`: a complete live migration on temporary files. An
+//! in-process agent serves a source volume over NBD; writers keep writing
+//! through NBD before, during and after the migration, which the cli's
+//! master drives (`volmig_master::Driver` over a state file, the agent its
+//! slave); at the end every block of the target is checked against what
+//! the writers wrote.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,9 +15,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use volmig_agent::agent::Agent;
 use volmig_agent::interposer::Interposer;
-use volmig_agent::session::{Phase, SessionConfig, SessionStatus};
+use volmig_agent::serving::Frontends;
+use volmig_agent::session::{Phase, SessionConfig};
 use volmig_agent::units::human_bytes;
-use volmig_frontends::nbd::{Export, NbdClient, NbdServer};
+use volmig_api::slave::{Frontend, ServeVolume};
+use volmig_frontends::nbd::{NbdClient, NbdServer};
+use volmig_master::{Driver, DriverConfig, FileStore, SessionRecord, StopSignal};
 
 use crate::pattern::{BLOCK, fill};
 
@@ -163,10 +168,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     make_source(&source, size).context("creating the source volume")?;
     std::fs::File::create(&target)?.set_len(size)?;
 
-    let agent = Agent::new(&dir.join("state"))?;
-    let vol = agent.add_volume("demo", &source, false).await?;
     let server: NbdServer<Interposer> = NbdServer::new();
-    server.add_export(Export::new("demo", vol.clone()).with_description("volmig demo volume"))?;
+    let agent = Agent::with_frontends(&dir.join("state"), Frontends::with_nbd(server.clone()))?;
+    agent
+        .serve(ServeVolume {
+            volume: "demo".into(),
+            backing: source.clone(),
+            frontends: vec![Frontend::Nbd],
+            direct: false,
+        })
+        .await?;
+    let vol = agent.interposer("demo")?;
     let handle = server.serve_unix(&sock).await?;
     println!("  serving  nbd+unix:///demo?socket={}", sock.display());
 
@@ -197,9 +209,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let base_secs = t0.elapsed().as_secs_f64();
     let base_lat = stats.max_lat_us.swap(0, Ordering::Relaxed);
 
-    // The migration.
+    // The migration, driven by the cli's master with the agent as its slave.
     let start = Instant::now();
-    agent.migrate("demo", &target, args.config.clone()).await?;
+    let store = FileStore::open(&dir.join("master"))?;
+    volmig_master::create_session(&store, "demo", &target, args.config.clone(), 1).await?;
+    let driver = Driver::new(
+        agent.clone(),
+        store.clone(),
+        "demo",
+        DriverConfig {
+            epoch: 1,
+            ..DriverConfig::default()
+        },
+        Arc::new(StopSignal::default()),
+    );
+    let master = tokio::spawn(async move { driver.run().await });
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -213,23 +237,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .progress_chars("=> "),
     );
     let mut last_phase = None;
-    let status: SessionStatus = loop {
-        let st = agent.status("demo")?;
-        let p = st.record.phase;
-        if last_phase != Some(p) {
-            bar.set_message(p.to_string());
-            last_phase = Some(p);
+    let record: SessionRecord = loop {
+        if master.is_finished() {
+            break master.await.context("the master task")??;
         }
-        bar.set_position(st.record.bytes_copied.min(size));
-        if p.is_terminal() {
-            break st;
+        if let Some(rec) = store.load_now("demo")? {
+            let p = rec.phase;
+            if last_phase != Some(p) {
+                bar.set_message(p.to_string());
+                last_phase = Some(p);
+            }
+            bar.set_position(rec.bytes_copied.min(size));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let mig_secs = start.elapsed().as_secs_f64();
     let mig_ops = stats.ops.swap(0, Ordering::Relaxed);
     let mig_lat = stats.max_lat_us.swap(0, Ordering::Relaxed);
-    bar.finish_with_message(status.record.phase.to_string());
+    bar.set_position(record.bytes_copied.min(size));
+    bar.finish_with_message(record.phase.to_string());
 
     // Keep writing on the target for a moment, then stop.
     let t1 = Instant::now();
@@ -242,7 +268,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let after_secs = t1.elapsed().as_secs_f64();
     handle.shutdown().await.ok();
 
-    let r = &status.record;
+    let r = &record;
     println!("\nphase timeline");
     let t_start = r.phase_times.first().map(|p| p.start_ms).unwrap_or(0);
     for p in &r.phase_times {

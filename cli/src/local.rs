@@ -28,8 +28,10 @@ pub struct AgentAddr {
 }
 
 impl AgentAddr {
-    fn slave(&self) -> anyhow::Result<GrpcSlave> {
+    pub fn slave(&self) -> anyhow::Result<GrpcSlave> {
         let tls = match (&self.tls_dir, self.insecure) {
+            // The agent's local socket: its file permissions stand in for TLS.
+            (None, _) if self.url.starts_with("unix://") => None,
             (Some(d), false) => Some(ClientTls {
                 ca: d.join("ca.pem"),
                 cert: d.join("master.pem"),
@@ -37,7 +39,9 @@ impl AgentAddr {
                 domain: self.domain.clone(),
             }),
             (None, true) => None,
-            _ => bail!("give --tls-dir (mutual TLS, see `volmig certs`) or --insecure"),
+            _ => bail!(
+                "give --tls-dir (mutual TLS, see `volmig certs`) or --insecure, or reach the agent on its local socket (unix:///run/volmig/agent.sock)"
+            ),
         };
         Ok(GrpcSlave::new(&self.url, tls.as_ref())?)
     }
@@ -85,7 +89,11 @@ pub fn parse_volume_spec(spec: &str, default: &AgentAddr) -> anyhow::Result<Volu
         bail!("--volume {spec:?}: expected VOLUME=TARGET or VOLUME=TARGET@AGENT_URL");
     };
     let (target, agents) = match rest.rsplit_once('@') {
-        Some((t, a)) if a.starts_with("http://") || a.starts_with("https://") => {
+        Some((t, a))
+            if a.starts_with("http://")
+                || a.starts_with("https://")
+                || a.starts_with("unix://") =>
+        {
             (t, a.split(',').collect::<Vec<_>>())
         }
         _ => (rest, Vec::new()),
@@ -421,6 +429,11 @@ mod tests {
         assert_eq!(
             (v.target.to_str().unwrap(), v.agent.url.as_str()),
             ("/t/x@y.img", "https://b:2")
+        );
+        let v = parse_volume_spec("log=/t/x@unix:///run/volmig/agent.sock", &d).unwrap();
+        assert_eq!(
+            (v.target.to_str().unwrap(), v.agent.url.as_str()),
+            ("/t/x", "unix:///run/volmig/agent.sock")
         );
         let v = parse_volume_spec("log=/t/x@y.img", &d).unwrap();
         assert_eq!(v.target.to_str().unwrap(), "/t/x@y.img");

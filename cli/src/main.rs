@@ -1,10 +1,13 @@
 //! `volmig`: the command line. `volmig demo` runs a self-contained live
-//! migration on temporary files.
+//! migration on temporary files; `volmig migrate` is the master of a
+//! migration on agents; `volmig serve`/`unserve`/`volumes` change and show
+//! what an agent serves.
 
 mod certs;
 mod demo;
 mod local;
 mod pattern;
+mod serving;
 
 use std::time::Duration;
 
@@ -104,6 +107,37 @@ enum Cmd {
         #[arg(long, default_value = "/var/lib/volmig/master")]
         state_dir: std::path::PathBuf,
     },
+    /// Serve a volume on an agent: its backing device through the interposer,
+    /// reached through the frontends (the agent persists it and serves it
+    /// again after a restart). The same settings again change nothing.
+    Serve {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// The volume's name (the NBD export's name).
+        volume: String,
+        /// The backing device on the agent's host (regular file or block device).
+        backing: std::path::PathBuf,
+        /// How workloads reach it (repeatable).
+        #[arg(long = "frontend", default_value = "nbd")]
+        frontends: Vec<volmig_api::slave::Frontend>,
+        /// Open the backing device with O_DIRECT.
+        #[arg(long)]
+        direct: bool,
+    },
+    /// Stop serving a volume on an agent (refused while a migration holds it;
+    /// a volume not served is no error).
+    Unserve {
+        #[command(flatten)]
+        agent: AgentArgs,
+        volume: String,
+    },
+    /// List what an agent serves, and the volumes it failed to serve.
+    Volumes {
+        #[command(flatten)]
+        agent: AgentArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a CA and mTLS certificates for agents (server) and masters (client).
     Certs {
         /// Output directory (ca.pem, agent.pem, agent-key.pem, master.pem, master-key.pem).
@@ -120,7 +154,15 @@ struct MasterArgs {
     /// Where the master keeps session records.
     #[arg(long, default_value = "/var/lib/volmig/master")]
     state_dir: std::path::PathBuf,
-    /// The agent's gRPC address, e.g. https://127.0.0.1:7443.
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+/// How to reach an agent.
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The agent's gRPC address: unix:///run/volmig/agent.sock (its local
+    /// socket, no TLS) or https://127.0.0.1:7443.
     #[arg(long)]
     agent: String,
     /// Directory with ca.pem, master.pem and master-key.pem (see `volmig certs`).
@@ -132,6 +174,17 @@ struct MasterArgs {
     /// Talk to an agent serving plain text (--insecure-grpc).
     #[arg(long)]
     insecure: bool,
+}
+
+impl AgentArgs {
+    fn addr(self) -> local::AgentAddr {
+        local::AgentAddr {
+            url: self.agent,
+            tls_dir: self.tls_dir,
+            domain: self.tls_domain,
+            insecure: self.insecure,
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -175,12 +228,7 @@ fn main() -> anyhow::Result<()> {
             session,
             quiet,
         } => {
-            let addr = local::AgentAddr {
-                url: master.agent,
-                tls_dir: master.tls_dir,
-                domain: master.tls_domain,
-                insecure: master.insecure,
-            };
+            let addr = master.agent.addr();
             let mut volumes = vec![local::VolumeSpec {
                 volume,
                 target,
@@ -215,6 +263,21 @@ fn main() -> anyhow::Result<()> {
         } => rt.block_on(local::status(&state_dir, &volume, json)),
         Cmd::Abort { state_dir, volume } => rt.block_on(local::abort(&state_dir, &volume)),
         Cmd::List { state_dir } => rt.block_on(local::list(&state_dir)),
+        Cmd::Serve {
+            agent,
+            volume,
+            backing,
+            frontends,
+            direct,
+        } => rt.block_on(serving::serve(
+            &agent.addr(),
+            volume,
+            backing,
+            frontends,
+            direct,
+        )),
+        Cmd::Unserve { agent, volume } => rt.block_on(serving::unserve(&agent.addr(), volume)),
+        Cmd::Volumes { agent, json } => rt.block_on(serving::volumes(&agent.addr(), json)),
         Cmd::Certs { out, hosts } => {
             certs::generate(&out, &hosts)?;
             eprintln!(

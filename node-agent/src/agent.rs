@@ -1,72 +1,58 @@
 //! The agent: the volumes this node serves and the slave half of the
-//! sessions migrating them. It is the slave of whatever master drives a
-//! session (see `slave_api`); for the local control path and the demo it
-//! also hosts an in-process master whose records live in its state
-//! directory. On start it attaches every unfinished session again from its
-//! checkpoint, and resumes the in-process masters it finds.
+//! sessions migrating them. It is a slave only: masters (the operator,
+//! `volmig migrate`, the demo) drive sessions through the [`Slave`]
+//! contract (`slave_api`), over gRPC or in-process.
+//!
+//! Volumes are served at runtime ([`Agent::serve`], [`Agent::unserve`]):
+//! each request is persisted in the state directory before the device is
+//! opened, so a restarted agent serves the same volumes ([`Agent::restore`])
+//! and attaches their unfinished sessions again from their checkpoints. A
+//! device that cannot be opened fails that volume only: it is listed with
+//! its error, and serving it again retries.
+//!
+//! [`Slave`]: volmig_api::Slave
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
-use tracing::{error, info};
-use volmig_master::{
-    Driver, DriverConfig, FileStore, SessionConfig, SessionRecord, SessionStore, StopSignal,
-};
+use tracing::{info, warn};
+use volmig_api::slave::{ServeVolume, VolumeInfo};
 
 use crate::error::{AgentError, Result};
 use crate::interposer::Interposer;
-use crate::session::{Phase, SlaveSession, StateDir};
+use crate::serving::{Frontends, ServedDir, ServedRecord};
+use crate::session::{SlaveRecord, SlaveSession, StateDir};
 use crate::volume::{BackingDevice, OpenMode};
+
+/// How long `unserve` waits for the volume's last users (connections that
+/// are closing, calls in flight) to let go of its device.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) struct Volume {
     pub(crate) interposer: Arc<Interposer>,
-    pub(crate) configured_path: PathBuf,
+    /// What it was asked to serve (persisted).
+    pub(crate) served: ServedRecord,
     pub(crate) slave: Option<Arc<SlaveSession>>,
     /// One slave operation per volume at a time.
     pub(crate) op: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// An in-process master driving one volume's session.
-struct MasterTask {
-    stop: Arc<StopSignal>,
-    done: watch::Receiver<bool>,
-}
-
-/// A session as `status` shows it: the master's record plus live figures
-/// from the slave.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SessionStatus {
-    pub record: SessionRecord,
-    pub dirty_bytes: u64,
-    /// Bytes copied since this agent process took the session up.
-    pub copied_this_run: u64,
-    /// Workload write rate, bytes/s.
-    pub write_rate: f64,
-    /// Current copy rate, bytes/s.
-    pub copy_rate: f64,
-    pub bandwidth: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VolumeInfo {
-    pub name: String,
-    pub size: u64,
-    /// The backing device it was asked to serve.
-    pub backing: PathBuf,
-    /// The backing device workload I/O goes to now.
-    pub active: PathBuf,
-    pub phase: Option<Phase>,
-    pub session: Option<String>,
+/// A volume the agent was asked to serve and could not.
+struct Failed {
+    served: ServedRecord,
+    error: String,
 }
 
 pub struct Agent {
     state: StateDir,
-    store: FileStore,
+    served: ServedDir,
+    frontends: Frontends,
     pub(crate) volumes: Mutex<BTreeMap<String, Volume>>,
-    masters: Mutex<BTreeMap<String, MasterTask>>,
+    failed: Mutex<BTreeMap<String, Failed>>,
+    /// Serve and unserve calls run one at a time.
+    serving: tokio::sync::Mutex<()>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -91,27 +77,68 @@ fn valid_name(name: &str) -> Result<()> {
     }
 }
 
-fn master_err(e: volmig_master::MasterError) -> AgentError {
-    use volmig_master::MasterError as M;
-    match e {
-        M::SessionExists { volume, session } => AgentError::SessionExists { volume, session },
-        M::NoSession(v) => AgentError::NoSession(v),
-        M::Invalid(m) => AgentError::Invalid(m),
-        M::Corrupt { path, reason } => AgentError::CorruptState { path, reason },
-        M::Store { path, source } => AgentError::State { path, source },
-        other => AgentError::Task(other.to_string()),
+impl Volume {
+    fn info(&self) -> VolumeInfo {
+        VolumeInfo {
+            name: self.served.volume.clone(),
+            size: self.interposer.size(),
+            backing: self.served.backing.clone(),
+            active: self.interposer.active().path().to_path_buf(),
+            session: self.slave.as_ref().map(|s| s.session_id()),
+            frontends: self.served.frontends.clone(),
+            error: None,
+        }
     }
 }
 
+impl Failed {
+    fn info(&self) -> VolumeInfo {
+        VolumeInfo {
+            name: self.served.volume.clone(),
+            size: 0,
+            backing: self.served.backing.clone(),
+            active: PathBuf::new(),
+            session: None,
+            frontends: self.served.frontends.clone(),
+            error: Some(self.error.clone()),
+        }
+    }
+}
+
+/// The device a volume is served from, given its session checkpoint: the
+/// target once a session redirected to it. Refuses a checkpoint of an
+/// unfinished session that another device was the source of (serving
+/// that device would hide the session's writes from it).
+fn active_device(rec: &ServedRecord, checkpoint: Option<&SlaveRecord>) -> Result<PathBuf> {
+    Ok(match checkpoint {
+        Some(c) if !c.finished && c.source != rec.backing => {
+            return Err(AgentError::Invalid(format!(
+                "volume {} has an unfinished migration session {} from {}; serve it from that device",
+                rec.volume,
+                c.session_id,
+                c.source.display()
+            )));
+        }
+        Some(c) if c.redirected && (!c.finished || c.source == rec.backing) => c.target.clone(),
+        _ => rec.backing.clone(),
+    })
+}
+
 impl Agent {
+    /// An agent whose volumes are used in-process only (no frontend).
     pub fn new(state_dir: &Path) -> Result<Arc<Self>> {
-        let state = StateDir::open(state_dir)?;
-        let store = FileStore::open(state_dir).map_err(|e| AgentError::Task(e.to_string()))?;
+        Self::with_frontends(state_dir, Frontends::none())
+    }
+
+    /// An agent that serves its volumes through `frontends`.
+    pub fn with_frontends(state_dir: &Path, frontends: Frontends) -> Result<Arc<Self>> {
         Ok(Arc::new(Self {
-            state,
-            store,
+            state: StateDir::open(state_dir)?,
+            served: ServedDir::open(state_dir)?,
+            frontends,
             volumes: Mutex::new(BTreeMap::new()),
-            masters: Mutex::new(BTreeMap::new()),
+            failed: Mutex::new(BTreeMap::new()),
+            serving: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -119,55 +146,207 @@ impl Agent {
         &self.state
     }
 
-    /// Adds a volume backed by `path`. When the state directory holds a
-    /// session checkpoint of this volume, the workload is served from the
-    /// device that session made active, and an unfinished session is
-    /// attached again.
+    pub fn frontends(&self) -> &Frontends {
+        &self.frontends
+    }
+
+    /// Serves every volume persisted in the state directory again (at
+    /// start-up). A volume that fails is logged and listed with its error;
+    /// the others are served. Returns how many are served.
+    pub async fn restore(&self) -> Result<usize> {
+        let _one = self.serving.lock().await;
+        let mut served = 0;
+        for (volume, rec) in self.served.load_all()? {
+            if lock(&self.volumes).contains_key(&volume) {
+                served += 1;
+                continue;
+            }
+            let rec = match rec {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(%volume, error = %e, "cannot read what this volume was served as");
+                    let served = ServedRecord {
+                        volume: volume.clone(),
+                        backing: PathBuf::new(),
+                        requested: PathBuf::new(),
+                        frontends: Vec::new(),
+                        direct: false,
+                    };
+                    let error = e.to_string();
+                    lock(&self.failed).insert(volume, Failed { served, error });
+                    continue;
+                }
+            };
+            if self.open(rec).await.is_ok() {
+                served += 1;
+            }
+        }
+        Ok(served)
+    }
+
+    /// Serves a volume: persists the request, opens the backing device (the
+    /// target of a session that redirected to it), attaches an unfinished
+    /// session again, and registers the volume with its frontends.
+    /// Idempotent for the same settings; other settings for a served
+    /// volume are refused. A device that cannot be opened leaves the volume
+    /// failed (listed with the error) and changes nothing else.
+    pub async fn serve(&self, r: ServeVolume) -> Result<VolumeInfo> {
+        valid_name(&r.volume)?;
+        self.frontends.check(&r.frontends)?;
+        let _one = self.serving.lock().await;
+        if let Some(v) = lock(&self.volumes).get(&r.volume) {
+            return if v.served.same_as(&r) {
+                Ok(v.info())
+            } else {
+                Err(AgentError::AlreadyServed {
+                    volume: r.volume.clone(),
+                    backing: v.served.backing.clone(),
+                })
+            };
+        }
+        // A restarted agent asked again for what it served: keep the record
+        // (its backing may be a migration's target).
+        let rec = match self.served.load(&r.volume) {
+            Ok(Some(p)) if p.same_as(&r) => p,
+            _ => ServedRecord::new(&r),
+        };
+        self.served.save(&rec)?;
+        self.open(rec).await
+    }
+
+    /// Opens a persisted volume; a failure is recorded beside the served
+    /// volumes (and returned).
+    async fn open(&self, rec: ServedRecord) -> Result<VolumeInfo> {
+        let volume = rec.volume.clone();
+        match self.open_volume(rec.clone()).await {
+            Ok(info) => {
+                lock(&self.failed).remove(&volume);
+                info!(%volume, backing = %info.backing.display(), active = %info.active.display(),
+                      frontends = ?info.frontends, session = ?info.session, "serving");
+                Ok(info)
+            }
+            Err(e) => {
+                warn!(%volume, backing = %rec.backing.display(), error = %e, "cannot serve the volume");
+                let error = e.to_string();
+                lock(&self.failed).insert(volume, Failed { served: rec, error });
+                Err(e)
+            }
+        }
+    }
+
+    async fn open_volume(&self, mut rec: ServedRecord) -> Result<VolumeInfo> {
+        self.frontends.check(&rec.frontends)?;
+        let checkpoint = self.state.load(&rec.volume)?;
+        if let Some(c) = &checkpoint
+            && c.finished
+            && c.redirected
+            && c.source == rec.backing
+        {
+            // The migration completed before the agent could record its
+            // target as the volume's backing device.
+            rec.backing = c.target.clone();
+            self.served.save(&rec)?;
+        }
+        let path = active_device(&rec, checkpoint.as_ref())?;
+        let direct = rec.direct;
+        let dev = tokio::task::spawn_blocking(move || {
+            BackingDevice::open(&path, OpenMode::ReadWrite, direct)
+        })
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))??;
+        let interposer = Arc::new(Interposer::new(&rec.volume, Arc::new(dev)));
+        // The session's monitor is attached before any frontend can write.
+        let slave = match checkpoint {
+            Some(c) if !c.finished => {
+                Some(SlaveSession::reattach(interposer.clone(), self.state.clone(), c).await?)
+            }
+            _ => None,
+        };
+        self.frontends.attach(&interposer, &rec.frontends)?;
+        let v = Volume {
+            interposer,
+            served: rec,
+            slave,
+            op: Arc::new(tokio::sync::Mutex::new(())),
+        };
+        let info = v.info();
+        lock(&self.volumes).insert(info.name.clone(), v);
+        Ok(info)
+    }
+
+    /// Stops serving a volume: refused while an unfinished migration
+    /// session holds it (or another operation runs on it). Its frontends
+    /// close their connections, the agent forgets it (the persisted record,
+    /// a finished session's checkpoint) and waits briefly for its device
+    /// to be released. Returns false when the volume was not served
+    /// (nothing to do: unserve is idempotent).
+    pub async fn unserve(&self, volume: &str) -> Result<bool> {
+        let _one = self.serving.lock().await;
+        if lock(&self.failed).contains_key(volume) {
+            self.served.remove(volume)?;
+            lock(&self.failed).remove(volume);
+            info!(%volume, "forgot the failed volume");
+            return Ok(true);
+        }
+        let found = lock(&self.volumes).get(volume).map(|v| {
+            (
+                v.interposer.clone(),
+                v.slave.clone(),
+                v.op.clone(),
+                v.served.frontends.clone(),
+            )
+        });
+        let Some((interposer, slave, op, frontends)) = found else {
+            self.served.remove(volume)?;
+            return Ok(false);
+        };
+        let _op = op
+            .try_lock_owned()
+            .map_err(|_| AgentError::Busy(volume.to_string()))?;
+        if let Some(s) = &slave
+            && !s.is_finished()
+        {
+            return Err(AgentError::InUse {
+                volume: volume.to_string(),
+                session: s.session_id(),
+            });
+        }
+        self.served.remove(volume)?;
+        lock(&self.volumes).remove(volume);
+        self.frontends.detach(volume, &frontends);
+        drop(slave);
+        if let Ok(Some(c)) = self.state.load(volume)
+            && c.finished
+        {
+            self.state.remove_checkpoint(volume);
+        }
+        let t = Instant::now();
+        while Arc::strong_count(&interposer) > 1 && t.elapsed() < RELEASE_WAIT {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if Arc::strong_count(&interposer) > 1 {
+            warn!(%volume, "unserved, but the device is still in use by calls in flight");
+        }
+        info!(%volume, "unserved");
+        Ok(true)
+    }
+
+    /// Serves `name` from `path` for in-process use (no frontend) and
+    /// returns its interposer: `serve` with no frontends.
     pub async fn add_volume(
-        self: &Arc<Self>,
+        &self,
         name: &str,
         path: &Path,
         direct: bool,
     ) -> Result<Arc<Interposer>> {
-        valid_name(name)?;
-        if lock(&self.volumes).contains_key(name) {
-            return Err(AgentError::Invalid(format!(
-                "volume {name} is already served"
-            )));
-        }
-        let checkpoint = self.state.load(name)?;
-        let active_path = match &checkpoint {
-            Some(r) if r.redirected => r.target.clone(),
-            _ => path.to_path_buf(),
-        };
-        let dev = Arc::new(BackingDevice::open(
-            &active_path,
-            OpenMode::ReadWrite,
+        self.serve(ServeVolume {
+            volume: name.to_string(),
+            backing: path.to_path_buf(),
+            frontends: Vec::new(),
             direct,
-        )?);
-        let interposer = Arc::new(Interposer::new(name, dev));
-        let slave = match checkpoint {
-            Some(r) if !r.finished => {
-                Some(SlaveSession::reattach(interposer.clone(), self.state.clone(), r).await?)
-            }
-            _ => None,
-        };
-        lock(&self.volumes).insert(
-            name.to_string(),
-            Volume {
-                interposer: interposer.clone(),
-                configured_path: path.to_path_buf(),
-                slave,
-                op: Arc::new(tokio::sync::Mutex::new(())),
-            },
-        );
-        if let Ok(Some(rec)) = self.store.load(name).await
-            && !rec.phase.is_terminal()
-        {
-            info!(volume = %name, phase = %rec.phase, "resuming the in-process master");
-            self.spawn_master(name, rec.epoch.max(1));
-        }
-        Ok(interposer)
+        })
+        .await?;
+        self.interposer(name)
     }
 
     pub fn interposer(&self, name: &str) -> Result<Arc<Interposer>> {
@@ -177,202 +356,47 @@ impl Agent {
             .ok_or_else(|| AgentError::UnknownVolume(name.to_string()))
     }
 
+    #[cfg(test)]
     pub(crate) fn slave(&self, volume: &str) -> Option<Arc<SlaveSession>> {
         lock(&self.volumes)
             .get(volume)
             .and_then(|v| v.slave.clone())
     }
 
-    fn spawn_master(self: &Arc<Self>, volume: &str, epoch: u64) {
-        let stop = Arc::new(StopSignal::default());
-        let (tx, rx) = watch::channel(false);
-        let driver = Driver::new(
-            self.clone(),
-            self.store.clone(),
-            volume,
-            DriverConfig {
-                epoch,
-                ..DriverConfig::default()
-            },
-            stop.clone(),
-        );
-        let vol = volume.to_string();
-        tokio::spawn(async move {
-            match driver.run().await {
-                Ok(rec) => info!(volume = %vol, phase = %rec.phase, "master stopped"),
-                Err(e) => error!(volume = %vol, error = %e, "master failed"),
-            }
-            let _ = tx.send(true);
-        });
-        lock(&self.masters).insert(volume.to_string(), MasterTask { stop, done: rx });
-    }
-
-    /// Starts migrating `volume` to `target`, driven by an in-process master.
-    pub async fn migrate(
-        self: &Arc<Self>,
-        volume: &str,
-        target: &Path,
-        config: SessionConfig,
-    ) -> Result<SessionStatus> {
-        {
-            let vols = lock(&self.volumes);
-            let v = vols
-                .get(volume)
-                .ok_or_else(|| AgentError::UnknownVolume(volume.to_string()))?;
-            if let Some(s) = &v.slave
-                && !s.is_finished()
-            {
-                return Err(AgentError::SessionExists {
-                    volume: volume.to_string(),
-                    session: s.session_id(),
-                });
-            }
-        }
-        volmig_master::create_session(&self.store, volume, target, config, 1)
-            .await
-            .map_err(master_err)?;
-        self.spawn_master(volume, 1);
-        // Activation errors (a bad target...) are the caller's to see now.
-        let mut rx = lock(&self.masters).get(volume).map(|m| m.done.clone());
-        loop {
-            let st = self.status(volume)?;
-            match st.record.phase {
-                Phase::Activating => {}
-                Phase::Failed if st.record.phase_times.len() <= 1 => {
-                    let msg = st.record.error.unwrap_or_default();
-                    let _ = std::fs::remove_file(self.store.path(volume));
-                    return Err(AgentError::Invalid(
-                        msg.trim_start_matches("Activating: ").to_string(),
-                    ));
-                }
-                _ => return Ok(st),
-            }
-            match rx.as_mut() {
-                Some(rx) => {
-                    let _ =
-                        tokio::time::timeout(std::time::Duration::from_millis(20), rx.changed())
-                            .await;
-                }
-                None => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-            }
-        }
-    }
-
-    /// The session's record (the in-process master's) with live figures.
-    pub fn status(&self, volume: &str) -> Result<SessionStatus> {
-        let Some(record) = self.store.load_now(volume).map_err(master_err)? else {
-            if lock(&self.volumes).contains_key(volume) {
-                return Err(AgentError::NoSession(volume.to_string()));
-            }
-            return Err(AgentError::UnknownVolume(volume.to_string()));
-        };
-        let slave = self
-            .slave(volume)
-            .filter(|s| s.session_id() == record.session);
-        let (dirty, copied, rate, bw) = match &slave {
-            Some(s) => {
-                let r = s.record();
-                (
-                    if r.finished { 0 } else { record.dirty_bytes },
-                    s.copied(),
-                    s.rates(),
-                    r.config.bandwidth,
-                )
-            }
-            None => (0, 0, (0.0, 0.0), record.config.bandwidth),
-        };
-        Ok(SessionStatus {
-            dirty_bytes: dirty,
-            copied_this_run: copied,
-            write_rate: rate.0,
-            copy_rate: rate.1,
-            bandwidth: bw,
-            record,
-        })
-    }
-
-    /// Asks the volume's session to abort.
-    pub async fn abort(&self, volume: &str) -> Result<()> {
-        volmig_master::request_abort(&self.store, volume)
-            .await
-            .map_err(master_err)?;
-        if let Some(s) = self.slave(volume) {
-            s.interrupt();
-        }
-        Ok(())
-    }
-
-    pub async fn set_bandwidth(&self, volume: &str, bytes_per_sec: u64) -> Result<()> {
-        volmig_master::set_bandwidth(&self.store, volume, bytes_per_sec)
-            .await
-            .map_err(master_err)?;
-        if let Some(s) = self.slave(volume) {
-            s.set_bandwidth(bytes_per_sec)?;
-        }
-        Ok(())
-    }
-
-    /// Waits until the volume's in-process master has finished.
-    pub async fn wait(&self, volume: &str) -> Result<SessionStatus> {
-        let rx = lock(&self.masters).get(volume).map(|m| m.done.clone());
-        if let Some(mut rx) = rx {
-            while !*rx.borrow_and_update() {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        }
-        self.status(volume)
-    }
-
+    /// Every served volume, and every volume that failed (with its error),
+    /// by name.
     pub fn list(&self) -> Vec<VolumeInfo> {
-        type Entry = (String, PathBuf, Arc<Interposer>, Option<Arc<SlaveSession>>);
-        let vols: Vec<Entry> = lock(&self.volumes)
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.clone(),
-                    v.configured_path.clone(),
-                    v.interposer.clone(),
-                    v.slave.clone(),
-                )
-            })
-            .collect();
-        vols.into_iter()
-            .map(|(name, backing, ip, slave)| {
-                let phase = self.status(&name).ok().map(|s| s.record.phase);
-                VolumeInfo {
-                    backing,
-                    size: ip.size(),
-                    active: ip.active().path().to_path_buf(),
-                    phase,
-                    session: slave.map(|s| s.session_id()),
-                    name,
-                }
-            })
-            .collect()
+        let mut out: Vec<VolumeInfo> = lock(&self.volumes).values().map(Volume::info).collect();
+        out.extend(lock(&self.failed).values().map(Failed::info));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
-    /// The path the volume was configured with.
-    pub fn configured_path(&self, volume: &str) -> Option<PathBuf> {
-        lock(&self.volumes)
-            .get(volume)
-            .map(|v| v.configured_path.clone())
-    }
-
-    /// Stops the in-process masters; sessions stay for the next start.
-    pub async fn shutdown(&self) {
-        let tasks: Vec<MasterTask> = std::mem::take(&mut *lock(&self.masters))
-            .into_values()
-            .collect();
-        for t in &tasks {
-            t.stop.stop();
-        }
-        for mut t in tasks {
-            while !*t.done.borrow_and_update() {
-                if t.done.changed().await.is_err() {
-                    break;
-                }
+    /// After a session terminated on the target: the target becomes the
+    /// volume's persisted backing device, so a restart serves it even once
+    /// the session's checkpoint is gone. (Until this is saved, the
+    /// checkpoint says the same.)
+    pub(crate) fn note_terminated(&self, volume: &str) {
+        let rec = {
+            let mut vols = lock(&self.volumes);
+            let Some(v) = vols.get_mut(volume) else {
+                return;
+            };
+            let Some(r) = v.slave.as_ref().map(|s| s.record()) else {
+                return;
+            };
+            if !(r.finished && r.redirected) || v.served.backing == r.target {
+                return;
+            }
+            v.served.backing = r.target;
+            v.served.clone()
+        };
+        match self.served.save(&rec) {
+            Ok(()) => {
+                info!(%volume, backing = %rec.backing.display(), "the volume's backing device is now the migration's target")
+            }
+            Err(e) => {
+                warn!(%volume, error = %e, "cannot record the new backing device; the session checkpoint still names it")
             }
         }
     }

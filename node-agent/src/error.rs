@@ -39,6 +39,16 @@ pub enum AgentError {
     SessionExists { volume: String, session: String },
     #[error("unknown volume {0}")]
     UnknownVolume(String),
+    #[error(
+        "volume {volume} is already served from {backing} with other settings; unserve it first"
+    )]
+    AlreadyServed { volume: String, backing: PathBuf },
+    #[error(
+        "volume {volume} is held by migration session {session}: let it finish or abort it first"
+    )]
+    InUse { volume: String, session: String },
+    #[error("another operation is running on volume {0}")]
+    Busy(String),
     #[error("no migration session for volume {0}")]
     NoSession(String),
     #[error("invalid configuration: {0}")]

@@ -1,7 +1,10 @@
-//! The agent's gRPC service: the [`Slave`] contract over the network, with
-//! mutual TLS (the agent requires a client certificate from its CA; plain
-//! text only when explicitly asked for, for local development). Requests
-//! are converted to domain types here, once (`FromWire`), and answers back
+//! The agent's gRPC service, its one control surface: the [`Slave`]
+//! contract over TCP with mutual TLS (the agent requires a client
+//! certificate from its CA; plain text only when explicitly asked for, for
+//! local development), and the same service on a local unix socket, where
+//! the socket's file permissions decide who may connect (a local master:
+//! `volmig migrate --agent unix:///run/volmig/agent.sock`). Requests are
+//! converted to domain types here, once (`FromWire`), and answers back
 //! (`IntoWire`).
 
 use std::net::SocketAddr;
@@ -158,6 +161,12 @@ impl AgentRpc for Service {
     }
 }
 
+fn service(agent: Arc<Agent>) -> AgentServer<Service> {
+    AgentServer::new(Service(agent))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
 /// Serves the agent API on `addr` until `shutdown` resolves. Without `tls`
 /// the service is plain text (only for an explicit insecure flag).
 pub async fn serve(
@@ -173,12 +182,90 @@ pub async fn serve(
             .map_err(|e| AgentError::Invalid(format!("TLS configuration: {e}")))?;
     }
     builder
-        .add_service(
-            AgentServer::new(Service(agent))
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
-        )
+        .add_service(service(agent))
         .serve_with_shutdown(addr, shutdown)
         .await
         .map_err(|e| AgentError::Task(format!("gRPC server on {addr}: {e}")))
+}
+
+/// Who may connect to the agent's unix socket: its owner (mode 0600), or
+/// also a group (0660).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    pub group: Option<u32>,
+}
+
+/// Binds the agent's unix socket at `path` with the permissions of
+/// `access`. A stale socket of an earlier run is replaced; any other file
+/// there is an error. The socket is bound inside a fresh directory only
+/// this process can enter, given its mode (and group), then moved into
+/// place, so nobody can connect before its permissions are right.
+pub fn bind_unix(path: &Path, access: SocketAccess) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    let err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| AgentError::State { path: p, source }
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let file = path.file_name().ok_or_else(|| {
+        AgentError::Invalid(format!("socket path {} names no file", path.display()))
+    })?;
+    std::fs::create_dir_all(parent).map_err(err(parent))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err(path))?,
+        Ok(_) => {
+            return Err(AgentError::Invalid(format!(
+                "{} exists and is not a socket",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(path)(e)),
+    }
+    let private = parent.join(format!(
+        ".{}.{}.tmp",
+        file.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&private); // a crashed run's
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(err(&private))?;
+    let bound = (|| {
+        let tmp = private.join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(err(&tmp))?;
+        let mode = if access.group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err(&tmp))?;
+        if let Some(gid) = access.group {
+            std::os::unix::fs::chown(&tmp, None, Some(gid)).map_err(err(&tmp))?;
+        }
+        std::fs::rename(&tmp, path).map_err(err(path))?;
+        listener.set_nonblocking(true).map_err(err(path))?;
+        tokio::net::UnixListener::from_std(listener).map_err(err(path))
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
+}
+
+/// Serves the agent API on `listener` (bound at `path` by [`bind_unix`])
+/// until `shutdown` resolves, then removes the socket file.
+pub async fn serve_unix(
+    agent: Arc<Agent>,
+    listener: tokio::net::UnixListener,
+    path: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let served = Server::builder()
+        .add_service(service(agent))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    let _ = std::fs::remove_file(path);
+    served.map_err(|e| AgentError::Task(format!("gRPC server on {}: {e}", path.display())))
 }

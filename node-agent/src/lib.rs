@@ -3,16 +3,18 @@
 //! Workload I/O reaches a volume's [`interposer`] through a frontend (the
 //! `volmig-frontends` crate, over `volmig_api::io::VolumeIo`); the
 //! [`monitor`] records writes in a dirty map; the [`copy`] module moves data
-//! from source to target; a [`session`] drives the eight phases; the
-//! [`agent`] holds the volumes and sessions of one node.
+//! from source to target; a [`session`] is the agent's half of a
+//! migration, whose phases a master drives; the [`agent`] holds the volumes
+//! (served at runtime, see [`serving`]) and sessions of one node and is a
+//! slave only (`slave_api`, over gRPC in [`grpc`]).
 
 pub mod agent;
-pub mod control;
 pub mod copy;
 pub mod error;
 pub mod grpc;
 pub mod interposer;
 pub mod monitor;
+pub mod serving;
 pub mod session;
 pub mod session_args;
 pub mod slave_api;

@@ -1,16 +1,19 @@
-//! `volmig-agent`: serves volumes over NBD through the interposer and
-//! migrates them live. `serve` runs the agent; the other subcommands talk
-//! to a running agent over its control socket.
+//! `volmig-agent serve`: the node agent. Serves volumes through the
+//! interposer (NBD), and the agent's gRPC API, its one control surface,
+//! for masters: on a local unix socket (`--control`, file permissions
+//! instead of certificates) and on TCP with mutual TLS (`--grpc`).
+//! Migrations are driven by a master: `volmig migrate --agent
+//! unix:///run/volmig/agent.sock ...` on the same host, or the operator.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use volmig_agent::agent::Agent;
-use volmig_agent::control::{self, ControlClient, Reply, Request};
-use volmig_agent::session_args::SessionArgs;
-use volmig_agent::units::{human_bytes, parse_size};
-use volmig_frontends::nbd::{Export, NbdServer};
+use volmig_agent::grpc::SocketAccess;
+use volmig_agent::serving::Frontends;
+use volmig_api::slave::{Frontend, ServeVolume};
+use volmig_frontends::nbd::NbdServer;
 
 #[derive(Parser)]
 #[command(
@@ -25,49 +28,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve volumes over NBD and accept migrations on the control socket.
+    /// Serve volumes over NBD and the agent's gRPC API for masters.
     Serve(ServeArgs),
-    /// Start migrating a served volume to a target device.
-    Migrate(MigrateArgs),
-    /// Show a volume's migration status.
-    Status {
-        #[arg(long, default_value = "/run/volmig/agent.sock")]
-        control: PathBuf,
-        volume: String,
-        /// Print the raw status as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Abort a volume's migration (the workload stays on a complete device).
-    Abort {
-        #[arg(long, default_value = "/run/volmig/agent.sock")]
-        control: PathBuf,
-        volume: String,
-    },
-    /// Change a running migration's bandwidth limit (0 = unlimited).
-    Bandwidth {
-        #[arg(long, default_value = "/run/volmig/agent.sock")]
-        control: PathBuf,
-        volume: String,
-        /// Bytes per second, e.g. 200Mi.
-        #[arg(value_parser = parse_size)]
-        rate: u64,
-    },
-    /// List served volumes.
-    List {
-        #[arg(long, default_value = "/run/volmig/agent.sock")]
-        control: PathBuf,
-    },
 }
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Where sessions keep their records and dirty maps (never on source or target).
+    /// Where the agent keeps what it serves, session checkpoints and dirty
+    /// maps (never on source or target).
     #[arg(long, default_value = "/var/lib/volmig")]
     state_dir: PathBuf,
-    /// A volume to serve: NAME=PATH (a regular file or block device).
-    /// Repeatable; none is allowed (a DaemonSet pod on a node without
-    /// volmig volumes still answers the master).
+    /// A volume to serve over NBD: NAME=PATH (a regular file or block
+    /// device), the same as a serve call at start-up. Repeatable; none is
+    /// allowed (volumes can be served at runtime: `volmig serve`). The
+    /// volumes served before a restart are served again without it.
     #[arg(long = "export", value_parser = parse_export)]
     exports: Vec<(String, PathBuf)>,
     /// Serve NBD on this unix socket.
@@ -76,9 +50,14 @@ struct ServeArgs {
     /// Serve NBD on this TCP address (e.g. 127.0.0.1:10809).
     #[arg(long)]
     nbd_tcp: Option<String>,
-    /// Control socket.
+    /// Serve the agent's gRPC API on this unix socket, for a master on this
+    /// host (`volmig migrate --agent unix://PATH`). Mode 0600: only this
+    /// user (0660 with --control-group).
     #[arg(long, default_value = "/run/volmig/agent.sock")]
     control: PathBuf,
+    /// Let this group (name or number) use the --control socket too.
+    #[arg(long, value_parser = parse_group)]
+    control_group: Option<u32>,
     /// Serve the agent (slave) gRPC API for masters on this address, e.g. 0.0.0.0:7443.
     #[arg(long)]
     grpc: Option<std::net::SocketAddr>,
@@ -94,7 +73,7 @@ struct ServeArgs {
     /// Serve --grpc in plain text, without client authentication (local development only).
     #[arg(long, requires = "grpc")]
     insecure_grpc: bool,
-    /// Open backing devices with O_DIRECT.
+    /// Open the --export backing devices with O_DIRECT.
     #[arg(long)]
     direct: bool,
     /// Most threads doing blocking device I/O at once.
@@ -102,26 +81,30 @@ struct ServeArgs {
     io_threads: usize,
 }
 
-#[derive(Args)]
-struct MigrateArgs {
-    #[arg(long, default_value = "/run/volmig/agent.sock")]
-    control: PathBuf,
-    /// The served volume to migrate.
-    volume: String,
-    /// The target backing device (file or block device, at least as large).
-    target: PathBuf,
-    #[command(flatten)]
-    opts: SessionArgs,
-    /// Wait until the migration ends and print the result.
-    #[arg(long)]
-    wait: bool,
-}
-
 fn parse_export(s: &str) -> Result<(String, PathBuf), String> {
     let (name, path) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected NAME=PATH"))?;
     Ok((name.to_string(), PathBuf::from(path)))
+}
+
+/// A group number, or a name looked up in /etc/group.
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("cannot read /etc/group to look up {s:?}: {e}"))?;
+    group_id(&groups, s).ok_or_else(|| format!("no group {s:?} in /etc/group"))
+}
+
+fn group_id(etc_group: &str, name: &str) -> Option<u32> {
+    etc_group.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next() == Some(name))
+            .then(|| f.nth(1).and_then(|gid| gid.parse().ok()))
+            .flatten()
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -133,150 +116,72 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let io_threads = match &cli.cmd {
-        Cmd::Serve(a) => a.io_threads.max(1),
-        _ => 1,
-    };
+    let Cmd::Serve(args) = cli.cmd;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .max_blocking_threads(io_threads)
+        .max_blocking_threads(args.io_threads.max(1))
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(run(cli))
+    rt.block_on(serve(args))
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.cmd {
-        Cmd::Serve(a) => serve(a).await,
-        Cmd::Migrate(a) => {
-            let mut c = connect(&a.control).await?;
-            let req = Request::Migrate {
-                volume: a.volume.clone(),
-                target: a.target,
-                config: a.opts.config(),
+/// Validates the --grpc TLS options: mutual TLS, or plain text when asked.
+fn grpc_tls(a: &ServeArgs) -> anyhow::Result<Option<volmig_agent::grpc::TlsFiles>> {
+    match (&a.tls_cert, &a.tls_key, &a.tls_client_ca, a.insecure_grpc) {
+        (Some(cert), Some(key), Some(ca), false) => {
+            let files = volmig_agent::grpc::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: ca.clone(),
             };
-            expect_status(c.call(&req).await?)?;
-            eprintln!("migration of {} started", a.volume);
-            if a.wait {
-                let st = expect_status(c.call(&Request::Wait { volume: a.volume }).await?)?;
-                print_status(&st);
-                if st.record.phase != volmig_agent::session::Phase::Completed {
-                    bail!("migration ended {}", st.record.phase);
-                }
-            }
-            Ok(())
+            // Fail now on unreadable TLS files rather than in the task.
+            volmig_agent::grpc::server_tls(&files)?;
+            Ok(Some(files))
         }
-        Cmd::Status {
-            control,
-            volume,
-            json,
-        } => {
-            let st = expect_status(
-                connect(&control)
-                    .await?
-                    .call(&Request::Status { volume })
-                    .await?,
-            )?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&st)?);
-            } else {
-                print_status(&st);
-            }
-            Ok(())
-        }
-        Cmd::Abort { control, volume } => expect_done(
-            connect(&control)
-                .await?
-                .call(&Request::Abort { volume })
-                .await?,
+        (None, None, None, true) => Ok(None),
+        _ => bail!(
+            "--grpc needs --tls-cert, --tls-key and --tls-client-ca (mutual TLS), or --insecure-grpc alone"
         ),
-        Cmd::Bandwidth {
-            control,
-            volume,
-            rate,
-        } => expect_done(
-            connect(&control)
-                .await?
-                .call(&Request::SetBandwidth {
-                    volume,
-                    bytes_per_sec: rate,
-                })
-                .await?,
-        ),
-        Cmd::List { control } => match connect(&control).await?.call(&Request::List).await? {
-            Reply::Volumes { volumes } => {
-                println!("{:<20} {:>12} {:<14} ACTIVE", "VOLUME", "SIZE", "PHASE");
-                for v in volumes {
-                    let phase = v.phase.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-                    println!(
-                        "{:<20} {:>12} {:<14} {}",
-                        v.name,
-                        human_bytes(v.size as f64),
-                        phase,
-                        v.active.display()
-                    );
-                }
-                Ok(())
-            }
-            Reply::Error { message } => bail!(message),
-            other => bail!("unexpected reply {other:?}"),
-        },
     }
 }
 
-async fn connect(path: &std::path::Path) -> anyhow::Result<ControlClient> {
-    ControlClient::connect(path)
-        .await
-        .with_context(|| format!("is volmig-agent serving on {}?", path.display()))
-}
-
-fn expect_status(r: Reply) -> anyhow::Result<volmig_agent::session::SessionStatus> {
-    match r {
-        Reply::Status(s) => Ok(*s),
-        Reply::Error { message } => bail!(message),
-        other => bail!("unexpected reply {other:?}"),
+/// Serves the volumes persisted in the state directory, then the
+/// `--export`s (a serve call each: the same settings again are a no-op).
+/// A volume that cannot be served is logged and listed, never fatal.
+async fn serve_volumes(agent: &Agent, a: &ServeArgs) -> anyhow::Result<()> {
+    let restored = agent.restore().await?;
+    if restored > 0 {
+        tracing::info!(volumes = restored, "served again what was served before");
     }
-}
-
-fn expect_done(r: Reply) -> anyhow::Result<()> {
-    match r {
-        Reply::Done => Ok(()),
-        Reply::Error { message } => bail!(message),
-        other => bail!("unexpected reply {other:?}"),
-    }
-}
-
-fn print_status(st: &volmig_agent::session::SessionStatus) {
-    print!("{}", st.record.render());
-    println!(
-        "live        copy {}/s, workload writes {}/s, bandwidth limit {}",
-        human_bytes(st.copy_rate),
-        human_bytes(st.write_rate),
-        if st.bandwidth == 0 {
-            "none".to_string()
-        } else {
-            format!("{}/s", human_bytes(st.bandwidth as f64))
+    for (name, path) in &a.exports {
+        let r = ServeVolume {
+            volume: name.clone(),
+            backing: path.clone(),
+            frontends: vec![Frontend::Nbd],
+            direct: a.direct,
+        };
+        if let Err(e) = agent.serve(r).await {
+            tracing::error!(volume = %name, path = %path.display(), error = %e,
+                "cannot serve --export; the agent serves its other volumes");
         }
-    );
+    }
+    if agent.list().is_empty() {
+        tracing::warn!("this agent serves no volume yet");
+    }
+    Ok(())
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if a.nbd_unix.is_none() && a.nbd_tcp.is_none() {
         bail!("nothing to serve on: give --nbd-unix and/or --nbd-tcp");
     }
-    let agent = Agent::new(&a.state_dir)?;
+    let tls = match a.grpc {
+        Some(_) => grpc_tls(&a)?,
+        None => None,
+    };
     let server: NbdServer<volmig_agent::interposer::Interposer> = NbdServer::new();
-    for (name, path) in &a.exports {
-        let ip = agent
-            .add_volume(name, path, a.direct)
-            .await
-            .with_context(|| format!("export {name}"))?;
-        server.add_export(Export::new(name.clone(), ip))?;
-        tracing::info!(volume = %name, path = %path.display(), "serving");
-    }
-    if a.exports.is_empty() {
-        tracing::warn!("no --export given: this agent serves no volume yet");
-    }
+    let agent = Agent::with_frontends(&a.state_dir, Frontends::with_nbd(server.clone()))?;
+    serve_volumes(&agent, &a).await?;
     let mut handles = Vec::new();
     if let Some(p) = &a.nbd_unix {
         let _ = std::fs::remove_file(p);
@@ -285,61 +190,72 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(addr) = &a.nbd_tcp {
         handles.push(server.serve_tcp(addr.as_str()).await?);
     }
-    let (grpc_stop, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
-    let grpc_task = match a.grpc {
-        None => None,
-        Some(addr) => {
-            let tls = match (&a.tls_cert, &a.tls_key, &a.tls_client_ca, a.insecure_grpc) {
-                (Some(cert), Some(key), Some(ca), false) => Some(volmig_agent::grpc::TlsFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                    client_ca: ca.clone(),
-                }),
-                (None, None, None, true) => {
-                    tracing::warn!(%addr, "gRPC API in PLAIN TEXT without client authentication (--insecure-grpc)");
-                    None
-                }
-                _ => bail!(
-                    "--grpc needs --tls-cert, --tls-key and --tls-client-ca (mutual TLS), or --insecure-grpc alone"
-                ),
-            };
-            // Fail now on unreadable TLS files rather than in the task.
-            if let Some(t) = &tls {
-                volmig_agent::grpc::server_tls(t)?;
-            }
-            let agent = agent.clone();
-            tracing::info!(%addr, tls = tls.is_some(), "agent gRPC API listening");
-            Some(tokio::spawn(async move {
-                volmig_agent::grpc::serve(agent, addr, tls.as_ref(), async {
-                    let _ = grpc_stopped.await;
-                })
-                .await
-            }))
-        }
-    };
-    if let Some(dir) = a.control.parent() {
-        std::fs::create_dir_all(dir).ok();
-    }
-    let ctl_agent = agent.clone();
-    let ctl_path = a.control.clone();
-    let control_task = tokio::spawn(async move { control::serve(ctl_agent, &ctl_path).await });
     for h in &handles {
         tracing::info!(addr = %h.local_addr(), "NBD listening");
     }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = move || {
+        let mut rx = stopped.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut grpc = tokio::task::JoinSet::new();
+    if let Some(addr) = a.grpc {
+        if tls.is_none() {
+            tracing::warn!(%addr, "gRPC API in PLAIN TEXT without client authentication (--insecure-grpc)");
+        }
+        tracing::info!(%addr, tls = tls.is_some(), "agent gRPC API listening");
+        let (agent, stopped) = (agent.clone(), until_stopped());
+        grpc.spawn(
+            async move { volmig_agent::grpc::serve(agent, addr, tls.as_ref(), stopped).await },
+        );
+    }
+    let control = control_socket(&a.control, a.control_group)?;
+    tracing::info!(socket = %a.control.display(), group = ?a.control_group,
+        "agent gRPC API listening on the control socket (unix://{})", a.control.display());
+    {
+        let (agent, path, stopped) = (agent.clone(), a.control.clone(), until_stopped());
+        grpc.spawn(
+            async move { volmig_agent::grpc::serve_unix(agent, control, &path, stopped).await },
+        );
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-        r = control_task => { r??; }
-    }
+    let failed = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        Some(r) = grpc.join_next() => Some(r),
+    };
     tracing::info!("shutting down; unfinished sessions resume at next start");
-    agent.shutdown().await;
-    let _ = grpc_stop.send(());
-    if let Some(t) = grpc_task {
-        let _ = t.await;
-    }
+    let _ = stop.send(true);
+    while grpc.join_next().await.is_some() {}
     for h in handles {
         let _ = h.shutdown().await;
     }
-    Ok(())
+    match failed {
+        Some(r) => {
+            r??;
+            bail!("a gRPC server stopped on its own")
+        }
+        None => Ok(()),
+    }
+}
+
+fn control_socket(path: &Path, group: Option<u32>) -> anyhow::Result<tokio::net::UnixListener> {
+    volmig_agent::grpc::bind_unix(path, SocketAccess { group })
+        .with_context(|| format!("control socket {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_by_name_or_number() {
+        let etc = "root:x:0:\ndisk:x:6:\nvolmig:x:990:alice,bob\n";
+        assert_eq!(group_id(etc, "volmig"), Some(990));
+        assert_eq!(group_id(etc, "disk"), Some(6));
+        assert_eq!(group_id(etc, "nope"), None);
+        assert_eq!(parse_group("1234"), Ok(1234));
+    }
 }

@@ -1,5 +1,5 @@
-//! The command-line options of a session, shared by `volmig-agent migrate`,
-//! `volmig migrate` and `volmig demo` so they read and default the same.
+//! The command-line options of a session, shared by `volmig migrate` and
+//! `volmig demo` so they read and default the same.
 
 use clap::Args;
 

@@ -2,7 +2,8 @@
 //! every call's fence (session and epoch), runs one operation per volume at
 //! a time (a concurrent one is `Busy`), and maps agent errors to the
 //! contract's kinds, with the volume and session as context. The gRPC
-//! service and in-process masters both come through here.
+//! service and in-process masters both come through here, and so do the
+//! serving calls (`agent.rs` holds their logic).
 
 use std::sync::Arc;
 
@@ -27,7 +28,11 @@ impl From<AgentError> for SlaveError {
             | AgentError::TargetTooSmall { .. }
             | AgentError::SameDevice { .. }
             | AgentError::Invalid(_) => ErrorKind::Invalid,
-            AgentError::SessionExists { .. } => ErrorKind::AlreadyExists,
+            AgentError::SessionExists { .. } | AgentError::AlreadyServed { .. } => {
+                ErrorKind::AlreadyExists
+            }
+            AgentError::InUse { .. } => ErrorKind::InUse,
+            AgentError::Busy(_) => ErrorKind::Busy,
             AgentError::UnknownVolume(_) | AgentError::NoSession(_) => ErrorKind::NotFound,
             AgentError::Transition(_) => ErrorKind::WrongState,
             _ => ErrorKind::Failed,
@@ -200,11 +205,13 @@ impl Slave for Agent {
 
     async fn terminate(&self, r: Terminate) -> SlaveResult<TerminateResult> {
         let (s, _g) = self.session_for(&r.fence, true)?;
-        within(
+        let done = within(
             "terminate",
             &r.fence,
             s.terminate(r.verify, r.failback_window).await,
-        )
+        )?;
+        self.note_terminated(&r.fence.volume);
+        Ok(done)
     }
 
     async fn abort(&self, f: Fence) -> SlaveResult<SessionState> {
@@ -247,36 +254,23 @@ impl Slave for Agent {
     }
 
     async fn serve_volume(&self, r: ServeVolume) -> SlaveResult<VolumeInfo> {
-        Err(
-            SlaveError::invalid("serving at runtime is not supported by this agent yet")
-                .op("serve")
-                .volume(r.volume),
-        )
+        let volume = r.volume.clone();
+        self.serve(r)
+            .await
+            .map_err(|e| SlaveError::from(e).op("serve").volume(volume))
     }
 
     async fn unserve_volume(&self, r: UnserveVolume) -> SlaveResult<Unserved> {
-        Err(
-            SlaveError::invalid("serving at runtime is not supported by this agent yet")
-                .op("unserve")
-                .volume(r.volume),
-        )
+        let was_served = self
+            .unserve(&r.volume)
+            .await
+            .map_err(|e| SlaveError::from(e).op("unserve").volume(&r.volume))?;
+        Ok(Unserved { was_served })
     }
 
     async fn list_volumes(&self, _r: ListVolumes) -> SlaveResult<VolumeList> {
         Ok(VolumeList {
-            volumes: self
-                .list()
-                .into_iter()
-                .map(|v| VolumeInfo {
-                    name: v.name,
-                    size: v.size,
-                    backing: v.backing,
-                    active: v.active,
-                    session: v.session,
-                    frontends: Vec::new(),
-                    error: None,
-                })
-                .collect(),
+            volumes: self.list(),
         })
     }
 }

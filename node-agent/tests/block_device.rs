@@ -3,9 +3,13 @@
 //! `BLKGETSIZE64`, `BLKZEROOUT` and `BLKDISCARD` paths run for real. Needs
 //! root and `losetup` (Debian package `mount`); fails, never skips, without.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+
+use common::master::Master;
 
 use volmig_agent::agent::Agent;
 use volmig_agent::session::{Phase, SessionConfig};
@@ -83,11 +87,12 @@ async fn migrate_between_loop_devices_under_writes() {
         bandwidth: 64 << 20,
         ..SessionConfig::default()
     };
-    agent.migrate("blk", &tgt.0, cfg).await.unwrap();
-    let st = agent.wait("blk").await.unwrap();
+    let master = Master::new(agent.clone(), &dir.path().join("master"));
+    master.migrate("blk", &tgt.0, cfg).await.unwrap();
+    let st = master.wait("blk").await.unwrap();
     w.await.unwrap();
-    assert_eq!(st.record.phase, Phase::Completed, "{:?}", st.record.error);
-    assert_eq!(st.record.verified, Some(true));
+    assert_eq!(st.phase, Phase::Completed, "{:?}", st.error);
+    assert_eq!(st.verified, Some(true));
     for (off, v) in writes.lock().unwrap().iter() {
         expect[*off as usize..*off as usize + 8192].fill(*v);
     }

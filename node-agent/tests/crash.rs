@@ -5,12 +5,15 @@
 //! write. A writer keeps writing through NBD the whole time, reconnecting
 //! while the agent is down.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::master::{ProcMaster, session_config};
 use volmig_frontends::nbd::NbdClient;
 
 const BLOCK: u64 = 4096;
@@ -30,6 +33,9 @@ impl Drop for Agent {
 }
 
 struct Env {
+    /// Drives the migration over the agent's control socket; it outlives
+    /// the agent's crash (its calls are retried until the agent is back).
+    master: ProcMaster,
     dir: tempfile::TempDir,
 }
 
@@ -74,23 +80,10 @@ impl Env {
         std::fs::read_to_string(self.p("agent.log")).unwrap_or_default()
     }
 
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_volmig-agent"))
-            .args(args)
-            .arg("--control")
-            .arg(self.p("ctl.sock"))
-            .output()
-            .unwrap()
-    }
-
     fn status(&self) -> serde_json::Value {
-        let out = self.ctl(&["status", "vol", "--json"]);
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        self.master
+            .status_json("vol")
+            .unwrap_or_else(|e| panic!("status failed: {e}"))
     }
 
     fn wait_until(&self, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
@@ -209,8 +202,10 @@ fn crash_and_resume(
     kill_when: impl Fn(&serde_json::Value) -> bool,
     phase_at_kill: &str,
 ) -> (u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
     let env = Env {
-        dir: tempfile::tempdir().unwrap(),
+        master: ProcMaster::new(&dir.path().join("ctl.sock"), &dir.path().join("master")),
+        dir,
     };
     make_source(&env.p("source.img"));
     std::fs::File::create(env.p("target.img"))
@@ -227,14 +222,11 @@ fn crash_and_resume(
     let mut agent = env.start();
     let w = rt.spawn(writer(env.p("nbd.sock"), exp.clone(), stop.clone()));
     let target = env.p("target.img");
-    let mut args = vec!["migrate", "vol", target.to_str().unwrap(), "--mode", mode];
+    let mut args = vec!["--mode", mode];
     args.extend_from_slice(extra);
-    let out = env.ctl(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.master
+        .migrate("vol", &target, session_config(&args))
+        .unwrap();
     // Stop waiting as soon as the session is past the kill point: then the
     // assertion below says so at once instead of timing out.
     let order = [

@@ -3,9 +3,13 @@
 //! while a session migrates it through all eight phases. After every run the
 //! device the workload ends on must hold exactly what the writers wrote.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use common::master::Master;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use volmig_agent::agent::Agent;
@@ -97,7 +101,8 @@ struct Run {
     _dir: tempfile::TempDir,
     source: PathBuf,
     target: PathBuf,
-    agent: Arc<Agent>,
+    /// Drives the migrations, the agent its slave.
+    master: Master<Arc<Agent>>,
     vol: Arc<Interposer>,
     shadow: Arc<Shadow>,
 }
@@ -111,11 +116,12 @@ async fn setup(size: u64) -> Run {
     let image = std::fs::read(&source).unwrap();
     let agent = Agent::new(&dir.path().join("state")).unwrap();
     let vol = agent.add_volume("vol", &source, false).await.unwrap();
+    let master = Master::new(agent.clone(), &dir.path().join("master"));
     Run {
         _dir: dir,
         source,
         target,
-        agent,
+        master,
         vol,
         shadow: Arc::new(Shadow(Mutex::new(image))),
     }
@@ -153,8 +159,8 @@ async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64)
         failback_window_ms: 100,
         ..SessionConfig::default()
     };
-    r.agent.migrate("vol", &r.target, config).await.unwrap();
-    let st = tokio::time::timeout(Duration::from_secs(60), r.agent.wait("vol"))
+    r.master.migrate("vol", &r.target, config).await.unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(60), r.master.wait("vol"))
         .await
         .expect("migration hung")
         .unwrap();
@@ -167,12 +173,12 @@ async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64)
         ops += w.await.unwrap();
     }
     assert_eq!(
-        st.record.phase,
+        st.phase,
         Phase::Completed,
         "seed {seed} {mode:?}: {:?}",
-        st.record.error
+        st.error
     );
-    assert_eq!(st.record.verified, Some(true));
+    assert_eq!(st.verified, Some(true));
     assert!(ops >= 150, "writers must really have run ({ops} ops)");
     assert_eq!(
         r.vol.active().path(),
@@ -229,12 +235,12 @@ async fn abort_mid_copy_leaves_workload_on_complete_source() {
         bandwidth: 2 << 20,
         ..SessionConfig::default()
     };
-    r.agent.migrate("vol", &r.target, config).await.unwrap();
+    r.master.migrate("vol", &r.target, config).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(r.agent.status("vol").unwrap().record.phase, Phase::Copying);
-    r.agent.abort("vol").await.unwrap();
-    let st = r.agent.wait("vol").await.unwrap();
-    assert_eq!(st.record.phase, Phase::Aborted);
+    assert_eq!(r.master.status("vol").unwrap().phase, Phase::Copying);
+    r.master.abort("vol").await.unwrap();
+    let st = r.master.wait("vol").await.unwrap();
+    assert_eq!(st.phase, Phase::Aborted);
     tokio::time::sleep(Duration::from_millis(50)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     w.await.unwrap();
@@ -246,14 +252,11 @@ async fn abort_mid_copy_leaves_workload_on_complete_source() {
         "source holds every write"
     );
     // a new migration may start after an abort
-    r.agent
+    r.master
         .migrate("vol", &r.target, SessionConfig::default())
         .await
         .unwrap();
-    assert_eq!(
-        r.agent.wait("vol").await.unwrap().record.phase,
-        Phase::Completed
-    );
+    assert_eq!(r.master.wait("vol").await.unwrap().phase, Phase::Completed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,24 +266,21 @@ async fn abort_after_redirect_fails_back_to_source() {
         failback_window_ms: 5_000,
         ..SessionConfig::default()
     };
-    r.agent.migrate("vol", &r.target, config).await.unwrap();
-    let s = r.agent.status("vol").unwrap();
+    r.master.migrate("vol", &r.target, config).await.unwrap();
+    let s = r.master.status("vol").unwrap();
     let _ = s;
     for _ in 0..200 {
-        if r.agent.status("vol").unwrap().record.phase == Phase::Terminating {
+        if r.master.status("vol").unwrap().phase == Phase::Terminating {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        r.agent.status("vol").unwrap().record.phase,
-        Phase::Terminating
-    );
+    assert_eq!(r.master.status("vol").unwrap().phase, Phase::Terminating);
     assert_eq!(r.vol.active().path(), r.target.as_path());
     r.vol.write(4096, vec![0xee; 8192], false).await.unwrap(); // mirrored back
-    r.agent.abort("vol").await.unwrap();
-    let st = r.agent.wait("vol").await.unwrap();
-    assert_eq!(st.record.phase, Phase::Aborted, "{:?}", st.record.error);
+    r.master.abort("vol").await.unwrap();
+    let st = r.master.wait("vol").await.unwrap();
+    assert_eq!(st.phase, Phase::Aborted, "{:?}", st.error);
     assert_eq!(r.vol.active().path(), r.source.as_path());
     let src = std::fs::read(&r.source).unwrap();
     assert!(
@@ -297,35 +297,35 @@ async fn bad_requests_change_nothing() {
     let small = r._dir.path().join("small.img");
     make_file(&small, 1 << 20, None);
     let e = r
-        .agent
+        .master
         .migrate("vol", &small, SessionConfig::default())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("smaller"), "{e}");
     // same device
     let e = r
-        .agent
+        .master
         .migrate("vol", &r.source, SessionConfig::default())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("same device"), "{e}");
     // missing target
     let e = r
-        .agent
+        .master
         .migrate("vol", &r._dir.path().join("nope"), SessionConfig::default())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
     // unknown volume
     let e = r
-        .agent
+        .master
         .migrate("other", &r.target, SessionConfig::default())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("unknown volume"), "{e}");
     assert!(r.vol.link().is_none());
     assert!(
-        r.agent.status("vol").is_err(),
+        r.master.status("vol").is_err(),
         "failed activations leave no session behind"
     );
     // two migrations at once
@@ -333,15 +333,15 @@ async fn bad_requests_change_nothing() {
         bandwidth: 1 << 20,
         ..SessionConfig::default()
     };
-    r.agent
+    r.master
         .migrate("vol", &r.target, cfg.clone())
         .await
         .unwrap();
     let t2 = r._dir.path().join("t2.img");
     make_file(&t2, 4 << 20, None);
-    let e = r.agent.migrate("vol", &t2, cfg).await.unwrap_err();
-    assert!(e.to_string().contains("already has a migration"), "{e}");
-    r.agent.abort("vol").await.unwrap();
-    r.agent.wait("vol").await.unwrap();
+    let e = r.master.migrate("vol", &t2, cfg).await.unwrap_err();
+    assert!(e.contains("already has a session in progress"), "{e}");
+    r.master.abort("vol").await.unwrap();
+    r.master.wait("vol").await.unwrap();
     assert_eq!(std::fs::read(&r.source).unwrap(), before);
 }

@@ -201,7 +201,10 @@ pub struct ServeVolume {
     pub direct: bool,
 }
 
-/// Stop serving a volume (refused while a migration session holds it).
+/// Stop serving a volume: its frontends close, its backing device is
+/// released and the agent forgets it. Refused (`InUse`) while an unfinished
+/// migration session holds it; a volume that is not served is no error
+/// (idempotent, as CSI's NodeUnstage needs): [`Unserved::was_served`] says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnserveVolume {
     pub volume: String,
@@ -211,7 +214,10 @@ pub struct UnserveVolume {
 pub struct ListVolumes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Unserved;
+pub struct Unserved {
+    /// False: the agent did not serve the volume (nothing was done).
+    pub was_served: bool,
+}
 
 /// A volume an agent serves, or was asked to serve and could not.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -578,14 +578,18 @@ impl FromWire for UnserveVolume {
 impl IntoWire for Unserved {
     type Wire = pb::UnserveVolumeResponse;
     fn into_wire(self) -> pb::UnserveVolumeResponse {
-        pb::UnserveVolumeResponse {}
+        pb::UnserveVolumeResponse {
+            was_served: self.was_served,
+        }
     }
 }
 
 impl FromWire for Unserved {
     type Wire = pb::UnserveVolumeResponse;
-    fn from_wire(_: pb::UnserveVolumeResponse) -> SlaveResult<Self> {
-        Ok(Unserved)
+    fn from_wire(w: pb::UnserveVolumeResponse) -> SlaveResult<Self> {
+        Ok(Unserved {
+            was_served: w.was_served,
+        })
     }
 }
 
@@ -847,5 +851,9 @@ mod tests {
         let mut w = s.into_wire();
         w.frontends = vec![0];
         assert!(ServeVolume::from_wire(w).is_err());
+        for was_served in [true, false] {
+            let u = Unserved { was_served };
+            assert_eq!(Unserved::from_wire(u.into_wire()).unwrap(), u);
+        }
     }
 }

@@ -97,6 +97,12 @@ impl StateDir {
     pub fn remove_dirty_map(&self, volume: &str) {
         let _ = std::fs::remove_file(self.dirty_map_path(volume));
     }
+
+    /// Forgets a volume's (finished) session: its record and dirty map.
+    pub fn remove_checkpoint(&self, volume: &str) {
+        let _ = std::fs::remove_file(self.record_path(volume));
+        self.remove_dirty_map(volume);
+    }
 }
 
 #[cfg(test)]

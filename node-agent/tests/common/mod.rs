@@ -1,16 +1,20 @@
 //! Shared helpers of the system tests (`live_clients`, `filesystem`): the
-//! agent as a child process, external tools run with timeouts, image files
-//! with known content.
+//! agent as a child process with a master driving its migrations over its
+//! control socket ([`master`]), external tools run with timeouts, image
+//! files with known content.
 //!
 //! External tools are required: a missing one fails the test with the name of
 //! the Debian package to install, it never passes silently.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod master;
+
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -205,14 +209,16 @@ pub fn pattern_file(path: &Path, size: u64, seed: u64) {
 /// Terminal phases of a migration session.
 pub const TERMINAL: [&str; 3] = ["Completed", "Aborted", "Failed"];
 
-/// A `volmig-agent serve` child process. Dropping it kills the agent; when
-/// the test is failing, the agent's log is printed.
+/// A `volmig-agent serve` child process, and a master for its migrations.
+/// Dropping it kills the agent; when the test is failing, the agent's log
+/// is printed.
 pub struct Agent {
     child: Option<Child>,
     pub nbd_sock: PathBuf,
     pub ctl_sock: PathBuf,
     pub log: PathBuf,
     pub tcp: Option<SocketAddr>,
+    pub master: master::ProcMaster,
 }
 
 pub fn agent_bin() -> PathBuf {
@@ -244,6 +250,7 @@ impl Agent {
                 ctl_sock: dir.join("ctl.sock"),
                 log: dir.join(format!("agent-{attempt}.log")),
                 tcp: tcp.then(free_tcp_port),
+                master: master::ProcMaster::new(&dir.join("ctl.sock"), &dir.join("master-state")),
             };
             let log = std::fs::File::create(&a.log).unwrap();
             let mut cmd = Command::new(agent_bin());
@@ -319,51 +326,57 @@ impl Agent {
         format!("nbd://{}:{}/{name}", a.ip(), a.port())
     }
 
-    /// Runs a `volmig-agent` client subcommand against this agent's control
-    /// socket: `sub --control CTL args...`.
-    pub fn cli(&self, sub: &str, args: &[&str]) -> Out {
-        let mut cmd = Command::new(agent_bin());
-        cmd.arg(sub)
-            .arg("--control")
-            .arg(&self.ctl_sock)
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env("RUST_BACKTRACE", "0");
-        run_cmd(cmd, CMD_TIMEOUT)
-    }
-
-    /// Starts migrating `volume` to `target` (does not wait).
+    /// Starts migrating `volume` to `target` (does not wait); `opts` are
+    /// `volmig migrate`'s session options.
     pub fn migrate(&self, volume: &str, target: &Path, opts: &[&str]) {
-        let mut args = vec![volume, target.to_str().unwrap()];
-        args.extend_from_slice(opts);
-        let out = self.cli("migrate", &args);
-        assert!(
-            out.ok(),
-            "migrate failed:\n{}\nagent log:\n{}",
-            out.text(),
-            self.log_text()
-        );
+        if let Err(e) = self
+            .master
+            .migrate(volume, target, master::session_config(opts))
+        {
+            panic!("migrate failed: {e}\nagent log:\n{}", self.log_text());
+        }
     }
 
-    /// `migrate --wait`: returns the command's result (exit 0 only when the
-    /// migration Completed).
+    /// Migrates and waits for the end, like `volmig migrate`: the result
+    /// (success only when the migration Completed) with the final record
+    /// printed on stdout.
     pub fn migrate_wait(&self, volume: &str, target: &Path, opts: &[&str]) -> Out {
-        let mut args = vec![volume, target.to_str().unwrap(), "--wait"];
-        args.extend_from_slice(opts);
-        self.cli("migrate", &args)
+        let what = format!(
+            "migrate {volume} {} {} (master over {})",
+            target.display(),
+            opts.join(" "),
+            self.ctl_sock.display()
+        );
+        let failed = |stdout: String, stderr: String| Out {
+            status: ExitStatus::from_raw(1 << 8),
+            stdout,
+            stderr,
+            what: what.clone(),
+        };
+        if let Err(e) = self
+            .master
+            .migrate(volume, target, master::session_config(opts))
+        {
+            return failed(String::new(), e);
+        }
+        match self.master.wait(volume) {
+            Ok(rec) if rec.phase == volmig_api::phase::Phase::Completed => Out {
+                status: ExitStatus::from_raw(0),
+                stdout: rec.render(),
+                stderr: String::new(),
+                what,
+            },
+            Ok(rec) => failed(rec.render(), format!("migration ended {}", rec.phase)),
+            Err(e) => failed(String::new(), e),
+        }
     }
 
-    /// `status --json`.
+    /// The session's record with the agent's live figures:
+    /// `{"record": .., "dirty_bytes": .., "copied_this_run": ..}`.
     pub fn status(&self, volume: &str) -> serde_json::Value {
-        let out = self.cli("status", &[volume, "--json"]);
-        assert!(
-            out.ok(),
-            "status failed:\n{}\nagent log:\n{}",
-            out.text(),
-            self.log_text()
-        );
-        serde_json::from_str(&out.stdout)
-            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{}", out.stdout))
+        self.master
+            .status_json(volume)
+            .unwrap_or_else(|e| panic!("status failed: {e}\nagent log:\n{}", self.log_text()))
     }
 
     pub fn phase(&self, volume: &str) -> String {
@@ -410,16 +423,9 @@ impl Agent {
         assert_eq!(st["dirty_bytes"], 0, "dirty bytes left: {st:#}");
     }
 
-    /// The backing file the agent serves `volume` from now (`list`).
+    /// The backing file the agent serves `volume` from now (`ListVolumes`).
     pub fn active_path(&self, volume: &str) -> String {
-        let out = self.cli("list", &[]).assert_ok();
-        out.stdout
-            .lines()
-            .skip(1)
-            .find(|l| l.split_whitespace().next() == Some(volume))
-            .and_then(|l| l.split_whitespace().last())
-            .unwrap_or_else(|| panic!("{volume} not listed:\n{}", out.stdout))
-            .to_string()
+        self.master.active_path(volume)
     }
 
     /// Stops the agent with SIGTERM (SIGKILL after 30 s); returns how it
