@@ -288,6 +288,13 @@ impl Agent {
             info!(%volume, "forgot the failed volume");
             return Ok(true);
         }
+        let in_use = |slave: Option<Arc<SlaveSession>>| match slave {
+            Some(s) if !s.is_finished() => Err(AgentError::InUse {
+                volume: volume.to_string(),
+                session: s.session_id(),
+            }),
+            _ => Ok(()),
+        };
         let found = lock(&self.volumes).get(volume).map(|v| {
             (
                 v.interposer.clone(),
@@ -300,21 +307,15 @@ impl Agent {
             self.served.remove(volume)?;
             return Ok(false);
         };
+        in_use(slave)?;
+        // No session step may start (a prepare) while it goes away.
         let _op = op
             .try_lock_owned()
             .map_err(|_| AgentError::Busy(volume.to_string()))?;
-        if let Some(s) = &slave
-            && !s.is_finished()
-        {
-            return Err(AgentError::InUse {
-                volume: volume.to_string(),
-                session: s.session_id(),
-            });
-        }
+        in_use(self.slave(volume))?;
         self.served.remove(volume)?;
         lock(&self.volumes).remove(volume);
         self.frontends.detach(volume, &frontends);
-        drop(slave);
         if let Ok(Some(c)) = self.state.load(volume)
             && c.finished
         {
@@ -356,7 +357,6 @@ impl Agent {
             .ok_or_else(|| AgentError::UnknownVolume(name.to_string()))
     }
 
-    #[cfg(test)]
     pub(crate) fn slave(&self, volume: &str) -> Option<Arc<SlaveSession>> {
         lock(&self.volumes)
             .get(volume)
@@ -399,5 +399,93 @@ impl Agent {
                 warn!(%volume, error = %e, "cannot record the new backing device; the session checkpoint still names it")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use volmig_api::SessionConfig;
+
+    fn checkpoint(dir: &Path, finished: bool) -> SlaveRecord {
+        SlaveRecord {
+            session_id: "s1".into(),
+            epoch: 1,
+            volume: "v".into(),
+            source: dir.join("src"),
+            target: dir.join("tgt"),
+            size: 1 << 20,
+            config: SessionConfig::default(),
+            monitor_only: false,
+            mirror: false,
+            redirected: true,
+            finished,
+            verified: Some(true),
+            mismatch_offset: None,
+            resumes: 0,
+        }
+    }
+
+    fn files(dir: &Path) {
+        for f in ["src", "tgt", "other"] {
+            std::fs::File::create(dir.join(f))
+                .unwrap()
+                .set_len(1 << 20)
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_migration_that_ended_before_its_target_was_recorded_is_served_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        files(dir.path());
+        let state = dir.path().join("state");
+        let agent = Agent::new(&state).unwrap();
+        agent
+            .add_volume("v", &dir.path().join("src"), false)
+            .await
+            .unwrap();
+        drop(agent);
+        // The crash came after the session's checkpoint said it terminated
+        // on the target, before the served record said so.
+        StateDir::open(&state)
+            .unwrap()
+            .save(&checkpoint(dir.path(), true))
+            .unwrap();
+        let agent = Agent::new(&state).unwrap();
+        assert_eq!(agent.restore().await.unwrap(), 1);
+        let v = &agent.list()[0];
+        assert_eq!(v.active, dir.path().join("tgt"));
+        assert_eq!(v.backing, dir.path().join("tgt"));
+        let rec = ServedDir::open(&state).unwrap().load("v").unwrap().unwrap();
+        assert_eq!(rec.backing, dir.path().join("tgt"));
+        assert_eq!(rec.requested, dir.path().join("src"));
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_session_of_another_device_fails_the_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        files(dir.path());
+        let state = dir.path().join("state");
+        StateDir::open(&state)
+            .unwrap()
+            .save(&checkpoint(dir.path(), false))
+            .unwrap();
+        let agent = Agent::new(&state).unwrap();
+        let e = agent
+            .add_volume("v", &dir.path().join("other"), false)
+            .await
+            .err()
+            .expect("serving another device under the session is refused");
+        assert!(
+            e.to_string().contains("unfinished migration session s1"),
+            "{e}"
+        );
+        let v = &agent.list()[0];
+        assert!(
+            v.error.as_deref().is_some_and(|e| e.contains("s1")),
+            "{v:?}"
+        );
+        assert!(agent.interposer("v").is_err());
     }
 }

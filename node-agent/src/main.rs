@@ -182,17 +182,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let server: NbdServer<volmig_agent::interposer::Interposer> = NbdServer::new();
     let agent = Agent::with_frontends(&a.state_dir, Frontends::with_nbd(server.clone()))?;
     serve_volumes(&agent, &a).await?;
-    let mut handles = Vec::new();
-    if let Some(p) = &a.nbd_unix {
-        let _ = std::fs::remove_file(p);
-        handles.push(server.serve_unix(p).await?);
-    }
-    if let Some(addr) = &a.nbd_tcp {
-        handles.push(server.serve_tcp(addr.as_str()).await?);
-    }
-    for h in &handles {
-        tracing::info!(addr = %h.local_addr(), "NBD listening");
-    }
+    // The API first: once NBD answers, so does the control socket.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until_stopped = move || {
         let mut rx = stopped.clone();
@@ -219,6 +209,17 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         grpc.spawn(
             async move { volmig_agent::grpc::serve_unix(agent, control, &path, stopped).await },
         );
+    }
+    let mut handles = Vec::new();
+    if let Some(p) = &a.nbd_unix {
+        let _ = std::fs::remove_file(p);
+        handles.push(server.serve_unix(p).await?);
+    }
+    if let Some(addr) = &a.nbd_tcp {
+        handles.push(server.serve_tcp(addr.as_str()).await?);
+    }
+    for h in &handles {
+        tracing::info!(addr = %h.local_addr(), "NBD listening");
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let failed = tokio::select! {

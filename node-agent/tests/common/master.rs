@@ -195,6 +195,16 @@ impl ProcMaster {
             .block_on(self.master.migrate(volume, target, config))
     }
 
+    /// The agent over its control socket.
+    pub fn agent(&self) -> &GrpcSlave {
+        self.master.slave()
+    }
+
+    /// Runs a call (to [`agent`](Self::agent)) to completion.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
     pub fn record(&self, volume: &str) -> Result<SessionRecord, String> {
         self.master.status(volume)
     }
