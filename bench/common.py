@@ -18,6 +18,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 AGENT_BIN = os.environ.get("VOLMIG_AGENT") or os.path.join(ROOT, "target/release/volmig-agent")
+# The master: `volmig migrate` drives the agent over its control socket.
+VOLMIG_BIN = os.environ.get("VOLMIG") or os.path.join(ROOT, "target/release/volmig")
 CLK = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
 GiB = 1 << 30
@@ -254,7 +256,9 @@ def window_iops(rows, t0_s, t1_s):
 # ---------------------------------------------------------------- volmig agent
 
 class Agent:
-    """One `volmig-agent serve` process with its own state directory."""
+    """One `volmig-agent serve` process with its own state directory, and
+    the local master (`volmig migrate` over the agent's control socket,
+    records in its own state directory) that migrates its volumes."""
 
     def __init__(self, workdir, exports, tag="agent"):
         self.workdir = workdir
@@ -262,11 +266,13 @@ class Agent:
         self.sock = os.path.join(workdir, f"{tag}.nbd.sock")
         self.ctl = os.path.join(workdir, f"{tag}.ctl.sock")
         self.state = os.path.join(workdir, f"{tag}.state")
+        self.master_state = os.path.join(workdir, f"{tag}.master")
         self.logpath = os.path.join(workdir, f"{tag}.log")
         self.proc = None
 
     def start(self):
         shutil.rmtree(self.state, ignore_errors=True)
+        shutil.rmtree(self.master_state, ignore_errors=True)
         cmd = [AGENT_BIN, "serve", "--state-dir", self.state]
         for name, path in self.exports.items():
             cmd += ["--export", f"{name}={path}"]
@@ -287,19 +293,25 @@ class Agent:
         return f"nbd+unix:///{name}?socket={self.sock}"
 
     def migrate_cmd(self, vol, target, mode="Auto", verify="None", wait=True, sync_goal="100ms"):
-        cmd = [AGENT_BIN, "migrate", "--control", self.ctl, vol, target, "--mode", mode,
-               "--sync-goal", sync_goal, "--bandwidth", "0", "--verify", verify]
-        return cmd + (["--wait"] if wait else [])
+        """`volmig migrate`: runs until the session ends (exit 0 only when it
+        Completed), as many at once as asked (no queue)."""
+        if not wait:
+            raise ValueError("volmig migrate always waits for the end")
+        return [VOLMIG_BIN, "migrate", "--quiet", "--state-dir", self.master_state,
+                "--agent", f"unix://{self.ctl}", "--max-concurrent", "0",
+                vol, target, "--mode", mode, "--sync-goal", sync_goal, "--bandwidth", "0",
+                "--verify", verify]
 
     def status(self, vol):
-        out = subprocess.run([AGENT_BIN, "status", "--control", self.ctl, vol, "--json"],
+        """{"record": the master's session record}."""
+        out = subprocess.run([VOLMIG_BIN, "status", "--state-dir", self.master_state, vol, "--json"],
                              capture_output=True, text=True, timeout=30)
         if out.returncode != 0:
             raise RuntimeError(f"status {vol}: {out.stderr.strip()}")
-        return json.loads(out.stdout)
+        return {"record": json.loads(out.stdout)}
 
     def abort(self, vol):
-        subprocess.run([AGENT_BIN, "abort", "--control", self.ctl, vol],
+        subprocess.run([VOLMIG_BIN, "abort", "--state-dir", self.master_state, vol],
                        capture_output=True, timeout=30)
 
     def stop(self):

@@ -290,8 +290,8 @@ def render(res, md_path, png_rel):
           f"(`python3 {_short(ml.get('peer_script') or 'qemu_mirror_bench.py')} --size-mib N --mode M`, "
           "qemu-storage-daemon blockdev-mirror, buffered source and target) and parsing its printed lines. "
           "volmig rows run the same fio command against `volmig-agent serve` (buffered I/O) on a fresh "
-          "random source made with dd just before, and `volmig-agent migrate --mode M --verify None "
-          "--sync-goal 100ms --wait`.")
+          "random source made with dd just before, and `volmig migrate --agent unix://AGENT_SOCKET "
+          "--mode M --verify None --sync-goal 100ms` (the local master over the agent's control socket).")
         a("")
         a("- *migration*: from the migrate command to completion (QEMU: `complete after`; volmig: phase "
           "Completed, Terminating's verify excluded). *cutover*: volmig's end of Resuming (the workload "
