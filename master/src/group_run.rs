@@ -48,7 +48,7 @@ pub async fn create_group<S, St: SessionStore>(
     }
     for m in members {
         let mut rec =
-            crate::driver::create_session(store, &m.volume, &m.target, config.clone(), epoch)
+            crate::session::create_session(store, &m.volume, &m.target, config.clone(), epoch)
                 .await?;
         rec.group = Some(name.to_string());
         rec.agent = m.agent.clone();
@@ -59,7 +59,10 @@ pub async fn create_group<S, St: SessionStore>(
 }
 
 /// Drives every member to the end (or until stopped); the results are in
-/// member order. All end Completed, or none is left on its target.
+/// member order. All end Completed, or none is left on its
+/// target. A member whose driver errs out fails the group (see
+/// [`InGroup`](crate::group::InGroup)), so no other waits at a barrier for
+/// it forever.
 pub async fn run_group<S, St>(
     name: &str,
     members: Vec<Member<S>>,
@@ -76,23 +79,10 @@ where
     let runs = members.into_iter().map(|m| {
         let driver = Driver::new(m.slave, store.clone(), &m.volume, cfg.clone(), stop.clone())
             .in_group(coord.clone());
-        let coord = coord.clone();
-        async move {
-            let r = driver.run().await;
-            // A driver that errs out (deposed, store failure) must not
-            // leave the others waiting at a barrier forever.
-            match &r {
-                Err(e) => coord.fail(&m.volume, &e.to_string()),
-                Ok(rec)
-                    if rec.phase.is_terminal()
-                        && rec.phase != volmig_api::phase::Phase::Completed =>
-                {
-                    coord.fail(&m.volume, &format!("ended {}", rec.phase));
-                }
-                Ok(_) => {}
-            }
-            r
-        }
+        async move { driver.run().await }
     });
     futures::future::join_all(runs).await
 }
+
+#[cfg(test)]
+mod tests;
