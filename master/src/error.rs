@@ -33,6 +33,8 @@ pub enum MasterError {
     Deposed(String),
     #[error("phase machine: {0}")]
     Phase(#[from] BadTransition),
+    #[error("driver of {key} panicked: {reason}")]
+    Panicked { key: String, reason: String },
 }
 
 pub type Result<T, E = MasterError> = std::result::Result<T, E>;

@@ -75,6 +75,10 @@ impl FakeSlave {
         self
     }
 
+    pub fn finish_copy(&self) {
+        self.lock().endless_copy = false;
+    }
+
     pub fn quiesce_timeouts(self: Arc<Self>, n: u32) -> Arc<Self> {
         self.lock().quiesce_timeouts = n;
         self
@@ -95,6 +99,10 @@ impl FakeSlave {
 
     pub fn agent(&self) -> Option<Agent> {
         self.lock().session.clone()
+    }
+
+    pub fn bandwidth(&self) -> Vec<u64> {
+        self.lock().bandwidth.clone()
     }
 
     /// Records the call, fails it if told to, else runs `f` on the session.

@@ -195,7 +195,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<()> {
         if let Err(e) = task.await {
             error!(error = %e, "controller task");
         }
-        ctx.drivers.stop_all(Duration::from_secs(30)).await;
+        ctx.supervisor.stop_all(Duration::from_secs(30)).await;
         info!("drivers stopped between steps; their sessions continue under the next leader");
         if terminating {
             break;

@@ -32,6 +32,7 @@ async fn group(store: &FileStore, members: &[(&str, &Arc<FakeSlave>)]) -> Vec<Se
         store.clone(),
         cfg,
         Arc::new(StopSignal::default()),
+        Arc::new(BandwidthPool::new(0)),
     );
     tokio::time::timeout(Duration::from_secs(20), run)
         .await
@@ -146,6 +147,7 @@ async fn a_member_whose_driver_errs_out_fails_the_group() {
         d.store.clone(),
         DriverConfig::default(),
         Arc::new(StopSignal::default()),
+        Arc::new(BandwidthPool::new(0)),
     )
     .await;
     assert!(matches!(ends[1], Err(crate::MasterError::Deposed(_))));
