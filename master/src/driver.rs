@@ -472,37 +472,37 @@ impl<S: Slave, St: SessionStore, C: Cutover> Driver<S, St, C> {
         {
             return self.save_progress(rec, v).await;
         }
-        let (event, t) = match event {
+        let voted = match event {
             Event::Quiesced { .. } | Event::QuiesceTimedOut => {
-                match self.vote(rec, policy, t).await? {
-                    Some((Some(outvoted), t)) => (outvoted, t),
-                    Some((None, t)) => (event, t),
-                    // Stopped, or the group failed: next round.
-                    None => return Ok(()),
-                }
+                self.vote(rec, policy, event, t).await?
             }
-            _ => (event, t),
+            _ => Some((event, t)),
         };
-        self.apply(rec, v, policy, &event, t).await
+        match voted {
+            Some((event, t)) => self.apply(rec, v, policy, &event, t).await,
+            // Stopped, or the group failed: next round.
+            None => Ok(()),
+        }
     }
 
     /// Quiesced: the cutover hook hears whether this session can cut over
-    /// and may send it back to refresh ([`Event::Outvoted`], returned with
-    /// its transition). `None`: stopped or failed meanwhile.
+    /// and may send it back to refresh (then the event is
+    /// [`Event::Outvoted`]). `None`: stopped or failed meanwhile.
     async fn vote(
         &self,
         rec: &SessionRecord,
         policy: &Policy,
+        event: Event,
         t: Transition,
-    ) -> Result<Option<(Option<Event>, Transition)>> {
+    ) -> Result<Option<(Event, Transition)>> {
         let ready = t.next == Phase::Synchronizing;
         Ok(match self.cutover.quiesced(ready, &self.stop).await {
-            Gate::Go => Some((None, t)),
+            Gate::Go => Some((event, t)),
             Gate::Retry if ready => {
                 let t = transition(rec.phase, rec.progress, &Event::Outvoted, policy)?;
-                Some((Some(Event::Outvoted), t))
+                Some((Event::Outvoted, t))
             }
-            Gate::Retry => Some((None, t)),
+            Gate::Retry => Some((event, t)),
             Gate::Hold => None,
         })
     }
@@ -540,10 +540,10 @@ impl<S: Slave, St: SessionStore, C: Cutover> Driver<S, St, C> {
 
     /// What a transition implies on the agent before it is recorded: a
     /// quiesce going back to refresh is released; a session going to
-    /// Aborted or Failed is rolled back (unless a recovery found the agent
-    /// had ended it already), and its group hears of it. A rollback that
-    /// fails turns an abort into a failure. `None`: a stop interrupted the
-    /// rollback; nothing is recorded.
+    /// Aborted or Failed is rolled back, and its group hears of it. A
+    /// rollback that fails turns an abort into a failure. A recovery's move
+    /// follows what the agent did already: nothing to do there. `None`: a
+    /// stop interrupted the rollback; nothing is recorded.
     async fn carry_out(
         &self,
         rec: &mut SessionRecord,
@@ -552,15 +552,17 @@ impl<S: Slave, St: SessionStore, C: Cutover> Driver<S, St, C> {
         event: &Event,
         t: Transition,
     ) -> Result<Option<Transition>> {
+        let ends = matches!(t.next, Phase::Aborted | Phase::Failed);
+        if ends {
+            self.cutover.fail(&t.why);
+        }
+        if matches!(event, Event::Recovered { .. }) {
+            return Ok(Some(t));
+        }
         if rec.phase == Phase::Quiescing && t.next == Phase::Refreshing {
             self.call(v, || self.slave.release(self.fence(rec))).await?;
-            return Ok(Some(t));
         }
-        if !matches!(t.next, Phase::Aborted | Phase::Failed) {
-            return Ok(Some(t));
-        }
-        self.cutover.fail(&t.why);
-        if matches!(event, Event::Recovered { .. }) {
+        if !ends {
             return Ok(Some(t));
         }
         if t.next == Phase::Failed {

@@ -196,8 +196,14 @@ async fn a_restart_recovers_the_phase_from_the_agent() {
         ..Agent::default()
     };
     // (record's phase, agent, the phase recovered, where it ends)
-    let cases: [(Phase, Option<Agent>, Phase, Phase); 5] = [
+    let cases: [(Phase, Option<Agent>, Phase, Phase); 6] = [
         // Quiesce lost (the agent restarted): refresh again, then complete.
+        (
+            Quiescing,
+            Some(at(false, false, false)),
+            Refreshing,
+            Completed,
+        ),
         (
             Synchronizing,
             Some(at(false, false, false)),
@@ -241,7 +247,10 @@ async fn a_restart_recovers_the_phase_from_the_agent() {
                 recovered
             );
         }
-        // A recovery that finds the session ended rolls nothing back.
+        // A recovery does nothing on the agent: it follows what the agent
+        // did (no release of a quiesce it lost, no rollback of a session
+        // it ended).
+        assert_eq!(slave.called("release"), 0, "{phase}: {:?}", slave.calls());
         if end != Completed {
             assert_eq!(slave.called("abort"), 0, "{phase}: {:?}", slave.calls());
         }
