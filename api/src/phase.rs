@@ -171,8 +171,26 @@ pub enum Event {
     Redirected,
     Resumed,
     Terminated,
+    /// Someone asked for the session to be rolled back.
     AbortRequested,
+    /// Another member of the session's consistency group failed or was
+    /// aborted: this one rolls back with it.
+    GroupFailed(String),
+    /// Quiesced and ready, but another member of the group is not: release
+    /// and refresh again, together.
+    Outvoted,
+    /// A step failed (or the agent stayed unreachable, or the target did
+    /// not verify): roll back and end Failed.
     Failed(String),
+    /// Rolling back for an abort failed on the agent: the session ends
+    /// Failed instead of Aborted.
+    RollbackFailed(String),
+    /// After a restart (of the master or the agent) the agent's state says
+    /// the session is really at `to` (see [`recovery_allowed`]).
+    Recovered {
+        to: Phase,
+        why: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,6 +219,24 @@ pub fn estimate(bytes: u64, rate: f64) -> Duration {
     }
 }
 
+/// The moves a recovery may make: where a session can really be when the
+/// record says `from`. The agent may have ended it (failed, rolled back,
+/// terminated) at any time; a cutover may have lost its quiesce or been
+/// redirected before the master recorded it; a prepare may have happened.
+/// Never into Quiescing, Synchronizing or Redirecting: those only by steps.
+pub fn recovery_allowed(from: Phase, to: Phase) -> bool {
+    use Phase::*;
+    let cutover = matches!(from, Quiescing | Synchronizing | Redirecting);
+    from != to
+        && !from.is_terminal()
+        && match to {
+            Failed | Aborted | Terminating => true,
+            Refreshing | Resuming => cutover,
+            Copying => from == Activating,
+            _ => false,
+        }
+}
+
 /// The single transition function of the phase machine.
 pub fn transition(
     phase: Phase,
@@ -223,7 +259,21 @@ pub fn transition(
     }
     match (phase, event) {
         (_, Event::Failed(msg)) => Ok(to(Failed, progress, msg)),
+        (_, Event::RollbackFailed(e)) => Ok(to(Failed, progress, &format!("abort: {e}"))),
         (_, Event::AbortRequested) => Ok(to(Aborted, progress, "abort requested")),
+        (_, Event::GroupFailed(f)) => Ok(to(
+            Aborted,
+            progress,
+            &format!("rolled back with its group: {f}"),
+        )),
+        (_, Event::Recovered { to: next, why }) if recovery_allowed(phase, *next) => {
+            Ok(to(*next, progress, why))
+        }
+        (Quiescing, Event::Outvoted) => Ok(to(
+            Refreshing,
+            progress,
+            "another member of the group cannot cut over yet",
+        )),
         (Activating, Event::Activated) => {
             let mut p = progress;
             p.mirror = policy.mode == CopyMode::Mirror;
@@ -783,14 +833,83 @@ mod tests {
             Just(Event::Resumed),
             Just(Event::Terminated),
             Just(Event::AbortRequested),
+            Just(Event::GroupFailed("a member failed".into())),
+            Just(Event::Outvoted),
+            Just(Event::Failed("a step failed".into())),
+            Just(Event::RollbackFailed("agent gone".into())),
+            proptest::sample::select(Phase::ALL.to_vec()).prop_map(|to| Event::Recovered {
+                to,
+                why: "the agent says so".into()
+            }),
         ]
+    }
+
+    #[test]
+    fn recovery_moves_only_where_a_session_can_really_be() {
+        use Phase::*;
+        let rec = |from: Phase, to: Phase| {
+            transition(
+                from,
+                Progress::default(),
+                &Event::Recovered {
+                    to,
+                    why: "agent".into(),
+                },
+                &pol(CopyMode::Auto),
+            )
+            .map(|t| t.next)
+        };
+        // The agent ended the session: from anywhere.
+        for from in [Activating, Copying, Quiescing, Resuming, Terminating] {
+            assert_eq!(rec(from, Failed), Ok(Failed));
+            assert_eq!(rec(from, Aborted), Ok(Aborted));
+        }
+        assert_eq!(rec(Resuming, Terminating), Ok(Terminating));
+        // A cutover that lost its quiesce, or was redirected unrecorded.
+        for from in [Quiescing, Synchronizing, Redirecting] {
+            assert_eq!(rec(from, Refreshing), Ok(Refreshing));
+            assert_eq!(rec(from, Resuming), Ok(Resuming));
+        }
+        assert_eq!(rec(Activating, Copying), Ok(Copying));
+        // Never into a cutover step, never without a move, never backwards
+        // from a copy, never out of an end.
+        assert!(rec(Refreshing, Redirecting).is_err());
+        assert!(rec(Refreshing, Quiescing).is_err());
+        assert!(rec(Copying, Resuming).is_err());
+        assert!(rec(Copying, Copying).is_err());
+        assert!(rec(Refreshing, Activating).is_err());
+        assert!(rec(Completed, Failed).is_err());
+    }
+
+    #[test]
+    fn rollbacks_end_aborted_or_failed_with_their_reason() {
+        let p = pol(CopyMode::Auto);
+        let go = |ph, e: Event| transition(ph, Progress::default(), &e, &p).unwrap();
+        let t = go(
+            Phase::Redirecting,
+            Event::GroupFailed("member b: gone".into()),
+        );
+        assert_eq!(t.next, Phase::Aborted);
+        assert_eq!(t.why, "rolled back with its group: member b: gone");
+        let t = go(Phase::Copying, Event::RollbackFailed("agent gone".into()));
+        assert_eq!(
+            (t.next, t.why.as_str()),
+            (Phase::Failed, "abort: agent gone")
+        );
+        let t = go(Phase::Quiescing, Event::Outvoted);
+        assert_eq!(t.next, Phase::Refreshing);
+        assert!(
+            transition(Phase::Refreshing, Progress::default(), &Event::Outvoted, &p).is_err(),
+            "only a quiesced session is outvoted"
+        );
     }
 
     proptest! {
         /// Whatever happens: Redirecting is only reached from Synchronizing,
         /// terminal phases accept nothing, abort is always possible before
         /// the end, and the workload never reaches Resuming without a
-        /// Redirect.
+        /// Redirect (its own step, or the agent's found by a recovery
+        /// mid-cutover). Failures and rollbacks always end the session.
         #[test]
         fn invariants(events in proptest::collection::vec(any_event(), 0..60), mode in prop_oneof![Just(CopyMode::Auto), Just(CopyMode::Mirror), Just(CopyMode::Background)]) {
             let p = Policy { mode, max_passes: 4, ..Policy::default() };
@@ -799,11 +918,23 @@ mod tests {
             for e in events {
                 let abort_ok = transition(ph, pr, &Event::AbortRequested, &p);
                 prop_assert_eq!(abort_ok.is_ok(), !ph.is_terminal());
-                if let Ok(t) = transition(ph, pr, &e, &p) {
+                let r = transition(ph, pr, &e, &p);
+                if let Event::Recovered { to, .. } = &e {
+                    prop_assert_eq!(r.is_ok(), recovery_allowed(ph, *to));
+                }
+                if let Ok(t) = r {
+                        let recovered = matches!(e, Event::Recovered { .. });
+                        let cutover = matches!(ph, Phase::Quiescing | Phase::Synchronizing | Phase::Redirecting);
                         if t.next == Phase::Redirecting { prop_assert_eq!(ph, Phase::Synchronizing); }
-                        if t.next == Phase::Resuming { prop_assert_eq!(ph, Phase::Redirecting); }
+                        if t.next == Phase::Resuming { prop_assert!(ph == Phase::Redirecting || (recovered && cutover)); }
                         if t.next == Phase::Synchronizing { prop_assert_eq!(ph, Phase::Quiescing); }
                         if mode == CopyMode::Background { prop_assert!(!t.progress.mirror); }
+                        match &e {
+                            Event::Failed(_) | Event::RollbackFailed(_) => prop_assert_eq!(t.next, Phase::Failed),
+                            Event::AbortRequested | Event::GroupFailed(_) => prop_assert_eq!(t.next, Phase::Aborted),
+                            Event::Outvoted => prop_assert_eq!((ph, t.next), (Phase::Quiescing, Phase::Refreshing)),
+                            _ => {}
+                        }
                         ph = t.next; pr = t.progress;
                 }
             }

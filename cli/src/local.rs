@@ -1,11 +1,14 @@
-//! Local master mode: `volmig migrate` is the master of one session, with
-//! its record (the communication data set) in a state file, driving a
-//! `volmig-agent` over gRPC. Killed and started again with the same
-//! arguments it continues the session from the state file, under a newer
+//! Local master mode: `volmig migrate` is the master of its sessions, with
+//! their records (the communication data set) in state files, driving
+//! `volmig-agent`s over gRPC through the master's `Supervisor` (one job per
+//! session, or one for a consistency group; admission and the bandwidth
+//! pool are the supervisor's). Killed and started again with the same
+//! arguments it continues the sessions from the state files, under a newer
 //! epoch that fences any older master still alive.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,8 +16,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use volmig_agent::session::Phase;
 use volmig_agent::units::human_bytes;
 use volmig_master::{
-    BandwidthPool, ClientTls, Driver, DriverConfig, FileStore, GrpcSlave, Member, MultiAttach,
-    SessionConfig, SessionRecord, SessionStore, Slots, StopSignal,
+    ClientTls, DriverConfig, FileStore, GrpcSlave, Job, Member, MultiAttach, SessionConfig,
+    SessionRecord, SessionStore, Slots, Supervisor,
 };
 
 /// How to reach the agent.
@@ -241,7 +244,6 @@ pub async fn migrate(
         }
     }
 
-    let stop = Arc::new(StopSignal::default());
     let cfg = DriverConfig {
         epoch,
         ..DriverConfig::default()
@@ -251,70 +253,18 @@ pub async fn migrate(
     } else {
         ProgressDrawTarget::stderr()
     });
-    let watch = {
-        let store = store.clone();
-        let names: Vec<String> = volumes.iter().map(|v| v.volume.clone()).collect();
-        let list: Vec<ProgressBar> = names
-            .iter()
-            .map(|_| bars.add(ProgressBar::new(0).with_style(bar_style())))
-            .collect();
-        tokio::spawn(async move {
-            loop {
-                for (name, bar) in names.iter().zip(&list) {
-                    if let Ok(Some(r)) = store.load(name).await {
-                        bar.set_length(r.size.max(1));
-                        bar.set_position(r.bytes_copied.min(r.size));
-                        let phase = if r.queued {
-                            "queued".to_string()
-                        } else {
-                            r.phase.to_string()
-                        };
-                        bar.set_message(format!("{name} {phase}"));
-                        bar.set_prefix(human_bytes(r.dirty_bytes as f64));
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    };
-    let ctrl_c = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!(
-                    "stopping the master; the sessions stay where they are (run the same command to continue, or `volmig abort`)"
-                );
-                stop.stop();
-            }
-        })
-    };
-    let slots = Slots::new(state_dir, plan.max_concurrent)?;
-    let pool = Arc::new(BandwidthPool::new(plan.total_bandwidth));
-    let results: Vec<volmig_master::Result<SessionRecord>> = match &plan.group {
-        Some(g) => {
-            let _slot = slots.acquire(&store, &members[0].volume, &stop).await?;
-            if stop.is_stopped() {
-                Vec::new()
-            } else {
-                volmig_master::run_group(g, members, store.clone(), cfg, stop.clone()).await
-            }
-        }
-        None => {
-            let runs = members.into_iter().map(|m| {
-                let store = store.clone();
-                let (cfg, stop, slots, pool) =
-                    (cfg.clone(), stop.clone(), slots.clone(), pool.clone());
-                async move {
-                    let _slot = slots.acquire(&store, &m.volume, &stop).await?;
-                    Driver::new(m.slave, store.clone(), &m.volume, cfg, stop)
-                        .sharing(pool)
-                        .run()
-                        .await
-                }
-            });
-            futures::future::join_all(runs).await
-        }
-    };
+    let watch = show_progress(&bars, store.clone(), &volumes);
+    let supervisor = Arc::new(Supervisor::new(
+        Slots::in_dir(state_dir, plan.max_concurrent)?,
+        plan.total_bandwidth,
+    ));
+    let keys = start_jobs(&supervisor, plan.group.as_deref(), members, &store, &cfg);
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let ctrl_c = stop_on_ctrl_c(supervisor.clone(), interrupted.clone());
+    let mut results: Vec<volmig_master::Result<SessionRecord>> = Vec::new();
+    for k in &keys {
+        results.extend(supervisor.wait(k).await.unwrap_or_default());
+    }
     watch.abort();
     ctrl_c.abort();
     bars.clear().ok();
@@ -332,7 +282,7 @@ pub async fn migrate(
             Err(e) => failed.push(format!("{}: {e}", v.volume)),
         }
     }
-    if stop.is_stopped() || unfinished {
+    if interrupted.load(Ordering::SeqCst) || unfinished {
         bail!(
             "stopped before the end ({}); run the same command again to continue",
             failed.join(", ")
@@ -342,6 +292,84 @@ pub async fn migrate(
         bail!("migration did not complete: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Starts one job per session, or one for the whole group; returns their
+/// keys, whose outcomes come in volume order.
+fn start_jobs(
+    supervisor: &Supervisor,
+    group: Option<&str>,
+    members: Vec<Member<MultiAttach<GrpcSlave>>>,
+    store: &FileStore,
+    cfg: &DriverConfig,
+) -> Vec<String> {
+    if let Some(g) = group {
+        let job = Job::Group {
+            name: g.to_string(),
+            members,
+        };
+        supervisor.start(g, job, store.clone(), cfg.clone());
+        return vec![g.to_string()];
+    }
+    members
+        .into_iter()
+        .map(|m| {
+            let job = Job::Session {
+                volume: m.volume.clone(),
+                slave: m.slave,
+            };
+            supervisor.start(&m.volume, job, store.clone(), cfg.clone());
+            m.volume
+        })
+        .collect()
+}
+
+/// On Ctrl-C, stops every driver between steps; the sessions stay where
+/// they are.
+fn stop_on_ctrl_c(
+    supervisor: Arc<Supervisor>,
+    interrupted: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!(
+                "stopping the master; the sessions stay where they are (run the same command to continue, or `volmig abort`)"
+            );
+            interrupted.store(true, Ordering::SeqCst);
+            supervisor.stop_all(Duration::from_secs(30)).await;
+        }
+    })
+}
+
+/// One progress bar per volume, following its record.
+fn show_progress(
+    bars: &MultiProgress,
+    store: FileStore,
+    volumes: &[VolumeSpec],
+) -> tokio::task::JoinHandle<()> {
+    let names: Vec<String> = volumes.iter().map(|v| v.volume.clone()).collect();
+    let list: Vec<ProgressBar> = names
+        .iter()
+        .map(|_| bars.add(ProgressBar::new(0).with_style(bar_style())))
+        .collect();
+    tokio::spawn(async move {
+        loop {
+            for (name, bar) in names.iter().zip(&list) {
+                if let Ok(Some(r)) = store.load(name).await {
+                    bar.set_length(r.size.max(1));
+                    bar.set_position(r.bytes_copied.min(r.size));
+                    let phase = if r.queued {
+                        "queued".to_string()
+                    } else {
+                        r.phase.to_string()
+                    };
+                    bar.set_message(format!("{name} {phase}"));
+                    bar.set_prefix(human_bytes(r.dirty_bytes as f64));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
 }
 
 fn bar_style() -> ProgressStyle {

@@ -1,9 +1,16 @@
 //! The phase driver: the master's main loop for one session. It asks a
 //! [`Slave`] to perform each phase's step, turns the outcome into an
-//! [`Event`], asks [`transition`] for the next phase and saves the record
-//! in the [`SessionStore`] after every change. A master that dies anywhere
-//! can be started again: it reconciles the record with the agent's state and
-//! continues; every step it repeats is idempotent on the agent.
+//! [`Event`], asks [`transition`] for the next phase and records it in one
+//! place ([`Driver::apply`]), which also performs what the move implies on
+//! the agent (the rollback when it goes to Aborted or Failed, the release
+//! of a quiesce that goes back to refresh) and saves the record in the
+//! [`SessionStore`]. Every phase change goes that way: steps, aborts,
+//! failures, group rollbacks and the recovery moves after a restart.
+//!
+//! A master that dies anywhere can be started again: it recovers the
+//! session's phase from the agent's state and continues; every step it
+//! repeats is idempotent on the agent. Whether the cutover waits for other
+//! sessions is the [`Cutover`] hook's business, not the driver's.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,16 +18,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tracing::{info, warn};
-use volmig_api::phase::{Event, Phase, transition};
+use volmig_api::phase::{Event, Phase, Policy, Transition, transition};
 use volmig_api::slave::{
     CopyPass, Fence, Prepare, Quiesce, Redirect, SessionState, SetBandwidth, SetMirror, Terminate,
 };
-use volmig_api::{ErrorKind, Slave, SlaveError, fault};
+use volmig_api::{ErrorKind, Slave, SlaveError, SlaveResult, fault};
 
 use crate::bandwidth::BandwidthPool;
+use crate::cutover::{Cutover, Gate, MidCutover, Solo};
 use crate::error::{MasterError, Result};
-use crate::group::{Barrier, GroupCoord, Verdict};
-use crate::record::{SessionRecord, now_ms};
+use crate::group::{GroupCoord, InGroup};
+use crate::record::SessionRecord;
 use crate::recovery::recover;
 use crate::store::SessionStore;
 
@@ -74,13 +82,15 @@ impl StopSignal {
     }
 }
 
-pub struct Driver<S, St> {
+/// Drives one session (see the module's documentation). `C` is how its
+/// cutover is coordinated: on its own ([`Solo`]) or with a group.
+pub struct Driver<S, St, C = Solo> {
     slave: S,
     store: St,
     key: String,
     cfg: DriverConfig,
     stop: Arc<StopSignal>,
-    group: Option<Arc<GroupCoord>>,
+    cutover: C,
     pool: Option<Arc<BandwidthPool>>,
 }
 
@@ -101,12 +111,13 @@ struct Volatile {
     pass_seen: u64,
     pushed_bandwidth: Option<u64>,
     pushed_mirror: bool,
-    need_reconcile: bool,
+    /// Ask the agent where the session really is before the next step (at
+    /// start, and after the agent was unreachable or disagreed).
+    must_recover: bool,
     last_save: Option<Instant>,
-    /// The last group barrier passed in this round (groups only).
-    passed: Option<Barrier>,
 }
 
+/// What a phase's step on the slave came to.
 enum Outcome {
     Event(Event),
     /// Nothing to report (a pass cut short by an abort or a stop); go round
@@ -114,7 +125,9 @@ enum Outcome {
     Again,
 }
 
-impl<S: Slave, St: SessionStore> Driver<S, St> {
+impl<S: Slave, St: SessionStore> Driver<S, St, Solo> {
+    /// A driver of the session recorded under `key`, cutting over on its
+    /// own.
     pub fn new(slave: S, store: St, key: &str, cfg: DriverConfig, stop: Arc<StopSignal>) -> Self {
         Self {
             slave,
@@ -122,8 +135,30 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
             key: key.to_string(),
             cfg,
             stop,
-            group: None,
+            cutover: Solo,
             pool: None,
+        }
+    }
+
+    /// Makes this driver one member of a consistency group: it cuts over
+    /// only together with the others (see [`crate::group`]).
+    pub fn in_group(self, coord: Arc<GroupCoord>) -> Driver<S, St, InGroup> {
+        let member = InGroup::new(coord, &self.key);
+        self.with_cutover(member)
+    }
+}
+
+impl<S: Slave, St: SessionStore, C: Cutover> Driver<S, St, C> {
+    /// Coordinates this driver's cutover through `cutover`.
+    pub fn with_cutover<C2: Cutover>(self, cutover: C2) -> Driver<S, St, C2> {
+        Driver {
+            slave: self.slave,
+            store: self.store,
+            key: self.key,
+            cfg: self.cfg,
+            stop: self.stop,
+            cutover,
+            pool: self.pool,
         }
     }
 
@@ -134,11 +169,55 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
         self
     }
 
-    /// Makes this driver one member of a consistency group: it cuts over
-    /// only together with the others (see [`crate::group`]).
-    pub fn in_group(mut self, coord: Arc<GroupCoord>) -> Self {
-        self.group = Some(coord);
-        self
+    /// Drives the session until it ends, or until stopped.
+    pub async fn run(&self) -> Result<SessionRecord> {
+        let result = self.drive().await;
+        self.cutover.end(&result);
+        result
+    }
+
+    /// The loop: each round either stops, recovers, rolls back or performs
+    /// the phase's step, and hands the resulting event to [`Self::advance`].
+    async fn drive(&self) -> Result<SessionRecord> {
+        let mut rec = self.load().await?;
+        let policy = rec.config.policy();
+        let mut v = Volatile {
+            must_recover: rec.phase != Phase::Activating,
+            ..Volatile::default()
+        };
+        let _seat = PoolSeat(self.pool.as_deref(), &self.key);
+        self.cutover.begin(rec.phase, rec.error.as_deref());
+        loop {
+            if rec.phase.is_terminal() {
+                return Ok(rec);
+            }
+            if self.stop.is_stopped() {
+                self.save(&mut rec).await?;
+                return Ok(rec);
+            }
+            self.read_requests(&mut rec).await?;
+            let event = if v.must_recover {
+                self.recover(&mut rec, &mut v).await?
+            } else if let Some(cause) = self.rollback_cause(&rec) {
+                Some(cause)
+            } else {
+                self.push_bandwidth(&rec, &mut v).await;
+                self.step(&mut rec, &mut v, &policy).await?
+            };
+            if let Some(event) = event {
+                self.advance(&mut rec, &mut v, &policy, event).await?;
+            }
+        }
+    }
+
+    async fn load(&self) -> Result<SessionRecord> {
+        let rec = self
+            .store
+            .load(&self.key)
+            .await?
+            .ok_or_else(|| MasterError::NoSession(self.key.clone()))?;
+        self.check_epoch(&rec)?;
+        Ok(rec)
     }
 
     fn fence(&self, rec: &SessionRecord) -> Fence {
@@ -147,11 +226,6 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
             volume: rec.volume.clone(),
             epoch: self.cfg.epoch,
         }
-    }
-
-    /// A step that only names the session.
-    fn step(&self, rec: &SessionRecord) -> Fence {
-        self.fence(rec)
     }
 
     /// Calls the slave, retrying while it is unreachable or busy.
@@ -167,7 +241,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 Ok(t) => return Ok(t),
                 Err(e) if e.is_transient() && start.elapsed() < self.cfg.unreachable_for => {
                     if e.is(ErrorKind::Unavailable) {
-                        v.need_reconcile = true;
+                        v.must_recover = true;
                     }
                     if self.stop.is_stopped() {
                         return Err(e);
@@ -229,7 +303,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
 
     /// Takes in what others asked for since we last looked (abort, a new
     /// bandwidth limit). Returns true when an abort is requested.
-    async fn refresh_requests(&self, rec: &mut SessionRecord) -> Result<bool> {
+    async fn read_requests(&self, rec: &mut SessionRecord) -> Result<bool> {
         if let Some(fresh) = self.store.load(&self.key).await?
             && fresh.revision != rec.revision
         {
@@ -247,285 +321,271 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
         }
     }
 
-    /// Drives the session until it ends, or until stopped.
-    pub async fn run(&self) -> Result<SessionRecord> {
-        let mut rec = self
-            .store
-            .load(&self.key)
-            .await?
-            .ok_or_else(|| MasterError::NoSession(self.key.clone()))?;
-        self.check_epoch(&rec)?;
-        let policy = rec.config.policy();
-        let mut v = Volatile {
-            need_reconcile: rec.phase != Phase::Activating,
-            ..Volatile::default()
+    /// Asks the agent where the session really is (see [`recover`]); the
+    /// move, if any, is a [`Event::Recovered`]. `None` when there is
+    /// nothing to record, or the agent could not be asked (a later round
+    /// asks again if it was unreachable).
+    async fn recover(&self, rec: &mut SessionRecord, v: &mut Volatile) -> Result<Option<Event>> {
+        v.must_recover = false;
+        let st = match self.call(v, || self.slave.get_state(self.fence(rec))).await {
+            Ok(s) => Some(s),
+            Err(e) if e.is(ErrorKind::NotFound) => None,
+            Err(e) if e.is(ErrorKind::Fenced) => return Err(MasterError::Deposed(e.to_string())),
+            Err(e) if e.is_transient() => return Ok(None),
+            Err(e) => return Err(e.into()),
         };
-        let _seat = PoolSeat(self.pool.as_deref(), &self.key);
-        if let Some(g) = &self.group {
-            match rec.phase {
-                Phase::Terminating | Phase::Completed => g.leave(&self.key),
-                Phase::Aborted | Phase::Failed => g.fail(
-                    &self.key,
-                    rec.error
-                        .as_deref()
-                        .unwrap_or("ended before the group cut over"),
-                ),
-                _ => {}
-            }
+        if let Some(st) = &st {
+            Self::absorb(rec, st);
+            v.pushed_mirror = st.mirror;
+            rec.redirected = st.redirected;
         }
-        loop {
-            if rec.phase.is_terminal() {
-                return Ok(rec);
-            }
-            if self.stop.is_stopped() {
-                self.save(&mut rec).await?;
-                return Ok(rec);
-            }
-            self.refresh_requests(&mut rec).await?;
-            if v.need_reconcile {
-                v.need_reconcile = false;
-                let st = match self
-                    .call(&mut v, || self.slave.get_state(self.step(&rec)))
-                    .await
-                {
-                    Ok(s) => Some(s),
-                    Err(e) if e.is(ErrorKind::NotFound) => None,
-                    Err(e) if e.is(ErrorKind::Fenced) => {
-                        return Err(MasterError::Deposed(e.to_string()));
-                    }
-                    Err(e) if e.is_transient() => continue,
-                    Err(e) => return Err(e.into()),
-                };
-                if let Some(st) = &st {
-                    Self::absorb(&mut rec, st);
-                    v.pushed_mirror = st.mirror;
-                    rec.redirected = st.redirected;
+        let (mut to, mut why) = recover(rec.phase, st.as_ref());
+        let mid_cutover = matches!(
+            to,
+            Phase::Quiescing | Phase::Synchronizing | Phase::Redirecting
+        ) && !rec.redirected;
+        if mid_cutover {
+            match self.cutover.mid_cutover() {
+                MidCutover::Continue => {}
+                MidCutover::Fail(reason) => {
+                    // The next round rolls back with the others.
+                    self.cutover.fail(&reason);
+                    return Ok(None);
                 }
-                let (mut phase, mut why) = recover(rec.phase, st.as_ref());
-                if let Some(g) = &self.group
-                    && matches!(
-                        phase,
-                        Phase::Quiescing | Phase::Synchronizing | Phase::Redirecting
-                    )
-                    && !rec.redirected
-                {
-                    if v.passed.is_some() {
-                        // Mid-cutover in this very process: the agent lost
-                        // its quiesce (restart, lease). The others may be
-                        // quiesced and waiting; all roll back together.
-                        g.fail(&self.key, "the agent lost its quiesce during the cutover");
-                        continue;
-                    }
-                    // A restarted master: the group quiesces again, together.
-                    let _ = self.slave.release(self.step(&rec)).await;
-                    phase = Phase::Refreshing;
+                MidCutover::Requiesce => {
+                    let _ = self.slave.release(self.fence(rec)).await;
+                    to = Phase::Refreshing;
                     why = "group members quiesce together: refresh and meet the others again";
                 }
-                if phase != rec.phase {
-                    info!(volume = %rec.volume, from = %rec.phase, to = %phase, why, "reconciled with the agent");
-                    rec.enter(phase);
-                    if phase == Phase::Failed {
-                        rec.error = Some(why.to_string());
-                    }
-                    self.save(&mut rec).await?;
-                }
-                continue;
             }
-            let group_failure = self
-                .group
-                .as_ref()
-                .filter(|_| rec.phase != Phase::Terminating)
-                .and_then(|g| {
-                    if rec.abort_requested {
-                        g.fail(&self.key, "abort requested");
-                    }
-                    g.failed()
-                });
-            if rec.abort_requested || group_failure.is_some() {
-                let r = self
-                    .call(&mut v, || self.slave.abort(self.step(&rec)))
-                    .await;
-                match r {
-                    Ok(st) => {
-                        rec.redirected = st.redirected;
-                        rec.enter(Phase::Aborted);
-                        if let Some(f) = group_failure.filter(|_| !rec.abort_requested) {
-                            rec.error = Some(format!("rolled back with its group: {f}"));
-                        }
-                        info!(volume = %rec.volume, "aborted; the workload is on the source");
-                    }
-                    Err(e) if e.is(ErrorKind::Fenced) => {
-                        return Err(MasterError::Deposed(e.to_string()));
-                    }
-                    Err(e) => {
-                        rec.error = Some(format!("abort: {e}"));
-                        rec.enter(Phase::Failed);
-                    }
-                }
-                self.save(&mut rec).await?;
-                continue;
-            }
-            let bandwidth = match &self.pool {
-                Some(p) => p.share(&self.key, rec.config.bandwidth),
-                None => rec.config.bandwidth,
-            };
-            if v.pushed_bandwidth != Some(bandwidth) && rec.phase != Phase::Activating {
-                let req = SetBandwidth {
-                    fence: self.fence(&rec),
-                    bytes_per_sec: bandwidth,
-                };
-                if self
-                    .call(&mut v, || self.slave.set_bandwidth(req.clone()))
-                    .await
-                    .is_ok()
-                {
-                    v.pushed_bandwidth = Some(bandwidth);
-                }
-            }
-            if let Some(g) = &self.group {
-                let due = match rec.phase {
-                    Phase::Quiescing => Some(Barrier::Quiesce),
-                    Phase::Redirecting => Some(Barrier::Synchronized),
-                    Phase::Resuming => Some(Barrier::Redirected),
-                    Phase::Terminating => Some(Barrier::Resumed),
-                    _ => None,
-                };
-                if let Some(b) = due
-                    && v.passed.is_none_or(|p| p < b)
-                {
-                    match g.arrive(&self.key, b, true, &self.stop).await {
-                        Some(Verdict::Go) => {
-                            v.passed = Some(b);
-                            if b == Barrier::Resumed {
-                                g.leave(&self.key);
-                            }
-                        }
-                        // Stopped, or the group failed: the loop's top
-                        // saves and returns, or rolls back.
-                        _ => continue,
-                    }
-                }
-            }
-            let phase = rec.phase;
-            fault::point(&format!("master:enter:{phase}"));
-            let outcome = match self.perform(&mut rec, &mut v, &policy).await {
-                Ok(o) => o,
-                Err(e) if e.is(ErrorKind::Fenced) => {
-                    return Err(MasterError::Deposed(e.to_string()));
-                }
-                Err(e) if e.is_transient() => {
-                    if self.stop.is_stopped() {
-                        continue;
-                    }
-                    Outcome::Event(Event::Failed(format!(
-                        "agent unreachable for {:?}: {e}",
-                        self.cfg.unreachable_for
-                    )))
-                }
-                Err(e) if e.is(ErrorKind::WrongState) => {
-                    warn!(volume = %rec.volume, %phase, reason = %e, "agent is not where the record says; recovering");
-                    v.need_reconcile = true;
-                    Outcome::Again
-                }
-                // A step cut short by an abort is not a failure.
-                Err(_) if self.refresh_requests(&mut rec).await? => continue,
-                Err(e) => Outcome::Event(Event::Failed(format!("{phase}: {e}"))),
-            };
-            let event = match outcome {
-                Outcome::Event(e) => {
-                    if !matches!(e, Event::SliceDone { .. }) {
-                        fault::point(&format!("master:done:{phase}"));
-                    }
-                    e
-                }
-                Outcome::Again => {
-                    self.save_progress(&mut rec, &mut v).await?;
-                    continue;
-                }
-            };
-            if let Event::Failed(msg) = &event {
-                warn!(volume = %rec.volume, %phase, error = %msg, "step failed; rolling back");
-                if let Some(g) = self.group.as_ref().filter(|_| phase != Phase::Terminating) {
-                    g.fail(&self.key, msg);
-                }
-                match self
-                    .call(&mut v, || self.slave.abort(self.step(&rec)))
-                    .await
-                {
-                    // The record says where the workload ended up.
-                    Ok(st) => rec.redirected = st.redirected,
-                    Err(e) => warn!(volume = %rec.volume, error = %e, "rollback incomplete"),
-                }
-                rec.error = Some(msg.clone());
-                rec.enter(Phase::Failed);
-                self.save(&mut rec).await?;
-                continue;
-            }
-            let mut t = match transition(phase, rec.progress, &event, &policy) {
-                Ok(t) => t,
-                Err(e) => {
-                    rec.error = Some(e.to_string());
-                    if let Some(g) = &self.group {
-                        g.fail(&self.key, &e.to_string());
-                    }
-                    let _ = self
-                        .call(&mut v, || self.slave.abort(self.step(&rec)))
-                        .await;
-                    rec.enter(Phase::Failed);
-                    self.save(&mut rec).await?;
-                    continue;
-                }
-            };
-            // A slice that changed nothing is progress, not a step.
-            if matches!(event, Event::SliceDone { .. })
-                && t.next == phase
-                && t.progress == rec.progress
-            {
-                self.save_progress(&mut rec, &mut v).await?;
-                continue;
-            }
-            if phase == Phase::Quiescing
-                && let Some(g) = &self.group
-            {
-                let vote = t.next == Phase::Synchronizing;
-                match g
-                    .arrive(&self.key, Barrier::Quiesced, vote, &self.stop)
-                    .await
-                {
-                    Some(Verdict::Go) => v.passed = Some(Barrier::Quiesced),
-                    Some(Verdict::Retry) => {
-                        v.passed = None;
-                        if vote {
-                            t.next = Phase::Refreshing;
-                            t.why = "another member of the group cannot cut over yet".into();
-                        }
-                    }
-                    _ => continue,
-                }
-            }
-            if phase == Phase::Quiescing && t.next == Phase::Refreshing {
-                self.call(&mut v, || self.slave.release(self.step(&rec)))
-                    .await?;
-            }
-            if t.next != phase
-                || t.next == Phase::Refreshing
-                || t.progress.mirror != rec.progress.mirror
-            {
-                info!(volume = %rec.volume, session = %rec.session, from = %phase, to = %t.next, why = %t.why, "phase");
-            }
-            rec.progress = t.progress;
-            if t.next != rec.phase {
-                rec.enter(t.next);
-            }
-            self.save(&mut rec).await?;
-            v.last_save = Some(Instant::now());
         }
+        Ok((to != rec.phase).then(|| Event::Recovered {
+            to,
+            why: why.to_string(),
+        }))
+    }
+
+    /// An abort requested, or the others of the session's group failed.
+    fn rollback_cause(&self, rec: &SessionRecord) -> Option<Event> {
+        if rec.abort_requested {
+            return Some(Event::AbortRequested);
+        }
+        self.cutover.failed().map(Event::GroupFailed)
+    }
+
+    /// Pushes the session's bandwidth (its share of the pool, if it shares
+    /// one) to the agent when it changed.
+    async fn push_bandwidth(&self, rec: &SessionRecord, v: &mut Volatile) {
+        let bandwidth = match &self.pool {
+            Some(p) => p.share(&self.key, rec.config.bandwidth),
+            None => rec.config.bandwidth,
+        };
+        if v.pushed_bandwidth == Some(bandwidth) || rec.phase == Phase::Activating {
+            return;
+        }
+        let req = SetBandwidth {
+            fence: self.fence(rec),
+            bytes_per_sec: bandwidth,
+        };
+        if self
+            .call(v, || self.slave.set_bandwidth(req.clone()))
+            .await
+            .is_ok()
+        {
+            v.pushed_bandwidth = Some(bandwidth);
+        }
+    }
+
+    /// Performs the phase's step once the cutover hook lets it, and says
+    /// what came of it. `None`: nothing to record this round.
+    async fn step(
+        &self,
+        rec: &mut SessionRecord,
+        v: &mut Volatile,
+        policy: &Policy,
+    ) -> Result<Option<Event>> {
+        if self.cutover.before(rec.phase, &self.stop).await != Gate::Go {
+            // Stopped, or the group failed: the loop's top saves and
+            // returns, or rolls back.
+            return Ok(None);
+        }
+        let phase = rec.phase;
+        fault::point(&format!("master:enter:{phase}"));
+        let outcome = match self.perform(rec, v, policy).await {
+            Ok(o) => o,
+            Err(e) if e.is(ErrorKind::Fenced) => {
+                return Err(MasterError::Deposed(e.to_string()));
+            }
+            Err(e) if e.is_transient() => {
+                if self.stop.is_stopped() {
+                    return Ok(None);
+                }
+                Outcome::Event(Event::Failed(format!(
+                    "agent unreachable for {:?}: {e}",
+                    self.cfg.unreachable_for
+                )))
+            }
+            Err(e) if e.is(ErrorKind::WrongState) => {
+                warn!(volume = %rec.volume, %phase, reason = %e, "agent is not where the record says; recovering");
+                v.must_recover = true;
+                Outcome::Again
+            }
+            // A step cut short by an abort is not a failure.
+            Err(_) if self.read_requests(rec).await? => return Ok(None),
+            Err(e) => Outcome::Event(Event::Failed(format!("{phase}: {e}"))),
+        };
+        match outcome {
+            Outcome::Event(e) => {
+                if !matches!(e, Event::SliceDone { .. }) {
+                    fault::point(&format!("master:done:{phase}"));
+                }
+                Ok(Some(e))
+            }
+            Outcome::Again => {
+                self.save_progress(rec, v).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Takes `event` to the transition function (an event it refuses fails
+    /// the session) and records where it leads.
+    async fn advance(
+        &self,
+        rec: &mut SessionRecord,
+        v: &mut Volatile,
+        policy: &Policy,
+        event: Event,
+    ) -> Result<()> {
+        let (event, t) = match transition(rec.phase, rec.progress, &event, policy) {
+            Ok(t) => (event, t),
+            Err(bad) => {
+                let failed = Event::Failed(bad.to_string());
+                let t = transition(rec.phase, rec.progress, &failed, policy)?;
+                (failed, t)
+            }
+        };
+        // A slice that changed nothing is progress, not a step.
+        if matches!(event, Event::SliceDone { .. })
+            && t.next == rec.phase
+            && t.progress == rec.progress
+        {
+            return self.save_progress(rec, v).await;
+        }
+        let voted = match event {
+            Event::Quiesced { .. } | Event::QuiesceTimedOut => {
+                self.vote(rec, policy, event, t).await?
+            }
+            _ => Some((event, t)),
+        };
+        match voted {
+            Some((event, t)) => self.apply(rec, v, policy, &event, t).await,
+            // Stopped, or the group failed: next round.
+            None => Ok(()),
+        }
+    }
+
+    /// Quiesced: the cutover hook hears whether this session can cut over
+    /// and may send it back to refresh (then the event is
+    /// [`Event::Outvoted`]). `None`: stopped or failed meanwhile.
+    async fn vote(
+        &self,
+        rec: &SessionRecord,
+        policy: &Policy,
+        event: Event,
+        t: Transition,
+    ) -> Result<Option<(Event, Transition)>> {
+        let ready = t.next == Phase::Synchronizing;
+        Ok(match self.cutover.quiesced(ready, &self.stop).await {
+            Gate::Go => Some((event, t)),
+            Gate::Retry if ready => {
+                let t = transition(rec.phase, rec.progress, &Event::Outvoted, policy)?;
+                Some((Event::Outvoted, t))
+            }
+            Gate::Retry => Some((event, t)),
+            Gate::Hold => None,
+        })
+    }
+
+    /// The one place a transition is recorded: performs what it implies on
+    /// the agent, enters the new phase, logs and saves.
+    async fn apply(
+        &self,
+        rec: &mut SessionRecord,
+        v: &mut Volatile,
+        policy: &Policy,
+        event: &Event,
+        t: Transition,
+    ) -> Result<()> {
+        let from = rec.phase;
+        let Some(t) = self.carry_out(rec, v, policy, event, t).await? else {
+            // Interrupted by a stop: the next driver decides again.
+            return Ok(());
+        };
+        if t.next != from || t.next == Phase::Refreshing || t.progress.mirror != rec.progress.mirror
+        {
+            info!(volume = %rec.volume, session = %rec.session, %from, to = %t.next, why = %t.why, "phase");
+        }
+        rec.progress = t.progress;
+        if t.next != from {
+            rec.enter(t.next);
+        }
+        if let Some(error) = error_of(event, &t) {
+            rec.error = Some(error);
+        }
+        self.save(rec).await?;
+        v.last_save = Some(Instant::now());
+        Ok(())
+    }
+
+    /// What a transition implies on the agent before it is recorded: a
+    /// quiesce going back to refresh is released; a session going to
+    /// Aborted or Failed is rolled back, and its group hears of it. A
+    /// rollback that fails turns an abort into a failure. A recovery's move
+    /// follows what the agent did already: nothing to do there. `None`: a
+    /// stop interrupted the rollback; nothing is recorded.
+    async fn carry_out(
+        &self,
+        rec: &mut SessionRecord,
+        v: &mut Volatile,
+        policy: &Policy,
+        event: &Event,
+        t: Transition,
+    ) -> Result<Option<Transition>> {
+        let ends = matches!(t.next, Phase::Aborted | Phase::Failed);
+        if ends {
+            self.cutover.fail(&t.why);
+        }
+        if matches!(event, Event::Recovered { .. }) {
+            return Ok(Some(t));
+        }
+        if rec.phase == Phase::Quiescing && t.next == Phase::Refreshing {
+            self.call(v, || self.slave.release(self.fence(rec))).await?;
+        }
+        if !ends {
+            return Ok(Some(t));
+        }
+        if t.next == Phase::Failed {
+            warn!(volume = %rec.volume, phase = %rec.phase, error = %t.why, "step failed; rolling back");
+        }
+        match self.call(v, || self.slave.abort(self.fence(rec))).await {
+            // The record says where the workload ended up.
+            Ok(st) => rec.redirected = st.redirected,
+            Err(e) if e.is(ErrorKind::Fenced) => return Err(MasterError::Deposed(e.to_string())),
+            Err(e) if e.is_transient() && self.stop.is_stopped() => return Ok(None),
+            Err(e) if t.next == Phase::Aborted => {
+                let failed = Event::RollbackFailed(e.to_string());
+                return Ok(Some(transition(rec.phase, rec.progress, &failed, policy)?));
+            }
+            Err(e) => warn!(volume = %rec.volume, error = %e, "rollback incomplete"),
+        }
+        Ok(Some(t))
     }
 
     /// How long the next copy call may run. Auto mode's copy pass reports
     /// more often until it has decided on mirroring: the decision is worth
     /// most early (see `phase::after_slice`).
-    fn slice_for(&self, rec: &SessionRecord, policy: &volmig_api::Policy) -> Duration {
+    fn slice_for(&self, rec: &SessionRecord, policy: &Policy) -> Duration {
         if rec.phase == Phase::Copying
             && policy.mode == volmig_api::CopyMode::Auto
             && !rec.progress.mirror
@@ -542,7 +602,7 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
         if v.last_save
             .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
         {
-            if let Ok(st) = self.slave.get_state(self.step(rec)).await {
+            if let Ok(st) = self.slave.get_state(self.fence(rec)).await {
                 Self::absorb(rec, &st);
             }
             self.save(rec).await?;
@@ -556,98 +616,21 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
         &self,
         rec: &mut SessionRecord,
         v: &mut Volatile,
-        policy: &volmig_api::Policy,
-    ) -> std::result::Result<Outcome, SlaveError> {
-        let fence = self.fence(rec);
-        Ok(Outcome::Event(match rec.phase {
-            Phase::Activating => {
-                let req = Prepare {
-                    fence: fence.clone(),
-                    target: rec.target.clone(),
-                    config: rec.config.clone(),
-                    monitor_only: false,
-                };
-                let st = self.call(v, || self.slave.prepare(req.clone())).await?;
-                rec.size = st.size;
-                rec.source = st.source.clone();
-                Self::absorb(rec, &st);
-                Event::Activated
-            }
-            Phase::Copying | Phase::Refreshing => {
-                if rec.progress.mirror && !v.pushed_mirror {
-                    let req = SetMirror {
-                        fence: fence.clone(),
-                        on: true,
-                    };
-                    self.call(v, || self.slave.set_mirror(req.clone())).await?;
-                    v.pushed_mirror = true;
-                }
-                let req = CopyPass {
-                    fence: fence.clone(),
-                    slice: Some(self.slice_for(rec, policy)),
-                };
-                let r = self.call(v, || self.slave.copy_pass(req.clone())).await?;
-                rec.bytes_copied += r.bytes.saturating_sub(v.pass_seen);
-                v.pass_seen = if r.complete { 0 } else { r.bytes };
-                rec.dirty_bytes = r.dirty_bytes;
-                if r.stopped {
-                    return Ok(Outcome::Again);
-                }
-                if !r.complete {
-                    return Ok(Outcome::Event(Event::SliceDone {
-                        walked: r.walked,
-                        redirtied: r.redirtied_bytes,
-                        size: rec.size,
-                    }));
-                }
-                let secs = r.elapsed.as_secs_f64().max(1e-6);
-                // Small passes are latency bound: keep the estimate of a
-                // real one. The data rate, flush included, is what the
-                // residue costs at cutover (holes are nearly free).
-                if r.data_bytes >= 4 << 20 || rec.copy_rate == 0.0 {
-                    let rate = r.data_bytes as f64 / secs;
-                    rec.copy_rate = if rec.copy_rate == 0.0 {
-                        rate
-                    } else {
-                        0.5 * rec.copy_rate + 0.5 * rate
-                    };
-                }
-                Event::PassDone {
-                    dirty_bytes: r.dirty_bytes,
-                    copy_rate: rec.copy_rate,
-                }
-            }
-            Phase::Quiescing => {
-                let budget = if rec.progress.converged {
-                    policy.sync_goal / 2
-                } else {
-                    self.cfg.forced_drain
-                };
-                let req = Quiesce {
-                    fence: fence.clone(),
-                    budget,
-                };
-                let q = self.call(v, || self.slave.quiesce(req.clone())).await?;
-                if !q.quiesced {
-                    Event::QuiesceTimedOut
-                } else {
-                    rec.dirty_bytes = q.dirty_bytes;
-                    Event::Quiesced {
-                        dirty_bytes: q.dirty_bytes,
-                        copy_rate: rec.copy_rate,
-                        spent: q.spent,
-                    }
-                }
-            }
+        policy: &Policy,
+    ) -> SlaveResult<Outcome> {
+        let event = match rec.phase {
+            Phase::Activating => self.activate(rec, v).await?,
+            Phase::Copying | Phase::Refreshing => return self.copy(rec, v, policy).await,
+            Phase::Quiescing => self.quiesce(rec, v, policy).await?,
             Phase::Synchronizing => {
-                self.call(v, || self.slave.synchronize(fence.clone()))
+                self.call(v, || self.slave.synchronize(self.fence(rec)))
                     .await?;
                 rec.dirty_bytes = 0;
                 Event::Synchronized
             }
             Phase::Redirecting => {
                 let req = Redirect {
-                    fence: fence.clone(),
+                    fence: self.fence(rec),
                     to_source: false,
                 };
                 let st = self.call(v, || self.slave.redirect(req.clone())).await?;
@@ -655,82 +638,142 @@ impl<S: Slave, St: SessionStore> Driver<S, St> {
                 Event::Redirected
             }
             Phase::Resuming => {
-                let r = self.call(v, || self.slave.resume(fence.clone())).await?;
+                let r = self.call(v, || self.slave.resume(self.fence(rec))).await?;
                 if let Some(stall) = r.stall {
                     rec.cutover_stall_ms = Some(stall.as_secs_f64() * 1e3);
                 }
                 Event::Resumed
             }
-            Phase::Terminating => {
-                let req = Terminate {
-                    fence: fence.clone(),
-                    verify: rec.config.verify,
-                    failback_window: rec.config.failback_window(),
-                };
-                let t = self.call(v, || self.slave.terminate(req.clone())).await?;
-                rec.verified = Some(t.verified);
-                if let Some(off) = t.mismatch_offset {
-                    Event::Failed(format!(
-                        "verification failed: first difference at offset {off}"
-                    ))
-                } else {
-                    Event::Terminated
-                }
-            }
+            Phase::Terminating => self.terminate(rec, v).await?,
             Phase::Completed | Phase::Aborted | Phase::Failed => return Ok(Outcome::Again),
+        };
+        Ok(Outcome::Event(event))
+    }
+
+    /// Activating: the agent opens the target and starts the monitor.
+    async fn activate(&self, rec: &mut SessionRecord, v: &mut Volatile) -> SlaveResult<Event> {
+        let req = Prepare {
+            fence: self.fence(rec),
+            target: rec.target.clone(),
+            config: rec.config.clone(),
+            monitor_only: false,
+        };
+        let st = self.call(v, || self.slave.prepare(req.clone())).await?;
+        rec.size = st.size;
+        rec.source = st.source.clone();
+        Self::absorb(rec, &st);
+        Ok(Event::Activated)
+    }
+
+    /// Copying or Refreshing: one slice of a pass (mirroring first, if the
+    /// session mirrors and the agent does not know yet).
+    async fn copy(
+        &self,
+        rec: &mut SessionRecord,
+        v: &mut Volatile,
+        policy: &Policy,
+    ) -> SlaveResult<Outcome> {
+        if rec.progress.mirror && !v.pushed_mirror {
+            let req = SetMirror {
+                fence: self.fence(rec),
+                on: true,
+            };
+            self.call(v, || self.slave.set_mirror(req.clone())).await?;
+            v.pushed_mirror = true;
+        }
+        let req = CopyPass {
+            fence: self.fence(rec),
+            slice: Some(self.slice_for(rec, policy)),
+        };
+        let r = self.call(v, || self.slave.copy_pass(req.clone())).await?;
+        rec.bytes_copied += r.bytes.saturating_sub(v.pass_seen);
+        v.pass_seen = if r.complete { 0 } else { r.bytes };
+        rec.dirty_bytes = r.dirty_bytes;
+        if r.stopped {
+            return Ok(Outcome::Again);
+        }
+        if !r.complete {
+            return Ok(Outcome::Event(Event::SliceDone {
+                walked: r.walked,
+                redirtied: r.redirtied_bytes,
+                size: rec.size,
+            }));
+        }
+        let secs = r.elapsed.as_secs_f64().max(1e-6);
+        // Small passes are latency bound: keep the estimate of a real one.
+        // The data rate, flush included, is what the residue costs at
+        // cutover (holes are nearly free).
+        if r.data_bytes >= 4 << 20 || rec.copy_rate == 0.0 {
+            let rate = r.data_bytes as f64 / secs;
+            rec.copy_rate = if rec.copy_rate == 0.0 {
+                rate
+            } else {
+                0.5 * rec.copy_rate + 0.5 * rate
+            };
+        }
+        Ok(Outcome::Event(Event::PassDone {
+            dirty_bytes: r.dirty_bytes,
+            copy_rate: rec.copy_rate,
         }))
     }
-}
 
-/// Creates a session's record (phase Activating) for a driver to run.
-pub async fn create_session<St: SessionStore>(
-    store: &St,
-    volume: &str,
-    target: &std::path::Path,
-    config: crate::record::SessionConfig,
-    epoch: u64,
-) -> Result<SessionRecord> {
-    config.validate().map_err(MasterError::Invalid)?;
-    let mut rec = SessionRecord::new(volume, std::path::Path::new(""), target, 0, config);
-    rec.epoch = epoch;
-    if let Some(old) = store.load(volume).await? {
-        if !old.phase.is_terminal() {
-            return Err(MasterError::SessionExists {
-                volume: volume.to_string(),
-                session: old.session,
-            });
+    /// Quiescing: hold the workload's I/O within the budget (the sync goal,
+    /// or a longer drain when the cutover is forced).
+    async fn quiesce(
+        &self,
+        rec: &mut SessionRecord,
+        v: &mut Volatile,
+        policy: &Policy,
+    ) -> SlaveResult<Event> {
+        let budget = if rec.progress.converged {
+            policy.sync_goal / 2
+        } else {
+            self.cfg.forced_drain
+        };
+        let req = Quiesce {
+            fence: self.fence(rec),
+            budget,
+        };
+        let q = self.call(v, || self.slave.quiesce(req.clone())).await?;
+        if !q.quiesced {
+            return Ok(Event::QuiesceTimedOut);
         }
-        rec.revision = old.revision;
+        rec.dirty_bytes = q.dirty_bytes;
+        Ok(Event::Quiesced {
+            dirty_bytes: q.dirty_bytes,
+            copy_rate: rec.copy_rate,
+            spent: q.spent,
+        })
     }
-    rec.phase_times[0].start_ms = now_ms();
-    store.save(volume, &mut rec).await?;
-    Ok(rec)
+
+    /// Terminating: stop monitoring, verify, release the source; a target
+    /// that does not verify fails the session.
+    async fn terminate(&self, rec: &mut SessionRecord, v: &mut Volatile) -> SlaveResult<Event> {
+        let req = Terminate {
+            fence: self.fence(rec),
+            verify: rec.config.verify,
+            failback_window: rec.config.failback_window(),
+        };
+        let t = self.call(v, || self.slave.terminate(req.clone())).await?;
+        rec.verified = Some(t.verified);
+        Ok(match t.mismatch_offset {
+            Some(off) => Event::Failed(format!(
+                "verification failed: first difference at offset {off}"
+            )),
+            None => Event::Terminated,
+        })
+    }
 }
 
-/// Records an abort request; the driver acts on it at its next step.
-pub async fn request_abort<St: SessionStore>(store: &St, volume: &str) -> Result<SessionRecord> {
-    crate::store::update(store, volume, |rec| {
-        if rec.phase.is_terminal() {
-            return Err(MasterError::Invalid(format!(
-                "session {} already {}",
-                rec.session, rec.phase
-            )));
-        }
-        rec.abort_requested = true;
-        Ok(true)
-    })
-    .await
+/// The error a transition records: why the session failed, or the group
+/// failure it was rolled back for (an abort someone asked for, or a
+/// rollback the agent had done already, is no error).
+fn error_of(event: &Event, t: &Transition) -> Option<String> {
+    match (t.next, event) {
+        (Phase::Failed, _) | (Phase::Aborted, Event::GroupFailed(_)) => Some(t.why.clone()),
+        _ => None,
+    }
 }
 
-/// Changes a running session's bandwidth limit; the driver pushes it.
-pub async fn set_bandwidth<St: SessionStore>(
-    store: &St,
-    volume: &str,
-    bytes_per_sec: u64,
-) -> Result<SessionRecord> {
-    crate::store::update(store, volume, |rec| {
-        rec.config.bandwidth = bytes_per_sec;
-        Ok(true)
-    })
-    .await
-}
+#[cfg(test)]
+mod tests;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use volmig_api::SlaveError;
+use volmig_api::phase::BadTransition;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
@@ -30,6 +31,10 @@ pub enum MasterError {
     Slave(#[from] SlaveError),
     #[error("this master was deposed (a newer epoch drives the session): {0}")]
     Deposed(String),
+    #[error("phase machine: {0}")]
+    Phase(#[from] BadTransition),
+    #[error("driver of {key} panicked: {reason}")]
+    Panicked { key: String, reason: String },
 }
 
 pub type Result<T, E = MasterError> = std::result::Result<T, E>;

@@ -1,7 +1,8 @@
 //! Consistency groups: several sessions (volumes, possibly on several
 //! agents) cut over together. Each member runs its own [`Driver`]
-//! (crate::Driver) through Copy and Refresh; at cutover they meet at five
-//! barriers, in order:
+//! (crate::Driver) through Copy and Refresh, with an [`InGroup`] as its
+//! [`Cutover`] hook; at cutover they meet at five barriers of one
+//! [`GroupCoord`], in order:
 //!
 //! | barrier | a member arrives | all arrived |
 //! |---|---|---|
@@ -17,15 +18,24 @@
 //! kept current), so every workload ends on its source or all on their
 //! targets.
 //!
+//! A member past `Resumed` has left the group: its own failure no longer
+//! fails the others, nor theirs it (every member passed `Resumed` at once).
+//!
 //! The barriers live in the master's memory. After a master restart the
-//! members reconcile with their agents: members that were quiesced but not
-//! redirected go back to Refreshing (their agents' quiesce leases release
-//! I/O anyway), members already redirected wait at `Resumed` for the rest,
-//! which pass the earlier barriers on their own.
+//! members recover from their agents' state: members that were quiesced but
+//! not redirected go back to Refreshing (their agents' quiesce leases
+//! release I/O anyway), members already redirected wait at `Resumed` for
+//! the rest, which pass the earlier barriers on their own.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
+use volmig_api::phase::Phase;
+
+use crate::cutover::{Cutover, Gate, MidCutover};
+use crate::driver::StopSignal;
+use crate::error::Result;
+use crate::record::SessionRecord;
 
 /// The barriers, in the order members meet them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -61,8 +71,9 @@ pub enum Verdict {
     Abort(String),
 }
 
+/// One member's place at the barriers.
 #[derive(Debug, Default)]
-struct Member {
+struct Seat {
     name: String,
     /// The next barrier this member will arrive at (`DONE` past all).
     next: u8,
@@ -74,7 +85,7 @@ struct Member {
 
 #[derive(Debug, Default)]
 struct State {
-    members: Vec<Member>,
+    members: Vec<Seat>,
     failed: Option<String>,
 }
 
@@ -94,9 +105,9 @@ impl GroupCoord {
             state: Mutex::new(State {
                 members: members
                     .iter()
-                    .map(|m| Member {
+                    .map(|m| Seat {
                         name: m.clone(),
-                        ..Member::default()
+                        ..Seat::default()
                     })
                     .collect(),
                 failed: None,
@@ -221,7 +232,7 @@ impl GroupCoord {
         member: &str,
         barrier: Barrier,
         vote: bool,
-        stop: &crate::StopSignal,
+        stop: &StopSignal,
     ) -> Option<Verdict> {
         {
             let mut st = self.lock();
@@ -266,12 +277,145 @@ impl GroupCoord {
     }
 }
 
+/// One member's [`Cutover`] hook: where its driver meets the others.
+#[derive(Debug)]
+pub struct InGroup {
+    coord: Arc<GroupCoord>,
+    member: String,
+    /// What this driver knows of its way through the barriers.
+    way: Mutex<Way>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Way {
+    /// The last barrier passed in this round of the cutover.
+    passed: Option<Barrier>,
+    /// Past `Resumed`: the group no longer binds this member.
+    left: bool,
+}
+
+impl InGroup {
+    pub fn new(coord: Arc<GroupCoord>, member: &str) -> Self {
+        Self {
+            coord,
+            member: member.to_string(),
+            way: Mutex::default(),
+        }
+    }
+
+    fn way(&self) -> std::sync::MutexGuard<'_, Way> {
+        // Two plain fields: a panic cannot leave them torn.
+        self.way.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The barrier a member meets before `phase`'s step, if any.
+    fn due(phase: Phase) -> Option<Barrier> {
+        match phase {
+            Phase::Quiescing => Some(Barrier::Quiesce),
+            Phase::Redirecting => Some(Barrier::Synchronized),
+            Phase::Resuming => Some(Barrier::Redirected),
+            Phase::Terminating => Some(Barrier::Resumed),
+            _ => None,
+        }
+    }
+
+    fn passed(&self, b: Barrier) {
+        let mut w = self.way();
+        w.passed = Some(b);
+        if b == Barrier::Resumed {
+            w.left = true;
+            drop(w);
+            self.coord.leave(&self.member);
+        }
+    }
+}
+
+impl Cutover for InGroup {
+    fn begin(&self, phase: Phase, error: Option<&str>) {
+        match phase {
+            Phase::Terminating | Phase::Completed => self.coord.leave(&self.member),
+            Phase::Aborted | Phase::Failed => self.coord.fail(
+                &self.member,
+                error.unwrap_or("ended before the group cut over"),
+            ),
+            _ => {}
+        }
+    }
+
+    async fn before(&self, phase: Phase, stop: &StopSignal) -> Gate {
+        let Some(b) = Self::due(phase) else {
+            return Gate::Go;
+        };
+        if self.way().passed.is_some_and(|p| p >= b) {
+            return Gate::Go;
+        }
+        match self.coord.arrive(&self.member, b, true, stop).await {
+            Some(Verdict::Go) => {
+                self.passed(b);
+                Gate::Go
+            }
+            _ => Gate::Hold,
+        }
+    }
+
+    async fn quiesced(&self, ready: bool, stop: &StopSignal) -> Gate {
+        match self
+            .coord
+            .arrive(&self.member, Barrier::Quiesced, ready, stop)
+            .await
+        {
+            Some(Verdict::Go) => {
+                self.passed(Barrier::Quiesced);
+                Gate::Go
+            }
+            Some(Verdict::Retry) => {
+                self.way().passed = None;
+                Gate::Retry
+            }
+            _ => Gate::Hold,
+        }
+    }
+
+    fn mid_cutover(&self) -> MidCutover {
+        if self.way().passed.is_some() {
+            // Mid-cutover in this very process: the others may be quiesced
+            // and waiting; all roll back together.
+            MidCutover::Fail("the agent lost its quiesce during the cutover".into())
+        } else {
+            // A restarted master: the group quiesces again, together.
+            MidCutover::Requiesce
+        }
+    }
+
+    fn failed(&self) -> Option<String> {
+        if self.way().left {
+            return None;
+        }
+        self.coord.failed()
+    }
+
+    fn fail(&self, reason: &str) {
+        if !self.way().left {
+            self.coord.fail(&self.member, reason);
+        }
+    }
+
+    fn end(&self, result: &Result<SessionRecord>) {
+        // A driver that errs out (deposed, store failure) must not leave
+        // the others waiting at a barrier forever.
+        match result {
+            Err(e) => self.fail(&e.to_string()),
+            Ok(rec) if rec.phase.is_terminal() && rec.phase != Phase::Completed => {
+                self.fail(&format!("ended {}", rec.phase));
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::StopSignal;
 
     fn coord(n: usize) -> Arc<GroupCoord> {
         let names: Vec<String> = (0..n).map(|i| format!("v{i}")).collect();

@@ -1,11 +1,13 @@
 //! Running a consistency group: one driver per member volume (each may be
 //! on another agent), all meeting at the barriers of one [`GroupCoord`].
+//! A [`Supervisor`](crate::Supervisor) runs it as one job.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use volmig_api::Slave;
 
+use crate::bandwidth::BandwidthPool;
 use crate::driver::{Driver, DriverConfig, StopSignal};
 use crate::error::{MasterError, Result};
 use crate::group::GroupCoord;
@@ -48,7 +50,7 @@ pub async fn create_group<S, St: SessionStore>(
     }
     for m in members {
         let mut rec =
-            crate::driver::create_session(store, &m.volume, &m.target, config.clone(), epoch)
+            crate::session::create_session(store, &m.volume, &m.target, config.clone(), epoch)
                 .await?;
         rec.group = Some(name.to_string());
         rec.agent = m.agent.clone();
@@ -58,14 +60,18 @@ pub async fn create_group<S, St: SessionStore>(
     Ok(())
 }
 
-/// Drives every member to the end (or until stopped); the results are in
-/// member order. All end Completed, or none is left on its target.
-pub async fn run_group<S, St>(
+/// Drives every member to the end (or until stopped), sharing `pool`; the
+/// results are in member order. All end Completed, or none is left on its
+/// target. A member whose driver errs out fails the group (see
+/// [`InGroup`](crate::group::InGroup)), so no other waits at a barrier for
+/// it forever.
+pub(crate) async fn run_group<S, St>(
     name: &str,
     members: Vec<Member<S>>,
     store: St,
     cfg: DriverConfig,
     stop: Arc<StopSignal>,
+    pool: Arc<BandwidthPool>,
 ) -> Vec<Result<SessionRecord>>
 where
     S: Slave,
@@ -75,24 +81,12 @@ where
     let coord = Arc::new(GroupCoord::new(name, &names));
     let runs = members.into_iter().map(|m| {
         let driver = Driver::new(m.slave, store.clone(), &m.volume, cfg.clone(), stop.clone())
+            .sharing(pool.clone())
             .in_group(coord.clone());
-        let coord = coord.clone();
-        async move {
-            let r = driver.run().await;
-            // A driver that errs out (deposed, store failure) must not
-            // leave the others waiting at a barrier forever.
-            match &r {
-                Err(e) => coord.fail(&m.volume, &e.to_string()),
-                Ok(rec)
-                    if rec.phase.is_terminal()
-                        && rec.phase != volmig_api::phase::Phase::Completed =>
-                {
-                    coord.fail(&m.volume, &format!("ended {}", rec.phase));
-                }
-                Ok(_) => {}
-            }
-            r
-        }
+        async move { driver.run().await }
     });
     futures::future::join_all(runs).await
 }
+
+#[cfg(test)]
+mod tests;

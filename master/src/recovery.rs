@@ -1,7 +1,8 @@
 //! After a restart of the master or of an agent, the record's phase and the
 //! agent's actual state may disagree (the agent lost its quiesce when it
 //! restarted; the master died after the agent finished a step). This pure
-//! function says where the session really is.
+//! function says where the session really is; the driver takes the move to
+//! the phase machine as an `Event::Recovered`.
 
 use volmig_api::phase::Phase;
 use volmig_api::slave::SessionState;
@@ -95,5 +96,27 @@ mod tests {
             Copying
         );
         assert_eq!(recover(Completed, None).0, Completed);
+    }
+
+    #[test]
+    fn every_move_is_one_the_phase_machine_accepts() {
+        let bools = [false, true];
+        for phase in Phase::ALL.into_iter().filter(|p| !p.is_terminal()) {
+            let mut views = vec![None];
+            for q in bools {
+                for r in bools {
+                    for f in bools {
+                        views.push(Some(st(q, r, f)));
+                    }
+                }
+            }
+            for view in views {
+                let (to, _) = recover(phase, view.as_ref());
+                assert!(
+                    to == phase || volmig_api::phase::recovery_allowed(phase, to),
+                    "{phase} -> {to} for {view:?}"
+                );
+            }
+        }
     }
 }

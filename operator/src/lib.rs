@@ -1,11 +1,10 @@
 //! volmig operator: the master of the node agents in a cluster. It
 //! reconciles VolumeMigration resources, keeps each session's record (the
 //! communication data set) in the resource's status and drives the phases
-//! through `volmig_master::Driver`.
+//! through the master's `volmig_master::Supervisor`.
 
 pub mod agents;
 pub mod crd_gen;
-pub mod drivers;
 pub mod error;
 pub mod health;
 pub mod leader;

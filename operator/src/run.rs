@@ -54,7 +54,7 @@ pub struct RunArgs {
     /// The Lease used for leader election.
     #[arg(long, default_value = "volmig-operator")]
     pub lease_name: String,
-    /// Migrations driven at once; the rest wait in Pending.
+    /// Migrations driven at once (0: no limit); the rest wait in Pending.
     #[arg(long, default_value_t = 4)]
     pub max_concurrent: usize,
     /// This replica's name (lease holder identity, events' reporter).
@@ -195,7 +195,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<()> {
         if let Err(e) = task.await {
             error!(error = %e, "controller task");
         }
-        ctx.drivers.stop_all(Duration::from_secs(30)).await;
+        ctx.supervisor.stop_all(Duration::from_secs(30)).await;
         info!("drivers stopped between steps; their sessions continue under the next leader");
         if terminating {
             break;

@@ -695,28 +695,18 @@ async fn a_volume_used_on_two_nodes_needs_a_read_write_many_target() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_concurrency_limit_a_migration_waits_in_pending() {
     let c = cluster(spec("8Mi"), "pv-data").await;
-    let stop = Arc::new(volmig_master::StopSignal::default());
-    for i in 0..c.ctx.settings.max_concurrent {
-        let s = stop.clone();
-        c.ctx.drivers.start(
-            &format!("db/other-{i}"),
-            "https://x",
-            stop.clone(),
-            async move {
-                while !s.is_stopped() {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
-        );
-    }
+    // Other migrations' drivers hold every slot.
+    let slots = c.ctx.supervisor.slots();
+    let held: Vec<_> = (0..c.ctx.settings.max_concurrent)
+        .map(|_| slots.try_acquire().unwrap().expect("a free slot"))
+        .collect();
     c.reconcile().await.unwrap();
     let action = c.reconcile().await.unwrap();
     assert_eq!(c.vm()["status"]["phase"], "Pending");
     assert_eq!(c.condition("Progressing")["reason"], "WaitingForSlot");
     assert!(format!("{action:?}").contains("requeue"), "{action:?}");
     assert!(creations(&c.fake).is_empty());
-    stop.stop();
-    c.ctx.drivers.stop_all(Duration::from_secs(5)).await;
+    drop(held);
     c.reconcile().await.unwrap();
     assert_eq!(
         c.condition("Progressing")["reason"],

@@ -4,10 +4,11 @@
 //! - deletion: request an abort, wait for the rollback, remove the holder
 //!   pod, then let the finalizer go;
 //! - an invalid spec: phase Failed with the reason, nothing created;
-//! - no session yet: take a slot (`--max-concurrent`), resolve each
-//!   volume's source, node, agent and target (see [`resolve`]), create the
-//!   session records in the status (phase Activating) and start the driver
-//!   (several volumes: a consistency group, cut over together);
+//! - no session yet: wait for a free slot (`--max-concurrent`), resolve
+//!   each volume's source, node, agent and target (see [`resolve`]), create
+//!   the session records in the status (phase Activating) and start the
+//!   migration's job on the [`Supervisor`] (several volumes: a consistency
+//!   group, cut over together);
 //! - a running session: keep a driver on it (after a restart or a new
 //!   leader, under a newer epoch), pass `spec.abort` on;
 //! - an ended session: after Completed, make the rebinding durable (see
@@ -17,8 +18,9 @@ pub mod rebind;
 pub mod resolve;
 pub mod status;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -33,11 +35,12 @@ use volmig_api::crd::{
     MigrationPhase, SharedAttachment, VolumeMigration, VolumeMigrationStatus, VolumeStatus,
     check_spec,
 };
-use volmig_master::group_run::Member;
-use volmig_master::{Driver, DriverConfig, MasterError, MultiAttach, SessionConfig, StopSignal};
+use volmig_master::{
+    Admission, DriverConfig, Job, MasterError, Member, MultiAttach, SessionConfig, Slots,
+    Supervisor,
+};
 
 use crate::agents::Connector;
-use crate::drivers::Drivers;
 use crate::error::{Error, Result};
 use crate::status_map::verify_from;
 use crate::status_store::{CrStatusStore, Saved};
@@ -55,7 +58,7 @@ pub struct Settings {
     pub agent_port: u16,
     /// Image of the holder pods (does nothing; `pause`).
     pub holder_image: String,
-    /// Sessions driven at once; others wait in Pending.
+    /// Migrations driven at once (0: no limit); others wait in Pending.
     pub max_concurrent: usize,
     /// kubelet's root directory as the agents see it (the host's).
     pub kubelet_dir: String,
@@ -78,7 +81,11 @@ pub struct Context<C: Connector> {
     pub client: Client,
     pub settings: Settings,
     pub connector: C,
-    pub drivers: Drivers,
+    /// Runs the migrations' drivers (one job per migration), within the
+    /// concurrency limit.
+    pub supervisor: Supervisor,
+    /// The agents each running job talks to, so a moved agent restarts it.
+    endpoints: Mutex<HashMap<String, String>>,
     /// This leader's fencing epoch (from the Lease's transitions).
     pub epoch: AtomicU64,
     /// Every save of a session record, for Events and metrics.
@@ -95,11 +102,15 @@ impl<C: Connector> Context<C> {
         saved: mpsc::UnboundedSender<Saved>,
         recorder: Recorder,
     ) -> Self {
+        // The operator drives every session itself: its slots are in its
+        // memory, and each session keeps its own bandwidth limit.
+        let supervisor = Supervisor::new(Slots::in_process(settings.max_concurrent), 0);
         Self {
             client,
             settings,
             connector,
-            drivers: Drivers::default(),
+            supervisor,
+            endpoints: Mutex::default(),
             epoch: AtomicU64::new(epoch),
             saved,
             recorder,
@@ -115,6 +126,12 @@ impl<C: Connector> Context<C> {
             .map(|s| s.epoch.max(0) as u64)
             .unwrap_or(0);
         self.epoch.load(Ordering::SeqCst).max(recorded + 1)
+    }
+
+    /// The agents `key`'s job was started with.
+    fn endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        // Whole strings go in and out; a panic cannot tear one.
+        self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The endpoint of the ready agent pod on `node`, if any.
@@ -239,11 +256,9 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
         .await?;
         return Ok(Action::await_change());
     }
-    let active = ctx.drivers.active();
-    if active >= ctx.settings.max_concurrent {
+    if let Admission::Full { running, limit } = ctx.supervisor.admission()? {
         let msg = format!(
-            "{active} migrations are running (at most {} at once); this one starts when one ends",
-            ctx.settings.max_concurrent
+            "{running} migrations are running (at most {limit} at once); this one starts when one ends"
         );
         status::pending(&api, vm, "WaitingForSlot", &msg).await?;
         return Ok(requeue(15));
@@ -399,8 +414,8 @@ fn holder_pods(st: &VolumeMigrationStatus) -> Vec<String> {
         .collect()
 }
 
-/// Runs the migration's driver: one `Driver` for one volume, the group
-/// driver (one driver per member, cut over together) for several.
+/// Starts the migration's job on the supervisor: one session for one
+/// volume, a consistency group (cut over together) for several.
 fn start_driver<C: Connector>(
     vm: &VolumeMigration,
     ctx: &Context<C>,
@@ -415,48 +430,20 @@ fn start_driver<C: Connector>(
         epoch,
         ..DriverConfig::default()
     };
-    let stop = Arc::new(StopSignal::default());
+    let job = match rs {
+        [r] => Job::Session {
+            volume: r.volume.clone(),
+            slave: slave_of(ctx, r)?,
+        },
+        _ => Job::Group {
+            name,
+            members: members(ctx, rs)?,
+        },
+    };
     let k = key(vm);
     let agents = agents_of(rs);
-    let task_key = k.clone();
-    let fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match rs {
-        [r] => {
-            let driver = Driver::new(slave_of(ctx, r)?, store, &r.volume, cfg, stop.clone());
-            let volume = r.volume.clone();
-            Box::pin(async move {
-                let k = task_key;
-                match driver.run().await {
-                    Ok(rec) => info!(migration = %k, volume, phase = %rec.phase, "driver ended"),
-                    Err(MasterError::Deposed(m)) => {
-                        info!(migration = %k, volume, why = m, "driver deposed by a newer epoch")
-                    }
-                    Err(e) => {
-                        warn!(migration = %k, volume, error = %e, "driver stopped on an error; the next reconcile restarts it")
-                    }
-                }
-            })
-        }
-        _ => {
-            let members = members(ctx, rs)?;
-            let stop = stop.clone();
-            Box::pin(async move {
-                let k = task_key;
-                let results =
-                    volmig_master::group_run::run_group(&name, members, store, cfg, stop).await;
-                for r in results {
-                    match r {
-                        Ok(rec) => {
-                            info!(migration = %k, volume = %rec.volume, phase = %rec.phase, "group member ended")
-                        }
-                        Err(e) => {
-                            warn!(migration = %k, error = %e, "group member stopped; the next reconcile restarts the group")
-                        }
-                    }
-                }
-            })
-        }
-    };
-    if ctx.drivers.start(&k, &agents, stop, fut) {
+    if ctx.supervisor.start(&k, job, store, cfg) {
+        ctx.endpoints().insert(k.clone(), agents.clone());
         info!(migration = %k, epoch, agents = %agents, "driver started");
     }
     Ok(())
@@ -518,14 +505,12 @@ async fn keep_driving<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> R
         });
     }
     let agents = agents_of(&rs);
-    match ctx.drivers.endpoint(&k) {
-        Some(e) if e == agents => return Ok(()),
-        Some(_) => {
+    if ctx.supervisor.is_running(&k) {
+        if ctx.endpoints().get(&k) != Some(&agents) {
             info!(migration = %k, agents = %agents, "an agent moved; restarting the driver");
-            ctx.drivers.stop(&k);
-            return Ok(()); // started again by the next reconcile
+            ctx.supervisor.stop(&k); // started again by the next reconcile
         }
-        None => {}
+        return Ok(());
     }
     start_driver(vm, ctx, &rs, ctx.epoch_for(vm))
 }
@@ -595,7 +580,9 @@ async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result
             delete_holder(ctx, &ns, &h).await?;
         }
     }
-    ctx.drivers.stop(&k);
+    ctx.supervisor.stop(&k);
+    ctx.supervisor.forget(&k);
+    ctx.endpoints().remove(&k);
     info!(migration = %k, phase = %st.phase, "finalized");
     Ok(Action::await_change())
 }
