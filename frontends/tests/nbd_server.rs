@@ -9,8 +9,7 @@
 
 use std::future::Future;
 use std::io;
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +20,9 @@ use tokio::net::{TcpStream, UnixStream};
 use volmig_api::io::{Extent, VolumeIo};
 use volmig_frontends::nbd::proto::{self, OptionHeader, OptionReplyHeader, Request};
 use volmig_frontends::nbd::{ClientOptions, Export, NbdClient, NbdError, NbdServer, ServerHandle};
+use volmig_testkit::pattern::pattern;
+use volmig_testkit::require_bin;
+use volmig_testkit::tools::{qemu_img_compare, run_async, run_ok_async};
 
 const MIB: usize = 1024 * 1024;
 const DISK_SIZE: u64 = 64 * MIB as u64;
@@ -256,60 +258,6 @@ async fn timed<F: Future>(f: F) -> F::Output {
         .expect("test timed out")
 }
 
-/// Path of a required external binary; panics with the package to install.
-fn require_bin(name: &str, package: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/bin")]) {
-        let p = dir.join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!(
-        "required binary `{name}` not found in PATH or /usr/bin: \
-         install the Debian package `{package}` (apt-get install {package})"
-    );
-}
-
-async fn run(bin: &Path, args: &[&str]) -> Output {
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(bin)
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{} {args:?} timed out", bin.display()))
-    .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-async fn run_ok(bin: &Path, args: &[&str]) -> String {
-    let out = run(bin, args).await;
-    assert!(
-        out.status.success(),
-        "{} {args:?} failed:\n{}",
-        bin.display(),
-        text(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
-        .collect()
-}
-
 // ---------------------------------------------------------------------------
 // (a) Our client
 // ---------------------------------------------------------------------------
@@ -332,7 +280,7 @@ async fn client_roundtrip(f: &Fixture, opts: &ClientOptions, tcp: bool) {
     assert_eq!(c.info().description.as_deref(), Some("test disk"));
 
     // Unaligned write and read, crossing block boundaries.
-    let data = pattern(3 * MIB + 123, 7);
+    let data = pattern(0, 3 * MIB + 123, 7);
     c.write(12345, &data, false).await.unwrap();
     assert_eq!(c.read(12345, data.len()).await.unwrap(), data);
     assert_eq!(f.disk.bytes(12345, data.len()), data);
@@ -575,7 +523,7 @@ async fn qemu_io_write_and_verify() {
         ] {
             let w = format!("write -P 0xab {off} 1M");
             let r = format!("read -P 0xab {off} 1M");
-            let out = run_ok(
+            let out = run_ok_async(
                 &qemu_io,
                 &["-f", "raw", &uri, "-c", &w, "-c", &r, "-c", "flush"],
             )
@@ -587,7 +535,7 @@ async fn qemu_io_write_and_verify() {
         }
         // Data written behind qemu's back is what qemu reads.
         f.disk.poke(16 * MIB as u64, &vec![0xcd; MIB]);
-        let out = run_ok(
+        let out = run_ok_async(
             &qemu_io,
             &[
                 "-f",
@@ -600,7 +548,7 @@ async fn qemu_io_write_and_verify() {
         .await;
         assert!(!out.contains("Pattern verification failed"), "{out}");
         // A wrong pattern is detected (the check above is meaningful).
-        let out = run(
+        let out = run_async(
             &qemu_io,
             &[
                 "-f",
@@ -612,12 +560,12 @@ async fn qemu_io_write_and_verify() {
         )
         .await;
         assert!(
-            String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"),
+            out.stdout.contains("Pattern verification failed"),
             "{}",
-            text(&out)
+            out.text()
         );
         // Zeroing and discard through qemu.
-        let out = run_ok(
+        let out = run_ok_async(
             &qemu_io,
             &[
                 "-f",
@@ -633,7 +581,7 @@ async fn qemu_io_write_and_verify() {
         assert!(out.contains("wrote 65536/65536 bytes"), "{out}");
         assert_eq!(f.disk.bytes(0, 128 * 1024), vec![0; 128 * 1024]);
         // Read-only export: qemu's write fails, data untouched.
-        let out = run(
+        let out = run_async(
             &qemu_io,
             &[
                 "-f",
@@ -645,8 +593,8 @@ async fn qemu_io_write_and_verify() {
             ],
         )
         .await;
-        assert!(out.status.success(), "{}", text(&out));
-        assert!(!String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"));
+        assert!(out.status.success(), "{}", out.text());
+        assert!(!out.stdout.contains("Pattern verification failed"));
         f.assert_still_serving().await;
     })
     .await;
@@ -657,10 +605,10 @@ async fn qemu_img_info_and_compare() {
     timed(async {
         let qemu_img = require_bin("qemu-img", "qemu-utils");
         let f = Fixture::start().await;
-        f.disk.poke(MIB as u64, &pattern(2 * MIB, 3));
+        f.disk.poke(MIB as u64, &pattern(0, 2 * MIB, 3));
 
         for uri in [f.unix_uri("disk"), f.tcp_uri("disk")] {
-            let out = run_ok(&qemu_img, &["info", "--output=json", &uri]).await;
+            let out = run_ok_async(&qemu_img, &["info", "--output=json", &uri]).await;
             let v: serde_json::Value = serde_json::from_str(&out).unwrap();
             assert_eq!(v["virtual-size"].as_u64(), Some(DISK_SIZE), "{out}");
         }
@@ -668,48 +616,24 @@ async fn qemu_img_info_and_compare() {
         let file = f.dir.path().join("copy.raw");
         std::fs::write(&file, f.disk.snapshot()).unwrap();
         let file_s = file.to_str().unwrap();
-        let out = run(
-            &qemu_img,
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                file_s,
-                &f.unix_uri("disk"),
-            ],
-        )
-        .await;
+        let out = run_async(&qemu_img, &qemu_img_compare(file_s, &f.unix_uri("disk"))).await;
         assert_eq!(
             out.status.code(),
             Some(0),
             "identical images:\n{}",
-            text(&out)
+            out.text()
         );
 
         // One changed byte is found at the right offset.
         f.disk.poke(MIB as u64 + 4242, &[0xff]);
-        let out = run(
-            &qemu_img,
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                file_s,
-                &f.tcp_uri("disk"),
-            ],
-        )
-        .await;
+        let out = run_async(&qemu_img, &qemu_img_compare(file_s, &f.tcp_uri("disk"))).await;
         assert_eq!(
             out.status.code(),
             Some(1),
             "different images:\n{}",
-            text(&out)
+            out.text()
         );
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = &out.stdout;
         // qemu reports the start of the (aligned) block holding the change.
         let off: u64 = stdout
             .split("mismatch at offset ")
@@ -729,7 +653,7 @@ async fn nbdinfo_json_list_and_map() {
         let f = Fixture::start().await;
 
         for uri in [f.unix_uri("disk"), f.tcp_uri("disk")] {
-            let out = run_ok(&nbdinfo, &["--json", &uri]).await;
+            let out = run_ok_async(&nbdinfo, &["--json", &uri]).await;
             let v: serde_json::Value = serde_json::from_str(&out).unwrap();
             let e = &v["exports"][0];
             assert_eq!(e["export-name"], "disk", "{out}");
@@ -758,7 +682,7 @@ async fn nbdinfo_json_list_and_map() {
         }
 
         // NBD_OPT_LIST: both exports, read-only flag of the second.
-        let out = run_ok(&nbdinfo, &["--list", "--json", &f.unix_uri("")]).await;
+        let out = run_ok_async(&nbdinfo, &["--list", "--json", &f.unix_uri("")]).await;
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let exports = v["exports"].as_array().unwrap();
         let names: Vec<&str> = exports
@@ -773,7 +697,7 @@ async fn nbdinfo_json_list_and_map() {
         f.disk.poke(0, &vec![1; MIB]);
         f.disk.poke(4 * MIB as u64, &vec![2; 2 * MIB]);
         for uri in [f.unix_uri("disk"), f.tcp_uri("disk")] {
-            let out = run_ok(&nbdinfo, &["--map", &uri]).await;
+            let out = run_ok_async(&nbdinfo, &["--map", &uri]).await;
             let rows: Vec<(u64, u64, u32)> = out
                 .lines()
                 .map(|l| {
@@ -806,13 +730,13 @@ async fn nbdcopy_to_and_from_file() {
         let nbdcopy = require_bin("nbdcopy", "libnbd-bin");
         let f = Fixture::start().await;
         let src = f.dir.path().join("src.raw");
-        let data = pattern(24 * MIB, 42);
+        let data = pattern(0, 24 * MIB, 42);
         std::fs::write(&src, &data).unwrap();
         let src_s = src.to_str().unwrap();
 
         // File -> NBD (unix), with several connections (multi-conn).
         let conns_before = f.server.total_connections();
-        run_ok(&nbdcopy, &["--connections=4", src_s, &f.unix_uri("disk")]).await;
+        run_ok_async(&nbdcopy, &["--connections=4", src_s, &f.unix_uri("disk")]).await;
         assert!(f.disk.bytes(0, data.len()) == data, "copied data differs");
         assert!(
             f.server.total_connections() - conns_before >= 2,
@@ -822,15 +746,15 @@ async fn nbdcopy_to_and_from_file() {
         // NBD (TCP) -> file: the whole export.
         let dst = f.dir.path().join("dst.raw");
         let dst_s = dst.to_str().unwrap();
-        run_ok(&nbdcopy, &[&f.tcp_uri("disk"), dst_s]).await;
+        run_ok_async(&nbdcopy, &[&f.tcp_uri("disk"), dst_s]).await;
         let got = std::fs::read(&dst).unwrap();
         assert_eq!(got.len() as u64, DISK_SIZE);
         assert!(got == f.disk.snapshot(), "exported data differs");
 
         // NBD -> NBD between two exports of the same server is refused
         // for a read-only destination.
-        let out = run(&nbdcopy, &[&f.unix_uri("disk"), &f.unix_uri("ro")]).await;
-        assert!(!out.status.success(), "{}", text(&out));
+        let out = run_async(&nbdcopy, &[&f.unix_uri("disk"), &f.unix_uri("ro")]).await;
+        assert!(!out.status.success(), "{}", out.text());
         assert!(f.ro.snapshot().iter().all(|&b| b == 0));
         f.assert_still_serving().await;
     })

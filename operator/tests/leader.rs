@@ -2,12 +2,10 @@
 //! Leader election over the fake API server: one holder at a time, and each
 //! new leadership gets a larger fencing epoch from the Lease's transitions.
 
-mod common;
-
 use std::time::Duration;
 
-use common::fake_api::FakeApi;
 use volmig_operator::leader::{elect, epoch};
+use volmig_testkit::fake_api::FakeApi;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_at_a_time_and_epochs_grow() {

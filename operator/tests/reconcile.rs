@@ -1,19 +1,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 //! The reconciler against a mock API server (`tower_test::mock::pair`
-//! serving an in-memory cluster, see `common::fake_api`) and an in-process
+//! serving an in-memory cluster, see `volmig_testkit::fake_api`) and an in-process
 //! agent on real files: what a new, a progressing, an aborted, a deleted and
 //! an invalid VolumeMigration lead to, judged by the objects and requests
 //! the API server saw.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::fake_api::FakeApi;
-use common::*;
 use kube::Api;
 use kube::api::DeleteParams;
 use kube::runtime::events::{Recorder, Reporter};
@@ -24,6 +19,11 @@ use volmig_api::crd::VolumeMigration;
 use volmig_operator::agents::Connector;
 use volmig_operator::reconcile::{Context, FINALIZER, Settings, reconcile};
 use volmig_operator::status_store::Saved;
+use volmig_testkit::agent::{in_process, serve};
+use volmig_testkit::fake_api::FakeApi;
+use volmig_testkit::k8s::*;
+use volmig_testkit::pattern::volume_files;
+use volmig_testkit::{Expected, Writer, WriterOpts};
 
 const SIZE: u64 = 16 << 20;
 
@@ -76,9 +76,9 @@ struct Cluster {
 /// node n1, whose agent serves `exported`; and migration `m` with `spec`.
 async fn cluster(spec: Value, exported: &str) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
-    let (source, target) = volumes(dir.path(), SIZE);
-    let agent = Agent::new(&dir.path().join("agent-state")).unwrap();
-    agent.add_volume(exported, &source, false).await.unwrap();
+    let (source, target) = volume_files(dir.path(), SIZE);
+    let agent = in_process(&dir.path().join("agent-state"));
+    serve(&agent, exported, &source, false).await;
     let (client, fake) = FakeApi::start();
     fake.put(
         &pvc_path("data"),
@@ -321,7 +321,7 @@ async fn new_migration_gets_finalizer_target_claim_activating_then_completes() {
         "copy progress was written as it went: {copied:?}"
     );
     assert_eq!(c.condition("Ready")["status"], "True");
-    check_volume(&c.target, SIZE, &[]);
+    Expected::pattern(SIZE, 0).check_device(&c.target);
     let active = c
         .agent
         .list()
@@ -521,33 +521,6 @@ async fn a_volume_the_agent_does_not_serve_fails_with_volume_not_served() {
     assert!(creations(&c.fake).is_empty(), "{:?}", creations(&c.fake));
 }
 
-/// 4 KiB writes straight into an agent's interposer (what its NBD export
-/// does for a pod) on the blocks `b % 2 == parity` of `gens`, until stopped.
-async fn interposer_writer(
-    agent: Arc<Agent>,
-    gens: Arc<Vec<AtomicU32>>,
-    parity: u64,
-    stop: Arc<AtomicBool>,
-) -> u64 {
-    use volmig_api::io::VolumeIo;
-    let vol = agent.interposer("pv-data").unwrap();
-    let mut buf = vec![0u8; BLOCK as usize];
-    let (mut x, mut n) = (0x9e37_79b9u64 + parity, 0);
-    while !stop.load(Ordering::Relaxed) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = (x % (gens.len() as u64 / 2)) * 2 + parity;
-        let g = gens[b as usize].load(Ordering::SeqCst) + 1;
-        fill(&mut buf, b, g);
-        buf = vol.write(b * BLOCK, buf, false).await.unwrap();
-        gens[b as usize].store(g, Ordering::SeqCst);
-        n += 1;
-        tokio::time::sleep(Duration::from_micros(500)).await;
-    }
-    n
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_used_on_two_nodes_moves_with_both_agents_and_loses_no_write() {
     // fast enough a copy that n2's writes (which no mirror covers) fit the
@@ -560,11 +533,8 @@ async fn a_volume_used_on_two_nodes_moves_with_both_agents_and_loses_no_write() 
     });
     c.fake
         .put(&pod_path("db", "app-1"), app_pod("app-1", "n2", "data"));
-    let agent2 = Agent::new(&c.dir.path().join("agent2-state")).unwrap();
-    agent2
-        .add_volume("pv-data", &c.source, false)
-        .await
-        .unwrap();
+    let agent2 = in_process(&c.dir.path().join("agent2-state"));
+    serve(&agent2, "pv-data", &c.source, false).await;
     let ctx = c.with_second_agent(agent2.clone());
     c.reconcile_with(&ctx).await.unwrap(); // finalizer
     c.reconcile_with(&ctx).await.unwrap(); // target claim, a holder pod per node
@@ -592,22 +562,22 @@ async fn a_volume_used_on_two_nodes_moves_with_both_agents_and_loses_no_write() 
         c.reconcile_with(&ctx).await.unwrap();
     }
 
-    // writers on both nodes from before the session starts until after it
-    let gens: Arc<Vec<AtomicU32>> =
-        Arc::new((0..(SIZE / 4) / BLOCK).map(|_| AtomicU32::new(0)).collect());
-    let stop = Arc::new(AtomicBool::new(false));
-    let w1 = tokio::spawn(interposer_writer(
-        c.agent.clone(),
-        gens.clone(),
-        0,
-        stop.clone(),
-    ));
-    let w2 = tokio::spawn(interposer_writer(
-        agent2.clone(),
-        gens.clone(),
-        1,
-        stop.clone(),
-    ));
+    // writers on both nodes from before the session starts until after it:
+    // 4 KiB writes straight into each agent's interposer (what its NBD
+    // export does for a pod), each on every other block of the first
+    // quarter
+    let expected = Expected::pattern(SIZE, 0);
+    let writer = |agent: &Arc<Agent>, parity| {
+        Writer::volume(
+            &tokio::runtime::Handle::current(),
+            agent.interposer("pv-data").unwrap(),
+            expected.clone(),
+            WriterOpts::hot(SIZE / 4)
+                .every(2, parity)
+                .seed(0x9e37_79b9 + parity),
+        )
+    };
+    let (w1, w2) = (writer(&c.agent, 0), writer(&agent2, 1));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let st = c.vm()["status"].clone();
     assert!(st["sessionId"].is_string(), "{st}");
@@ -633,10 +603,9 @@ async fn a_volume_used_on_two_nodes_moves_with_both_agents_and_loses_no_write() 
     assert_eq!(st["phase"], "Completed", "{st}");
     assert_eq!(st["volumes"][0]["verified"], true);
     tokio::time::sleep(Duration::from_millis(200)).await; // writes on the target
-    stop.store(true, Ordering::Relaxed);
-    let (n1, n2) = (w1.await.unwrap(), w2.await.unwrap());
+    let (n1, n2) = (w1.finish().await.writes, w2.finish().await.writes);
     assert!(n1 > 100 && n2 > 100, "both nodes wrote: {n1}, {n2}");
-    check_volume(&c.target, SIZE, &gens);
+    expected.check_device(&c.target);
     for (agent, uid) in [
         (
             &c.agent,
@@ -673,11 +642,8 @@ async fn a_volume_used_on_two_nodes_needs_a_read_write_many_target() {
     c.fake.edit(VM_PATH, |o| {
         o["spec"]["volumes"][0]["target"] = json!({"persistentVolumeClaim": "given"});
     });
-    let agent2 = Agent::new(&c.dir.path().join("agent2-state")).unwrap();
-    agent2
-        .add_volume("pv-data", &c.source, false)
-        .await
-        .unwrap();
+    let agent2 = in_process(&c.dir.path().join("agent2-state"));
+    serve(&agent2, "pv-data", &c.source, false).await;
     let ctx = c.with_second_agent(agent2);
     for _ in 0..2 {
         c.reconcile_with(&ctx).await.unwrap();
@@ -721,12 +687,9 @@ async fn two_volumes_on_two_nodes_cut_over_as_one_group() {
     // a second volume, used on node n2, served by n2's agent
     let logs_dir = c.dir.path().join("logs");
     std::fs::create_dir_all(&logs_dir).unwrap();
-    let (logs_src, logs_dst) = volumes(&logs_dir, SIZE);
-    let agent2 = Agent::new(&c.dir.path().join("agent2-state")).unwrap();
-    agent2
-        .add_volume("pv-logs", &logs_src, false)
-        .await
-        .unwrap();
+    let (logs_src, logs_dst) = volume_files(&logs_dir, SIZE);
+    let agent2 = in_process(&c.dir.path().join("agent2-state"));
+    serve(&agent2, "pv-logs", &logs_src, false).await;
     c.fake.put(
         &pvc_path("logs"),
         claim("logs", Some("pv-logs"), "slow", "16Mi", "Filesystem"),
@@ -783,8 +746,8 @@ async fn two_volumes_on_two_nodes_cut_over_as_one_group() {
         assert_eq!(v["session"]["group"], "m");
         assert_eq!(v["redirected"], true);
     }
-    check_volume(&c.target, SIZE, &[]);
-    check_volume(&logs_dst, SIZE, &[]);
+    Expected::pattern(SIZE, 0).check_device(&c.target);
+    Expected::pattern(SIZE, 0).check_device(&logs_dst);
     c.reconcile_with(&ctx).await.unwrap(); // rebinding, both volumes
     for (src, tgt) in [("pv-data", "pv-target"), ("pv-logs", "pv-logs-target")] {
         assert_eq!(

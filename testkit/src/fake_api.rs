@@ -7,8 +7,6 @@
 //! Conflict; a spec change or a deletion bumps `metadata.generation`.
 //! Every request is logged so tests can say what was (not) done.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
-
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 

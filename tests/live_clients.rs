@@ -7,19 +7,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{
-    Agent, ChildGuard, MIB, Out, pattern, pattern_file, require_bin, run, run_cmd, run_ok,
-    sparse_file, wait_until,
+use volmig_testkit::agent::AgentProcess;
+use volmig_testkit::fio::{
+    assert_clean as assert_fio_clean, issued as fio_issued, require_fio_nbd, run_fio,
 };
+use volmig_testkit::master::TERMINAL;
+use volmig_testkit::pattern::{pattern, pattern_file, sparse_file};
+use volmig_testkit::tools::qemu_img_compare;
+use volmig_testkit::{ChildGuard, Expected, MIB, Out, require_bin, run, run_ok, wait_until};
 
 const IODEPTH: u64 = 8;
 
@@ -29,59 +31,14 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 // (a) fio's nbd engine with verification through a live migration
 // ---------------------------------------------------------------------------
 
-/// fio's `issued rwts: total=R,W,...` counts.
-fn fio_issued(out: &Out) -> (u64, u64) {
-    let line = out
-        .stdout
-        .lines()
-        .find(|l| l.contains("issued rwts: total="))
-        .unwrap_or_else(|| panic!("no issued counts in fio output:\n{}", out.text()));
-    let nums: Vec<u64> = line
-        .split("total=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .split(',')
-        .map(|n| n.parse().unwrap())
-        .collect();
-    (nums[0], nums[1])
-}
-
-/// fio exited 0, reported `err= 0` and no verification failure.
-fn assert_fio_clean(out: &Out) {
-    assert!(out.ok(), "fio failed:\n{}", out.text());
-    assert!(
-        out.stdout.contains("err= 0"),
-        "fio job error:\n{}",
-        out.text()
-    );
-    for bad in ["verify:", "bad magic", "crc32c: wanted", "io_u error"] {
-        assert!(
-            !out.stdout.contains(bad) && !out.stderr.contains(bad),
-            "fio reported {bad:?}:\n{}",
-            out.text()
-        );
-    }
-}
-
 /// Runs fio in `dir` (where it keeps its verify state file).
 fn fio(dir: &Path, args: &[String]) -> Out {
-    let mut cmd = Command::new(require_bin("fio", "fio"));
-    cmd.current_dir(dir).args(args);
-    run_cmd(cmd, Duration::from_secs(900))
+    run_fio(dir, args, Duration::from_secs(900))
 }
 
 #[test]
 fn fio_nbd_verify_through_live_migration() {
-    let fio_bin = require_bin("fio", "fio");
-    let eng = run(&fio_bin, &["--enghelp=nbd"]);
-    assert!(
-        eng.ok() && eng.stdout.contains("uri"),
-        "fio lacks the nbd ioengine (install the Debian package `fio`, built with libnbd):\n{}",
-        eng.text()
-    );
+    require_fio_nbd();
 
     let size = 256 * MIB;
     let dir = tempfile::tempdir().unwrap();
@@ -89,7 +46,9 @@ fn fio_nbd_verify_through_live_migration() {
     let tgt = dir.path().join("target.img");
     pattern_file(&src, size, 1);
     sparse_file(&tgt, size);
-    let mut agent = Agent::start(dir.path(), &[("vol", &src)]);
+    let mut agent = AgentProcess::builder(dir.path(), "agent")
+        .export("vol", &src)
+        .start();
     let uri = agent.unix_uri("vol");
 
     // fio's random map writes each 4 KiB block once per pass over the 256
@@ -149,13 +108,13 @@ fn fio_nbd_verify_through_live_migration() {
     for want in ["phase       Completed", "verified    yes", "stall       "] {
         assert!(m.stdout.contains(want), "{want:?} missing:\n{}", m.text());
     }
-    let st = agent.status("vol");
+    let st = agent.master().record("vol");
     agent.assert_completed(&st);
     assert!(
-        st["record"]["bytes_copied"].as_u64().unwrap() >= size,
+        st["bytes_copied"].as_u64().unwrap() >= size,
         "copied less than the volume: {st:#}"
     );
-    assert_eq!(agent.active_path("vol"), tgt.to_str().unwrap());
+    assert_eq!(agent.active_path("vol"), tgt);
     // fio's connection survived the cutover: it is still writing.
     assert!(
         !writer.is_finished(),
@@ -257,8 +216,10 @@ fn qemu_io_writes_during_migration_land_on_target() {
     let tgt = dir.path().join("target.img");
     pattern_file(&src, size, 2);
     sparse_file(&tgt, size);
-    let expected = Arc::new(Mutex::new(std::fs::read(&src).unwrap()));
-    let agent = Agent::start(dir.path(), &[("vol", &src)]);
+    let expected = Expected::of_file(&src);
+    let agent = AgentProcess::builder(dir.path(), "agent")
+        .export("vol", &src)
+        .start();
     let uri = agent.unix_uri("vol");
 
     let info = run_ok(&qemu_img, &["info", "--output=json", "-f", "raw", &uri]);
@@ -268,7 +229,7 @@ fn qemu_io_writes_during_migration_land_on_target() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicU64::new(0));
-    agent.migrate("vol", &tgt, &["--bandwidth", "16Mi"]);
+    let mut m = agent.migrate("vol", &tgt, &["--bandwidth", "16Mi"]);
     let writer = {
         let (stop, rounds, expected, uri) =
             (stop.clone(), rounds.clone(), expected.clone(), uri.clone());
@@ -305,18 +266,16 @@ fn qemu_io_writes_during_migration_land_on_target() {
                     "qemu-io round {i}:\n{}",
                     out.text()
                 );
-                let mut e = expected.lock().unwrap();
                 for (off, len, p) in writes {
-                    e[off as usize..(off + len) as usize].fill(p);
+                    expected.fill(off, len, p);
                 }
-                drop(e);
                 rounds.fetch_add(1, Ordering::SeqCst);
                 i += 1;
             }
         })
     };
 
-    let st = agent.wait_terminal("vol", MIGRATION_TIMEOUT);
+    let st = m.wait_terminal(MIGRATION_TIMEOUT);
     let during = rounds.load(Ordering::SeqCst);
     // a few more rounds on the target
     wait_until("qemu-io rounds after cutover", MIGRATION_TIMEOUT, || {
@@ -331,20 +290,17 @@ fn qemu_io_writes_during_migration_land_on_target() {
         during >= 1,
         "no qemu-io round completed during the migration (test not meaningful)"
     );
-    assert_eq!(agent.active_path("vol"), tgt.to_str().unwrap());
+    assert_eq!(agent.active_path("vol"), tgt);
     eprintln!(
         "qemu-io: {during} rounds during the migration, {} in all",
         rounds.load(Ordering::SeqCst)
     );
 
     let want = dir.path().join("expected.img");
-    std::fs::write(&want, &*expected.lock().unwrap()).unwrap();
+    expected.save(&want);
     let want_s = want.to_str().unwrap();
     for image in [tgt.to_str().unwrap(), uri.as_str()] {
-        let out = run(
-            &qemu_img,
-            &["compare", "-f", "raw", "-F", "raw", image, want_s],
-        );
+        let out = run(&qemu_img, &qemu_img_compare(image, want_s));
         assert!(
             out.status.code() == Some(0) && out.stdout.contains("Images are identical"),
             "{image} differs from the expected image:\n{}",
@@ -352,18 +308,7 @@ fn qemu_io_writes_during_migration_land_on_target() {
         );
     }
     // the comparison is able to fail
-    let src_cmp = run(
-        &qemu_img,
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            src.to_str().unwrap(),
-            want_s,
-        ],
-    );
+    let src_cmp = run(&qemu_img, &qemu_img_compare(src.to_str().unwrap(), want_s));
     assert_eq!(
         src_cmp.status.code(),
         Some(1),
@@ -413,7 +358,9 @@ fn nbdinfo_map_and_nbdcopy_across_migration() {
             .unwrap();
     }
     sparse_file(&tgt, size);
-    let agent = Agent::start(dir.path(), &[("vol", &src)]);
+    let agent = AgentProcess::builder(dir.path(), "agent")
+        .export("vol", &src)
+        .start();
     let uri = agent.unix_uri("vol");
 
     let out = run_ok(&nbdinfo, &["--json", &uri]);
@@ -451,13 +398,13 @@ fn nbdinfo_map_and_nbdcopy_across_migration() {
         }
     }
     let payload_bytes = std::fs::read(&payload).unwrap();
-    agent.migrate("vol", &tgt, &["--bandwidth", "16Mi"]);
+    let mut m = agent.migrate("vol", &tgt, &["--bandwidth", "16Mi"]);
     run_ok(&nbdcopy, &[payload.to_str().unwrap(), &uri]);
-    let phase_after_copy_in = agent.phase("vol");
-    let st = agent.wait_terminal("vol", MIGRATION_TIMEOUT);
+    let phase_after_copy_in = m.phase();
+    let st = m.wait_terminal(MIGRATION_TIMEOUT);
     agent.assert_completed(&st);
     eprintln!("nbdcopy into the export finished in phase {phase_after_copy_in}");
-    assert_eq!(agent.active_path("vol"), tgt.to_str().unwrap());
+    assert_eq!(agent.active_path("vol"), tgt);
 
     // nbdcopy out, through the agent (now on the target)
     let back = dir.path().join("back.img");
@@ -530,7 +477,7 @@ impl QemuIo {
             .spawn()
             .expect("spawn qemu-io");
         QemuIo {
-            child: ChildGuard(Some(child)),
+            child: ChildGuard::new(child),
             out: out.to_path_buf(),
             sent_writes: 0,
         }
@@ -541,7 +488,7 @@ impl QemuIo {
     }
 
     fn send(&mut self, line: &str) {
-        let stdin = self.child.0.as_mut().unwrap().stdin.as_mut().unwrap();
+        let stdin = self.child.child().stdin.as_mut().unwrap();
         stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
         stdin.flush().unwrap();
     }
@@ -571,8 +518,11 @@ fn tcp_frontend_qemu_io_session_spans_migration() {
     let tgt = dir.path().join("target.img");
     pattern_file(&src, size, 4);
     sparse_file(&tgt, size);
-    let mut expected = std::fs::read(&src).unwrap();
-    let agent = Agent::start_with_tcp(dir.path(), &[("vol", &src)]);
+    let expected = Expected::of_file(&src);
+    let agent = AgentProcess::builder(dir.path(), "agent")
+        .export("vol", &src)
+        .nbd_tcp()
+        .start();
     let tcp = agent.tcp_uri("vol");
     let unix = agent.unix_uri("vol");
 
@@ -580,7 +530,7 @@ fn tcp_frontend_qemu_io_session_spans_migration() {
     let mut writes: Vec<(u8, u64, u64)> = Vec::new();
     let mut do_write = |q: &mut QemuIo, p: u8, off: u64, len: u64| {
         q.write(p, off, len);
-        expected[off as usize..(off + len) as usize].fill(p);
+        expected.fill(off, len, p);
         writes.push((p, off, len));
     };
     do_write(&mut q, 0x11, MIB, MIB);
@@ -597,13 +547,12 @@ fn tcp_frontend_qemu_io_session_spans_migration() {
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
 
-    agent.migrate("vol", &tgt, &["--bandwidth", "8Mi"]);
+    let mut m = agent.migrate("vol", &tgt, &["--bandwidth", "8Mi"]);
     let mut k = 0u64;
     let mut during = 0;
     let st = loop {
-        let st = agent.status("vol");
-        if common::TERMINAL.contains(&st["record"]["phase"].as_str().unwrap_or("?")) {
-            break st;
+        if TERMINAL.contains(&m.phase().as_str()) {
+            break m.wait_terminal(MIGRATION_TIMEOUT);
         }
         do_write(
             &mut q,
@@ -617,15 +566,16 @@ fn tcp_frontend_qemu_io_session_spans_migration() {
     };
     agent.assert_completed(&st);
     assert!(during >= 1, "no write during the migration");
-    assert_eq!(agent.active_path("vol"), tgt.to_str().unwrap());
+    assert_eq!(agent.active_path("vol"), tgt);
 
     // same TCP connection, now on the target
     do_write(&mut q, 0x77, 20 * MIB, MIB);
     do_write(&mut q, 0x78, size - 4096, 4096);
+    let image = expected.image();
     for (p, off, len) in writes.clone() {
         // earlier writes may have been overwritten by later ones: read what
         // the last write of each byte range left
-        if expected[off as usize..(off + len) as usize]
+        if image[off as usize..(off + len) as usize]
             .iter()
             .all(|&b| b == p)
         {
@@ -634,8 +584,7 @@ fn tcp_frontend_qemu_io_session_spans_migration() {
     }
     q.send("flush");
     q.send("quit");
-    let mut child = q.child.0.take().unwrap();
-    let st = child.wait().unwrap();
+    let st = q.child.child().wait().unwrap();
     let log = q.output();
     assert!(st.success(), "qemu-io over TCP exited {st}:\n{log}");
     assert!(
@@ -658,9 +607,6 @@ fn tcp_frontend_qemu_io_session_spans_migration() {
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
     // and the target file holds exactly everything written over TCP
-    let got = std::fs::read(&tgt).unwrap();
-    if let Some(i) = got.iter().zip(&expected).position(|(a, b)| a != b) {
-        panic!("target differs from the expected image at offset {i}");
-    }
+    expected.check_device(&tgt);
     eprintln!("qemu-io over TCP: {during} writes during the migration");
 }

@@ -6,14 +6,9 @@
 //! writer writes over NBD through the whole migration. Afterwards the target
 //! holds exactly what the writer was acknowledged for.
 
-mod common;
-
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::fake_api::FakeApi;
-use common::*;
 use kube::Api;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -25,6 +20,11 @@ use volmig_master::{
 };
 use volmig_operator::agents::{Connector, GrpcConnector};
 use volmig_operator::status_store::CrStatusStore;
+use volmig_testkit::agent::AgentProcess;
+use volmig_testkit::fake_api::FakeApi;
+use volmig_testkit::k8s::{VM_PATH, vm};
+use volmig_testkit::pattern::volume_files;
+use volmig_testkit::{Expected, Writer, WriterOpts, certs};
 
 const SIZE: u64 = 64 << 20;
 const HOT: u64 = 8 << 20;
@@ -32,7 +32,9 @@ const HOT: u64 = 8 << 20;
 struct Setup {
     dir: tempfile::TempDir,
     target: std::path::PathBuf,
-    agent: Agent,
+    /// What the source holds; the writer's writes go in too.
+    expected: Arc<Expected>,
+    agent: AgentProcess,
     endpoint: String,
     conn: GrpcConnector,
     fake: FakeApi,
@@ -42,10 +44,14 @@ struct Setup {
 
 fn setup(bandwidth: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    certs(&dir.path().join("certs"));
-    let (src, target) = volumes(dir.path(), SIZE);
-    let agent = start_agent(dir.path(), &src, "pv-data");
-    let endpoint = format!("https://127.0.0.1:{}", agent.port);
+    certs::make(&dir.path().join("certs"));
+    let (src, target) = volume_files(dir.path(), SIZE);
+    let expected = Expected::of_file(&src);
+    let agent = AgentProcess::builder(dir.path(), "agent")
+        .export("pv-data", &src)
+        .tls(&dir.path().join("certs"))
+        .start();
+    let endpoint = agent.url();
     let conn = GrpcConnector::new(&dir.path().join("certs"), "volmig-agent").unwrap();
     let (client, fake) = FakeApi::start();
     let mut obj = vm(json!({
@@ -62,12 +68,43 @@ fn setup(bandwidth: &str) -> Setup {
     Setup {
         dir,
         target,
+        expected,
         agent,
         endpoint,
         conn,
         fake,
         store,
         saved,
+    }
+}
+
+impl Setup {
+    /// The workload: writes over NBD through the whole migration.
+    fn writer(&self) -> Writer {
+        self.agent.writer(
+            &tokio::runtime::Handle::current(),
+            "pv-data",
+            self.expected.clone(),
+            WriterOpts::hot(HOT).pause(Duration::from_micros(300)),
+        )
+    }
+
+    /// A driver of the session under `epoch`.
+    fn driver(
+        &self,
+        epoch: u64,
+        stop: Arc<StopSignal>,
+    ) -> Driver<volmig_master::GrpcSlave, CrStatusStore> {
+        Driver::new(
+            self.conn.slave(&self.endpoint).unwrap(),
+            self.store.clone(),
+            "pv-data",
+            DriverConfig {
+                epoch,
+                ..DriverConfig::default()
+            },
+            stop,
+        )
     }
 }
 
@@ -87,15 +124,7 @@ fn driver_migrates_under_writes_with_the_cr_status_as_its_store() {
             vec!["pv-data".to_string()]
         );
 
-        let gens: Arc<Vec<AtomicU32>> =
-            Arc::new((0..HOT / BLOCK).map(|_| AtomicU32::new(0)).collect());
-        let stop_w = Arc::new(AtomicBool::new(false));
-        let w = tokio::spawn(writer(
-            s.agent.nbd.clone(),
-            "pv-data".into(),
-            gens.clone(),
-            stop_w.clone(),
-        ));
+        let w = s.writer();
 
         let cfg = SessionConfig {
             bandwidth: 16 << 20,
@@ -110,16 +139,7 @@ fn driver_migrates_under_writes_with_the_cr_status_as_its_store() {
         s.fake.conflict_next("volumemigrations/m/status", 1);
 
         let stop = Arc::new(StopSignal::default());
-        let driver = Driver::new(
-            s.conn.slave(&s.endpoint).unwrap(),
-            s.store.clone(),
-            "pv-data",
-            DriverConfig {
-                epoch: 1,
-                ..DriverConfig::default()
-            },
-            stop,
-        );
+        let driver = s.driver(1, stop);
         let run = tokio::spawn(async move { driver.run().await });
 
         // Progress shows in the status while copying; then a user raises the
@@ -148,8 +168,7 @@ fn driver_migrates_under_writes_with_the_cr_status_as_its_store() {
             .unwrap();
         assert_eq!(done.phase, Phase::Completed, "{:?}", done.error);
         tokio::time::sleep(Duration::from_millis(200)).await; // writes land on the target
-        stop_w.store(true, Ordering::Relaxed);
-        let n = w.await.unwrap();
+        let n = w.finish().await.writes;
         assert!(n > 100, "the writer ran through the migration ({n} writes)");
 
         let st = status(&s.fake);
@@ -208,7 +227,7 @@ fn driver_migrates_under_writes_with_the_cr_status_as_its_store() {
                 .count()
                 > 5
         );
-        check_volume(&s.target, SIZE, &gens);
+        s.expected.check_device(&s.target);
     });
     drop(s.dir);
 }
@@ -219,15 +238,7 @@ fn a_new_leader_continues_the_session_under_a_newer_epoch() {
     let _in_rt = rt.enter();
     let s = setup("8Mi");
     rt.block_on(async {
-        let gens: Arc<Vec<AtomicU32>> =
-            Arc::new((0..HOT / BLOCK).map(|_| AtomicU32::new(0)).collect());
-        let stop_w = Arc::new(AtomicBool::new(false));
-        let w = tokio::spawn(writer(
-            s.agent.nbd.clone(),
-            "pv-data".into(),
-            gens.clone(),
-            stop_w.clone(),
-        ));
+        let w = s.writer();
         let cfg = SessionConfig {
             bandwidth: 8 << 20,
             ..SessionConfig::default()
@@ -239,16 +250,7 @@ fn a_new_leader_continues_the_session_under_a_newer_epoch() {
         // Leader 1 drives until a quarter is copied, then is stopped (as on
         // SIGTERM or a lost lease).
         let stop1 = Arc::new(StopSignal::default());
-        let d1 = Driver::new(
-            s.conn.slave(&s.endpoint).unwrap(),
-            s.store.clone(),
-            "pv-data",
-            DriverConfig {
-                epoch: 1,
-                ..DriverConfig::default()
-            },
-            stop1.clone(),
-        );
+        let d1 = s.driver(1, stop1.clone());
         let run1 = tokio::spawn(async move { d1.run().await });
         let t = Instant::now();
         while status(&s.fake)["volumes"][0]["bytesCopied"]
@@ -277,16 +279,7 @@ fn a_new_leader_continues_the_session_under_a_newer_epoch() {
             .edit(VM_PATH, |o| o["spec"]["bandwidthLimit"] = json!("1Gi"));
         let loaded = s.store.load("pv-data").await.unwrap().unwrap();
         assert_eq!(loaded.session, session);
-        let d2 = Driver::new(
-            s.conn.slave(&s.endpoint).unwrap(),
-            s.store.clone(),
-            "pv-data",
-            DriverConfig {
-                epoch: 2,
-                ..DriverConfig::default()
-            },
-            Arc::new(StopSignal::default()),
-        );
+        let d2 = s.driver(2, Arc::new(StopSignal::default()));
         let done = tokio::time::timeout(Duration::from_secs(120), d2.run())
             .await
             .unwrap()
@@ -311,8 +304,7 @@ fn a_new_leader_continues_the_session_under_a_newer_epoch() {
         assert!(e.is(volmig_api::ErrorKind::Fenced), "{e}");
 
         tokio::time::sleep(Duration::from_millis(200)).await;
-        stop_w.store(true, Ordering::Relaxed);
-        w.await.unwrap();
-        check_volume(&s.target, SIZE, &gens);
+        w.finish().await;
+        s.expected.check_device(&s.target);
     });
 }

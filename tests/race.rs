@@ -1,29 +1,30 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 //! Randomized concurrency: writers hammer a volume through the interposer
-//! while a session migrates it through all eight phases. After every run the
-//! device the workload ends on must hold exactly what the writers wrote.
-
-mod common;
+//! while a session migrates it through all eight phases (an in-process
+//! master driving the in-process agent). After every run the device the
+//! workload ends on must hold exactly what the writers wrote.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-use common::master::Master;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use volmig_agent::agent::Agent;
 use volmig_agent::interposer::Interposer;
-use volmig_agent::session::{CopyMode, Phase, SessionConfig, Verify};
 use volmig_api::io::VolumeIo;
+use volmig_api::phase::{CopyMode, Phase};
+use volmig_api::{SessionConfig, Verify};
+use volmig_testkit::Expected;
+use volmig_testkit::agent::{in_process, serve};
+use volmig_testkit::master::InProcMaster;
 
 const BLOCK: u64 = 64 << 10;
 
 fn make_file(path: &Path, size: u64, fill: Option<u8>) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
+    volmig_testkit::pattern::sparse_file(path, size);
     if let Some(b) = fill {
         use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
         // a few data regions, the rest sparse
         for i in (0..size).step_by((size / 8) as usize) {
             f.write_all_at(&vec![b; 100_000.min((size - i) as usize)], i)
@@ -32,13 +33,11 @@ fn make_file(path: &Path, size: u64, fill: Option<u8>) {
     }
 }
 
-struct Shadow(Mutex<Vec<u8>>);
-
 /// Writer `id` of `n` owns the 64 KiB blocks with index % n == id, so the
 /// expected image is well defined while every grain is shared by writers.
 async fn writer(
     vol: Arc<Interposer>,
-    shadow: Arc<Shadow>,
+    expected: Arc<Expected>,
     id: u64,
     n: u64,
     seed: u64,
@@ -63,7 +62,7 @@ async fn writer(
             0 => {
                 // zero the whole owned block (write_zeroes, may trim)
                 vol.write_zeroes(b * BLOCK, BLOCK, true).await.unwrap();
-                shadow.0.lock().unwrap()[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize].fill(0);
+                expected.fill(b * BLOCK, BLOCK, 0);
             }
             _ => {
                 let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
@@ -71,7 +70,7 @@ async fn writer(
                 vol.write(off, data, rng.random_range(0..50) == 0)
                     .await
                     .unwrap();
-                shadow.0.lock().unwrap()[off as usize..(off + len) as usize].copy_from_slice(&copy);
+                expected.write(off, &copy);
             }
         }
         ops += 1;
@@ -98,13 +97,13 @@ async fn wait_ops(progress: &std::sync::atomic::AtomicU64, n: u64) {
 }
 
 struct Run {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     source: PathBuf,
     target: PathBuf,
-    /// Drives the migrations, the agent its slave.
-    master: Master<Arc<Agent>>,
+    agent: Arc<Agent>,
+    master: InProcMaster<Arc<Agent>>,
     vol: Arc<Interposer>,
-    shadow: Arc<Shadow>,
+    expected: Arc<Expected>,
 }
 
 async fn setup(size: u64) -> Run {
@@ -113,17 +112,18 @@ async fn setup(size: u64) -> Run {
     let target = dir.path().join("target.img");
     make_file(&source, size, Some(0x5a));
     make_file(&target, size, None);
-    let image = std::fs::read(&source).unwrap();
-    let agent = Agent::new(&dir.path().join("state")).unwrap();
-    let vol = agent.add_volume("vol", &source, false).await.unwrap();
-    let master = Master::new(agent.clone(), &dir.path().join("master"));
+    let expected = Expected::of_file(&source);
+    let agent = in_process(&dir.path().join("state"));
+    let vol = serve(&agent, "vol", &source, false).await;
+    let master = InProcMaster::new(agent.clone(), &dir.path().join("master"));
     Run {
-        _dir: dir,
+        dir,
         source,
         target,
+        agent,
         master,
         vol,
-        shadow: Arc::new(Shadow(Mutex::new(image))),
+        expected,
     }
 }
 
@@ -137,7 +137,7 @@ async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64)
         .map(|i| {
             tokio::spawn(writer(
                 r.vol.clone(),
-                r.shadow.clone(),
+                r.expected.clone(),
                 i,
                 n,
                 seed * 31 + i,
@@ -162,8 +162,7 @@ async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64)
     r.master.migrate("vol", &r.target, config).await.unwrap();
     let st = tokio::time::timeout(Duration::from_secs(60), r.master.wait("vol"))
         .await
-        .expect("migration hung")
-        .unwrap();
+        .expect("migration hung");
     // keep writing a little on the target, then stop
     let at_end = progress.load(std::sync::atomic::Ordering::Relaxed);
     wait_ops(progress, at_end + 50).await;
@@ -185,14 +184,8 @@ async fn migrate_under_writers(seed: u64, mode: CopyMode, hot: bool, grain: u64)
         r.target.as_path(),
         "workload ends on the target"
     );
-    let target = std::fs::read(&r.target).unwrap();
-    let expect = r.shadow.0.lock().unwrap();
-    if let Some(i) = target.iter().zip(expect.iter()).position(|(a, b)| a != b) {
-        panic!(
-            "seed {seed} {mode:?} hot={hot}: target differs from what the writers wrote at offset {i}"
-        );
-    }
-    let _ = &r.source;
+    eprintln!("seed {seed} {mode:?} hot={hot}: {ops} writes");
+    r.expected.check_device(&r.target);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -223,7 +216,7 @@ async fn abort_mid_copy_leaves_workload_on_complete_source() {
     let (stop, progress) = (&ctl.stop, &ctl.progress);
     let w = tokio::spawn(writer(
         r.vol.clone(),
-        r.shadow.clone(),
+        r.expected.clone(),
         0,
         1,
         7,
@@ -237,26 +230,23 @@ async fn abort_mid_copy_leaves_workload_on_complete_source() {
     };
     r.master.migrate("vol", &r.target, config).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(r.master.status("vol").unwrap().phase, Phase::Copying);
-    r.master.abort("vol").await.unwrap();
-    let st = r.master.wait("vol").await.unwrap();
+    assert_eq!(r.master.record("vol").unwrap().phase, Phase::Copying);
+    r.master.abort("vol").await;
+    let st = r.master.wait("vol").await;
     assert_eq!(st.phase, Phase::Aborted);
     tokio::time::sleep(Duration::from_millis(50)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     w.await.unwrap();
     assert_eq!(r.vol.active().path(), r.source.as_path());
     assert!(r.vol.link().is_none(), "monitor detached");
-    let src = std::fs::read(&r.source).unwrap();
-    assert!(
-        src == *r.shadow.0.lock().unwrap(),
-        "source holds every write"
-    );
+    // the source holds every write
+    r.expected.check_device(&r.source);
     // a new migration may start after an abort
     r.master
         .migrate("vol", &r.target, SessionConfig::default())
         .await
         .unwrap();
-    assert_eq!(r.master.wait("vol").await.unwrap().phase, Phase::Completed);
+    assert_eq!(r.master.wait("vol").await.phase, Phase::Completed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,19 +257,17 @@ async fn abort_after_redirect_fails_back_to_source() {
         ..SessionConfig::default()
     };
     r.master.migrate("vol", &r.target, config).await.unwrap();
-    let s = r.master.status("vol").unwrap();
-    let _ = s;
     for _ in 0..200 {
-        if r.master.status("vol").unwrap().phase == Phase::Terminating {
+        if r.master.record("vol").unwrap().phase == Phase::Terminating {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(r.master.status("vol").unwrap().phase, Phase::Terminating);
+    assert_eq!(r.master.record("vol").unwrap().phase, Phase::Terminating);
     assert_eq!(r.vol.active().path(), r.target.as_path());
     r.vol.write(4096, vec![0xee; 8192], false).await.unwrap(); // mirrored back
-    r.master.abort("vol").await.unwrap();
-    let st = r.master.wait("vol").await.unwrap();
+    r.master.abort("vol").await;
+    let st = r.master.wait("vol").await;
     assert_eq!(st.phase, Phase::Aborted, "{:?}", st.error);
     assert_eq!(r.vol.active().path(), r.source.as_path());
     let src = std::fs::read(&r.source).unwrap();
@@ -294,54 +282,62 @@ async fn bad_requests_change_nothing() {
     let r = setup(4 << 20).await;
     let before = std::fs::read(&r.source).unwrap();
     // target smaller than source
-    let small = r._dir.path().join("small.img");
+    let small = r.dir.path().join("small.img");
     make_file(&small, 1 << 20, None);
     let e = r
         .master
         .migrate("vol", &small, SessionConfig::default())
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("smaller"), "{e}");
+    assert!(e.contains("smaller"), "{e}");
     // same device
     let e = r
         .master
         .migrate("vol", &r.source, SessionConfig::default())
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("same device"), "{e}");
+    assert!(e.contains("same device"), "{e}");
     // missing target
     let e = r
         .master
-        .migrate("vol", &r._dir.path().join("nope"), SessionConfig::default())
+        .migrate("vol", &r.dir.path().join("nope"), SessionConfig::default())
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("nope"), "{e}");
+    assert!(e.contains("nope"), "{e}");
     // unknown volume
     let e = r
         .master
         .migrate("other", &r.target, SessionConfig::default())
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("unknown volume"), "{e}");
+    assert!(e.contains("unknown volume"), "{e}");
     assert!(r.vol.link().is_none());
-    assert!(
-        r.master.status("vol").is_err(),
-        "failed activations leave no session behind"
-    );
-    // two migrations at once
+    // failed activations leave no session behind, on either side
+    assert!(r.master.record("vol").is_none());
+    assert!(r.agent.list()[0].session.is_none());
+    // two migrations at once: refused by the master that runs one ...
     let cfg = SessionConfig {
-        bandwidth: 1 << 20,
+        // slow: the session is still copying when the second one comes
+        bandwidth: 256 << 10,
         ..SessionConfig::default()
     };
     r.master
         .migrate("vol", &r.target, cfg.clone())
         .await
         .unwrap();
-    let t2 = r._dir.path().join("t2.img");
+    let t2 = r.dir.path().join("t2.img");
     make_file(&t2, 4 << 20, None);
-    let e = r.master.migrate("vol", &t2, cfg).await.unwrap_err();
-    assert!(e.contains("already has a session in progress"), "{e}");
-    r.master.abort("vol").await.unwrap();
-    r.master.wait("vol").await.unwrap();
+    let e = r.master.migrate("vol", &t2, cfg.clone()).await.unwrap_err();
+    assert!(e.contains("already has a session"), "{e}");
+    // ... and by the agent to any other master (the first one gone, so no
+    // step of it holds the volume)
+    let st = r.master.stop("vol").await;
+    assert!(!st.phase.is_terminal(), "{st:?}");
+    let other = InProcMaster::new(r.agent.clone(), &r.dir.path().join("other-master"));
+    let e = other.migrate("vol", &t2, cfg).await.unwrap_err();
+    assert!(e.contains("already has a migration"), "{e}");
+    r.master.abort("vol").await;
+    r.master.restart("vol");
+    assert_eq!(r.master.wait("vol").await.phase, Phase::Aborted);
     assert_eq!(std::fs::read(&r.source).unwrap(), before);
 }

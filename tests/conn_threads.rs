@@ -6,13 +6,13 @@
 //! bound on threads is tested with the NBD server alone, in
 //! `frontends/tests/conn_threads.rs`.
 
-mod common;
-
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{Agent, MIB, Out, pattern_file, require_bin, run, run_cmd, sparse_file};
+use volmig_testkit::agent::AgentProcess;
+use volmig_testkit::fio::{assert_clean as assert_fio_clean, require_fio_nbd, run_fio};
+use volmig_testkit::pattern::{pattern_file, sparse_file};
+use volmig_testkit::{MIB, Out};
 
 const JOBS: u64 = 4;
 const REGION: u64 = 16 * MIB;
@@ -21,8 +21,7 @@ const REGION: u64 = 16 * MIB;
 /// thread) and its own region, writing 4 KiB blocks at queue depth 8 and
 /// verifying them all at the end.
 fn fio_writers(dir: &Path, uri: &str, seed: u64) -> Out {
-    let mut cmd = Command::new(require_bin("fio", "fio"));
-    cmd.current_dir(dir).args([
+    let args = [
         "--name=conn",
         "--ioengine=nbd",
         &format!("--uri={uri}"),
@@ -40,23 +39,12 @@ fn fio_writers(dir: &Path, uri: &str, seed: u64) -> Out {
         // migration of the 64 MiB volume at 32 MiB/s (2 s).
         "--rate=4m",
         "--group_reporting",
-    ]);
-    run_cmd(cmd, Duration::from_secs(300))
+    ]
+    .map(String::from);
+    run_fio(dir, &args, Duration::from_secs(300))
 }
 
-fn assert_fio_clean(out: &Out) {
-    assert!(out.ok(), "fio failed:\n{}", out.text());
-    assert!(out.stdout.contains("err= 0"), "fio error:\n{}", out.text());
-    for bad in ["verify:", "bad magic", "crc32c: wanted", "io_u error"] {
-        assert!(
-            !out.stdout.contains(bad) && !out.stderr.contains(bad),
-            "fio reported {bad:?}:\n{}",
-            out.text()
-        );
-    }
-}
-
-fn migrate_under_writers(agent: &Agent, dir: &Path, target: &Path, mode: &str, seed: u64) {
+fn migrate_under_writers(agent: &AgentProcess, dir: &Path, target: &Path, mode: &str, seed: u64) {
     let uri = agent.unix_uri("vol");
     let fio_dir = dir.to_path_buf();
     let writers = std::thread::spawn(move || fio_writers(&fio_dir, &uri, seed));
@@ -79,7 +67,7 @@ fn migrate_under_writers(agent: &Agent, dir: &Path, target: &Path, mode: &str, s
     );
     let out = writers.join().unwrap();
     assert_fio_clean(&out);
-    assert_eq!(agent.active_path("vol"), target.to_str().unwrap());
+    assert_eq!(agent.active_path("vol"), target);
 }
 
 /// Concurrent writers on connection threads (inline writes: tracked in
@@ -89,9 +77,7 @@ fn migrate_under_writers(agent: &Agent, dir: &Path, target: &Path, mode: &str, s
 /// target after cutover) must both pass.
 #[test]
 fn concurrent_writers_on_connection_threads_verify_through_migrations() {
-    let fio = require_bin("fio", "fio");
-    let eng = run(&fio, &["--enghelp=nbd"]);
-    assert!(eng.ok(), "fio lacks the nbd ioengine:\n{}", eng.text());
+    require_fio_nbd();
 
     let size = JOBS * REGION;
     let dir = tempfile::tempdir().unwrap();
@@ -101,7 +87,9 @@ fn concurrent_writers_on_connection_threads_verify_through_migrations() {
     pattern_file(&src, size, 3);
     sparse_file(&t1, size);
     sparse_file(&t2, size);
-    let agent = Agent::start(dir.path(), &[("vol", &src)]);
+    let agent = AgentProcess::builder(dir.path(), "agent")
+        .export("vol", &src)
+        .start();
 
     migrate_under_writers(&agent, dir.path(), &t1, "Mirror", 11);
     migrate_under_writers(&agent, dir.path(), &t2, "Background", 12);

@@ -4,12 +4,15 @@
 //! concurrent sessions with a ninth queued by the concurrency limit, every
 //! volume with a writer over NBD the whole time.
 
-mod common;
-
-use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use volmig_testkit::agent::AgentProcess;
+use volmig_testkit::devices::Mount;
+use volmig_testkit::lab::Lab;
+use volmig_testkit::master::MIGRATE_TIMEOUT;
+use volmig_testkit::pattern::sparse_file;
+use volmig_testkit::{ChildGuard, Expected, Writer, WriterOpts, require_root, run_cmd};
 
 const SIZE: u64 = 32 << 20;
 const HOT: u64 = 8 << 20;
@@ -25,36 +28,40 @@ fn ms(r: &serde_json::Value, phase: &str) -> u64 {
         .unwrap()
 }
 
+/// A writer over NBD on each of a1 and a2 (agent a) and b1 (agent b).
+fn group_writers(
+    rt: &tokio::runtime::Runtime,
+    a: &AgentProcess,
+    b: &AgentProcess,
+    expected: &[Arc<Expected>; 3],
+) -> Vec<Writer> {
+    [("a1", a), ("a2", a), ("b1", b)]
+        .into_iter()
+        .zip(expected)
+        .map(|((v, agent), e)| agent.writer(rt.handle(), v, e.clone(), WriterOpts::hot(HOT)))
+        .collect()
+}
+
 #[test]
 fn group_of_three_on_two_agents_cuts_over_together() {
-    let lab = Lab::new();
-    for v in ["a1", "a2", "b1"] {
-        lab.volume(v, SIZE);
-    }
-    let a = lab.start_agent("a", &["a1", "a2"], free_port(), &[]);
+    let lab = Lab::with_tls();
+    let expected = ["a1", "a2", "b1"].map(|v| lab.volume(v, SIZE));
+    let a = lab.agent("a", &["a1", "a2"]).start();
     // Agent b takes 400 ms to answer a redirect: the volumes on agent a
     // must stay quiesced until b1 is redirected too.
-    let b = lab.start_agent(
-        "b",
-        &["b1"],
-        free_port(),
-        &[("VOLMIG_FAULT_DELAY", "agent:done:redirect=400")],
-    );
+    let b = lab
+        .agent("b", &["b1"])
+        .env("VOLMIG_FAULT_DELAY", "agent:done:redirect=400")
+        .start();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let writers = [("a1", "a"), ("a2", "a"), ("b1", "b")]
-        .map(|(v, ag)| Writer::start(&rt, lab.sock(ag), v, HOT, SIZE));
+    let writers = group_writers(&rt, &a, &b, &expected);
     std::thread::sleep(Duration::from_millis(200));
 
-    let mut extra = lab.also(&a, "a2");
+    let mut extra = lab.also(&a, "a2").to_vec();
     extra.extend(lab.also(&b, "b1"));
     extra.extend(["--group".into(), "g".into()]);
-    let out = lab.master(&a, "a1", &extra).output().unwrap();
-    assert!(
-        out.status.success(),
-        "group migration failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = run_cmd(lab.migrate(&a, "a1", &extra), MIGRATE_TIMEOUT);
+    assert!(out.ok(), "group migration failed:\n{}", out.text());
     let recs: Vec<_> = ["a1", "a2", "b1"].iter().map(|v| lab.record(v)).collect();
     for r in &recs {
         assert_eq!(r["phase"], "Completed", "{r}");
@@ -79,68 +86,41 @@ fn group_of_three_on_two_agents_cuts_over_together() {
         );
     }
     std::thread::sleep(Duration::from_millis(200)); // writes land on the targets
-    for (w, v) in writers.into_iter().zip(["a1", "a2", "b1"]) {
-        let written = w.finish(&rt);
-        assert!(written.n > 100, "{v}: the writer ran through the migration");
-        check_device(&lab.target(v), &written);
-    }
-}
-
-/// A small tmpfs: a target file on it claims the volume's size but runs
-/// out of space partway through the copy (a real ENOSPC from the kernel).
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn mount(dir: std::path::PathBuf) -> SmallFs {
-        std::fs::create_dir_all(&dir).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-            .arg(&dir)
-            .status()
-            .expect("running mount(8)");
+    for ((w, v), e) in writers.into_iter().zip(["a1", "a2", "b1"]).zip(&expected) {
+        let written = w.finish_on(&rt);
         assert!(
-            st.success(),
-            "this test injects a target failure with a small tmpfs and needs root to mount it"
+            written.writes > 100,
+            "{v}: the writer ran through the migration"
         );
-        SmallFs(dir)
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        e.check_device(&lab.target(v));
     }
 }
 
 #[test]
 fn a_target_failure_in_one_member_rolls_the_whole_group_back() {
-    let lab = Lab::new();
-    for v in ["a1", "a2", "b1"] {
-        lab.volume(v, SIZE);
-    }
-    let small = SmallFs::mount(lab.p("small"));
-    let bad_target = small.0.join("b1.img");
-    std::fs::File::create(&bad_target)
-        .unwrap()
-        .set_len(SIZE)
-        .unwrap();
-    let a = lab.start_agent("a", &["a1", "a2"], free_port(), &[]);
-    let b = lab.start_agent("b", &["b1"], free_port(), &[]);
+    let lab = Lab::with_tls();
+    let expected = ["a1", "a2", "b1"].map(|v| lab.volume(v, SIZE));
+    // A small tmpfs: a target file on it claims the volume's size but runs
+    // out of space partway through the copy (a real ENOSPC from the
+    // kernel).
+    require_root("it injects a target failure with a small tmpfs");
+    let small = Mount::tmpfs(&lab.p("small"), "8m");
+    let bad_target = small.dir().join("b1.img");
+    sparse_file(&bad_target, SIZE);
+    let a = lab.agent("a", &["a1", "a2"]).start();
+    let b = lab.agent("b", &["b1"]).start();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let writers = [("a1", "a"), ("a2", "a"), ("b1", "b")]
-        .map(|(v, ag)| Writer::start(&rt, lab.sock(ag), v, HOT, SIZE));
+    let writers = group_writers(&rt, &a, &b, &expected);
 
-    let mut extra = lab.also(&a, "a2");
+    let mut extra = lab.also(&a, "a2").to_vec();
     extra.extend([
         "--volume".into(),
         format!("b1={}@{}", bad_target.display(), b.url()),
         "--group".into(),
         "g".into(),
     ]);
-    let out = lab.master(&a, "a1", &extra).output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "the group must not complete: {text}");
+    let out = run_cmd(lab.migrate(&a, "a1", &extra), MIGRATE_TIMEOUT);
+    assert!(!out.ok(), "the group must not complete: {}", out.text());
     let b1 = lab.record("b1");
     assert_eq!(b1["phase"], "Failed", "{b1}");
     let err = b1["error"].as_str().unwrap();
@@ -157,10 +137,10 @@ fn a_target_failure_in_one_member_rolls_the_whole_group_back() {
     }
     // Every workload kept running on its source, which holds every write.
     std::thread::sleep(Duration::from_millis(200));
-    for (w, v) in writers.into_iter().zip(["a1", "a2", "b1"]) {
-        let written = w.finish(&rt);
-        assert!(written.n > 50, "{v}: the writer kept going");
-        check_device(&lab.source(v), &written);
+    for ((w, v), e) in writers.into_iter().zip(["a1", "a2", "b1"]).zip(&expected) {
+        let written = w.finish_on(&rt);
+        assert!(written.writes > 50, "{v}: the writer kept going");
+        e.check_device(&lab.source(v));
     }
 }
 
@@ -168,17 +148,16 @@ fn a_target_failure_in_one_member_rolls_the_whole_group_back() {
 fn eight_sessions_under_writers_all_complete_and_the_ninth_waits_in_the_queue() {
     const N: usize = 9;
     const SMALL: u64 = 16 << 20;
-    let lab = Lab::new();
+    let lab = Lab::with_tls();
     let names: Vec<String> = (0..N).map(|i| format!("v{i}")).collect();
-    for v in &names {
-        lab.volume(v, SMALL);
-    }
+    let expected: Vec<_> = names.iter().map(|v| lab.volume(v, SMALL)).collect();
     let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-    let a = lab.start_agent("a", &refs, free_port(), &[]);
+    let a = lab.agent("a", &refs).start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let writers: Vec<Writer> = names
         .iter()
-        .map(|v| Writer::start(&rt, lab.sock("a"), v, 4 << 20, SMALL))
+        .zip(&expected)
+        .map(|(v, e)| a.writer(rt.handle(), v, e.clone(), WriterOpts::hot(4 << 20)))
         .collect();
 
     let mut extra = vec![
@@ -191,7 +170,7 @@ fn eight_sessions_under_writers_all_complete_and_the_ninth_waits_in_the_queue() 
     for v in &names[1..] {
         extra.extend(lab.also(&a, v));
     }
-    let mut master = Proc(lab.master(&a, "v0", &extra).spawn().unwrap());
+    let mut master = ChildGuard::new(lab.migrate(&a, "v0", &extra).spawn().unwrap());
     // Watch the records: never more than eight sessions past the queue at
     // once, and one of them queued while eight run.
     let (mut saw_queued, mut max_running) = (false, 0);
@@ -210,7 +189,7 @@ fn eight_sessions_under_writers_all_complete_and_the_ninth_waits_in_the_queue() 
             .count();
         saw_queued |= queued == 1 && running == 8;
         max_running = max_running.max(running);
-        if let Some(st) = master.0.try_wait().unwrap() {
+        if let Some(st) = master.try_wait() {
             break st;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -231,8 +210,8 @@ fn eight_sessions_under_writers_all_complete_and_the_ninth_waits_in_the_queue() 
         assert_eq!(r["queued"], false);
     }
     std::thread::sleep(Duration::from_millis(100));
-    for (w, v) in writers.into_iter().zip(&names) {
-        let written = w.finish(&rt);
-        check_device(&lab.target(v), &written);
+    for ((w, v), e) in writers.into_iter().zip(&names).zip(&expected) {
+        w.finish_on(&rt);
+        e.check_device(&lab.target(v));
     }
 }

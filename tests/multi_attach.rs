@@ -5,12 +5,13 @@
 //! own range. Agent a copies; agent b monitors its writes and hands them
 //! over through the master; both quiesce, redirect and resume together.
 
-mod common;
-
-use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use volmig_testkit::agent::AgentProcess;
+use volmig_testkit::lab::Lab;
+use volmig_testkit::master::MIGRATE_TIMEOUT;
+use volmig_testkit::{Expected, Writer, WriterOpts, killed, run_cmd};
 
 const SIZE: u64 = 32 << 20;
 const A_RANGE: (u64, u64) = (0, 8 << 20);
@@ -18,22 +19,27 @@ const B_RANGE: (u64, u64) = (8 << 20, 16 << 20);
 
 struct Setup {
     lab: Lab,
-    a: Agent,
-    b: Agent,
+    a: AgentProcess,
+    b: AgentProcess,
     rt: tokio::runtime::Runtime,
     wa: Writer,
     wb: Writer,
+    /// What both writers wrote, together.
+    expected: Arc<Expected>,
 }
 
 /// Both agents export volume `rwx` from the same source file.
 fn setup() -> Setup {
-    let lab = Lab::new();
-    lab.volume("rwx", SIZE);
-    let a = lab.start_agent("a", &["rwx"], free_port(), &[]);
-    let b = lab.start_agent("b", &["rwx"], free_port(), &[]);
+    let lab = Lab::with_tls();
+    let expected = lab.volume("rwx", SIZE);
+    let a = lab.agent("a", &["rwx"]).start();
+    let b = lab.agent("b", &["rwx"]).start();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let wa = Writer::start_in(&rt, lab.sock("a"), "rwx", A_RANGE.0, A_RANGE.1, SIZE);
-    let wb = Writer::start_in(&rt, lab.sock("b"), "rwx", B_RANGE.0, B_RANGE.1, SIZE);
+    let writer = |agent: &AgentProcess, (lo, hi)| {
+        let opts = WriterOpts::range(lo, hi).seed(0x9e37_79b9 ^ lo);
+        agent.writer(rt.handle(), "rwx", expected.clone(), opts)
+    };
+    let (wa, wb) = (writer(&a, A_RANGE), writer(&b, B_RANGE));
     std::thread::sleep(Duration::from_millis(200));
     Setup {
         lab,
@@ -42,10 +48,11 @@ fn setup() -> Setup {
         rt,
         wa,
         wb,
+        expected,
     }
 }
 
-fn shared(b: &Agent) -> Vec<String> {
+fn shared(b: &AgentProcess) -> Vec<String> {
     // A small bandwidth limit keeps the copy long enough for both writers
     // to dirty copied grains, so b's hand-overs matter.
     vec![
@@ -56,37 +63,35 @@ fn shared(b: &Agent) -> Vec<String> {
     ]
 }
 
-fn finish(s: Setup) -> (Lab, Written) {
+fn finish(s: Setup) -> (Lab, Arc<Expected>) {
     // Writes after the cutover must land on the target through both agents.
     std::thread::sleep(Duration::from_millis(200));
-    let wa = s.wa.finish(&s.rt);
-    let wb = s.wb.finish(&s.rt);
-    assert!(wa.n > 100 && wb.n > 100, "both writers ran throughout");
+    let wa = s.wa.finish_on(&s.rt);
+    let wb = s.wb.finish_on(&s.rt);
+    assert!(
+        wa.writes > 100 && wb.writes > 100,
+        "both writers ran throughout"
+    );
     drop((s.a, s.b));
-    (s.lab, wa.merge(wb))
+    (s.lab, s.expected)
 }
 
 #[test]
 fn a_volume_on_two_agents_migrates_with_every_write_of_both() {
     let s = setup();
-    let out = s.lab.master(&s.a, "rwx", &shared(&s.b)).output().unwrap();
+    let out = run_cmd(s.lab.migrate(&s.a, "rwx", &shared(&s.b)), MIGRATE_TIMEOUT);
+    assert!(out.ok(), "multi-attach migration failed:\n{}", out.text());
     assert!(
-        out.status.success(),
-        "multi-attach migration failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        text.contains("shared by"),
-        "status names the sharing agent: {text}"
+        out.stdout.contains("shared by"),
+        "status names the sharing agent: {}",
+        out.stdout
     );
     let r = s.lab.record("rwx");
     assert_eq!(r["phase"], "Completed", "{r}");
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(r["shared_with"][0], s.b.url(), "{r}");
-    let (lab, written) = finish(s);
-    check_device(&lab.target("rwx"), &written);
+    let (lab, expected) = finish(s);
+    expected.check_device(&lab.target("rwx"));
 }
 
 #[test]
@@ -100,61 +105,45 @@ fn the_master_killed_mid_migration_loses_none_of_the_handed_over_writes() {
         .iter()
         .enumerate()
     {
-        let st = s
-            .lab
-            .master(&s.a, "rwx", &shared(&s.b))
-            .env("VOLMIG_FAULT", point)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(killed(&st), "{point}: not killed there ({st})");
+        let mut cmd = s.lab.migrate(&s.a, "rwx", &shared(&s.b));
+        cmd.env("VOLMIG_FAULT", point);
+        let out = run_cmd(cmd, MIGRATE_TIMEOUT);
+        assert!(
+            killed(&out.status),
+            "{point}: not killed there ({})",
+            out.status
+        );
         assert_eq!(s.lab.record("rwx")["epoch"], i as u64 + 1);
     }
-    let out = s.lab.master(&s.a, "rwx", &shared(&s.b)).output().unwrap();
-    assert!(
-        out.status.success(),
-        "the restarted master failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_cmd(s.lab.migrate(&s.a, "rwx", &shared(&s.b)), MIGRATE_TIMEOUT);
+    assert!(out.ok(), "the restarted master failed:\n{}", out.text());
     let r = s.lab.record("rwx");
     assert_eq!(r["phase"], "Completed", "{r}");
     assert_eq!(r["verified"], true, "{r}");
-    let (lab, written) = finish(s);
-    check_device(&lab.target("rwx"), &written);
+    let (lab, expected) = finish(s);
+    expected.check_device(&lab.target("rwx"));
 }
 
 #[test]
 fn continuing_with_a_different_set_of_agents_is_refused() {
     let s = setup();
-    let st = s
-        .lab
-        .master(&s.a, "rwx", &shared(&s.b))
-        .env("VOLMIG_FAULT", "master:done:Copying")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(killed(&st));
+    let mut cmd = s.lab.migrate(&s.a, "rwx", &shared(&s.b));
+    cmd.env("VOLMIG_FAULT", "master:done:Copying");
+    let out = run_cmd(cmd, MIGRATE_TIMEOUT);
+    assert!(killed(&out.status));
     // b has tracked its writes since activation; dropping it would lose
     // them, adding a new agent would miss its earlier ones.
-    let out = s
-        .lab
-        .master(&s.a, "rwx", &["--bandwidth".into(), "32Mi".into()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("same agents"), "{err}");
-    // Continued as it was started, it completes.
-    let out = s.lab.master(&s.a, "rwx", &shared(&s.b)).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_cmd(
+        s.lab.migrate(&s.a, "rwx", &["--bandwidth", "32Mi"]),
+        MIGRATE_TIMEOUT,
     );
-    let (lab, written) = finish(s);
-    check_device(&lab.target("rwx"), &written);
+    assert!(!out.ok());
+    assert!(out.stderr.contains("same agents"), "{}", out.stderr);
+    // Continued as it was started, it completes.
+    let out = run_cmd(s.lab.migrate(&s.a, "rwx", &shared(&s.b)), MIGRATE_TIMEOUT);
+    assert!(out.ok(), "{}", out.text());
+    let (lab, expected) = finish(s);
+    expected.check_device(&lab.target("rwx"));
 }
 
 /// The control: the same two writers with agent b left out of the
@@ -166,17 +155,15 @@ fn continuing_with_a_different_set_of_agents_is_refused() {
 #[test]
 fn without_shared_with_the_other_agents_writes_are_missed() {
     let s = setup();
-    let out = s
-        .lab
-        .master(&s.a, "rwx", &["--bandwidth".into(), "32Mi".into()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "completed without b's writes: {err}");
-    assert!(err.contains("verification failed"), "{err}");
+    let out = run_cmd(
+        s.lab.migrate(&s.a, "rwx", &["--bandwidth", "32Mi"]),
+        MIGRATE_TIMEOUT,
+    );
+    assert!(!out.ok(), "completed without b's writes: {}", out.stderr);
+    assert!(out.stderr.contains("verification failed"), "{}", out.stderr);
     let r = s.lab.record("rwx");
     assert_eq!(r["phase"], "Failed", "{r}");
-    let log = std::fs::read_to_string(s.lab.p("a.log")).unwrap();
+    let log = s.a.log_text();
     assert!(
         log.contains("rolled back: the workload is on the source"),
         "agent a failed back to the complete source: {log}"

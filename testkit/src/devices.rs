@@ -1,0 +1,131 @@
+//! Kernel devices and mounts a test sets up (root only): whatever happens,
+//! none is left behind — each is undone on drop.
+
+use std::path::{Path, PathBuf};
+
+use crate::tools::{require_bin, retry, run};
+
+/// Is `dir` a mount point now?
+pub fn is_mountpoint(dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mounts.lines().any(|l| {
+        l.split_whitespace()
+            .nth(4)
+            .is_some_and(|m| Path::new(m) == dir)
+    })
+}
+
+/// A loop device over a file (`losetup`, Debian package `mount`); detached
+/// on drop.
+pub struct LoopDev {
+    dev: Option<PathBuf>,
+}
+
+impl LoopDev {
+    pub fn attach(file: &Path) -> LoopDev {
+        let out = run(
+            &require_bin("losetup", "mount"),
+            &[
+                "--find",
+                "--show",
+                "--direct-io=off",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            out.ok(),
+            "losetup failed (loop devices need root):\n{}",
+            out.text()
+        );
+        let dev = out.stdout.trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
+        LoopDev {
+            dev: Some(dev.into()),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dev.as_deref().expect("the loop device was detached")
+    }
+
+    pub fn detach(&mut self) {
+        if let Some(dev) = self.dev.take() {
+            let d = dev.to_str().unwrap();
+            assert!(retry("losetup", &["-d", d], 20), "losetup -d {d} failed");
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        if let Some(dev) = self.dev.take() {
+            let _ = retry("losetup", &["-d", dev.to_str().unwrap_or_default()], 20);
+        }
+    }
+}
+
+/// A mounted filesystem; unmounted on drop.
+pub struct Mount {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl Mount {
+    /// `mount [opts] source dir` (the directory is made if missing).
+    pub fn new(source: &Path, dir: &Path, opts: &[&str]) -> Mount {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut args: Vec<&str> = opts.to_vec();
+        args.push(source.to_str().unwrap());
+        args.push(dir.to_str().unwrap());
+        let out = run(&require_bin("mount", "mount"), &args);
+        assert!(out.ok(), "mount failed (needs root):\n{}", out.text());
+        Mount {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    /// A tmpfs of `size` (e.g. "8m") at `dir`: a filesystem that runs out
+    /// of space for real (ENOSPC from the kernel).
+    pub fn tmpfs(dir: &Path, size: &str) -> Mount {
+        Self::new(
+            Path::new("tmpfs"),
+            dir,
+            &["-t", "tmpfs", "-o", &format!("size={size}")],
+        )
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn unmount(&mut self) {
+        if self.mounted {
+            let d = self.dir.to_str().unwrap();
+            let out = run(&require_bin("umount", "mount"), &[d]);
+            if !out.ok() {
+                // busy for a moment (a process just closed a file)?
+                assert!(
+                    retry("umount", &[d], 20),
+                    "umount {d} failed:\n{}",
+                    out.text()
+                );
+            }
+            self.mounted = false;
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.mounted {
+            let d = self.dir.to_str().unwrap_or_default().to_string();
+            if !retry("umount", &[&d], 20) {
+                let _ = retry("umount", &["-l", &d], 1);
+            }
+        }
+    }
+}

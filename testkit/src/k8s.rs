@@ -1,0 +1,76 @@
+//! Kubernetes objects of a small cluster for the [`crate::fake_api`]
+//! server: VolumeMigration `db/m`, claims, PersistentVolumes, application
+//! pods and agent pods, and their API paths.
+
+use serde_json::{Value, json};
+
+/// The API path of the VolumeMigration `db/m` that [`vm`] makes.
+pub const VM_PATH: &str = "/apis/volmig.io/v1alpha1/namespaces/db/volumemigrations/m";
+
+/// VolumeMigration `db/m` with `spec`.
+pub fn vm(spec: Value) -> Value {
+    json!({
+        "apiVersion": "volmig.io/v1alpha1",
+        "kind": "VolumeMigration",
+        "metadata": {"name": "m", "namespace": "db"},
+        "spec": spec,
+    })
+}
+
+/// Claim `db/name` of `class` and `size`; bound to `volume` if given.
+pub fn claim(name: &str, volume: Option<&str>, class: &str, size: &str, mode: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": "db"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class, "volumeMode": mode,
+                 "resources": {"requests": {"storage": size}}, "volumeName": volume},
+        "status": {"phase": if volume.is_some() { "Bound" } else { "Pending" }, "capacity": {"storage": size}},
+    })
+}
+
+/// A CSI PersistentVolume bound to claim `db/claim`.
+pub fn csi_volume(name: &str, claim: &str, size: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": name},
+        "spec": {"capacity": {"storage": size}, "accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
+                 "persistentVolumeReclaimPolicy": "Delete",
+                 "claimRef": {"namespace": "db", "name": claim},
+                 "csi": {"driver": "csi.example.com", "volumeHandle": name}},
+    })
+}
+
+/// A running pod `db/name` on `node` using `claim`.
+pub fn app_pod(name: &str, node: &str, claim: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "db"},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}],
+                 "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}]},
+        "status": {"phase": "Running"},
+    })
+}
+
+/// A ready node-agent pod on `node` at `ip`.
+pub fn agent_pod(name: &str, node: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "volmig-system",
+                     "labels": {"app.kubernetes.io/component": "node-agent"}},
+        "spec": {"nodeName": node, "containers": [{"name": "agent", "image": "volmig-agent"}]},
+        "status": {"phase": "Running", "podIP": ip,
+                   "conditions": [{"type": "Ready", "status": "True"}]},
+    })
+}
+
+pub fn pvc_path(name: &str) -> String {
+    format!("/api/v1/namespaces/db/persistentvolumeclaims/{name}")
+}
+
+pub fn pv_path(name: &str) -> String {
+    format!("/api/v1/persistentvolumes/{name}")
+}
+
+pub fn pod_path(ns: &str, name: &str) -> String {
+    format!("/api/v1/namespaces/{ns}/pods/{name}")
+}
