@@ -754,7 +754,9 @@ impl<S: Slave, St: SessionStore, C: Cutover> Driver<S, St, C> {
             verify: rec.config.verify,
             failback_window: rec.config.failback_window(),
         };
-        let t = self.call(v, || self.slave.terminate(req.clone())).await?;
+        let t = self
+            .abortable(rec, self.call(v, || self.slave.terminate(req.clone())))
+            .await?;
         rec.verified = Some(t.verified);
         Ok(match t.mismatch_offset {
             Some(off) => Event::Failed(format!(
@@ -764,6 +766,40 @@ impl<S: Slave, St: SessionStore, C: Cutover> Driver<S, St, C> {
         })
     }
 }
+
+impl<S: Slave, St: SessionStore, C: Cutover> Driver<S, St, C> {
+    /// Runs a step that may take long (Termination's verification and
+    /// failback window) while watching the record for an abort request:
+    /// one interrupts the agent, whose abort cuts the step short and rolls
+    /// back, so an abort is possible until Termination ends. The step's
+    /// error then goes the usual way (the abort request wins).
+    async fn abortable<T>(
+        &self,
+        rec: &SessionRecord,
+        step: impl Future<Output = SlaveResult<T>>,
+    ) -> SlaveResult<T> {
+        let mut step = std::pin::pin!(step);
+        loop {
+            tokio::select! {
+                r = &mut step => return r,
+                _ = tokio::time::sleep(ABORT_WATCH) => {
+                    let asked = matches!(
+                        self.store.load(&self.key).await,
+                        Ok(Some(fresh)) if fresh.abort_requested
+                    );
+                    if asked {
+                        info!(volume = %rec.volume, phase = %rec.phase, "abort requested: interrupting the step");
+                        let (r, _) = tokio::join!(&mut step, self.slave.abort(self.fence(rec)));
+                        return r;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How often a long step looks for an abort request.
+const ABORT_WATCH: Duration = Duration::from_millis(200);
 
 /// The error a transition records: why the session failed, or the group
 /// failure it was rolled back for (an abort someone asked for, or a

@@ -35,6 +35,10 @@ struct State {
     quiesce_timeouts: u32,
     /// Terminate finds the target different at this offset.
     mismatch: Option<u64>,
+    /// Terminate runs until an abort interrupts it (a long failback window).
+    long_terminate: bool,
+    /// An abort came (it interrupts a running step, as the agent's does).
+    interrupted: bool,
     bandwidth: Vec<u64>,
 }
 
@@ -86,6 +90,12 @@ impl FakeSlave {
 
     pub fn mismatch_at(self: Arc<Self>, offset: u64) -> Arc<Self> {
         self.lock().mismatch = Some(offset);
+        self
+    }
+
+    /// Terminate runs (a failback window) until an abort interrupts it.
+    pub fn long_terminate(self: Arc<Self>) -> Arc<Self> {
+        self.lock().long_terminate = true;
         self
     }
 
@@ -252,6 +262,13 @@ impl Slave for FakeSlave {
     }
 
     async fn terminate(&self, _: Terminate) -> SlaveResult<TerminateResult> {
+        if self.lock().long_terminate {
+            self.lock().calls.push("terminate");
+            while !self.lock().interrupted {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            return Err(SlaveError::failed("the session was aborted"));
+        }
         self.op("terminate", |st| {
             let mismatch = st.mismatch;
             let a = Self::session(st)?;
@@ -268,6 +285,7 @@ impl Slave for FakeSlave {
     }
 
     async fn abort(&self, _: Fence) -> SlaveResult<SessionState> {
+        self.lock().interrupted = true;
         self.change("abort", |a| {
             if !a.finished {
                 *a = Agent {

@@ -106,6 +106,34 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// What prepare answers when the volume has a session already: its
+    /// state (the same session: prepare is idempotent), or AlreadyExists
+    /// (another one in progress). None: a finished one, to be replaced.
+    async fn prepared_already(
+        s: &Arc<SlaveSession>,
+        fence: &Fence,
+    ) -> Option<SlaveResult<SessionState>> {
+        if s.session_id() == fence.session {
+            return Some(match s.fence(fence.epoch) {
+                Ok(()) => Ok(s.state().await),
+                Err(n) => Err(fenced(fence, n)),
+            });
+        }
+        (!s.is_finished()).then(|| {
+            Err(SlaveError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "the volume already has a migration in progress (session {})",
+                    s.session_id()
+                ),
+            )
+            .op("prepare")
+            .volume(&fence.volume))
+        })
+    }
+}
+
 impl Slave for Agent {
     async fn prepare(&self, r: Prepare) -> SlaveResult<SessionState> {
         let fence = r.fence;
@@ -118,23 +146,23 @@ impl Slave for Agent {
             })?;
             (v.interposer.clone(), v.slave.clone(), v.op.clone())
         };
+        // Another session's refusal and this one's idempotent answer need
+        // no lock: a second master must hear AlreadyExists, not Busy, while
+        // the first one copies.
+        if let Some(s) = existing.as_ref()
+            && let Some(answer) = Self::prepared_already(s, &fence).await
+        {
+            return answer;
+        }
         let _guard = op.try_lock_owned().map_err(|_| busy(&fence.volume))?;
-        if let Some(s) = existing {
-            if s.session_id() == fence.session {
-                s.fence(fence.epoch).map_err(|n| fenced(&fence, n))?;
-                return Ok(s.state().await); // prepared already: idempotent
-            }
-            if !s.is_finished() {
-                return Err(SlaveError::new(
-                    ErrorKind::AlreadyExists,
-                    format!(
-                        "the volume already has a migration in progress (session {})",
-                        s.session_id()
-                    ),
-                )
-                .op("prepare")
-                .volume(&fence.volume));
-            }
+        // Under the lock: nobody prepared meanwhile.
+        let now = lock(&self.volumes)
+            .get(&fence.volume)
+            .and_then(|v| v.slave.clone());
+        if let Some(s) = now.as_ref()
+            && let Some(answer) = Self::prepared_already(s, &fence).await
+        {
+            return answer;
         }
         let s = within(
             "prepare",
@@ -437,6 +465,40 @@ mod tests {
             .unwrap();
         let st = agent.get_state(fence(2)).await.unwrap();
         assert!(!st.quiesced && !st.redirected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_session_is_refused_as_such_while_the_first_one_copies() {
+        let (dir, agent, _ip) = prepared().await;
+        // The first session's copy pass holds the volume's operation lock.
+        let op = lock(&agent.volumes).get("v").unwrap().op.clone();
+        let _running = op.lock_owned().await;
+        let other = Fence {
+            session: "s2".into(),
+            volume: "v".into(),
+            epoch: 1,
+        };
+        let e = agent
+            .prepare(Prepare {
+                fence: other,
+                target: dir.path().join("tgt"),
+                config: SessionConfig::default(),
+                monitor_only: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::AlreadyExists, "{e}");
+        // The first master repeating its prepare is answered too.
+        let st = agent
+            .prepare(Prepare {
+                fence: fence(2),
+                target: dir.path().join("tgt"),
+                config: SessionConfig::default(),
+                monitor_only: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(st.session, "s1");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

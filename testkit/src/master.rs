@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use volmig_api::Slave;
 use volmig_api::phase::Phase;
-use volmig_api::slave::Fence;
 use volmig_master::{
     Driver, DriverConfig, FileStore, SessionConfig, SessionRecord, StopSignal, create_session,
     request_abort,
@@ -330,19 +329,10 @@ impl<S: Slave + Clone + 'static> InProcMaster<S> {
         self.store.load_now(volume).unwrap()
     }
 
-    /// Rolls `volume`'s session back: records the abort request (which the
-    /// driver acts on at its next step) and tells the agent at once, which
-    /// cuts the running step short (a copy pass, the failback window).
+    /// Rolls `volume`'s session back as `volmig abort` does: records the
+    /// abort request, which the driver acts on (during a long step too: it
+    /// interrupts the agent).
     pub async fn abort(&self, volume: &str) {
-        let rec = request_abort(&self.store, volume).await.unwrap();
-        let fence = Fence {
-            session: rec.session.clone(),
-            volume: rec.volume.clone(),
-            epoch: rec.epoch,
-        };
-        self.slave
-            .abort(fence)
-            .await
-            .unwrap_or_else(|e| panic!("the agent refused the abort of {volume}: {e}"));
+        request_abort(&self.store, volume).await.unwrap();
     }
 }

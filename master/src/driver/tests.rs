@@ -120,6 +120,30 @@ async fn an_abort_request_rolls_back_to_aborted_without_an_error() {
 }
 
 #[tokio::test]
+async fn an_abort_request_interrupts_a_long_termination() {
+    // A failback window (or a long verification) runs inside one
+    // terminate call: an abort asked for meanwhile must reach the agent
+    // then, not after the window, when the session would be Completed.
+    let d = dir();
+    d.session("v").await;
+    let slave = FakeSlave::new().long_terminate();
+    let drv = driver(&slave, &d.store, "v");
+    let run = tokio::spawn(async move { drv.run().await });
+    while slave.called("terminate") < 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    crate::session::request_abort(&d.store, "v").await.unwrap();
+    let rec = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the abort never reached the running termination")
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.phase, Aborted, "{:?}", rec.error);
+    assert_eq!(rec.error, None);
+    assert!(slave.called("abort") >= 1);
+}
+
+#[tokio::test]
 async fn an_abort_the_agent_cannot_carry_out_ends_failed() {
     let d = dir();
     d.session("v").await;
