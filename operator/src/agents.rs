@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
 use volmig_api::Slave;
-use volmig_api::slave::ListVolumes;
+use volmig_api::slave::{ListVolumes, VolumeInfo};
 use volmig_master::{ClientTls, GrpcSlave};
 
 use crate::error::{Error, Result};
@@ -20,8 +20,22 @@ pub trait Connector: Send + Sync + 'static {
     type Slave: Slave + Send + Sync + 'static;
     /// A slave client of the agent at `endpoint`.
     fn slave(&self, endpoint: &str) -> Result<Self::Slave>;
-    /// The volume names the agent at `endpoint` exports.
-    fn exports(&self, endpoint: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// The volumes the agent at `endpoint` serves (with the device each
+    /// one's I/O goes to now).
+    fn volumes(&self, endpoint: &str) -> impl Future<Output = Result<Vec<VolumeInfo>>> + Send;
+    /// The names of the volumes the agent at `endpoint` serves without an
+    /// error.
+    fn exports(&self, endpoint: &str) -> impl Future<Output = Result<Vec<String>>> + Send {
+        async move {
+            Ok(self
+                .volumes(endpoint)
+                .await?
+                .into_iter()
+                .filter(|v| v.error.is_none())
+                .map(|v| v.name)
+                .collect())
+        }
+    }
 }
 
 /// Agents over gRPC with mutual TLS.
@@ -56,7 +70,7 @@ impl Connector for GrpcConnector {
         Ok(GrpcSlave::new(endpoint, Some(&self.tls))?)
     }
 
-    async fn exports(&self, endpoint: &str) -> Result<Vec<String>> {
+    async fn volumes(&self, endpoint: &str) -> Result<Vec<VolumeInfo>> {
         let list = self
             .slave(endpoint)?
             .list_volumes(ListVolumes)
@@ -65,12 +79,7 @@ impl Connector for GrpcConnector {
                 endpoint: endpoint.to_string(),
                 reason: e.to_string(),
             })?;
-        Ok(list
-            .volumes
-            .into_iter()
-            .filter(|v| v.error.is_none())
-            .map(|v| v.name)
-            .collect())
+        Ok(list.volumes)
     }
 }
 

@@ -1,8 +1,9 @@
 //! The VolumeMigration reconciler. One pass looks at a migration and does
 //! the next thing it needs:
 //!
-//! - deletion: request an abort, wait for the rollback, remove the holder
-//!   pod, then let the finalizer go;
+//! - deletion: request an abort, wait for the rollback; then rebind each
+//!   target the workload runs on and release the others (see [`outcome`]),
+//!   and only then let the finalizer go;
 //! - an invalid spec: phase Failed with the reason, nothing created;
 //! - no session yet: wait for a free slot (`--max-concurrent`), resolve
 //!   each volume's source, node, agent and target (see [`resolve`]), create
@@ -11,9 +12,11 @@
 //!   group, cut over together);
 //! - a running session: keep a driver on it (after a restart or a new
 //!   leader, under a newer epoch), pass `spec.abort` on;
-//! - an ended session: after Completed, make the rebinding durable (see
-//!   [`rebind`]); after Aborted/Failed, remove the holder pod.
+//! - an ended session: volume by volume, make the rebinding durable where
+//!   the workload runs on the target (see [`rebind`]), remove the holder
+//!   pods where it runs on the source (see [`outcome`]).
 
+pub mod outcome;
 pub mod rebind;
 pub mod resolve;
 pub mod status;
@@ -23,8 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::DeleteParams;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -32,8 +35,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use volmig_api::crd::{
-    MigrationPhase, SharedAttachment, VolumeMigration, VolumeMigrationStatus, VolumeStatus,
-    check_spec,
+    MigrationPhase, SharedAttachment, VolumeMigration, VolumeStatus, check_spec,
 };
 use volmig_master::{
     Admission, DriverConfig, Job, MasterError, Member, MultiAttach, SessionConfig, Slots,
@@ -44,6 +46,7 @@ use crate::agents::Connector;
 use crate::error::{Error, Result};
 use crate::status_map::verify_from;
 use crate::status_store::{CrStatusStore, Saved};
+use outcome::Place;
 use resolve::{Attachment, Plan, Resolved};
 
 pub const FINALIZER: &str = "volmig.io/cleanup";
@@ -405,15 +408,6 @@ fn agents_of(rs: &[Resolved]) -> String {
     copying.chain(shared).collect::<Vec<_>>().join(",")
 }
 
-/// Every holder pod of the migration, on every node.
-fn holder_pods(st: &VolumeMigrationStatus) -> Vec<String> {
-    st.volumes
-        .iter()
-        .flat_map(resolve::holders)
-        .cloned()
-        .collect()
-}
-
 /// Starts the migration's job on the supervisor: one session for one
 /// volume, a consistency group (cut over together) for several.
 fn start_driver<C: Connector>(
@@ -512,30 +506,63 @@ async fn keep_driving<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> R
         }
         return Ok(());
     }
+    // Targets of operators before the uid label carry owner references to
+    // the migration: drop them before the workload may run on a target.
+    rebind::disown_all(ctx, vm).await?;
     start_driver(vm, ctx, &rs, ctx.epoch_for(vm))
 }
 
-/// The session ended: make the outcome durable, release what is not needed.
+/// The session ended: each volume's outcome made durable where the
+/// workload runs on its target, its holder pods released where it runs on
+/// its source (see [`outcome`]).
 async fn finish<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<Action> {
     let st = vm.status.clone().unwrap_or_default();
     let ns = vm.namespace().unwrap_or_default();
-    if st.phase == MigrationPhase::Completed {
-        if rebind::rebind(ctx, vm).await? {
-            ctx.event(
-                vm,
-                EventType::Normal,
-                "Rebound",
-                "the source volumes are now backed by their targets; the target claims and holder pods stay (see docs/ARCHITECTURE.md, Operator)".into(),
-            )
-            .await;
-        }
-    } else {
-        // Aborted or failed: the agents detached the targets.
-        for h in holder_pods(&st) {
-            delete_holder(ctx, &ns, &h).await?;
+    let mut rebound = Vec::new();
+    let mut unsure = false;
+    for v in &st.volumes {
+        match outcome::place(ctx, v).await? {
+            Place::Target => {
+                if rebind::rebind_volume(ctx, &ns, v).await? {
+                    rebound.push(v.source.clone());
+                }
+            }
+            Place::Source => release_holders(ctx, &ns, v).await?,
+            Place::Unknown(why) => {
+                unsure = true;
+                if rebind::protect(ctx, &ns, v).await? {
+                    ctx.event(vm, EventType::Warning, "TargetKept", kept_note(v, &why))
+                        .await;
+                }
+            }
         }
     }
-    Ok(Action::await_change())
+    if !rebound.is_empty() {
+        ctx.event(
+            vm,
+            EventType::Normal,
+            "Rebound",
+            format!(
+                "claim(s) {} are now backed by their targets; the target claims and holder pods stay (see docs/ARCHITECTURE.md, Operator)",
+                rebound.join(", ")
+            ),
+        )
+        .await;
+    }
+    // Where the record cannot tell, ask the agents again later.
+    Ok(if unsure {
+        requeue(60)
+    } else {
+        Action::await_change()
+    })
+}
+
+fn kept_note(v: &VolumeStatus, why: &str) -> String {
+    format!(
+        "kept target claim {}, its volume (reclaim policy Retain) and holder pod(s): {why}. \
+         Delete them once you know the workload on claim {} does not use them",
+        v.target, v.source
+    )
 }
 
 async fn delete_holder<C: Connector>(ctx: &Context<C>, ns: &str, name: &str) -> Result<()> {
@@ -547,7 +574,72 @@ async fn delete_holder<C: Connector>(ctx: &Context<C>, ns: &str, name: &str) -> 
     }
 }
 
-/// The migration is being deleted.
+/// Deletes volume `v`'s holder pods (every node's): its source is current.
+async fn release_holders<C: Connector>(ctx: &Context<C>, ns: &str, v: &VolumeStatus) -> Result<()> {
+    for h in resolve::holders(v) {
+        delete_holder(ctx, ns, h).await?;
+    }
+    Ok(())
+}
+
+/// Deletes claim `name` if migration `vm` created it (a claim the spec
+/// named stays); its source is current.
+async fn release_claim<C: Connector>(
+    ctx: &Context<C>,
+    vm: &VolumeMigration,
+    ns: &str,
+    name: &str,
+) -> Result<()> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(c) = claims.get_opt(name).await? else {
+        return Ok(());
+    };
+    if !resolve::ours(&c.metadata, vm) {
+        return Ok(());
+    }
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: c.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match claims.delete(name, &dp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(ae)) if ae.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What resolving a migration that never got a session created: its
+/// holder pods and target claims, found by its uid.
+async fn release_unstarted<C: Connector>(
+    ctx: &Context<C>,
+    vm: &VolumeMigration,
+    ns: &str,
+) -> Result<()> {
+    let Some(uid) = vm.metadata.uid.as_deref() else {
+        return Ok(());
+    };
+    let lp = ListParams::default().labels(&format!("{}={uid}", resolve::MIGRATION_UID_LABEL));
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    for p in pods.list(&lp).await?.items {
+        if resolve::is_holder(&p) {
+            delete_holder(ctx, ns, &p.name_any()).await?;
+        }
+    }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    for c in claims.list(&lp).await?.items {
+        release_claim(ctx, vm, ns, &c.name_any()).await?;
+    }
+    Ok(())
+}
+
+/// The migration is being deleted. A running session is rolled back
+/// first; then, volume by volume, a target the workload runs on is rebound
+/// before the finalizer goes, whatever happened before (a deletion right
+/// after Completed, an operator restarted in between), and only a target
+/// whose source is current is released (see [`outcome`]).
 async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<Action> {
     let ns = vm.namespace().unwrap_or_default();
     let st = vm.status.clone().unwrap_or_default();
@@ -575,10 +667,24 @@ async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result
         keep_driving(vm, ctx).await?;
         return Err(Error::WaitingForRollback(k));
     }
-    if st.phase != MigrationPhase::Completed {
-        for h in holder_pods(&st) {
-            delete_holder(ctx, &ns, &h).await?;
+    for v in &st.volumes {
+        match outcome::place(ctx, v).await? {
+            Place::Target => {
+                rebind::rebind_volume(ctx, &ns, v).await?;
+            }
+            Place::Source => {
+                release_holders(ctx, &ns, v).await?;
+                release_claim(ctx, vm, &ns, &v.target).await?;
+            }
+            Place::Unknown(why) => {
+                rebind::protect(ctx, &ns, v).await?;
+                ctx.event(vm, EventType::Warning, "TargetKept", kept_note(v, &why))
+                    .await;
+            }
         }
+    }
+    if st.session_id.is_none() {
+        release_unstarted(ctx, vm, &ns).await?;
     }
     ctx.supervisor.stop(&k);
     ctx.supervisor.forget(&k);

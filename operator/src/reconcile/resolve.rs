@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
     PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod,
 };
 use kube::api::{ListParams, ObjectMeta, PostParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use volmig_api::crd::{VolumeMigration, VolumePair, VolumeStatus};
 use volmig_api::units::parse_size;
@@ -21,9 +21,18 @@ use crate::agents::Connector;
 use crate::error::Result;
 use crate::target::device_path;
 
-/// Labels on what the operator creates.
+/// Labels on what the operator creates. Target claims and holder pods
+/// carry no owner reference: once the workload runs on a target, nothing
+/// may delete it behind the operator's back, and the garbage collector
+/// deletes dependents without asking (at once under foreground deletion,
+/// as Argo CD deletes). The migration's uid label says whose they are.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "volmig");
 pub const MIGRATION_LABEL: &str = "volmig.io/migration";
+/// The uid of the migration that created the object: another migration of
+/// the same name (after this one was deleted) must not take it for its own.
+pub const MIGRATION_UID_LABEL: &str = "volmig.io/migration-uid";
+/// The component label of holder pods.
+pub const HOLDER_COMPONENT: &str = "target-holder";
 /// The scheduler's annotation the provisioner of a WaitForFirstConsumer
 /// class waits for; the holder pod bypasses the scheduler (`nodeName`).
 pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
@@ -156,22 +165,48 @@ fn live(p: &Pod) -> bool {
     ) && p.metadata.deletion_timestamp.is_none()
 }
 
-fn owner(
-    vm: &VolumeMigration,
-) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
-    vm.controller_owner_ref(&()).into_iter().collect()
+/// Whether `meta`'s object was created for migration `vm` (this one, not
+/// an earlier one of the same name): by its uid label, or by an owner
+/// reference as operators before the uid label set them.
+pub fn ours(meta: &ObjectMeta, vm: &VolumeMigration) -> bool {
+    let Some(uid) = vm.metadata.uid.as_deref() else {
+        return false;
+    };
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(MIGRATION_UID_LABEL))
+        .is_some_and(|u| u == uid)
+        || meta.owner_references.iter().flatten().any(|r| r.uid == uid)
+}
+
+/// The labels of what migration `vm` creates.
+fn labels(vm: &VolumeMigration) -> std::collections::BTreeMap<String, String> {
+    let mut l: std::collections::BTreeMap<String, String> = [
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (MIGRATION_LABEL.to_string(), vm.name_any()),
+    ]
+    .into();
+    if let Some(uid) = &vm.metadata.uid {
+        l.insert(MIGRATION_UID_LABEL.to_string(), uid.clone());
+    }
+    l
 }
 
 /// A step of resolution that stops it: the plan says why.
 type Found<T> = std::result::Result<T, Plan>;
 
+/// Whether `p` is a holder pod (of any migration).
+pub fn is_holder(p: &Pod) -> bool {
+    p.labels()
+        .get("app.kubernetes.io/component")
+        .map(String::as_str)
+        == Some(HOLDER_COMPONENT)
+        && p.labels().contains_key(MIGRATION_LABEL)
+}
+
 /// Whether `p` is one of migration `vm`'s holder pods.
-fn holder_of(p: &Pod, vm: &str) -> bool {
-    p.labels().get(MIGRATION_LABEL).map(String::as_str) == Some(vm)
-        && p.labels()
-            .get("app.kubernetes.io/component")
-            .map(String::as_str)
-            == Some("target-holder")
+fn holder_of(p: &Pod, vm: &VolumeMigration) -> bool {
+    is_holder(p) && ours(&p.metadata, vm)
 }
 
 async fn resolve_volume<C: Connector>(
@@ -214,7 +249,7 @@ async fn resolve_volume<C: Connector>(
     let nodes: Vec<String> = all_pods
         .items
         .iter()
-        .filter(|p| live(p) && uses_claim(p, src_name) && !holder_of(p, &name))
+        .filter(|p| live(p) && uses_claim(p, src_name) && !holder_of(p, vm))
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
         .collect::<BTreeSet<String>>()
         .into_iter()
@@ -241,7 +276,7 @@ async fn resolve_volume<C: Connector>(
     let target_name = target_claim_name(pair);
     let target = match claims.get_opt(&target_name).await? {
         Some(t) => {
-            let ours = t.labels().get(MIGRATION_LABEL) == Some(&name);
+            let ours = ours(&t.metadata, vm);
             if pair.target.storage_class_name.is_some() && !ours {
                 return Ok(Plan::Fail(
                     "TargetClaimExists",
@@ -250,7 +285,7 @@ async fn resolve_volume<C: Connector>(
                     ),
                 ));
             }
-            if !ours && let Some(why) = unsuitable_target(&t, size, &all_pods.items, &name) {
+            if !ours && let Some(why) = unsuitable_target(&t, size, &all_pods.items, vm) {
                 return Ok(Plan::Fail(
                     "TargetClaimUnsuitable",
                     format!("claim {target_name}: {why}"),
@@ -399,6 +434,15 @@ async fn hold_target<C: Connector>(
     claim: &str,
 ) -> Result<Found<String>> {
     let holder_pod = match pods.get_opt(holder).await? {
+        Some(p) if !ours(&p.metadata, vm) => {
+            return Ok(Err(Plan::Fail(
+                "HolderPodExists",
+                format!(
+                    "pod {holder} exists but was not created for this migration (an earlier VolumeMigration {} may keep its target attached through it); give this migration another name",
+                    vm.name_any()
+                ),
+            )));
+        }
         Some(p) => p,
         None => {
             let p = holder_pod(vm, holder, node, claim, &ctx.settings.holder_image)?;
@@ -430,7 +474,7 @@ pub fn unsuitable_target(
     t: &PersistentVolumeClaim,
     size: u64,
     pods: &[Pod],
-    vm: &str,
+    vm: &VolumeMigration,
 ) -> Option<String> {
     let mode = t.spec.as_ref().and_then(|s| s.volume_mode.as_deref());
     if mode != Some("Block") {
@@ -477,15 +521,8 @@ fn new_target_claim(
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: vm.namespace(),
-            labels: Some(
-                [
-                    (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-                    (MIGRATION_LABEL.to_string(), vm.name_any()),
-                ]
-                .into(),
-            ),
+            labels: Some(labels(vm)),
             annotations: Some([(SELECTED_NODE.to_string(), node.to_string())].into()),
-            owner_references: Some(owner(vm)),
             ..ObjectMeta::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
@@ -516,14 +553,7 @@ fn holder_pod(
     image: &str,
 ) -> Result<Pod> {
     let mut pod: Pod = serde_json::from_value(json!({
-        "metadata": {
-            "name": name,
-            "labels": {
-                MANAGED_BY.0: MANAGED_BY.1,
-                MIGRATION_LABEL: vm.name_any(),
-                "app.kubernetes.io/component": "target-holder",
-            },
-        },
+        "metadata": {"name": name},
         "spec": {
             "nodeName": node,
             "automountServiceAccountToken": false,
@@ -543,8 +573,13 @@ fn holder_pod(
         },
     }))
     .map_err(|e| crate::error::Error::Finalizer(format!("holder pod spec: {e}")))?;
+    let mut l = labels(vm);
+    l.insert(
+        "app.kubernetes.io/component".to_string(),
+        HOLDER_COMPONENT.to_string(),
+    );
+    pod.metadata.labels = Some(l);
     pod.metadata.namespace = vm.namespace();
-    pod.metadata.owner_references = Some(owner(vm));
     Ok(pod)
 }
 
@@ -569,15 +604,26 @@ mod tests {
         .unwrap()
     }
 
-    /// A holder pod of migration `vm`.
-    fn holder(name: &str, vm: &str, claim: &str) -> Pod {
+    /// Migration `name` with uid `uid`.
+    fn migration(name: &str, uid: &str) -> VolumeMigration {
+        serde_json::from_value(json!({
+            "apiVersion": "volmig.io/v1alpha1", "kind": "VolumeMigration",
+            "metadata": {"name": name, "namespace": "db", "uid": uid},
+            "spec": {"volumes": []},
+        }))
+        .unwrap()
+    }
+
+    /// A holder pod of migration `vm` (uid `uid`).
+    fn holder(name: &str, vm: &str, uid: &str, claim: &str) -> Pod {
         let mut p = pod_using(name, claim);
         p.metadata.labels = Some(
             [
                 (MIGRATION_LABEL.to_string(), vm.to_string()),
+                (MIGRATION_UID_LABEL.to_string(), uid.to_string()),
                 (
                     "app.kubernetes.io/component".to_string(),
-                    "target-holder".to_string(),
+                    HOLDER_COMPONENT.to_string(),
                 ),
             ]
             .into(),
@@ -587,36 +633,53 @@ mod tests {
 
     #[test]
     fn target_validation() {
-        assert!(unsuitable_target(&claim(Some("Block"), "10Gi"), 10 << 30, &[], "m").is_none());
+        let m = migration("m", "u-1");
+        assert!(unsuitable_target(&claim(Some("Block"), "10Gi"), 10 << 30, &[], &m).is_none());
         assert!(
-            unsuitable_target(&claim(None, "10Gi"), 1, &[], "m")
+            unsuitable_target(&claim(None, "10Gi"), 1, &[], &m)
                 .unwrap()
                 .contains("Block")
         );
         assert!(
-            unsuitable_target(&claim(Some("Block"), "1Gi"), 10 << 30, &[], "m")
+            unsuitable_target(&claim(Some("Block"), "1Gi"), 10 << 30, &[], &m)
                 .unwrap()
                 .contains("smaller")
         );
         let users = [
             pod_using("app-0", "t"),
-            holder("volmig-holder-m", "m", "t"),
-            holder("volmig-holder-m-s1", "m", "t"),
+            holder("volmig-holder-m", "m", "u-1", "t"),
+            holder("volmig-holder-m-s1", "m", "u-1", "t"),
         ];
         assert!(
-            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users, "m")
+            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users, &m)
                 .unwrap()
                 .contains("app-0")
         );
         assert!(
-            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users[1..], "m").is_none(),
+            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users[1..], &m).is_none(),
             "our holder pods (one per node) do not count"
         );
         assert!(
-            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users[1..], "other")
-                .unwrap()
-                .contains("volmig-holder-m"),
+            unsuitable_target(
+                &claim(Some("Block"), "10Gi"),
+                1,
+                &users[1..],
+                &migration("other", "u-2")
+            )
+            .unwrap()
+            .contains("volmig-holder-m"),
             "another migration's holder pod does"
+        );
+        assert!(
+            unsuitable_target(
+                &claim(Some("Block"), "10Gi"),
+                1,
+                &users[1..],
+                &migration("m", "u-3")
+            )
+            .unwrap()
+            .contains("volmig-holder-m"),
+            "and so does the holder of an earlier migration of the same name"
         );
     }
 
