@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use kube::Api;
 use kube::api::DeleteParams;
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -20,7 +21,7 @@ use volmig_api::Slave;
 use volmig_api::crd::VolumeMigration;
 use volmig_api::slave::{SlaveError, SlaveResult, VolumeInfo};
 use volmig_operator::agents::Connector;
-use volmig_operator::reconcile::{Context, FINALIZER, Settings, reconcile};
+use volmig_operator::reconcile::{Context, FINALIZER, RETRY_FIRST, Settings, reconcile};
 use volmig_operator::status_store::Saved;
 use volmig_testkit::agent::{in_process, serve};
 use volmig_testkit::fake_api::FakeApi;
@@ -666,22 +667,123 @@ async fn invalid_spec_fails_with_a_clear_message_and_creates_nothing() {
     let n = c.fake.writes().len();
     c.reconcile().await.unwrap();
     assert_eq!(c.fake.writes().len(), n);
+    // a corrected spec starts
+    c.fake.edit(VM_PATH, |o| {
+        o["spec"]["syncGoal"] = json!("100ms");
+        o["spec"]["volumes"][0]["target"] = json!({"storageClassName": "fast"});
+    });
+    c.reconcile().await.unwrap();
+    assert_eq!(c.vm()["status"]["phase"], "Pending");
+    assert_eq!(c.condition("Progressing")["reason"], "WaitingForTarget");
+    assert_eq!(c.condition("Degraded")["status"], "False");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_volume_the_agent_does_not_serve_fails_with_volume_not_served() {
+async fn a_volume_the_agent_does_not_serve_waits_until_it_is_served() {
     let c = cluster(spec("8Mi"), "some-other-volume").await;
     c.reconcile().await.unwrap();
-    c.reconcile().await.unwrap();
-    assert_eq!(c.vm()["status"]["phase"], "Failed");
-    let d = c.condition("Degraded");
-    assert_eq!(d["reason"], "VolumeNotServed");
-    let msg = d["message"].as_str().unwrap();
+    let first = c.reconcile().await.unwrap();
+    assert_eq!(c.vm()["status"]["phase"], "Pending");
+    let p = c.condition("Progressing");
+    assert_eq!(p["reason"], "VolumeNotServed");
+    let msg = p["message"].as_str().unwrap();
     assert!(
         msg.contains("pv-data") && msg.contains("volmig-agent --export pv-data="),
         "{msg}"
     );
+    assert!(c.condition("Degraded").is_null(), "waiting is not degraded");
     assert!(creations(&c.fake).is_empty(), "{:?}", creations(&c.fake));
+    // it looks again, less often each time
+    let second = c.reconcile().await.unwrap();
+    assert_eq!(first, Action::requeue(RETRY_FIRST));
+    assert_eq!(second, Action::requeue(RETRY_FIRST * 2));
+    // once the agent serves the volume, the migration goes on
+    serve(&c.agent, "pv-data", &c.source, false).await;
+    c.reconcile().await.unwrap();
+    assert_eq!(c.condition("Progressing")["reason"], "WaitingForTarget");
+    c.attach_target();
+    c.reconcile().await.unwrap();
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Completed", "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_applied_before_the_cluster_is_ready_starts_once_it_is() {
+    // What a GitOps tool applies in one go arrives in any order: here the
+    // migration first, then the claim, the workload, the agent, the export.
+    let c = cluster(spec("64Mi"), "some-other-volume").await;
+    let claim_obj = c.fake.get(&pvc_path("data")).unwrap();
+    let pv_obj = c.fake.get(&pv_path("pv-data")).unwrap();
+    let pod_obj = c.fake.get(&pod_path("db", "app-0")).unwrap();
+    c.fake.delete(&pvc_path("data"), "Background"); // and its volume
+    c.fake.delete(&pod_path("db", "app-0"), "Background");
+    let agent_n1 = pod_path("volmig-system", "agent-n1");
+    c.fake.edit(&agent_n1, |p| {
+        p["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    });
+    let mut waited = Vec::new();
+    let mut step = |c: &Cluster| {
+        let p = c.condition("Progressing");
+        assert_eq!(c.vm()["status"]["phase"], "Pending", "{}", c.vm());
+        waited.push(p["reason"].as_str().unwrap().to_string());
+    };
+    c.reconcile().await.unwrap(); // finalizer
+    c.reconcile().await.unwrap();
+    step(&c);
+    c.fake.put(&pv_path("pv-data"), pv_obj);
+    c.fake.put(&pvc_path("data"), claim_obj);
+    c.reconcile().await.unwrap();
+    step(&c);
+    c.fake.put(&pod_path("db", "app-0"), pod_obj);
+    c.reconcile().await.unwrap();
+    step(&c);
+    c.fake.edit(&agent_n1, |p| {
+        p["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+    });
+    c.reconcile().await.unwrap();
+    step(&c);
+    serve(&c.agent, "pv-data", &c.source, false).await;
+    c.reconcile().await.unwrap();
+    step(&c); // the target claim is created, not bound yet
+    assert_eq!(
+        waited,
+        [
+            "SourceClaimNotFound",
+            "NoConsumerPod",
+            "AgentNotReady",
+            "VolumeNotServed",
+            "WaitingForTarget"
+        ]
+    );
+    c.attach_target();
+    c.reconcile().await.unwrap();
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Completed", "{st}");
+    assert!(
+        !c.fake
+            .log()
+            .iter()
+            .any(|l| l.path.ends_with("/m/status") && l.body["status"]["phase"] == "Failed"),
+        "never Failed on the way"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_an_older_operator_failed_before_it_started_is_retried() {
+    let c = cluster(spec("64Mi"), "pv-data").await;
+    c.fake.edit(VM_PATH, |o| {
+        o["metadata"]["finalizers"] = json!([FINALIZER]);
+        o["status"] = json!({"phase": "Failed", "error": "no running pod uses claim data",
+            "conditions": [{"type": "Degraded", "status": "True", "reason": "NoConsumerPod",
+                            "message": "no running pod uses claim data",
+                            "lastTransitionTime": "2026-01-01T00:00:00.000Z"}]});
+    });
+    c.reconcile().await.unwrap();
+    let st = c.vm()["status"].clone();
+    assert_eq!(st["phase"], "Pending", "{st}");
+    assert!(st["error"].is_null(), "{st}");
+    assert_eq!(c.condition("Degraded")["status"], "False");
+    assert_eq!(c.condition("Progressing")["reason"], "WaitingForTarget");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -814,9 +916,10 @@ async fn a_volume_used_on_two_nodes_needs_a_read_write_many_target() {
     for _ in 0..2 {
         c.reconcile_with(&ctx).await.unwrap();
     }
-    let d = c.condition("Degraded");
-    assert_eq!(d["reason"], "TargetClaimUnsuitable", "{d}");
-    let msg = d["message"].as_str().unwrap();
+    assert_eq!(c.vm()["status"]["phase"], "Pending");
+    let p = c.condition("Progressing");
+    assert_eq!(p["reason"], "TargetClaimUnsuitable", "{p}");
+    let msg = p["message"].as_str().unwrap();
     assert!(
         msg.contains("n1, n2") && msg.contains("ReadWriteMany"),
         "{msg}"

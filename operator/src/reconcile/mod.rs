@@ -4,9 +4,12 @@
 //! - deletion: request an abort, wait for the rollback; then rebind each
 //!   target the workload runs on and release the others (see [`outcome`]),
 //!   and only then let the finalizer go;
-//! - an invalid spec: phase Failed with the reason, nothing created;
+//! - an invalid spec: phase Failed with the reason, nothing created (the
+//!   only final failure before a session: a corrected spec starts);
 //! - no session yet: wait for a free slot (`--max-concurrent`), resolve
-//!   each volume's source, node, agent and target (see [`resolve`]), create
+//!   each volume's source, node, agent and target (see [`resolve`]; what is
+//!   not there yet keeps it Pending with the reason, looked at again with
+//!   backoff: [`RETRY_FIRST`] doubling up to [`RETRY_MAX`]), create
 //!   the session records in the status (phase Activating) and start the
 //!   migration's job on the [`Supervisor`] (several volumes: a consistency
 //!   group, cut over together);
@@ -89,6 +92,8 @@ pub struct Context<C: Connector> {
     pub supervisor: Supervisor,
     /// The agents each running job talks to, so a moved agent restarts it.
     endpoints: Mutex<HashMap<String, String>>,
+    /// How often each migration waiting to start has waited in a row.
+    waits: Mutex<HashMap<String, u32>>,
     /// This leader's fencing epoch (from the Lease's transitions).
     pub epoch: AtomicU64,
     /// Every save of a session record, for Events and metrics.
@@ -114,6 +119,7 @@ impl<C: Connector> Context<C> {
             connector,
             supervisor,
             endpoints: Mutex::default(),
+            waits: Mutex::default(),
             epoch: AtomicU64::new(epoch),
             saved,
             recorder,
@@ -135,6 +141,24 @@ impl<C: Connector> Context<C> {
     fn endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
         // Whole strings go in and out; a panic cannot tear one.
         self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When migration `key`, waiting to start, looks again: 5 s after its
+    /// first wait, twice as long after each further one, at most 2 minutes.
+    pub fn retry_after(&self, key: &str) -> Duration {
+        let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
+        let n = waits.entry(key.to_string()).or_insert(0);
+        let after = RETRY_FIRST.saturating_mul(1 << (*n).min(8)).min(RETRY_MAX);
+        *n = n.saturating_add(1);
+        after
+    }
+
+    /// Migration `key` waits no more.
+    fn waited(&self, key: &str) {
+        self.waits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
     }
 
     /// The endpoint of the ready agent pod on `node`, if any.
@@ -162,6 +186,10 @@ impl<C: Connector> Context<C> {
         }
     }
 }
+
+/// The first retry of a migration waiting to start, and the longest.
+pub const RETRY_FIRST: Duration = Duration::from_secs(5);
+pub const RETRY_MAX: Duration = Duration::from_secs(120);
 
 fn key(vm: &VolumeMigration) -> String {
     format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any())
@@ -214,7 +242,10 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
     let api: Api<VolumeMigration> = Api::namespaced(ctx.client.clone(), &ns);
     let st = vm.status.clone().unwrap_or_default();
 
-    if st.phase.is_terminal() {
+    // Failed before a session: an invalid spec (looked at again below, so
+    // a corrected spec starts), or what an older operator took for final.
+    let failed_before_start = st.phase == MigrationPhase::Failed && st.session_id.is_none();
+    if st.phase.is_terminal() && !failed_before_start {
         return finish(vm, ctx).await;
     }
     if st.session_id.is_some() {
@@ -222,7 +253,8 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
         return Ok(requeue(30));
     }
 
-    // No session yet.
+    // No session yet. Only an invalid spec is final; everything else waits
+    // for the cluster to catch up (see `resolve`).
     let parsed = match check_spec(&vm.spec) {
         Ok(p) => p,
         Err(msgs) => {
@@ -273,18 +305,15 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
             if status::pending(&api, vm, reason, &msg).await? {
                 ctx.event(vm, EventType::Normal, reason, msg).await;
             }
-            return Ok(requeue(10));
-        }
-        Plan::Fail(reason, msg) => {
-            if status::failed_before_start(&api, vm, reason, &msg).await? {
-                ctx.event(vm, EventType::Warning, reason, msg).await;
-            }
-            return Ok(Action::await_change());
+            return Ok(Action::requeue(ctx.retry_after(&key(vm))));
         }
     };
+    ctx.waited(&key(vm));
 
     // Record where the volumes are, then create the session(s) (Activating).
     status::update_status(&api, vm, |s| {
+        s.phase = MigrationPhase::Pending;
+        s.error = None;
         s.volumes = rs
             .iter()
             .map(|r| VolumeStatus {
@@ -689,6 +718,7 @@ async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result
     ctx.supervisor.stop(&k);
     ctx.supervisor.forget(&k);
     ctx.endpoints().remove(&k);
+    ctx.waited(&k);
     info!(migration = %k, phase = %st.phase, "finalized");
     Ok(Action::await_change())
 }

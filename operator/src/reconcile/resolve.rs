@@ -1,9 +1,11 @@
 //! From a VolumeMigration's spec to what a session needs: the source claim's
 //! PV (the volume's name on the agent), the node where pods use it, that
 //! node's agent, a target claim (created or validated) and the target's raw
-//! device on the node (through a holder pod). Each step either goes on,
-//! waits (something is not there *yet*), or fails with a reason a person
-//! can act on.
+//! device on the node (through a holder pod). Each step either goes on or
+//! waits with a reason a person (or the cluster catching up: a GitOps tool
+//! applies the migration, the claim, the workload and the agents in any
+//! order) can act on. Nothing here fails a migration: only an invalid spec
+//! does (see [`super::apply`]).
 
 use std::collections::BTreeSet;
 
@@ -70,10 +72,9 @@ pub struct Resolved {
 pub enum Plan {
     /// Every volume, in spec order.
     Ready(Vec<Resolved>),
-    /// Not there yet: look again later (reason, message).
+    /// Not there (or not suitable) yet: look again later (reason,
+    /// message); nothing was started.
     Wait(&'static str, String),
-    /// Cannot work as asked (reason, message); nothing was started.
-    Fail(&'static str, String),
 }
 
 /// `<source>-volmig`, or the claim the spec names.
@@ -105,8 +106,7 @@ pub fn holders(v: &VolumeStatus) -> impl Iterator<Item = &String> {
         .chain(v.shared_with.iter().filter_map(|a| a.holder_pod.as_ref()))
 }
 
-/// Resolves every volume of `vm`: the first failure fails the migration,
-/// else the first wait makes it wait.
+/// Resolves every volume of `vm`: the first wait makes it wait.
 pub async fn resolve<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Result<Plan> {
     let mut ready = Vec::new();
     let mut wait = None;
@@ -116,7 +116,6 @@ pub async fn resolve<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Re
             Plan::Wait(reason, msg) => {
                 wait.get_or_insert((reason, msg));
             }
-            fail @ Plan::Fail(..) => return Ok(fail),
         }
     }
     Ok(match wait {
@@ -192,7 +191,7 @@ fn labels(vm: &VolumeMigration) -> std::collections::BTreeMap<String, String> {
     l
 }
 
-/// A step of resolution that stops it: the plan says why.
+/// A step of resolution that waits: the plan says why.
 type Found<T> = std::result::Result<T, Plan>;
 
 /// Whether `p` is a holder pod (of any migration).
@@ -224,7 +223,7 @@ async fn resolve_volume<C: Connector>(
 
     // the source claim and its volume
     let Some(src) = claims.get_opt(src_name).await? else {
-        return Ok(Plan::Fail(
+        return Ok(Plan::Wait(
             "SourceClaimNotFound",
             format!("claim {ns}/{src_name} does not exist"),
         ));
@@ -255,7 +254,7 @@ async fn resolve_volume<C: Connector>(
         .into_iter()
         .collect();
     if nodes.is_empty() {
-        return Ok(Plan::Fail(
+        return Ok(Plan::Wait(
             "NoConsumerPod",
             format!(
                 "no running pod uses claim {src_name}: volmig migrates volumes while a pod uses them, through the agent on that pod's node"
@@ -278,7 +277,7 @@ async fn resolve_volume<C: Connector>(
         Some(t) => {
             let ours = ours(&t.metadata, vm);
             if pair.target.storage_class_name.is_some() && !ours {
-                return Ok(Plan::Fail(
+                return Ok(Plan::Wait(
                     "TargetClaimExists",
                     format!(
                         "claim {target_name} already exists and was not created for this migration; name it as target.persistentVolumeClaim to use it"
@@ -286,13 +285,13 @@ async fn resolve_volume<C: Connector>(
                 ));
             }
             if !ours && let Some(why) = unsuitable_target(&t, size, &all_pods.items, vm) {
-                return Ok(Plan::Fail(
+                return Ok(Plan::Wait(
                     "TargetClaimUnsuitable",
                     format!("claim {target_name}: {why}"),
                 ));
             }
             if nodes.len() > 1 && !shareable(&t) {
-                return Ok(Plan::Fail(
+                return Ok(Plan::Wait(
                     "TargetClaimUnsuitable",
                     format!(
                         "claim {src_name} is used on nodes {}, so its target must be attachable to all of them, but claim {target_name} is not ReadWriteMany",
@@ -304,7 +303,7 @@ async fn resolve_volume<C: Connector>(
         }
         None => {
             let Some(class) = pair.target.storage_class_name.clone() else {
-                return Ok(Plan::Fail(
+                return Ok(Plan::Wait(
                     "TargetClaimNotFound",
                     format!("target claim {ns}/{target_name} does not exist"),
                 ));
@@ -322,7 +321,6 @@ async fn resolve_volume<C: Connector>(
         let holder = holder_name(&name, index, k);
         match hold_target(ctx, vm, &pods, &holder, node, &target_name).await? {
             Ok(uid) => holders.push((holder, uid)),
-            Err(fail @ Plan::Fail(..)) => return Ok(fail),
             Err(wait) => {
                 waiting.get_or_insert(wait);
             }
@@ -347,7 +345,7 @@ async fn resolve_volume<C: Connector>(
     for ((node, agent), (holder_pod, uid)) in nodes.into_iter().zip(agents).zip(holders) {
         let target_path = match device_path(&ctx.settings.kubelet_dir, &uid, &tpv) {
             Ok(p) => p,
-            Err(e) => return Ok(Plan::Fail("TargetNotBlockPublishable", e.to_string())),
+            Err(e) => return Ok(Plan::Wait("TargetNotBlockPublishable", e.to_string())),
         };
         attachments.push(Attachment {
             node,
@@ -359,7 +357,7 @@ async fn resolve_volume<C: Connector>(
     let mut attachments = attachments.into_iter();
     let Some(first) = attachments.next() else {
         // One attachment per node, and `nodes` is not empty (checked above).
-        return Ok(Plan::Fail(
+        return Ok(Plan::Wait(
             "NoConsumerPod",
             format!("no node uses claim {src_name}"),
         ));
@@ -406,12 +404,12 @@ async fn serving_agent<C: Connector>(
         Err(e) => return Ok(Err(Plan::Wait("AgentUnreachable", e.to_string()))),
     };
     if !exports.iter().any(|v| v == pv_name) {
-        return Ok(Err(Plan::Fail(
+        return Ok(Err(Plan::Wait(
             "VolumeNotServed",
             format!(
                 "volume {pv_name} (claim {claim}) is not served through volmig's interposer on node {node}: its agent exports {}. \
                  Only volumes the node agent serves (volmig-agent --export {pv_name}=<device>, or volumes of volmig's CSI driver) can move live; \
-                 export it and restart the pod on that device, then create this migration again",
+                 this migration starts once the agent serves it",
                 if exports.is_empty() {
                     "no volumes".to_string()
                 } else {
@@ -435,7 +433,7 @@ async fn hold_target<C: Connector>(
 ) -> Result<Found<String>> {
     let holder_pod = match pods.get_opt(holder).await? {
         Some(p) if !ours(&p.metadata, vm) => {
-            return Ok(Err(Plan::Fail(
+            return Ok(Err(Plan::Wait(
                 "HolderPodExists",
                 format!(
                     "pod {holder} exists but was not created for this migration (an earlier VolumeMigration {} may keep its target attached through it); give this migration another name",
@@ -455,7 +453,7 @@ async fn hold_target<C: Connector>(
         .and_then(|s| s.node_name.as_deref())
         != Some(node)
     {
-        return Ok(Err(Plan::Fail(
+        return Ok(Err(Plan::Wait(
             "HolderOnWrongNode",
             format!("pod {holder} exists on another node than {node}; delete it"),
         )));
