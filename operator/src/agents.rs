@@ -103,17 +103,72 @@ fn ready(p: &Pod) -> bool {
     })
 }
 
+/// Which pods are this operator's agents: the chart's labels of the agent
+/// DaemonSet's pods. Name and instance (the Helm release) both, so the
+/// agents of another release (another namespace's, or the same one's) are
+/// never dialled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLabels {
+    /// `app.kubernetes.io/name` (`--app-name`).
+    pub name: String,
+    /// `app.kubernetes.io/instance`, the Helm release (`--instance`).
+    pub instance: String,
+}
+
+/// `app.kubernetes.io/component` of the agent pods.
+pub const AGENT_COMPONENT: &str = "node-agent";
+
+impl AgentLabels {
+    fn pairs(&self) -> [(&'static str, &str); 3] {
+        [
+            ("app.kubernetes.io/name", self.name.as_str()),
+            ("app.kubernetes.io/instance", self.instance.as_str()),
+            ("app.kubernetes.io/component", AGENT_COMPONENT),
+        ]
+    }
+
+    /// The label selector of the agent pods.
+    pub fn selector(&self) -> String {
+        self.pairs()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Whether `p` carries every one of the labels.
+    pub fn matches(&self, p: &Pod) -> bool {
+        let labels = p.metadata.labels.as_ref();
+        self.pairs()
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(*k)).map(String::as_str) == Some(*v))
+    }
+}
+
+impl Default for AgentLabels {
+    /// The chart installed as release `volmig`.
+    fn default() -> Self {
+        Self {
+            name: "volmig".into(),
+            instance: "volmig".into(),
+        }
+    }
+}
+
 /// The endpoint of the ready agent pod on `node`, if any.
 pub async fn agent_on_node(
     pods: &Api<Pod>,
-    selector: &str,
+    labels: &AgentLabels,
     node: &str,
     port: u16,
 ) -> Result<Option<String>> {
-    let list = pods.list(&ListParams::default().labels(selector)).await?;
+    let list = pods
+        .list(&ListParams::default().labels(&labels.selector()))
+        .await?;
     Ok(list
         .items
         .iter()
+        .filter(|p| labels.matches(p))
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
         .find(|p| ready(p))
         .and_then(|p| {
@@ -128,6 +183,31 @@ pub async fn agent_on_node(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_are_this_release_s_only() {
+        let l = AgentLabels {
+            name: "volmig".into(),
+            instance: "prod".into(),
+        };
+        assert_eq!(
+            l.selector(),
+            "app.kubernetes.io/name=volmig,app.kubernetes.io/instance=prod,app.kubernetes.io/component=node-agent"
+        );
+        let pod = |name: &str, instance: &str, component: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "a", "labels": {
+                "app.kubernetes.io/name": name, "app.kubernetes.io/instance": instance,
+                "app.kubernetes.io/component": component}}}))
+            .unwrap()
+        };
+        assert!(l.matches(&pod("volmig", "prod", "node-agent")));
+        assert!(!l.matches(&pod("volmig", "staging", "node-agent")));
+        assert!(!l.matches(&pod("other", "prod", "node-agent")));
+        assert!(!l.matches(&pod("volmig", "prod", "operator")));
+        let mut bare = pod("volmig", "prod", "node-agent");
+        bare.metadata.labels = None;
+        assert!(!l.matches(&bare));
+    }
 
     #[test]
     fn endpoints() {

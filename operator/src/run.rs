@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 use volmig_api::crd::VolumeMigration;
 
-use crate::agents::GrpcConnector;
+use crate::agents::{AgentLabels, GrpcConnector};
 use crate::health::{Health, health_router, metrics_router, serve};
 use crate::metrics::Metrics;
 use crate::reconcile::resolve::MANAGED_BY;
@@ -33,9 +33,15 @@ pub struct RunArgs {
     /// The operator's namespace (where the agents and the Lease are).
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: String,
-    /// Label selector of the agent DaemonSet's pods (in --namespace).
-    #[arg(long, default_value = "app.kubernetes.io/component=node-agent")]
-    pub agent_selector: String,
+    /// The Helm release of this operator and its agents: only agent pods
+    /// (in --namespace) labelled app.kubernetes.io/instance=<this>,
+    /// app.kubernetes.io/name=<--app-name> and
+    /// app.kubernetes.io/component=node-agent are dialled.
+    #[arg(long, env = "VOLMIG_INSTANCE")]
+    pub instance: String,
+    /// The agent pods' app.kubernetes.io/name (the chart's name).
+    #[arg(long, env = "VOLMIG_APP_NAME", default_value = "volmig")]
+    pub app_name: String,
     /// The agents' gRPC port.
     #[arg(long, default_value_t = 7443)]
     pub agent_port: u16,
@@ -136,7 +142,10 @@ pub async fn run(a: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(observe::run(saved_rx, recorder.clone(), metrics.clone()));
     let settings = Settings {
         namespace: a.namespace.clone(),
-        agent_selector: a.agent_selector.clone(),
+        agent_labels: AgentLabels {
+            name: a.app_name.clone(),
+            instance: a.instance.clone(),
+        },
         agent_port: a.agent_port,
         holder_image: a.holder_image.clone(),
         max_concurrent: a.max_concurrent,

@@ -1283,3 +1283,43 @@ async fn a_group_member_left_on_its_target_keeps_it_when_the_group_fails() {
         &["volmig-holder-m-1"],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_release_s_agents_are_never_dialled() {
+    let c = cluster(spec("64Mi"), "pv-data").await;
+    // A second installation of the chart (release "staging") in the same
+    // namespace: its ready agent on n1 is listed first. Dialling it (the
+    // connector knows no 10.0.0.7) panics the test.
+    c.fake.put(
+        &pod_path("volmig-system", "agent-a-n1"),
+        release_agent_pod("staging", "agent-a-n1", "n1", "10.0.0.7"),
+    );
+    c.start().await;
+    assert_eq!(
+        c.vm()["status"]["volumes"][0]["agent"],
+        "https://10.0.0.5:7443"
+    );
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Completed", "{st}");
+    c.reconcile().await.unwrap();
+    // with only the other release's agent on the node, the migration waits
+    c.fake
+        .delete(&pod_path("volmig-system", "agent-n1"), "Background");
+    c.fake.put(VM_PATH.replace("/m", "/m2").as_str(), {
+        let mut o = vm(spec("64Mi"));
+        o["metadata"]["name"] = json!("m2");
+        o
+    });
+    let m2 = c.api.get("m2").await.unwrap();
+    reconcile(Arc::new(m2), c.ctx.clone()).await.unwrap();
+    let m2 = c.api.get("m2").await.unwrap();
+    reconcile(Arc::new(m2), c.ctx.clone()).await.unwrap();
+    let m2 = c.fake.get(&VM_PATH.replace("/m", "/m2")).unwrap();
+    let reasons: Vec<&Value> = m2["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["reason"])
+        .collect();
+    assert!(reasons.iter().all(|r| *r == "AgentNotReady"), "{m2}");
+}

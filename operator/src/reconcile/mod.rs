@@ -45,7 +45,7 @@ use volmig_master::{
     Supervisor,
 };
 
-use crate::agents::Connector;
+use crate::agents::{AgentLabels, Connector};
 use crate::error::{Error, Result};
 use crate::status_map::verify_from;
 use crate::status_store::{CrStatusStore, Saved};
@@ -59,8 +59,8 @@ pub const FINALIZER: &str = "volmig.io/cleanup";
 pub struct Settings {
     /// The operator's (and the agents') namespace.
     pub namespace: String,
-    /// Label selector of the agent DaemonSet's pods.
-    pub agent_selector: String,
+    /// The labels of this release's agent pods.
+    pub agent_labels: AgentLabels,
     pub agent_port: u16,
     /// Image of the holder pods (does nothing; `pause`).
     pub holder_image: String,
@@ -74,7 +74,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             namespace: "volmig-system".into(),
-            agent_selector: "app.kubernetes.io/component=node-agent".into(),
+            agent_labels: AgentLabels::default(),
             agent_port: 7443,
             holder_image: "registry.k8s.io/pause:3.10".into(),
             max_concurrent: 4,
@@ -166,7 +166,7 @@ impl<C: Connector> Context<C> {
         let agent_pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.settings.namespace);
         crate::agents::agent_on_node(
             &agent_pods,
-            &self.settings.agent_selector,
+            &self.settings.agent_labels,
             node,
             self.settings.agent_port,
         )

@@ -395,7 +395,8 @@ async fn serving_agent<C: Connector>(
             "AgentNotReady",
             format!(
                 "no ready volmig agent (pods {} in namespace {}) on node {node}",
-                ctx.settings.agent_selector, ctx.settings.namespace
+                ctx.settings.agent_labels.selector(),
+                ctx.settings.namespace
             ),
         )));
     };
