@@ -6,8 +6,7 @@
 use std::future::Future;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
-use kube::api::ListParams;
+use kube::runtime::reflector::Store;
 use volmig_api::Slave;
 use volmig_api::slave::{ListVolumes, VolumeInfo};
 use volmig_master::{ClientTls, GrpcSlave};
@@ -155,29 +154,30 @@ impl Default for AgentLabels {
     }
 }
 
-/// The endpoint of the ready agent pod on `node`, if any.
-pub async fn agent_on_node(
-    pods: &Api<Pod>,
+/// The endpoint of the ready agent pod (of `labels`, in namespace `ns`)
+/// on `node`, if any, from the pod cache.
+pub fn agent_on_node(
+    pods: &Store<Pod>,
+    ns: &str,
     labels: &AgentLabels,
     node: &str,
     port: u16,
-) -> Result<Option<String>> {
-    let list = pods
-        .list(&ListParams::default().labels(&labels.selector()))
-        .await?;
-    Ok(list
-        .items
-        .iter()
-        .filter(|p| labels.matches(p))
-        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-        .find(|p| ready(p))
-        .and_then(|p| {
-            p.status
-                .as_ref()?
-                .pod_ip
-                .as_deref()
-                .map(|ip| endpoint(ip, port))
-        }))
+) -> Option<String> {
+    pods.state_filter(|p| {
+        p.metadata.namespace.as_deref() == Some(ns)
+            && labels.matches(p)
+            && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+            && ready(p)
+    })
+    .iter()
+    .filter_map(|p| {
+        p.status
+            .as_ref()?
+            .pod_ip
+            .as_deref()
+            .map(|ip| endpoint(ip, port))
+    })
+    .min()
 }
 
 #[cfg(test)]

@@ -14,8 +14,9 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::ListParams;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 use volmig_api::crd::VolumeMigration;
@@ -23,7 +24,7 @@ use volmig_api::crd::VolumeMigration;
 use crate::agents::{AgentLabels, GrpcConnector};
 use crate::health::{Health, health_router, metrics_router, serve};
 use crate::metrics::Metrics;
-use crate::reconcile::resolve::MANAGED_BY;
+use crate::reconcile::resolve::{MANAGED_BY, MIGRATION_LABEL};
 use crate::reconcile::{Context, Settings, error_policy, reconcile};
 use crate::{leader, observe};
 
@@ -72,6 +73,12 @@ pub struct RunArgs {
     /// kubelet's directory on the nodes, as the agents mount it.
     #[arg(long, default_value = crate::target::KUBELET_DIR)]
     pub kubelet_dir: String,
+}
+
+/// The migration whose `volmig.io/migration` label `o` carries.
+fn migration_of<K: Resource>(o: &K) -> Option<ObjectRef<VolumeMigration>> {
+    let name = o.labels().get(MIGRATION_LABEL)?;
+    Some(ObjectRef::new(name).within(o.meta().namespace.as_deref()?))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -170,18 +177,21 @@ pub async fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         let epoch = leader::epoch(client.clone(), &a.namespace, &a.lease_name).await?;
         ctx.epoch.store(epoch, Ordering::SeqCst);
+        ctx.caches.ready().await?;
         info!(epoch, "leading: reconciling VolumeMigrations");
 
-        let owned =
-            watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+        // The target claims and holder pods a migration made (labelled, not
+        // owned: see reconcile::resolve) wake it when they change.
+        let made = watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let errors = metrics.clone();
         let controller = Controller::new(vms.clone(), watcher::Config::default())
-            .owns(
+            .watches(
                 Api::<PersistentVolumeClaim>::all(client.clone()),
-                owned.clone(),
+                made.clone(),
+                |c| migration_of(&c),
             )
-            .owns(Api::<Pod>::all(client.clone()), owned)
+            .watches(Api::<Pod>::all(client.clone()), made, |p| migration_of(&p))
             .graceful_shutdown_on(async move {
                 let _ = stop_rx.await;
             })

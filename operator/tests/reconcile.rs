@@ -5,7 +5,7 @@
 //! an invalid VolumeMigration lead to, judged by the objects and requests
 //! the API server saw.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -216,6 +216,54 @@ async fn cluster(spec: Value, exported: &str) -> Cluster {
     }
 }
 
+/// Waits until `ctx`'s caches hold what the API server holds (what the
+/// test just changed there reaches the reconciler through watches, as in a
+/// cluster; a controller would be woken by the same events).
+async fn settle(fake: &FakeApi, ctx: &Context<InProc>) {
+    fn have<K: kube::Resource>(
+        objs: Vec<Arc<K>>,
+        path: impl Fn(&K) -> String,
+    ) -> BTreeMap<String, String> {
+        objs.iter()
+            .map(|o| {
+                (
+                    path(o),
+                    o.meta().resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+    fn ns_path(plural: &str, m: &kube::api::ObjectMeta) -> String {
+        format!(
+            "/api/v1/namespaces/{}/{plural}/{}",
+            m.namespace.as_deref().unwrap_or_default(),
+            m.name.as_deref().unwrap_or_default()
+        )
+    }
+    ctx.caches.ready().await.unwrap();
+    let t = Instant::now();
+    loop {
+        let caught_up = fake.versions("/api/v1/pods")
+            == have(ctx.caches.pods().state(), |p| ns_path("pods", &p.metadata))
+            && fake.versions("/api/v1/persistentvolumeclaims")
+                == have(ctx.caches.claims().state(), |c| {
+                    ns_path("persistentvolumeclaims", &c.metadata)
+                })
+            && fake.versions("/api/v1/persistentvolumes")
+                == have(ctx.caches.volumes().state(), |v| {
+                    pv_path(v.metadata.name.as_deref().unwrap_or_default())
+                });
+        if caught_up {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the caches never caught up with the API server"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// An operator: what `volmig-operator run` builds.
 fn context(
     client: kube::Client,
@@ -270,6 +318,7 @@ impl Cluster {
         &self,
         ctx: &Arc<Context<InProc>>,
     ) -> volmig_operator::Result<kube::runtime::controller::Action> {
+        settle(&self.fake, ctx).await;
         let vm = self.api.get("m").await.unwrap();
         reconcile(Arc::new(vm), ctx.clone()).await
     }
@@ -1310,10 +1359,11 @@ async fn another_release_s_agents_are_never_dialled() {
         o["metadata"]["name"] = json!("m2");
         o
     });
-    let m2 = c.api.get("m2").await.unwrap();
-    reconcile(Arc::new(m2), c.ctx.clone()).await.unwrap();
-    let m2 = c.api.get("m2").await.unwrap();
-    reconcile(Arc::new(m2), c.ctx.clone()).await.unwrap();
+    for _ in 0..2 {
+        settle(&c.fake, &c.ctx).await;
+        let m2 = c.api.get("m2").await.unwrap();
+        reconcile(Arc::new(m2), c.ctx.clone()).await.unwrap();
+    }
     let m2 = c.fake.get(&VM_PATH.replace("/m", "/m2")).unwrap();
     let reasons: Vec<&Value> = m2["status"]["conditions"]
         .as_array()
@@ -1322,4 +1372,48 @@ async fn another_release_s_agents_are_never_dialled() {
         .map(|c| &c["reason"])
         .collect();
     assert!(reasons.iter().all(|r| *r == "AgentNotReady"), "{m2}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_migration_is_reconciled_from_caches_not_lists() {
+    let c = cluster(spec("4Mi"), "pv-data").await;
+    c.start().await;
+    c.wait_phase(&["Copying"], 30).await;
+    c.fake.clear_log();
+    // A controller reconciles the migration on every save of its status
+    // (and the driver saves at least once a second while copying).
+    let mut reconciles = 0;
+    loop {
+        let phase = c.vm()["status"]["phase"].clone();
+        c.reconcile().await.unwrap();
+        reconciles += 1;
+        if ["Completed", "Failed", "Aborted"]
+            .iter()
+            .any(|p| phase == *p)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.vm()["status"]["phase"], "Completed");
+    let saves = c
+        .fake
+        .writes()
+        .iter()
+        .filter(|w| w.ends_with("/m/status"))
+        .count();
+    assert!(
+        reconciles >= 10 && saves >= 3,
+        "{reconciles} reconciles, {saves} saves"
+    );
+    assert_eq!(
+        c.fake.lists(),
+        Vec::<String>::new(),
+        "pods, claims and volumes come from the caches"
+    );
+    // the completed migration's rebinding reads them there too
+    assert_eq!(
+        c.fake.get(&pv_path("pv-target")).unwrap()["spec"]["persistentVolumeReclaimPolicy"],
+        "Retain"
+    );
 }

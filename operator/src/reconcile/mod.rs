@@ -46,6 +46,7 @@ use volmig_master::{
 };
 
 use crate::agents::{AgentLabels, Connector};
+use crate::cache::{Caches, Read};
 use crate::error::{Error, Result};
 use crate::status_map::verify_from;
 use crate::status_store::{CrStatusStore, Saved};
@@ -85,6 +86,8 @@ impl Default for Settings {
 
 pub struct Context<C: Connector> {
     pub client: Client,
+    /// Pods, claims and volumes as the reconciler reads them.
+    pub caches: Caches,
     pub settings: Settings,
     pub connector: C,
     /// Runs the migrations' drivers (one job per migration), within the
@@ -114,6 +117,7 @@ impl<C: Connector> Context<C> {
         // memory, and each session keeps its own bandwidth limit.
         let supervisor = Supervisor::new(Slots::in_process(settings.max_concurrent), 0);
         Self {
+            caches: Caches::start(&client),
             client,
             settings,
             connector,
@@ -161,16 +165,17 @@ impl<C: Connector> Context<C> {
             .remove(key);
     }
 
-    /// The endpoint of the ready agent pod on `node`, if any.
+    /// The endpoint of this release's ready agent pod on `node`, if any
+    /// (from the pod cache).
     pub async fn agent_on(&self, node: &str) -> Result<Option<String>> {
-        let agent_pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.settings.namespace);
-        crate::agents::agent_on_node(
-            &agent_pods,
+        self.caches.ready().await?;
+        Ok(crate::agents::agent_on_node(
+            self.caches.pods(),
+            &self.settings.namespace,
             &self.settings.agent_labels,
             node,
             self.settings.agent_port,
-        )
-        .await
+        ))
     }
 
     async fn event(&self, vm: &VolumeMigration, type_: EventType, reason: &str, note: String) {
@@ -208,6 +213,7 @@ pub async fn reconcile<C: Connector>(
         .namespace()
         .ok_or_else(|| Error::Unnamed(vm.name_any()))?;
     let api: Api<VolumeMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    ctx.caches.ready().await?;
     finalizer(&api, FINALIZER, vm, |ev| async {
         match ev {
             Finalizer::Apply(vm) => apply(&vm, &ctx).await,
@@ -537,7 +543,7 @@ async fn keep_driving<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> R
     }
     // Targets of operators before the uid label carry owner references to
     // the migration: drop them before the workload may run on a target.
-    rebind::disown_all(ctx, vm).await?;
+    rebind::disown_all(ctx, vm, Read::Cached).await?;
     start_driver(vm, ctx, &rs, ctx.epoch_for(vm))
 }
 
@@ -552,14 +558,14 @@ async fn finish<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<
     for v in &st.volumes {
         match outcome::place(ctx, v).await? {
             Place::Target => {
-                if rebind::rebind_volume(ctx, &ns, v).await? {
+                if rebind::rebind_volume(ctx, &ns, v, Read::Cached).await? {
                     rebound.push(v.source.clone());
                 }
             }
             Place::Source => release_holders(ctx, &ns, v).await?,
             Place::Unknown(why) => {
                 unsure = true;
-                if rebind::protect(ctx, &ns, v).await? {
+                if rebind::protect(ctx, &ns, v, Read::Cached).await? {
                     ctx.event(vm, EventType::Warning, "TargetKept", kept_note(v, &why))
                         .await;
                 }
@@ -699,14 +705,14 @@ async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result
     for v in &st.volumes {
         match outcome::place(ctx, v).await? {
             Place::Target => {
-                rebind::rebind_volume(ctx, &ns, v).await?;
+                rebind::rebind_volume(ctx, &ns, v, Read::Live).await?;
             }
             Place::Source => {
                 release_holders(ctx, &ns, v).await?;
                 release_claim(ctx, vm, &ns, &v.target).await?;
             }
             Place::Unknown(why) => {
-                rebind::protect(ctx, &ns, v).await?;
+                rebind::protect(ctx, &ns, v, Read::Live).await?;
                 ctx.event(vm, EventType::Warning, "TargetKept", kept_note(v, &why))
                     .await;
             }

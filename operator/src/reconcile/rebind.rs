@@ -25,6 +25,7 @@ use volmig_api::crd::{VolumeMigration, VolumeStatus};
 
 use super::Context;
 use crate::agents::Connector;
+use crate::cache::Read;
 use crate::error::Result;
 
 pub const BACKED_BY: &str = "volmig.io/backed-by";
@@ -36,21 +37,22 @@ pub async fn rebind_volume<C: Connector>(
     ctx: &Context<C>,
     ns: &str,
     v: &VolumeStatus,
+    read: Read,
 ) -> Result<bool> {
     let Some(target_pv) = v.target_volume.clone() else {
         return Ok(false);
     };
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let pp = PatchParams::default();
-    let mut changed = retain(ctx, &target_pv, Some(&v.volume)).await?;
-    if let Some(s) = pvs.get_opt(&v.volume).await?
+    let mut changed = retain(ctx, &target_pv, Some(&v.volume), read).await?;
+    if let Some(s) = ctx.caches.volume(&v.volume, read).await?
         && s.annotations().get(BACKED_BY) != Some(&target_pv)
     {
         let p = json!({"metadata": {"annotations": {BACKED_BY: target_pv}}});
         pvs.patch(&v.volume, &pp, &Patch::Merge(&p)).await?;
         changed = true;
     }
-    changed |= disown(ctx, ns, v).await?;
+    changed |= disown(ctx, ns, v, read).await?;
     Ok(changed)
 }
 
@@ -60,9 +62,10 @@ pub async fn retain<C: Connector>(
     ctx: &Context<C>,
     name: &str,
     backs: Option<&String>,
+    read: Read,
 ) -> Result<bool> {
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let Some(t) = pvs.get_opt(name).await? else {
+    let Some(t) = ctx.caches.volume(name, read).await? else {
         return Ok(false);
     };
     let retained = t
@@ -85,12 +88,17 @@ pub async fn retain<C: Connector>(
 
 /// Keeps a target that may hold the newest data: its PV is retained; its
 /// claim and holder pods lose any owner reference to a migration.
-pub async fn protect<C: Connector>(ctx: &Context<C>, ns: &str, v: &VolumeStatus) -> Result<bool> {
+pub async fn protect<C: Connector>(
+    ctx: &Context<C>,
+    ns: &str,
+    v: &VolumeStatus,
+    read: Read,
+) -> Result<bool> {
     let mut changed = false;
     if let Some(pv) = &v.target_volume {
-        changed |= retain(ctx, pv, None).await?;
+        changed |= retain(ctx, pv, None, read).await?;
     }
-    changed |= disown(ctx, ns, v).await?;
+    changed |= disown(ctx, ns, v, read).await?;
     Ok(changed)
 }
 
@@ -115,20 +123,25 @@ fn disowning(meta: &ObjectMeta) -> Option<serde_json::Value> {
 
 /// Drops the owner references to migrations from volume `v`'s target claim
 /// and holder pods (every node's); true when it changed something.
-pub async fn disown<C: Connector>(ctx: &Context<C>, ns: &str, v: &VolumeStatus) -> Result<bool> {
+pub async fn disown<C: Connector>(
+    ctx: &Context<C>,
+    ns: &str,
+    v: &VolumeStatus,
+    read: Read,
+) -> Result<bool> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let pp = PatchParams::default();
     let mut changed = false;
     if !v.target.is_empty()
-        && let Some(c) = claims.get_opt(&v.target).await?
+        && let Some(c) = ctx.caches.claim(ns, &v.target, read).await?
         && let Some(p) = disowning(&c.metadata)
     {
         claims.patch(&v.target, &pp, &Patch::Merge(&p)).await?;
         changed = true;
     }
     for h in super::resolve::holders(v) {
-        if let Some(pod) = pods.get_opt(h).await?
+        if let Some(pod) = ctx.caches.pod(ns, h, read).await?
             && let Some(p) = disowning(&pod.metadata)
         {
             pods.patch(h, &pp, &Patch::Merge(&p)).await?;
@@ -139,11 +152,15 @@ pub async fn disown<C: Connector>(ctx: &Context<C>, ns: &str, v: &VolumeStatus) 
 }
 
 /// Disowns the targets of every volume of `vm` (see [`disown`]).
-pub async fn disown_all<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Result<bool> {
+pub async fn disown_all<C: Connector>(
+    ctx: &Context<C>,
+    vm: &VolumeMigration,
+    read: Read,
+) -> Result<bool> {
     let ns = vm.namespace().unwrap_or_default();
     let mut changed = false;
     for v in vm.status.iter().flat_map(|s| s.volumes.iter()) {
-        changed |= disown(ctx, &ns, v).await?;
+        changed |= disown(ctx, &ns, v, read).await?;
     }
     Ok(changed)
 }

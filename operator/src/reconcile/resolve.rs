@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::{
     PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod,
 };
-use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use volmig_api::crd::{VolumeMigration, VolumePair, VolumeStatus};
@@ -20,6 +20,7 @@ use volmig_api::units::parse_size;
 
 use super::Context;
 use crate::agents::Connector;
+use crate::cache::Read;
 use crate::error::Result;
 use crate::target::device_path;
 
@@ -217,12 +218,12 @@ async fn resolve_volume<C: Connector>(
     let ns = vm.namespace().unwrap_or_default();
     let name = vm.name_any();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let cache = &ctx.caches;
     let src_name = &pair.source.persistent_volume_claim;
 
     // the source claim and its volume
-    let Some(src) = claims.get_opt(src_name).await? else {
+    let Some(src) = cache.claim(&ns, src_name, Read::Cached).await? else {
         return Ok(Plan::Wait(
             "SourceClaimNotFound",
             format!("claim {ns}/{src_name} does not exist"),
@@ -234,7 +235,7 @@ async fn resolve_volume<C: Connector>(
             format!("claim {src_name} is not bound to a volume yet"),
         ));
     };
-    let Some(pv) = pvs.get_opt(&pv_name).await? else {
+    let Some(pv) = cache.volume(&pv_name, Read::Cached).await? else {
         return Ok(Plan::Wait(
             "SourceVolumeNotFound",
             format!("claim {src_name} names volume {pv_name}, which does not exist"),
@@ -244,9 +245,8 @@ async fn resolve_volume<C: Connector>(
 
     // where it is used: one node, or several for a multi-attach volume
     // (the first, by name, copies; the others track their pods' writes)
-    let all_pods = pods.list(&ListParams::default()).await?;
+    let all_pods = cache.pods_in(&ns);
     let nodes: Vec<String> = all_pods
-        .items
         .iter()
         .filter(|p| live(p) && uses_claim(p, src_name) && !holder_of(p, vm))
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
@@ -273,7 +273,7 @@ async fn resolve_volume<C: Connector>(
 
     // the target claim
     let target_name = target_claim_name(pair);
-    let target = match claims.get_opt(&target_name).await? {
+    let target = match cache.claim(&ns, &target_name, Read::Cached).await? {
         Some(t) => {
             let ours = ours(&t.metadata, vm);
             if pair.target.storage_class_name.is_some() && !ours {
@@ -284,7 +284,9 @@ async fn resolve_volume<C: Connector>(
                     ),
                 ));
             }
-            if !ours && let Some(why) = unsuitable_target(&t, size, &all_pods.items, vm) {
+            if !ours
+                && let Some(why) = unsuitable_target(&t, size, all_pods.iter().map(|p| &**p), vm)
+            {
                 return Ok(Plan::Wait(
                     "TargetClaimUnsuitable",
                     format!("claim {target_name}: {why}"),
@@ -309,7 +311,12 @@ async fn resolve_volume<C: Connector>(
                 ));
             };
             let pvc = new_target_claim(vm, &src, &target_name, &class, size, &nodes[0]);
-            claims.create(&PostParams::default(), &pvc).await?
+            match claims.create(&PostParams::default(), &pvc).await {
+                Ok(c) => c,
+                // created by an earlier pass the cache has not seen yet
+                Err(kube::Error::Api(ae)) if ae.code == 409 => claims.get(&target_name).await?,
+                Err(e) => return Err(e.into()),
+            }
         }
     };
 
@@ -335,7 +342,7 @@ async fn resolve_volume<C: Connector>(
             format!("waiting for claim {target_name} to be bound"),
         ));
     };
-    let Some(tpv) = pvs.get_opt(&target_pv).await? else {
+    let Some(tpv) = cache.volume(&target_pv, Read::Cached).await? else {
         return Ok(Plan::Wait(
             "WaitingForTarget",
             format!("claim {target_name} names volume {target_pv}, which does not exist yet"),
@@ -432,7 +439,8 @@ async fn hold_target<C: Connector>(
     node: &str,
     claim: &str,
 ) -> Result<Found<String>> {
-    let holder_pod = match pods.get_opt(holder).await? {
+    let ns = vm.namespace().unwrap_or_default();
+    let holder_pod = match ctx.caches.pod(&ns, holder, Read::Cached).await? {
         Some(p) if !ours(&p.metadata, vm) => {
             return Ok(Err(Plan::Wait(
                 "HolderPodExists",
@@ -445,7 +453,12 @@ async fn hold_target<C: Connector>(
         Some(p) => p,
         None => {
             let p = holder_pod(vm, holder, node, claim, &ctx.settings.holder_image)?;
-            pods.create(&PostParams::default(), &p).await?
+            match pods.create(&PostParams::default(), &p).await {
+                Ok(p) => p,
+                // created by an earlier pass the cache has not seen yet
+                Err(kube::Error::Api(ae)) if ae.code == 409 => pods.get(holder).await?,
+                Err(e) => return Err(e.into()),
+            }
         }
     };
     if holder_pod
@@ -469,10 +482,10 @@ async fn hold_target<C: Connector>(
 }
 
 /// Why an existing claim cannot be a target, if it cannot.
-pub fn unsuitable_target(
+pub fn unsuitable_target<'a>(
     t: &PersistentVolumeClaim,
     size: u64,
-    pods: &[Pod],
+    pods: impl IntoIterator<Item = &'a Pod>,
     vm: &VolumeMigration,
 ) -> Option<String> {
     let mode = t.spec.as_ref().and_then(|s| s.volume_mode.as_deref());
@@ -493,7 +506,7 @@ pub fn unsuitable_target(
     }
     let name = t.name_any();
     let users: Vec<String> = pods
-        .iter()
+        .into_iter()
         .filter(|p| live(p) && uses_claim(p, &name) && !holder_of(p, vm))
         .map(|p| p.name_any())
         .collect();
@@ -633,14 +646,14 @@ mod tests {
     #[test]
     fn target_validation() {
         let m = migration("m", "u-1");
-        assert!(unsuitable_target(&claim(Some("Block"), "10Gi"), 10 << 30, &[], &m).is_none());
+        assert!(unsuitable_target(&claim(Some("Block"), "10Gi"), 10 << 30, [], &m).is_none());
         assert!(
-            unsuitable_target(&claim(None, "10Gi"), 1, &[], &m)
+            unsuitable_target(&claim(None, "10Gi"), 1, [], &m)
                 .unwrap()
                 .contains("Block")
         );
         assert!(
-            unsuitable_target(&claim(Some("Block"), "1Gi"), 10 << 30, &[], &m)
+            unsuitable_target(&claim(Some("Block"), "1Gi"), 10 << 30, [], &m)
                 .unwrap()
                 .contains("smaller")
         );
