@@ -336,13 +336,26 @@ async fn resolve_volume<C: Connector>(
     if let Some(wait) = waiting {
         return Ok(wait);
     }
-    let Some(target_pv) = target.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
+    // What the cache says is not there yet may be there already: the
+    // event that woke this reconcile may be ahead of the cache.
+    let bound = |c: &PersistentVolumeClaim| c.spec.as_ref().and_then(|s| s.volume_name.clone());
+    let mut target_pv = bound(&target);
+    if target_pv.is_none()
+        && let Some(t) = cache.claim(&ns, &target_name, Read::Live).await?
+    {
+        target_pv = bound(&t);
+    }
+    let Some(target_pv) = target_pv else {
         return Ok(Plan::Wait(
             "WaitingForTarget",
             format!("waiting for claim {target_name} to be bound"),
         ));
     };
-    let Some(tpv) = cache.volume(&target_pv, Read::Cached).await? else {
+    let tpv = match cache.volume(&target_pv, Read::Cached).await? {
+        Some(v) => Some(v),
+        None => cache.volume(&target_pv, Read::Live).await?,
+    };
+    let Some(tpv) = tpv else {
         return Ok(Plan::Wait(
             "WaitingForTarget",
             format!("claim {target_name} names volume {target_pv}, which does not exist yet"),
@@ -440,7 +453,14 @@ async fn hold_target<C: Connector>(
     claim: &str,
 ) -> Result<Found<String>> {
     let ns = vm.namespace().unwrap_or_default();
-    let holder_pod = match ctx.caches.pod(&ns, holder, Read::Cached).await? {
+    let running = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    let cached = ctx.caches.pod(&ns, holder, Read::Cached).await?;
+    let found = match cached {
+        Some(p) if running(&p) => Some(p),
+        // not there or not running yet in the cache: it may be already
+        _ => ctx.caches.pod(&ns, holder, Read::Live).await?,
+    };
+    let holder_pod = match found {
         Some(p) if !ours(&p.metadata, vm) => {
             return Ok(Err(Plan::Wait(
                 "HolderPodExists",
