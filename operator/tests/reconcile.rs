@@ -974,6 +974,29 @@ async fn a_volume_used_on_two_nodes_needs_a_read_write_many_target() {
         "{msg}"
     );
     assert!(creations(&c.fake).is_empty(), "{:?}", creations(&c.fake));
+    // a claim the spec named is the user's: deleting the migration leaves it
+    c.fake.delete(VM_PATH, "Background");
+    c.reconcile_with(&ctx).await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none());
+    assert!(c.fake.get(&pvc_path("given")).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_migration_that_never_started_releases_what_it_made() {
+    let c = cluster(spec("8Mi"), "pv-data").await;
+    c.reconcile().await.unwrap();
+    c.reconcile().await.unwrap(); // target claim and holder pod, waiting for them
+    assert!(c.fake.get(&pvc_path("data-volmig")).is_some());
+    assert!(c.fake.get(&pod_path("db", "volmig-holder-m")).is_some());
+    c.fake.delete(VM_PATH, "Background");
+    c.reconcile().await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none());
+    assert!(
+        c.fake.get(&pod_path("db", "volmig-holder-m")).is_none()
+            && c.fake.get(&pvc_path("data-volmig")).is_none(),
+        "no data was copied: what the migration made goes (no owner reference does it for it)"
+    );
+    assert!(c.fake.get(&pvc_path("data")).is_some() && c.fake.get(&pv_path("pv-data")).is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
