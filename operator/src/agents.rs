@@ -6,10 +6,9 @@
 use std::future::Future;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
-use kube::api::ListParams;
+use kube::runtime::reflector::Store;
 use volmig_api::Slave;
-use volmig_api::slave::ListVolumes;
+use volmig_api::slave::{ListVolumes, VolumeInfo};
 use volmig_master::{ClientTls, GrpcSlave};
 
 use crate::error::{Error, Result};
@@ -20,8 +19,22 @@ pub trait Connector: Send + Sync + 'static {
     type Slave: Slave + Send + Sync + 'static;
     /// A slave client of the agent at `endpoint`.
     fn slave(&self, endpoint: &str) -> Result<Self::Slave>;
-    /// The volume names the agent at `endpoint` exports.
-    fn exports(&self, endpoint: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// The volumes the agent at `endpoint` serves (with the device each
+    /// one's I/O goes to now).
+    fn volumes(&self, endpoint: &str) -> impl Future<Output = Result<Vec<VolumeInfo>>> + Send;
+    /// The names of the volumes the agent at `endpoint` serves without an
+    /// error.
+    fn exports(&self, endpoint: &str) -> impl Future<Output = Result<Vec<String>>> + Send {
+        async move {
+            Ok(self
+                .volumes(endpoint)
+                .await?
+                .into_iter()
+                .filter(|v| v.error.is_none())
+                .map(|v| v.name)
+                .collect())
+        }
+    }
 }
 
 /// Agents over gRPC with mutual TLS.
@@ -56,7 +69,7 @@ impl Connector for GrpcConnector {
         Ok(GrpcSlave::new(endpoint, Some(&self.tls))?)
     }
 
-    async fn exports(&self, endpoint: &str) -> Result<Vec<String>> {
+    async fn volumes(&self, endpoint: &str) -> Result<Vec<VolumeInfo>> {
         let list = self
             .slave(endpoint)?
             .list_volumes(ListVolumes)
@@ -65,12 +78,7 @@ impl Connector for GrpcConnector {
                 endpoint: endpoint.to_string(),
                 reason: e.to_string(),
             })?;
-        Ok(list
-            .volumes
-            .into_iter()
-            .filter(|v| v.error.is_none())
-            .map(|v| v.name)
-            .collect())
+        Ok(list.volumes)
     }
 }
 
@@ -94,31 +102,112 @@ fn ready(p: &Pod) -> bool {
     })
 }
 
-/// The endpoint of the ready agent pod on `node`, if any.
-pub async fn agent_on_node(
-    pods: &Api<Pod>,
-    selector: &str,
+/// Which pods are this operator's agents: the chart's labels of the agent
+/// DaemonSet's pods. Name and instance (the Helm release) both, so the
+/// agents of another release (another namespace's, or the same one's) are
+/// never dialled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLabels {
+    /// `app.kubernetes.io/name` (`--app-name`).
+    pub name: String,
+    /// `app.kubernetes.io/instance`, the Helm release (`--instance`).
+    pub instance: String,
+}
+
+/// `app.kubernetes.io/component` of the agent pods.
+pub const AGENT_COMPONENT: &str = "node-agent";
+
+impl AgentLabels {
+    fn pairs(&self) -> [(&'static str, &str); 3] {
+        [
+            ("app.kubernetes.io/name", self.name.as_str()),
+            ("app.kubernetes.io/instance", self.instance.as_str()),
+            ("app.kubernetes.io/component", AGENT_COMPONENT),
+        ]
+    }
+
+    /// The label selector of the agent pods.
+    pub fn selector(&self) -> String {
+        self.pairs()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Whether `p` carries every one of the labels.
+    pub fn matches(&self, p: &Pod) -> bool {
+        let labels = p.metadata.labels.as_ref();
+        self.pairs()
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(*k)).map(String::as_str) == Some(*v))
+    }
+}
+
+impl Default for AgentLabels {
+    /// The chart installed as release `volmig`.
+    fn default() -> Self {
+        Self {
+            name: "volmig".into(),
+            instance: "volmig".into(),
+        }
+    }
+}
+
+/// The endpoint of the ready agent pod (of `labels`, in namespace `ns`)
+/// on `node`, if any, from the pod cache.
+pub fn agent_on_node(
+    pods: &Store<Pod>,
+    ns: &str,
+    labels: &AgentLabels,
     node: &str,
     port: u16,
-) -> Result<Option<String>> {
-    let list = pods.list(&ListParams::default().labels(selector)).await?;
-    Ok(list
-        .items
-        .iter()
-        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-        .find(|p| ready(p))
-        .and_then(|p| {
-            p.status
-                .as_ref()?
-                .pod_ip
-                .as_deref()
-                .map(|ip| endpoint(ip, port))
-        }))
+) -> Option<String> {
+    pods.state_filter(|p| {
+        p.metadata.namespace.as_deref() == Some(ns)
+            && labels.matches(p)
+            && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+            && ready(p)
+    })
+    .iter()
+    .filter_map(|p| {
+        p.status
+            .as_ref()?
+            .pod_ip
+            .as_deref()
+            .map(|ip| endpoint(ip, port))
+    })
+    .min()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_are_this_release_s_only() {
+        let l = AgentLabels {
+            name: "volmig".into(),
+            instance: "prod".into(),
+        };
+        assert_eq!(
+            l.selector(),
+            "app.kubernetes.io/name=volmig,app.kubernetes.io/instance=prod,app.kubernetes.io/component=node-agent"
+        );
+        let pod = |name: &str, instance: &str, component: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "a", "labels": {
+                "app.kubernetes.io/name": name, "app.kubernetes.io/instance": instance,
+                "app.kubernetes.io/component": component}}}))
+            .unwrap()
+        };
+        assert!(l.matches(&pod("volmig", "prod", "node-agent")));
+        assert!(!l.matches(&pod("volmig", "staging", "node-agent")));
+        assert!(!l.matches(&pod("other", "prod", "node-agent")));
+        assert!(!l.matches(&pod("volmig", "prod", "operator")));
+        let mut bare = pod("volmig", "prod", "node-agent");
+        bare.metadata.labels = None;
+        assert!(!l.matches(&bare));
+    }
 
     #[test]
     fn endpoints() {

@@ -18,6 +18,8 @@ pub enum Error {
     WaitingForRollback(String),
     #[error("TLS files: {0}")]
     Tls(String),
+    #[error("the cache of {0} stopped")]
+    CacheGone(&'static str),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

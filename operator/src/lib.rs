@@ -4,6 +4,7 @@
 //! through the master's `volmig_master::Supervisor`.
 
 pub mod agents;
+pub mod cache;
 pub mod crd_gen;
 pub mod error;
 pub mod health;

@@ -14,16 +14,17 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::ListParams;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 use volmig_api::crd::VolumeMigration;
 
-use crate::agents::GrpcConnector;
+use crate::agents::{AgentLabels, GrpcConnector};
 use crate::health::{Health, health_router, metrics_router, serve};
 use crate::metrics::Metrics;
-use crate::reconcile::resolve::MANAGED_BY;
+use crate::reconcile::resolve::{MANAGED_BY, MIGRATION_LABEL};
 use crate::reconcile::{Context, Settings, error_policy, reconcile};
 use crate::{leader, observe};
 
@@ -33,9 +34,15 @@ pub struct RunArgs {
     /// The operator's namespace (where the agents and the Lease are).
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: String,
-    /// Label selector of the agent DaemonSet's pods (in --namespace).
-    #[arg(long, default_value = "app.kubernetes.io/component=node-agent")]
-    pub agent_selector: String,
+    /// The Helm release of this operator and its agents: only agent pods
+    /// (in --namespace) labelled app.kubernetes.io/instance=<this>,
+    /// app.kubernetes.io/name=<--app-name> and
+    /// app.kubernetes.io/component=node-agent are dialled.
+    #[arg(long, env = "VOLMIG_INSTANCE")]
+    pub instance: String,
+    /// The agent pods' app.kubernetes.io/name (the chart's name).
+    #[arg(long, env = "VOLMIG_APP_NAME", default_value = "volmig")]
+    pub app_name: String,
     /// The agents' gRPC port.
     #[arg(long, default_value_t = 7443)]
     pub agent_port: u16,
@@ -66,6 +73,12 @@ pub struct RunArgs {
     /// kubelet's directory on the nodes, as the agents mount it.
     #[arg(long, default_value = crate::target::KUBELET_DIR)]
     pub kubelet_dir: String,
+}
+
+/// The migration whose `volmig.io/migration` label `o` carries.
+fn migration_of<K: Resource>(o: &K) -> Option<ObjectRef<VolumeMigration>> {
+    let name = o.labels().get(MIGRATION_LABEL)?;
+    Some(ObjectRef::new(name).within(o.meta().namespace.as_deref()?))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -136,7 +149,10 @@ pub async fn run(a: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(observe::run(saved_rx, recorder.clone(), metrics.clone()));
     let settings = Settings {
         namespace: a.namespace.clone(),
-        agent_selector: a.agent_selector.clone(),
+        agent_labels: AgentLabels {
+            name: a.app_name.clone(),
+            instance: a.instance.clone(),
+        },
         agent_port: a.agent_port,
         holder_image: a.holder_image.clone(),
         max_concurrent: a.max_concurrent,
@@ -161,18 +177,21 @@ pub async fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         let epoch = leader::epoch(client.clone(), &a.namespace, &a.lease_name).await?;
         ctx.epoch.store(epoch, Ordering::SeqCst);
+        ctx.caches.ready().await?;
         info!(epoch, "leading: reconciling VolumeMigrations");
 
-        let owned =
-            watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+        // The target claims and holder pods a migration made (labelled, not
+        // owned: see reconcile::resolve) wake it when they change.
+        let made = watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let errors = metrics.clone();
         let controller = Controller::new(vms.clone(), watcher::Config::default())
-            .owns(
+            .watches(
                 Api::<PersistentVolumeClaim>::all(client.clone()),
-                owned.clone(),
+                made.clone(),
+                |c| migration_of(&c),
             )
-            .owns(Api::<Pod>::all(client.clone()), owned)
+            .watches(Api::<Pod>::all(client.clone()), made, |p| migration_of(&p))
             .graceful_shutdown_on(async move {
                 let _ = stop_rx.await;
             })

@@ -5,19 +5,23 @@
 //! an invalid VolumeMigration lead to, judged by the objects and requests
 //! the API server saw.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kube::Api;
 use kube::api::DeleteParams;
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use volmig_agent::agent::Agent;
+use volmig_api::Slave;
 use volmig_api::crd::VolumeMigration;
+use volmig_api::slave::{SlaveError, SlaveResult, VolumeInfo};
 use volmig_operator::agents::Connector;
-use volmig_operator::reconcile::{Context, FINALIZER, Settings, reconcile};
+use volmig_operator::reconcile::{Context, FINALIZER, RETRY_FIRST, Settings, reconcile};
 use volmig_operator::status_store::Saved;
 use volmig_testkit::agent::{in_process, serve};
 use volmig_testkit::fake_api::FakeApi;
@@ -27,37 +31,123 @@ use volmig_testkit::{Expected, Writer, WriterOpts};
 
 const SIZE: u64 = 16 << 20;
 
+/// What the test does to an agent's calls (the agent itself is real):
+/// refuse a call, fail it after the agent carried it out (a lost reply),
+/// or hold it until released.
+#[derive(Default)]
+struct Faults {
+    refuse: Mutex<HashSet<&'static str>>,
+    fail_after: Mutex<HashSet<&'static str>>,
+    hold: Mutex<HashSet<&'static str>>,
+    /// Calls waiting in a hold now.
+    waiting: Mutex<HashSet<&'static str>>,
+}
+
+impl Faults {
+    fn refuse(&self, op: &'static str) {
+        self.refuse.lock().unwrap().insert(op);
+    }
+    fn allow(&self, op: &'static str) {
+        self.refuse.lock().unwrap().remove(op);
+    }
+    fn fail_after(&self, op: &'static str) {
+        self.fail_after.lock().unwrap().insert(op);
+    }
+    fn hold(&self, op: &'static str) {
+        self.hold.lock().unwrap().insert(op);
+    }
+    fn release(&self, op: &'static str) {
+        self.hold.lock().unwrap().remove(op);
+    }
+    /// Waits until a call of `op` waits in its hold.
+    async fn until_waiting(&self, op: &'static str) {
+        let t = Instant::now();
+        while !self.waiting.lock().unwrap().contains(op) {
+            assert!(t.elapsed() < Duration::from_secs(60), "no {op} call came");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    async fn before(&self, op: &'static str) -> SlaveResult<()> {
+        while self.hold.lock().unwrap().contains(op) {
+            self.waiting.lock().unwrap().insert(op);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.waiting.lock().unwrap().remove(op);
+        if self.refuse.lock().unwrap().contains(op) {
+            return Err(SlaveError::failed(format!("the test refuses {op}")));
+        }
+        Ok(())
+    }
+    fn after(&self, op: &'static str) -> SlaveResult<()> {
+        if self.fail_after.lock().unwrap().contains(op) {
+            return Err(SlaveError::failed(format!(
+                "the test lost the reply to {op}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An in-process agent behind the test's [`Faults`].
+struct Faulty {
+    agent: Arc<Agent>,
+    faults: Arc<Faults>,
+}
+
+macro_rules! faulty {
+    ($($name:ident($req:ty) -> $res:ty;)*) => {
+        impl Slave for Faulty {
+            $(async fn $name(&self, r: $req) -> SlaveResult<$res> {
+                self.faults.before(stringify!($name)).await?;
+                let out = self.agent.$name(r).await?;
+                self.faults.after(stringify!($name))?;
+                Ok(out)
+            })*
+        }
+    };
+}
+volmig_api::slave_calls!(faulty);
+
 /// In-process agents as the operator's connector: the agent of node n1
 /// (10.0.0.5) and, for groups across nodes, of n2 (10.0.0.6).
-struct InProc(Arc<Agent>, Option<Arc<Agent>>);
+struct InProc {
+    agents: [Option<Arc<Agent>>; 2],
+    faults: [Arc<Faults>; 2],
+}
 
 impl InProc {
-    fn agent(&self, endpoint: &str) -> volmig_operator::Result<Arc<Agent>> {
-        match endpoint {
-            "https://10.0.0.5:7443" => Ok(self.0.clone()),
-            "https://10.0.0.6:7443" => {
-                self.1.clone().ok_or_else(|| volmig_operator::Error::Agent {
-                    endpoint: endpoint.into(),
-                    reason: "no agent".into(),
-                })
-            }
+    fn node(&self, endpoint: &str) -> volmig_operator::Result<(Arc<Agent>, Arc<Faults>)> {
+        let i = match endpoint {
+            "https://10.0.0.5:7443" => 0,
+            "https://10.0.0.6:7443" => 1,
             e => panic!("the operator dialed {e}"),
-        }
+        };
+        let agent = self.agents[i]
+            .clone()
+            .ok_or_else(|| volmig_operator::Error::Agent {
+                endpoint: endpoint.into(),
+                reason: "no agent".into(),
+            })?;
+        Ok((agent, self.faults[i].clone()))
     }
 }
 
 impl Connector for InProc {
-    type Slave = Arc<Agent>;
-    fn slave(&self, endpoint: &str) -> volmig_operator::Result<Arc<Agent>> {
-        self.agent(endpoint)
+    type Slave = Faulty;
+    fn slave(&self, endpoint: &str) -> volmig_operator::Result<Faulty> {
+        let (agent, faults) = self.node(endpoint)?;
+        Ok(Faulty { agent, faults })
     }
-    async fn exports(&self, endpoint: &str) -> volmig_operator::Result<Vec<String>> {
-        Ok(self
-            .agent(endpoint)?
-            .list()
-            .into_iter()
-            .map(|v| v.name)
-            .collect())
+    async fn volumes(&self, endpoint: &str) -> volmig_operator::Result<Vec<VolumeInfo>> {
+        let (agent, faults) = self.node(endpoint)?;
+        faults
+            .before("list_volumes")
+            .await
+            .map_err(|e| volmig_operator::Error::Agent {
+                endpoint: endpoint.into(),
+                reason: e.to_string(),
+            })?;
+        Ok(agent.list())
     }
 }
 
@@ -66,6 +156,8 @@ struct Cluster {
     source: PathBuf,
     target: PathBuf,
     agent: Arc<Agent>,
+    /// Faults in the calls to the agents of n1 and n2.
+    faults: [Arc<Faults>; 2],
     fake: FakeApi,
     ctx: Arc<Context<InProc>>,
     api: Api<VolumeMigration>,
@@ -100,6 +192,85 @@ async fn cluster(spec: Value, exported: &str) -> Cluster {
         ..Settings::default()
     };
     let (tx, saved) = mpsc::unbounded_channel();
+    let faults = [Arc::new(Faults::default()), Arc::new(Faults::default())];
+    let ctx = context(
+        client.clone(),
+        settings,
+        InProc {
+            agents: [Some(agent.clone()), None],
+            faults: faults.clone(),
+        },
+        tx,
+    );
+    let api = Api::namespaced(client, "db");
+    Cluster {
+        dir,
+        source,
+        target,
+        agent,
+        faults,
+        fake,
+        ctx,
+        api,
+        saved,
+    }
+}
+
+/// Waits until `ctx`'s caches hold what the API server holds (what the
+/// test just changed there reaches the reconciler through watches, as in a
+/// cluster; a controller would be woken by the same events).
+async fn settle(fake: &FakeApi, ctx: &Context<InProc>) {
+    fn have<K: kube::Resource>(
+        objs: Vec<Arc<K>>,
+        path: impl Fn(&K) -> String,
+    ) -> BTreeMap<String, String> {
+        objs.iter()
+            .map(|o| {
+                (
+                    path(o),
+                    o.meta().resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+    fn ns_path(plural: &str, m: &kube::api::ObjectMeta) -> String {
+        format!(
+            "/api/v1/namespaces/{}/{plural}/{}",
+            m.namespace.as_deref().unwrap_or_default(),
+            m.name.as_deref().unwrap_or_default()
+        )
+    }
+    ctx.caches.ready().await.unwrap();
+    let t = Instant::now();
+    loop {
+        let caught_up = fake.versions("/api/v1/pods")
+            == have(ctx.caches.pods().state(), |p| ns_path("pods", &p.metadata))
+            && fake.versions("/api/v1/persistentvolumeclaims")
+                == have(ctx.caches.claims().state(), |c| {
+                    ns_path("persistentvolumeclaims", &c.metadata)
+                })
+            && fake.versions("/api/v1/persistentvolumes")
+                == have(ctx.caches.volumes().state(), |v| {
+                    pv_path(v.metadata.name.as_deref().unwrap_or_default())
+                });
+        if caught_up {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the caches never caught up with the API server"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// An operator: what `volmig-operator run` builds.
+fn context(
+    client: kube::Client,
+    settings: Settings,
+    agents: InProc,
+    saved: mpsc::UnboundedSender<Saved>,
+) -> Arc<Context<InProc>> {
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -107,25 +278,7 @@ async fn cluster(spec: Value, exported: &str) -> Cluster {
             instance: None,
         },
     );
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        settings,
-        InProc(agent.clone(), None),
-        1,
-        tx,
-        recorder,
-    ));
-    let api = Api::namespaced(client, "db");
-    Cluster {
-        dir,
-        source,
-        target,
-        agent,
-        fake,
-        ctx,
-        api,
-        saved,
-    }
+    Arc::new(Context::new(client, settings, agents, 1, saved, recorder))
 }
 
 fn spec(bandwidth: &str) -> Value {
@@ -139,20 +292,21 @@ fn spec(bandwidth: &str) -> Value {
 impl Cluster {
     /// The cluster's context with n2's agent (10.0.0.6) reachable too.
     fn with_second_agent(&self, agent2: Arc<Agent>) -> Arc<Context<InProc>> {
-        Arc::new(Context::new(
+        self.operator(Some(agent2))
+    }
+
+    /// A new operator process (its drivers, slots and memory fresh), with
+    /// n2's agent if given.
+    fn operator(&self, agent2: Option<Arc<Agent>>) -> Arc<Context<InProc>> {
+        context(
             self.ctx.client.clone(),
             self.ctx.settings.clone(),
-            InProc(self.agent.clone(), Some(agent2)),
-            1,
+            InProc {
+                agents: [Some(self.agent.clone()), agent2],
+                faults: self.faults.clone(),
+            },
             self.ctx.saved.clone(),
-            Recorder::new(
-                self.ctx.client.clone(),
-                Reporter {
-                    controller: "volmig-operator".into(),
-                    instance: None,
-                },
-            ),
-        ))
+        )
     }
 
     async fn reconcile(&self) -> volmig_operator::Result<kube::runtime::controller::Action> {
@@ -164,6 +318,7 @@ impl Cluster {
         &self,
         ctx: &Arc<Context<InProc>>,
     ) -> volmig_operator::Result<kube::runtime::controller::Action> {
+        settle(&self.fake, ctx).await;
         let vm = self.api.get("m").await.unwrap();
         reconcile(Arc::new(vm), ctx.clone()).await
     }
@@ -209,6 +364,62 @@ impl Cluster {
         );
     }
 
+    /// Waits until the status satisfies `f`; returns it.
+    async fn wait_for(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let t = Instant::now();
+        loop {
+            let st = self.vm()["status"].clone();
+            if f(&st) {
+                return st;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "never {what}: {st}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Where `agent` sends volume `name`'s I/O now.
+    fn active(agent: &Agent, name: &str) -> PathBuf {
+        agent
+            .list()
+            .into_iter()
+            .find(|v| v.name == name)
+            .unwrap()
+            .active
+    }
+
+    /// The target claim `claim`, its volume `pv` (reclaim policy Retain,
+    /// annotated as backing `source_pv`, which names it back) and the
+    /// `holders` are there, none owned by a migration.
+    fn assert_kept(&self, claim: &str, pv: &str, source_pv: &str, holders: &[&str]) {
+        let unowned = |o: &Value| {
+            o["metadata"]["ownerReferences"]
+                .as_array()
+                .is_none_or(|r| r.is_empty())
+        };
+        let c = self
+            .fake
+            .get(&pvc_path(claim))
+            .unwrap_or_else(|| panic!("target claim {claim} was deleted"));
+        assert!(unowned(&c), "{c}");
+        let v = self
+            .fake
+            .get(&pv_path(pv))
+            .unwrap_or_else(|| panic!("target volume {pv} was deleted"));
+        assert_eq!(v["spec"]["persistentVolumeReclaimPolicy"], "Retain", "{v}");
+        assert_eq!(v["metadata"]["annotations"]["volmig.io/backs"], source_pv);
+        assert_eq!(
+            self.fake.get(&pv_path(source_pv)).unwrap()["metadata"]["annotations"]["volmig.io/backed-by"],
+            pv
+        );
+        for h in holders {
+            let p = self
+                .fake
+                .get(&pod_path("db", h))
+                .unwrap_or_else(|| panic!("holder pod {h} was deleted"));
+            assert!(unowned(&p), "{p}");
+        }
+    }
+
     async fn wait_phase(&self, phases: &[&str], secs: u64) -> Value {
         let t = Instant::now();
         loop {
@@ -245,7 +456,8 @@ async fn new_migration_gets_finalizer_target_claim_activating_then_completes() {
     c.start().await;
 
     // The target claim: same size and access modes, raw block, the class asked
-    // for, owned by the migration, placed on the node.
+    // for, labelled with the migration's uid (no owner reference: the garbage
+    // collector must never take a target), placed on the node.
     let pvc = c.fake.get(&pvc_path("data-volmig")).unwrap();
     assert_eq!(pvc["spec"]["volumeMode"], "Block");
     assert_eq!(pvc["spec"]["storageClassName"], "fast");
@@ -254,9 +466,10 @@ async fn new_migration_gets_finalizer_target_claim_activating_then_completes() {
         pvc["spec"]["resources"]["requests"]["storage"],
         (SIZE).to_string()
     );
+    assert!(pvc["metadata"]["ownerReferences"].is_null(), "{pvc}");
     assert_eq!(
-        pvc["metadata"]["ownerReferences"][0]["kind"],
-        "VolumeMigration"
+        pvc["metadata"]["labels"]["volmig.io/migration-uid"],
+        c.vm()["metadata"]["uid"]
     );
     assert_eq!(
         pvc["metadata"]["annotations"]["volume.kubernetes.io/selected-node"],
@@ -503,22 +716,123 @@ async fn invalid_spec_fails_with_a_clear_message_and_creates_nothing() {
     let n = c.fake.writes().len();
     c.reconcile().await.unwrap();
     assert_eq!(c.fake.writes().len(), n);
+    // a corrected spec starts
+    c.fake.edit(VM_PATH, |o| {
+        o["spec"]["syncGoal"] = json!("100ms");
+        o["spec"]["volumes"][0]["target"] = json!({"storageClassName": "fast"});
+    });
+    c.reconcile().await.unwrap();
+    assert_eq!(c.vm()["status"]["phase"], "Pending");
+    assert_eq!(c.condition("Progressing")["reason"], "WaitingForTarget");
+    assert_eq!(c.condition("Degraded")["status"], "False");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_volume_the_agent_does_not_serve_fails_with_volume_not_served() {
+async fn a_volume_the_agent_does_not_serve_waits_until_it_is_served() {
     let c = cluster(spec("8Mi"), "some-other-volume").await;
     c.reconcile().await.unwrap();
-    c.reconcile().await.unwrap();
-    assert_eq!(c.vm()["status"]["phase"], "Failed");
-    let d = c.condition("Degraded");
-    assert_eq!(d["reason"], "VolumeNotServed");
-    let msg = d["message"].as_str().unwrap();
+    let first = c.reconcile().await.unwrap();
+    assert_eq!(c.vm()["status"]["phase"], "Pending");
+    let p = c.condition("Progressing");
+    assert_eq!(p["reason"], "VolumeNotServed");
+    let msg = p["message"].as_str().unwrap();
     assert!(
         msg.contains("pv-data") && msg.contains("volmig-agent --export pv-data="),
         "{msg}"
     );
+    assert!(c.condition("Degraded").is_null(), "waiting is not degraded");
     assert!(creations(&c.fake).is_empty(), "{:?}", creations(&c.fake));
+    // it looks again, less often each time
+    let second = c.reconcile().await.unwrap();
+    assert_eq!(first, Action::requeue(RETRY_FIRST));
+    assert_eq!(second, Action::requeue(RETRY_FIRST * 2));
+    // once the agent serves the volume, the migration goes on
+    serve(&c.agent, "pv-data", &c.source, false).await;
+    c.reconcile().await.unwrap();
+    assert_eq!(c.condition("Progressing")["reason"], "WaitingForTarget");
+    c.attach_target();
+    c.reconcile().await.unwrap();
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Completed", "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_applied_before_the_cluster_is_ready_starts_once_it_is() {
+    // What a GitOps tool applies in one go arrives in any order: here the
+    // migration first, then the claim, the workload, the agent, the export.
+    let c = cluster(spec("64Mi"), "some-other-volume").await;
+    let claim_obj = c.fake.get(&pvc_path("data")).unwrap();
+    let pv_obj = c.fake.get(&pv_path("pv-data")).unwrap();
+    let pod_obj = c.fake.get(&pod_path("db", "app-0")).unwrap();
+    c.fake.delete(&pvc_path("data"), "Background"); // and its volume
+    c.fake.delete(&pod_path("db", "app-0"), "Background");
+    let agent_n1 = pod_path("volmig-system", "agent-n1");
+    c.fake.edit(&agent_n1, |p| {
+        p["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    });
+    let mut waited = Vec::new();
+    let mut step = |c: &Cluster| {
+        let p = c.condition("Progressing");
+        assert_eq!(c.vm()["status"]["phase"], "Pending", "{}", c.vm());
+        waited.push(p["reason"].as_str().unwrap().to_string());
+    };
+    c.reconcile().await.unwrap(); // finalizer
+    c.reconcile().await.unwrap();
+    step(&c);
+    c.fake.put(&pv_path("pv-data"), pv_obj);
+    c.fake.put(&pvc_path("data"), claim_obj);
+    c.reconcile().await.unwrap();
+    step(&c);
+    c.fake.put(&pod_path("db", "app-0"), pod_obj);
+    c.reconcile().await.unwrap();
+    step(&c);
+    c.fake.edit(&agent_n1, |p| {
+        p["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+    });
+    c.reconcile().await.unwrap();
+    step(&c);
+    serve(&c.agent, "pv-data", &c.source, false).await;
+    c.reconcile().await.unwrap();
+    step(&c); // the target claim is created, not bound yet
+    assert_eq!(
+        waited,
+        [
+            "SourceClaimNotFound",
+            "NoConsumerPod",
+            "AgentNotReady",
+            "VolumeNotServed",
+            "WaitingForTarget"
+        ]
+    );
+    c.attach_target();
+    c.reconcile().await.unwrap();
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Completed", "{st}");
+    assert!(
+        !c.fake
+            .log()
+            .iter()
+            .any(|l| l.path.ends_with("/m/status") && l.body["status"]["phase"] == "Failed"),
+        "never Failed on the way"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_an_older_operator_failed_before_it_started_is_retried() {
+    let c = cluster(spec("64Mi"), "pv-data").await;
+    c.fake.edit(VM_PATH, |o| {
+        o["metadata"]["finalizers"] = json!([FINALIZER]);
+        o["status"] = json!({"phase": "Failed", "error": "no running pod uses claim data",
+            "conditions": [{"type": "Degraded", "status": "True", "reason": "NoConsumerPod",
+                            "message": "no running pod uses claim data",
+                            "lastTransitionTime": "2026-01-01T00:00:00.000Z"}]});
+    });
+    c.reconcile().await.unwrap();
+    let st = c.vm()["status"].clone();
+    assert_eq!(st["phase"], "Pending", "{st}");
+    assert!(st["error"].is_null(), "{st}");
+    assert_eq!(c.condition("Degraded")["status"], "False");
+    assert_eq!(c.condition("Progressing")["reason"], "WaitingForTarget");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -620,14 +934,17 @@ async fn a_volume_used_on_two_nodes_moves_with_both_agents_and_loses_no_write() 
         );
     }
 
-    c.reconcile_with(&ctx).await.unwrap(); // rebinding
-    for holder in ["volmig-holder-m", "volmig-holder-m-s1"] {
-        let h = c.fake.get(&pod_path("db", holder)).unwrap();
-        assert!(
-            h["metadata"]["ownerReferences"].is_null(),
-            "{holder} stays when the migration is deleted: {h}"
-        );
-    }
+    // Deleted right away, before a reconcile rebound it: the target and
+    // both nodes' holder pods stay under the workload.
+    c.fake.delete(VM_PATH, "Foreground");
+    c.reconcile_with(&ctx).await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none(), "finalizer released");
+    c.assert_kept(
+        "data-volmig",
+        "pv-target",
+        "pv-data",
+        &["volmig-holder-m", "volmig-holder-m-s1"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -648,14 +965,38 @@ async fn a_volume_used_on_two_nodes_needs_a_read_write_many_target() {
     for _ in 0..2 {
         c.reconcile_with(&ctx).await.unwrap();
     }
-    let d = c.condition("Degraded");
-    assert_eq!(d["reason"], "TargetClaimUnsuitable", "{d}");
-    let msg = d["message"].as_str().unwrap();
+    assert_eq!(c.vm()["status"]["phase"], "Pending");
+    let p = c.condition("Progressing");
+    assert_eq!(p["reason"], "TargetClaimUnsuitable", "{p}");
+    let msg = p["message"].as_str().unwrap();
     assert!(
         msg.contains("n1, n2") && msg.contains("ReadWriteMany"),
         "{msg}"
     );
     assert!(creations(&c.fake).is_empty(), "{:?}", creations(&c.fake));
+    // a claim the spec named is the user's: deleting the migration leaves it
+    c.fake.delete(VM_PATH, "Background");
+    c.reconcile_with(&ctx).await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none());
+    assert!(c.fake.get(&pvc_path("given")).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_migration_that_never_started_releases_what_it_made() {
+    let c = cluster(spec("8Mi"), "pv-data").await;
+    c.reconcile().await.unwrap();
+    c.reconcile().await.unwrap(); // target claim and holder pod, waiting for them
+    assert!(c.fake.get(&pvc_path("data-volmig")).is_some());
+    assert!(c.fake.get(&pod_path("db", "volmig-holder-m")).is_some());
+    c.fake.delete(VM_PATH, "Background");
+    c.reconcile().await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none());
+    assert!(
+        c.fake.get(&pod_path("db", "volmig-holder-m")).is_none()
+            && c.fake.get(&pvc_path("data-volmig")).is_none(),
+        "no data was copied: what the migration made goes (no owner reference does it for it)"
+    );
+    assert!(c.fake.get(&pvc_path("data")).is_some() && c.fake.get(&pv_path("pv-data")).is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -759,4 +1100,343 @@ async fn two_volumes_on_two_nodes_cut_over_as_one_group() {
             "Retain"
         );
     }
+}
+
+/// A migration runs to Completed; then, before any reconcile saw that, it
+/// is deleted with `policy` (what `kubectl wait --for=...Completed &&
+/// kubectl delete` does; Argo CD deletes with foreground propagation).
+async fn deleted_right_after_completed(policy: &str) {
+    let c = cluster(spec("64Mi"), "pv-data").await;
+    c.start().await;
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Completed", "{st}");
+    c.fake.delete(VM_PATH, policy);
+    c.reconcile().await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none(), "finalizer released");
+    c.assert_kept("data-volmig", "pv-target", "pv-data", &["volmig-holder-m"]);
+    assert!(Cluster::active(&c.agent, "pv-data").ends_with("pv-target"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_completed_migration_before_rebinding_keeps_the_target() {
+    deleted_right_after_completed("Background").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreground_deletion_of_a_completed_migration_keeps_the_target() {
+    deleted_right_after_completed("Foreground").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_restarted_between_completed_and_rebinding_keeps_the_target() {
+    let c = cluster(spec("64Mi"), "pv-data").await;
+    c.start().await;
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Completed", "{st}");
+    // The operator goes away before it reconciles the completed migration,
+    // which is deleted while none runs; a new operator process finds it.
+    c.ctx.supervisor.stop_all(Duration::from_secs(5)).await;
+    c.fake.delete(VM_PATH, "Background");
+    let restarted = c.operator(None);
+    c.reconcile_with(&restarted).await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none(), "finalizer released");
+    c.assert_kept("data-volmig", "pv-target", "pv-data", &["volmig-holder-m"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_redirect_puts_the_workload_back_before_the_target_goes() {
+    let c = cluster(spec("64Mi"), "pv-data").await;
+    c.faults[0].hold("terminate");
+    c.start().await;
+    let expected = Expected::pattern(SIZE, 0);
+    let w = Writer::volume(
+        &tokio::runtime::Handle::current(),
+        c.agent.interposer("pv-data").unwrap(),
+        expected.clone(),
+        WriterOpts::hot(SIZE / 4),
+    );
+    c.faults[0].until_waiting("terminate").await;
+    assert!(Cluster::active(&c.agent, "pv-data").ends_with("pv-target"));
+    tokio::time::sleep(Duration::from_millis(100)).await; // writes on the target
+    c.fake.edit(VM_PATH, |o| o["spec"]["abort"] = json!(true));
+    // the held call comes back as a step cut short by the abort
+    c.faults[0].refuse("terminate");
+    c.faults[0].release("terminate");
+    let st = c.wait_phase(&["Aborted", "Failed", "Completed"], 60).await;
+    assert_eq!(st["phase"], "Aborted", "{st}");
+    assert_eq!(st["volumes"][0]["redirected"], false);
+    assert_eq!(Cluster::active(&c.agent, "pv-data"), c.source);
+    assert!(w.finish().await.writes > 10);
+    expected.check_device(&c.source);
+
+    c.reconcile().await.unwrap();
+    assert!(c.fake.get(&pod_path("db", "volmig-holder-m")).is_none());
+    c.fake.delete(VM_PATH, "Foreground");
+    c.reconcile().await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none());
+    assert!(
+        c.fake.get(&pvc_path("data-volmig")).is_none(),
+        "the source is current: the target claim this migration created goes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_failed_after_redirect_keeps_the_target_it_runs_on() {
+    let c = cluster(spec("64Mi"), "pv-data").await;
+    // terminate fails, and so does the rollback: the workload stays on the target
+    c.faults[0].refuse("terminate");
+    c.faults[0].refuse("abort");
+    c.start().await;
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert_eq!(st["volumes"][0]["redirected"], true);
+    assert!(Cluster::active(&c.agent, "pv-data").ends_with("pv-target"));
+    c.reconcile().await.unwrap();
+    c.assert_kept("data-volmig", "pv-target", "pv-data", &["volmig-holder-m"]);
+    c.fake.delete(VM_PATH, "Foreground");
+    c.reconcile().await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none(), "finalizer released");
+    c.assert_kept("data-volmig", "pv-target", "pv-data", &["volmig-holder-m"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_redirect_reply_keeps_the_target_until_the_agent_says_where_the_workload_is() {
+    let c = cluster(spec("64Mi"), "pv-data").await;
+    // the agent redirects but the reply is lost; the rollback fails; and
+    // for a while the agent cannot be asked where the volume's I/O goes
+    c.faults[0].fail_after("redirect");
+    c.faults[0].refuse("abort");
+    c.start().await;
+    c.faults[0].refuse("list_volumes");
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert_eq!(
+        st["volumes"][0]["redirected"], false,
+        "the record cannot tell"
+    );
+    assert!(Cluster::active(&c.agent, "pv-data").ends_with("pv-target"));
+    let action = c.reconcile().await.unwrap();
+    assert!(format!("{action:?}").contains("requeue"), "{action:?}");
+    assert!(
+        c.fake.get(&pod_path("db", "volmig-holder-m")).is_some(),
+        "not released on a guess"
+    );
+    assert_eq!(
+        c.fake.get(&pv_path("pv-target")).unwrap()["spec"]["persistentVolumeReclaimPolicy"],
+        "Retain"
+    );
+    assert!(
+        c.events().contains(&"TargetKept".to_string()),
+        "{:?}",
+        c.events()
+    );
+    // the agent answers: the workload runs on the target
+    c.faults[0].allow("list_volumes");
+    c.reconcile().await.unwrap();
+    c.assert_kept("data-volmig", "pv-target", "pv-data", &["volmig-holder-m"]);
+    c.fake.delete(VM_PATH, "Background");
+    c.reconcile().await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none());
+    c.assert_kept("data-volmig", "pv-target", "pv-data", &["volmig-holder-m"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_migration_of_the_same_name_leaves_the_old_target_alone() {
+    let c = cluster(spec("64Mi"), "pv-data").await;
+    c.start().await;
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Completed", "{st}");
+    c.reconcile().await.unwrap();
+    c.fake.delete(VM_PATH, "Background");
+    c.reconcile().await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none());
+    let holder_uid =
+        c.fake.get(&pod_path("db", "volmig-holder-m")).unwrap()["metadata"]["uid"].clone();
+    // The same manifest again: a new object. Claim data-volmig and pod
+    // volmig-holder-m are the workload's device now, not a new target.
+    c.fake.put(VM_PATH, vm(spec("64Mi")));
+    for _ in 0..3 {
+        c.reconcile().await.unwrap();
+    }
+    let st = c.vm()["status"].clone();
+    assert!(st["sessionId"].is_null(), "{st}");
+    assert_eq!(
+        c.condition("Progressing")["reason"],
+        "TargetClaimExists",
+        "{st}"
+    );
+    assert_eq!(
+        c.fake.get(&pod_path("db", "volmig-holder-m")).unwrap()["metadata"]["uid"],
+        holder_uid
+    );
+    assert!(Cluster::active(&c.agent, "pv-data").ends_with("pv-target"));
+    c.assert_kept("data-volmig", "pv-target", "pv-data", &["volmig-holder-m"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_member_left_on_its_target_keeps_it_when_the_group_fails() {
+    let c = cluster(spec("64Mi"), "pv-data").await;
+    let logs_dir = c.dir.path().join("logs");
+    std::fs::create_dir_all(&logs_dir).unwrap();
+    let (logs_src, logs_dst) = volume_files(&logs_dir, SIZE);
+    let agent2 = in_process(&c.dir.path().join("agent2-state"));
+    serve(&agent2, "pv-logs", &logs_src, false).await;
+    c.fake.put(
+        &pvc_path("logs"),
+        claim("logs", Some("pv-logs"), "slow", "16Mi", "Filesystem"),
+    );
+    c.fake
+        .put(&pv_path("pv-logs"), csi_volume("pv-logs", "logs", "16Mi"));
+    c.fake
+        .put(&pod_path("db", "app-1"), app_pod("app-1", "n2", "logs"));
+    c.fake.edit(VM_PATH, |o| {
+        o["spec"]["volumes"] = json!([
+            {"source": {"persistentVolumeClaim": "data"}, "target": {"storageClassName": "fast"}},
+            {"source": {"persistentVolumeClaim": "logs"}, "target": {"storageClassName": "fast"}},
+        ]);
+    });
+    let ctx = c.with_second_agent(agent2.clone());
+    c.faults[0].hold("terminate");
+    c.faults[1].hold("terminate");
+    c.reconcile_with(&ctx).await.unwrap();
+    c.reconcile_with(&ctx).await.unwrap();
+    attach(
+        &c.fake,
+        c.dir.path(),
+        "data-volmig",
+        "pv-target",
+        "volmig-holder-m",
+        &c.target,
+    );
+    attach(
+        &c.fake,
+        c.dir.path(),
+        "logs-volmig",
+        "pv-logs-target",
+        "volmig-holder-m-1",
+        &logs_dst,
+    );
+    c.reconcile_with(&ctx).await.unwrap();
+    assert_eq!(c.vm()["status"]["sessionId"], "m");
+    // Both members cut over; then logs fails to terminate and to roll back
+    // (it stays on its target), while data terminates.
+    c.faults[0].until_waiting("terminate").await;
+    c.faults[1].until_waiting("terminate").await;
+    c.faults[1].refuse("terminate");
+    c.faults[1].refuse("abort");
+    c.faults[1].release("terminate");
+    c.wait_for("logs failed", |st| {
+        st["volumes"][1]["session"]["phase"] == "Failed"
+    })
+    .await;
+    c.faults[0].release("terminate");
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert_eq!(st["volumes"][0]["session"]["phase"], "Completed", "{st}");
+    assert_eq!(st["volumes"][1]["redirected"], true, "{st}");
+    assert!(Cluster::active(&agent2, "pv-logs").ends_with("pv-logs-target"));
+
+    c.reconcile_with(&ctx).await.unwrap();
+    c.assert_kept("data-volmig", "pv-target", "pv-data", &["volmig-holder-m"]);
+    c.assert_kept(
+        "logs-volmig",
+        "pv-logs-target",
+        "pv-logs",
+        &["volmig-holder-m-1"],
+    );
+    c.fake.delete(VM_PATH, "Foreground");
+    c.reconcile_with(&ctx).await.unwrap();
+    assert!(c.fake.get(VM_PATH).is_none());
+    c.assert_kept("data-volmig", "pv-target", "pv-data", &["volmig-holder-m"]);
+    c.assert_kept(
+        "logs-volmig",
+        "pv-logs-target",
+        "pv-logs",
+        &["volmig-holder-m-1"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_release_s_agents_are_never_dialled() {
+    let c = cluster(spec("64Mi"), "pv-data").await;
+    // A second installation of the chart (release "staging") in the same
+    // namespace: its ready agent on n1 is listed first. Dialling it (the
+    // connector knows no 10.0.0.7) panics the test.
+    c.fake.put(
+        &pod_path("volmig-system", "agent-a-n1"),
+        release_agent_pod("staging", "agent-a-n1", "n1", "10.0.0.7"),
+    );
+    c.start().await;
+    assert_eq!(
+        c.vm()["status"]["volumes"][0]["agent"],
+        "https://10.0.0.5:7443"
+    );
+    let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+    assert_eq!(st["phase"], "Completed", "{st}");
+    c.reconcile().await.unwrap();
+    // with only the other release's agent on the node, the migration waits
+    c.fake
+        .delete(&pod_path("volmig-system", "agent-n1"), "Background");
+    c.fake.put(VM_PATH.replace("/m", "/m2").as_str(), {
+        let mut o = vm(spec("64Mi"));
+        o["metadata"]["name"] = json!("m2");
+        o
+    });
+    for _ in 0..2 {
+        settle(&c.fake, &c.ctx).await;
+        let m2 = c.api.get("m2").await.unwrap();
+        reconcile(Arc::new(m2), c.ctx.clone()).await.unwrap();
+    }
+    let m2 = c.fake.get(&VM_PATH.replace("/m", "/m2")).unwrap();
+    let reasons: Vec<&Value> = m2["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["reason"])
+        .collect();
+    assert!(reasons.iter().all(|r| *r == "AgentNotReady"), "{m2}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_migration_is_reconciled_from_caches_not_lists() {
+    let c = cluster(spec("4Mi"), "pv-data").await;
+    c.start().await;
+    c.wait_phase(&["Copying"], 30).await;
+    c.fake.clear_log();
+    // A controller reconciles the migration on every save of its status
+    // (and the driver saves at least once a second while copying).
+    let mut reconciles = 0;
+    loop {
+        let phase = c.vm()["status"]["phase"].clone();
+        c.reconcile().await.unwrap();
+        reconciles += 1;
+        if ["Completed", "Failed", "Aborted"]
+            .iter()
+            .any(|p| phase == *p)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.vm()["status"]["phase"], "Completed");
+    let saves = c
+        .fake
+        .writes()
+        .iter()
+        .filter(|w| w.ends_with("/m/status"))
+        .count();
+    assert!(
+        reconciles >= 10 && saves >= 3,
+        "{reconciles} reconciles, {saves} saves"
+    );
+    assert_eq!(
+        c.fake.lists(),
+        Vec::<String>::new(),
+        "pods, claims and volumes come from the caches"
+    );
+    // the completed migration's rebinding reads them there too
+    assert_eq!(
+        c.fake.get(&pv_path("pv-target")).unwrap()["spec"]["persistentVolumeReclaimPolicy"],
+        "Retain"
+    );
 }

@@ -51,12 +51,20 @@ pub fn app_pod(name: &str, node: &str, claim: &str) -> Value {
     })
 }
 
-/// A ready node-agent pod on `node` at `ip`.
+/// A ready node-agent pod on `node` at `ip`, of the chart installed as
+/// release `volmig` (what the operator's default settings look for).
 pub fn agent_pod(name: &str, node: &str, ip: &str) -> Value {
+    release_agent_pod("volmig", name, node, ip)
+}
+
+/// A ready node-agent pod of Helm release `release` on `node` at `ip`.
+pub fn release_agent_pod(release: &str, name: &str, node: &str, ip: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": "volmig-system",
-                     "labels": {"app.kubernetes.io/component": "node-agent"}},
+                     "labels": {"app.kubernetes.io/component": "node-agent",
+                                "app.kubernetes.io/name": "volmig",
+                                "app.kubernetes.io/instance": release}},
         "spec": {"nodeName": node, "containers": [{"name": "agent", "image": "volmig-agent"}]},
         "status": {"phase": "Running", "podIP": ip,
                    "conditions": [{"type": "Ready", "status": "True"}]},

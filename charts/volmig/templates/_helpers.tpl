@@ -25,7 +25,7 @@
 {{- define "volmig.labels" -}}
 helm.sh/chart: {{ include "volmig.chart" . }}
 app.kubernetes.io/name: {{ include "volmig.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ include "volmig.instance" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: volmig
@@ -34,10 +34,15 @@ app.kubernetes.io/part-of: volmig
 {{- end }}
 {{- end -}}
 
+{{/* The release's app.kubernetes.io/instance: the operator dials only the agents carrying it (--instance). */}}
+{{- define "volmig.instance" -}}
+{{- .Release.Name -}}
+{{- end -}}
+
 {{/* Selector labels of one component: pass (dict "ctx" $ "component" "operator"). */}}
 {{- define "volmig.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "volmig.name" .ctx }}
-app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/instance: {{ include "volmig.instance" .ctx }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
@@ -86,9 +91,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-master-tls" .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* The agent's selector as the operator's --agent-selector flag. */}}
-{{- define "volmig.agentSelector" -}}
-app.kubernetes.io/component=node-agent
+{{/*
+The operator's flags that say which pods are this release's agents: the
+agent pods' selector labels (name, instance; component node-agent is the
+operator's own), from the same helpers as the DaemonSet's.
+*/}}
+{{- define "volmig.agentLabelArgs" -}}
+- --app-name={{ include "volmig.name" . }}
+- --instance={{ include "volmig.instance" . }}
 {{- end -}}
 
 {{/*

@@ -1,19 +1,25 @@
 //! The VolumeMigration reconciler. One pass looks at a migration and does
 //! the next thing it needs:
 //!
-//! - deletion: request an abort, wait for the rollback, remove the holder
-//!   pod, then let the finalizer go;
-//! - an invalid spec: phase Failed with the reason, nothing created;
+//! - deletion: request an abort, wait for the rollback; then rebind each
+//!   target the workload runs on and release the others (see [`outcome`]),
+//!   and only then let the finalizer go;
+//! - an invalid spec: phase Failed with the reason, nothing created (the
+//!   only final failure before a session: a corrected spec starts);
 //! - no session yet: wait for a free slot (`--max-concurrent`), resolve
-//!   each volume's source, node, agent and target (see [`resolve`]), create
+//!   each volume's source, node, agent and target (see [`resolve`]; what is
+//!   not there yet keeps it Pending with the reason, looked at again with
+//!   backoff: [`RETRY_FIRST`] doubling up to [`RETRY_MAX`]), create
 //!   the session records in the status (phase Activating) and start the
 //!   migration's job on the [`Supervisor`] (several volumes: a consistency
 //!   group, cut over together);
 //! - a running session: keep a driver on it (after a restart or a new
 //!   leader, under a newer epoch), pass `spec.abort` on;
-//! - an ended session: after Completed, make the rebinding durable (see
-//!   [`rebind`]); after Aborted/Failed, remove the holder pod.
+//! - an ended session: volume by volume, make the rebinding durable where
+//!   the workload runs on the target (see [`rebind`]), remove the holder
+//!   pods where it runs on the source (see [`outcome`]).
 
+pub mod outcome;
 pub mod rebind;
 pub mod resolve;
 pub mod status;
@@ -23,8 +29,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::DeleteParams;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -32,18 +38,19 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use volmig_api::crd::{
-    MigrationPhase, SharedAttachment, VolumeMigration, VolumeMigrationStatus, VolumeStatus,
-    check_spec,
+    MigrationPhase, SharedAttachment, VolumeMigration, VolumeStatus, check_spec,
 };
 use volmig_master::{
     Admission, DriverConfig, Job, MasterError, Member, MultiAttach, SessionConfig, Slots,
     Supervisor,
 };
 
-use crate::agents::Connector;
+use crate::agents::{AgentLabels, Connector};
+use crate::cache::{Caches, Read};
 use crate::error::{Error, Result};
 use crate::status_map::verify_from;
 use crate::status_store::{CrStatusStore, Saved};
+use outcome::Place;
 use resolve::{Attachment, Plan, Resolved};
 
 pub const FINALIZER: &str = "volmig.io/cleanup";
@@ -53,8 +60,8 @@ pub const FINALIZER: &str = "volmig.io/cleanup";
 pub struct Settings {
     /// The operator's (and the agents') namespace.
     pub namespace: String,
-    /// Label selector of the agent DaemonSet's pods.
-    pub agent_selector: String,
+    /// The labels of this release's agent pods.
+    pub agent_labels: AgentLabels,
     pub agent_port: u16,
     /// Image of the holder pods (does nothing; `pause`).
     pub holder_image: String,
@@ -68,7 +75,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             namespace: "volmig-system".into(),
-            agent_selector: "app.kubernetes.io/component=node-agent".into(),
+            agent_labels: AgentLabels::default(),
             agent_port: 7443,
             holder_image: "registry.k8s.io/pause:3.10".into(),
             max_concurrent: 4,
@@ -79,6 +86,8 @@ impl Default for Settings {
 
 pub struct Context<C: Connector> {
     pub client: Client,
+    /// Pods, claims and volumes as the reconciler reads them.
+    pub caches: Caches,
     pub settings: Settings,
     pub connector: C,
     /// Runs the migrations' drivers (one job per migration), within the
@@ -86,6 +95,8 @@ pub struct Context<C: Connector> {
     pub supervisor: Supervisor,
     /// The agents each running job talks to, so a moved agent restarts it.
     endpoints: Mutex<HashMap<String, String>>,
+    /// How often each migration waiting to start has waited in a row.
+    waits: Mutex<HashMap<String, u32>>,
     /// This leader's fencing epoch (from the Lease's transitions).
     pub epoch: AtomicU64,
     /// Every save of a session record, for Events and metrics.
@@ -106,11 +117,13 @@ impl<C: Connector> Context<C> {
         // memory, and each session keeps its own bandwidth limit.
         let supervisor = Supervisor::new(Slots::in_process(settings.max_concurrent), 0);
         Self {
+            caches: Caches::start(&client),
             client,
             settings,
             connector,
             supervisor,
             endpoints: Mutex::default(),
+            waits: Mutex::default(),
             epoch: AtomicU64::new(epoch),
             saved,
             recorder,
@@ -134,16 +147,35 @@ impl<C: Connector> Context<C> {
         self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The endpoint of the ready agent pod on `node`, if any.
+    /// When migration `key`, waiting to start, looks again: 5 s after its
+    /// first wait, twice as long after each further one, at most 2 minutes.
+    pub fn retry_after(&self, key: &str) -> Duration {
+        let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
+        let n = waits.entry(key.to_string()).or_insert(0);
+        let after = RETRY_FIRST.saturating_mul(1 << (*n).min(8)).min(RETRY_MAX);
+        *n = n.saturating_add(1);
+        after
+    }
+
+    /// Migration `key` waits no more.
+    fn waited(&self, key: &str) {
+        self.waits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// The endpoint of this release's ready agent pod on `node`, if any
+    /// (from the pod cache).
     pub async fn agent_on(&self, node: &str) -> Result<Option<String>> {
-        let agent_pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.settings.namespace);
-        crate::agents::agent_on_node(
-            &agent_pods,
-            &self.settings.agent_selector,
+        self.caches.ready().await?;
+        Ok(crate::agents::agent_on_node(
+            self.caches.pods(),
+            &self.settings.namespace,
+            &self.settings.agent_labels,
             node,
             self.settings.agent_port,
-        )
-        .await
+        ))
     }
 
     async fn event(&self, vm: &VolumeMigration, type_: EventType, reason: &str, note: String) {
@@ -159,6 +191,10 @@ impl<C: Connector> Context<C> {
         }
     }
 }
+
+/// The first retry of a migration waiting to start, and the longest.
+pub const RETRY_FIRST: Duration = Duration::from_secs(5);
+pub const RETRY_MAX: Duration = Duration::from_secs(120);
 
 fn key(vm: &VolumeMigration) -> String {
     format!("{}/{}", vm.namespace().unwrap_or_default(), vm.name_any())
@@ -177,6 +213,7 @@ pub async fn reconcile<C: Connector>(
         .namespace()
         .ok_or_else(|| Error::Unnamed(vm.name_any()))?;
     let api: Api<VolumeMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    ctx.caches.ready().await?;
     finalizer(&api, FINALIZER, vm, |ev| async {
         match ev {
             Finalizer::Apply(vm) => apply(&vm, &ctx).await,
@@ -211,7 +248,10 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
     let api: Api<VolumeMigration> = Api::namespaced(ctx.client.clone(), &ns);
     let st = vm.status.clone().unwrap_or_default();
 
-    if st.phase.is_terminal() {
+    // Failed before a session: an invalid spec (looked at again below, so
+    // a corrected spec starts), or what an older operator took for final.
+    let failed_before_start = st.phase == MigrationPhase::Failed && st.session_id.is_none();
+    if st.phase.is_terminal() && !failed_before_start {
         return finish(vm, ctx).await;
     }
     if st.session_id.is_some() {
@@ -219,7 +259,8 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
         return Ok(requeue(30));
     }
 
-    // No session yet.
+    // No session yet. Only an invalid spec is final; everything else waits
+    // for the cluster to catch up (see `resolve`).
     let parsed = match check_spec(&vm.spec) {
         Ok(p) => p,
         Err(msgs) => {
@@ -270,18 +311,15 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
             if status::pending(&api, vm, reason, &msg).await? {
                 ctx.event(vm, EventType::Normal, reason, msg).await;
             }
-            return Ok(requeue(10));
-        }
-        Plan::Fail(reason, msg) => {
-            if status::failed_before_start(&api, vm, reason, &msg).await? {
-                ctx.event(vm, EventType::Warning, reason, msg).await;
-            }
-            return Ok(Action::await_change());
+            return Ok(Action::requeue(ctx.retry_after(&key(vm))));
         }
     };
+    ctx.waited(&key(vm));
 
     // Record where the volumes are, then create the session(s) (Activating).
     status::update_status(&api, vm, |s| {
+        s.phase = MigrationPhase::Pending;
+        s.error = None;
         s.volumes = rs
             .iter()
             .map(|r| VolumeStatus {
@@ -405,15 +443,6 @@ fn agents_of(rs: &[Resolved]) -> String {
     copying.chain(shared).collect::<Vec<_>>().join(",")
 }
 
-/// Every holder pod of the migration, on every node.
-fn holder_pods(st: &VolumeMigrationStatus) -> Vec<String> {
-    st.volumes
-        .iter()
-        .flat_map(resolve::holders)
-        .cloned()
-        .collect()
-}
-
 /// Starts the migration's job on the supervisor: one session for one
 /// volume, a consistency group (cut over together) for several.
 fn start_driver<C: Connector>(
@@ -512,30 +541,63 @@ async fn keep_driving<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> R
         }
         return Ok(());
     }
+    // Targets of operators before the uid label carry owner references to
+    // the migration: drop them before the workload may run on a target.
+    rebind::disown_all(ctx, vm, Read::Cached).await?;
     start_driver(vm, ctx, &rs, ctx.epoch_for(vm))
 }
 
-/// The session ended: make the outcome durable, release what is not needed.
+/// The session ended: each volume's outcome made durable where the
+/// workload runs on its target, its holder pods released where it runs on
+/// its source (see [`outcome`]).
 async fn finish<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<Action> {
     let st = vm.status.clone().unwrap_or_default();
     let ns = vm.namespace().unwrap_or_default();
-    if st.phase == MigrationPhase::Completed {
-        if rebind::rebind(ctx, vm).await? {
-            ctx.event(
-                vm,
-                EventType::Normal,
-                "Rebound",
-                "the source volumes are now backed by their targets; the target claims and holder pods stay (see docs/ARCHITECTURE.md, Operator)".into(),
-            )
-            .await;
-        }
-    } else {
-        // Aborted or failed: the agents detached the targets.
-        for h in holder_pods(&st) {
-            delete_holder(ctx, &ns, &h).await?;
+    let mut rebound = Vec::new();
+    let mut unsure = false;
+    for v in &st.volumes {
+        match outcome::place(ctx, v).await? {
+            Place::Target => {
+                if rebind::rebind_volume(ctx, &ns, v, Read::Cached).await? {
+                    rebound.push(v.source.clone());
+                }
+            }
+            Place::Source => release_holders(ctx, &ns, v).await?,
+            Place::Unknown(why) => {
+                unsure = true;
+                if rebind::protect(ctx, &ns, v, Read::Cached).await? {
+                    ctx.event(vm, EventType::Warning, "TargetKept", kept_note(v, &why))
+                        .await;
+                }
+            }
         }
     }
-    Ok(Action::await_change())
+    if !rebound.is_empty() {
+        ctx.event(
+            vm,
+            EventType::Normal,
+            "Rebound",
+            format!(
+                "claim(s) {} are now backed by their targets; the target claims and holder pods stay (see docs/ARCHITECTURE.md, Operator)",
+                rebound.join(", ")
+            ),
+        )
+        .await;
+    }
+    // Where the record cannot tell, ask the agents again later.
+    Ok(if unsure {
+        requeue(60)
+    } else {
+        Action::await_change()
+    })
+}
+
+fn kept_note(v: &VolumeStatus, why: &str) -> String {
+    format!(
+        "kept target claim {}, its volume (reclaim policy Retain) and holder pod(s): {why}. \
+         Delete them once you know the workload on claim {} does not use them",
+        v.target, v.source
+    )
 }
 
 async fn delete_holder<C: Connector>(ctx: &Context<C>, ns: &str, name: &str) -> Result<()> {
@@ -547,7 +609,72 @@ async fn delete_holder<C: Connector>(ctx: &Context<C>, ns: &str, name: &str) -> 
     }
 }
 
-/// The migration is being deleted.
+/// Deletes volume `v`'s holder pods (every node's): its source is current.
+async fn release_holders<C: Connector>(ctx: &Context<C>, ns: &str, v: &VolumeStatus) -> Result<()> {
+    for h in resolve::holders(v) {
+        delete_holder(ctx, ns, h).await?;
+    }
+    Ok(())
+}
+
+/// Deletes claim `name` if migration `vm` created it (a claim the spec
+/// named stays); its source is current.
+async fn release_claim<C: Connector>(
+    ctx: &Context<C>,
+    vm: &VolumeMigration,
+    ns: &str,
+    name: &str,
+) -> Result<()> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(c) = claims.get_opt(name).await? else {
+        return Ok(());
+    };
+    if !resolve::ours(&c.metadata, vm) {
+        return Ok(());
+    }
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: c.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match claims.delete(name, &dp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(ae)) if ae.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What resolving a migration that never got a session created: its
+/// holder pods and target claims, found by its uid.
+async fn release_unstarted<C: Connector>(
+    ctx: &Context<C>,
+    vm: &VolumeMigration,
+    ns: &str,
+) -> Result<()> {
+    let Some(uid) = vm.metadata.uid.as_deref() else {
+        return Ok(());
+    };
+    let lp = ListParams::default().labels(&format!("{}={uid}", resolve::MIGRATION_UID_LABEL));
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    for p in pods.list(&lp).await?.items {
+        if resolve::is_holder(&p) {
+            delete_holder(ctx, ns, &p.name_any()).await?;
+        }
+    }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    for c in claims.list(&lp).await?.items {
+        release_claim(ctx, vm, ns, &c.name_any()).await?;
+    }
+    Ok(())
+}
+
+/// The migration is being deleted. A running session is rolled back
+/// first; then, volume by volume, a target the workload runs on is rebound
+/// before the finalizer goes, whatever happened before (a deletion right
+/// after Completed, an operator restarted in between), and only a target
+/// whose source is current is released (see [`outcome`]).
 async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<Action> {
     let ns = vm.namespace().unwrap_or_default();
     let st = vm.status.clone().unwrap_or_default();
@@ -575,14 +702,29 @@ async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result
         keep_driving(vm, ctx).await?;
         return Err(Error::WaitingForRollback(k));
     }
-    if st.phase != MigrationPhase::Completed {
-        for h in holder_pods(&st) {
-            delete_holder(ctx, &ns, &h).await?;
+    for v in &st.volumes {
+        match outcome::place(ctx, v).await? {
+            Place::Target => {
+                rebind::rebind_volume(ctx, &ns, v, Read::Live).await?;
+            }
+            Place::Source => {
+                release_holders(ctx, &ns, v).await?;
+                release_claim(ctx, vm, &ns, &v.target).await?;
+            }
+            Place::Unknown(why) => {
+                rebind::protect(ctx, &ns, v, Read::Live).await?;
+                ctx.event(vm, EventType::Warning, "TargetKept", kept_note(v, &why))
+                    .await;
+            }
         }
+    }
+    if st.session_id.is_none() {
+        release_unstarted(ctx, vm, &ns).await?;
     }
     ctx.supervisor.stop(&k);
     ctx.supervisor.forget(&k);
     ctx.endpoints().remove(&k);
+    ctx.waited(&k);
     info!(migration = %k, phase = %st.phase, "finalized");
     Ok(Action::await_change())
 }

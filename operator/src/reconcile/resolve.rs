@@ -1,29 +1,41 @@
 //! From a VolumeMigration's spec to what a session needs: the source claim's
 //! PV (the volume's name on the agent), the node where pods use it, that
 //! node's agent, a target claim (created or validated) and the target's raw
-//! device on the node (through a holder pod). Each step either goes on,
-//! waits (something is not there *yet*), or fails with a reason a person
-//! can act on.
+//! device on the node (through a holder pod). Each step either goes on or
+//! waits with a reason a person (or the cluster catching up: a GitOps tool
+//! applies the migration, the claim, the workload and the agents in any
+//! order) can act on. Nothing here fails a migration: only an invalid spec
+//! does (see [`super::apply`]).
 
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::{
     PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod,
 };
-use kube::api::{ListParams, ObjectMeta, PostParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use volmig_api::crd::{VolumeMigration, VolumePair, VolumeStatus};
 use volmig_api::units::parse_size;
 
 use super::Context;
 use crate::agents::Connector;
+use crate::cache::Read;
 use crate::error::Result;
 use crate::target::device_path;
 
-/// Labels on what the operator creates.
+/// Labels on what the operator creates. Target claims and holder pods
+/// carry no owner reference: once the workload runs on a target, nothing
+/// may delete it behind the operator's back, and the garbage collector
+/// deletes dependents without asking (at once under foreground deletion,
+/// as Argo CD deletes). The migration's uid label says whose they are.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "volmig");
 pub const MIGRATION_LABEL: &str = "volmig.io/migration";
+/// The uid of the migration that created the object: another migration of
+/// the same name (after this one was deleted) must not take it for its own.
+pub const MIGRATION_UID_LABEL: &str = "volmig.io/migration-uid";
+/// The component label of holder pods.
+pub const HOLDER_COMPONENT: &str = "target-holder";
 /// The scheduler's annotation the provisioner of a WaitForFirstConsumer
 /// class waits for; the holder pod bypasses the scheduler (`nodeName`).
 pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
@@ -61,10 +73,9 @@ pub struct Resolved {
 pub enum Plan {
     /// Every volume, in spec order.
     Ready(Vec<Resolved>),
-    /// Not there yet: look again later (reason, message).
+    /// Not there (or not suitable) yet: look again later (reason,
+    /// message); nothing was started.
     Wait(&'static str, String),
-    /// Cannot work as asked (reason, message); nothing was started.
-    Fail(&'static str, String),
 }
 
 /// `<source>-volmig`, or the claim the spec names.
@@ -96,8 +107,7 @@ pub fn holders(v: &VolumeStatus) -> impl Iterator<Item = &String> {
         .chain(v.shared_with.iter().filter_map(|a| a.holder_pod.as_ref()))
 }
 
-/// Resolves every volume of `vm`: the first failure fails the migration,
-/// else the first wait makes it wait.
+/// Resolves every volume of `vm`: the first wait makes it wait.
 pub async fn resolve<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Result<Plan> {
     let mut ready = Vec::new();
     let mut wait = None;
@@ -107,7 +117,6 @@ pub async fn resolve<C: Connector>(ctx: &Context<C>, vm: &VolumeMigration) -> Re
             Plan::Wait(reason, msg) => {
                 wait.get_or_insert((reason, msg));
             }
-            fail @ Plan::Fail(..) => return Ok(fail),
         }
     }
     Ok(match wait {
@@ -156,22 +165,48 @@ fn live(p: &Pod) -> bool {
     ) && p.metadata.deletion_timestamp.is_none()
 }
 
-fn owner(
-    vm: &VolumeMigration,
-) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
-    vm.controller_owner_ref(&()).into_iter().collect()
+/// Whether `meta`'s object was created for migration `vm` (this one, not
+/// an earlier one of the same name): by its uid label, or by an owner
+/// reference as operators before the uid label set them.
+pub fn ours(meta: &ObjectMeta, vm: &VolumeMigration) -> bool {
+    let Some(uid) = vm.metadata.uid.as_deref() else {
+        return false;
+    };
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(MIGRATION_UID_LABEL))
+        .is_some_and(|u| u == uid)
+        || meta.owner_references.iter().flatten().any(|r| r.uid == uid)
 }
 
-/// A step of resolution that stops it: the plan says why.
+/// The labels of what migration `vm` creates.
+fn labels(vm: &VolumeMigration) -> std::collections::BTreeMap<String, String> {
+    let mut l: std::collections::BTreeMap<String, String> = [
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (MIGRATION_LABEL.to_string(), vm.name_any()),
+    ]
+    .into();
+    if let Some(uid) = &vm.metadata.uid {
+        l.insert(MIGRATION_UID_LABEL.to_string(), uid.clone());
+    }
+    l
+}
+
+/// A step of resolution that waits: the plan says why.
 type Found<T> = std::result::Result<T, Plan>;
 
+/// Whether `p` is a holder pod (of any migration).
+pub fn is_holder(p: &Pod) -> bool {
+    p.labels()
+        .get("app.kubernetes.io/component")
+        .map(String::as_str)
+        == Some(HOLDER_COMPONENT)
+        && p.labels().contains_key(MIGRATION_LABEL)
+}
+
 /// Whether `p` is one of migration `vm`'s holder pods.
-fn holder_of(p: &Pod, vm: &str) -> bool {
-    p.labels().get(MIGRATION_LABEL).map(String::as_str) == Some(vm)
-        && p.labels()
-            .get("app.kubernetes.io/component")
-            .map(String::as_str)
-            == Some("target-holder")
+fn holder_of(p: &Pod, vm: &VolumeMigration) -> bool {
+    is_holder(p) && ours(&p.metadata, vm)
 }
 
 async fn resolve_volume<C: Connector>(
@@ -183,13 +218,13 @@ async fn resolve_volume<C: Connector>(
     let ns = vm.namespace().unwrap_or_default();
     let name = vm.name_any();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let cache = &ctx.caches;
     let src_name = &pair.source.persistent_volume_claim;
 
     // the source claim and its volume
-    let Some(src) = claims.get_opt(src_name).await? else {
-        return Ok(Plan::Fail(
+    let Some(src) = cache.claim(&ns, src_name, Read::Cached).await? else {
+        return Ok(Plan::Wait(
             "SourceClaimNotFound",
             format!("claim {ns}/{src_name} does not exist"),
         ));
@@ -200,7 +235,7 @@ async fn resolve_volume<C: Connector>(
             format!("claim {src_name} is not bound to a volume yet"),
         ));
     };
-    let Some(pv) = pvs.get_opt(&pv_name).await? else {
+    let Some(pv) = cache.volume(&pv_name, Read::Cached).await? else {
         return Ok(Plan::Wait(
             "SourceVolumeNotFound",
             format!("claim {src_name} names volume {pv_name}, which does not exist"),
@@ -210,17 +245,16 @@ async fn resolve_volume<C: Connector>(
 
     // where it is used: one node, or several for a multi-attach volume
     // (the first, by name, copies; the others track their pods' writes)
-    let all_pods = pods.list(&ListParams::default()).await?;
+    let all_pods = cache.pods_in(&ns);
     let nodes: Vec<String> = all_pods
-        .items
         .iter()
-        .filter(|p| live(p) && uses_claim(p, src_name) && !holder_of(p, &name))
+        .filter(|p| live(p) && uses_claim(p, src_name) && !holder_of(p, vm))
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
         .collect::<BTreeSet<String>>()
         .into_iter()
         .collect();
     if nodes.is_empty() {
-        return Ok(Plan::Fail(
+        return Ok(Plan::Wait(
             "NoConsumerPod",
             format!(
                 "no running pod uses claim {src_name}: volmig migrates volumes while a pod uses them, through the agent on that pod's node"
@@ -239,25 +273,27 @@ async fn resolve_volume<C: Connector>(
 
     // the target claim
     let target_name = target_claim_name(pair);
-    let target = match claims.get_opt(&target_name).await? {
+    let target = match cache.claim(&ns, &target_name, Read::Cached).await? {
         Some(t) => {
-            let ours = t.labels().get(MIGRATION_LABEL) == Some(&name);
+            let ours = ours(&t.metadata, vm);
             if pair.target.storage_class_name.is_some() && !ours {
-                return Ok(Plan::Fail(
+                return Ok(Plan::Wait(
                     "TargetClaimExists",
                     format!(
                         "claim {target_name} already exists and was not created for this migration; name it as target.persistentVolumeClaim to use it"
                     ),
                 ));
             }
-            if !ours && let Some(why) = unsuitable_target(&t, size, &all_pods.items, &name) {
-                return Ok(Plan::Fail(
+            if !ours
+                && let Some(why) = unsuitable_target(&t, size, all_pods.iter().map(|p| &**p), vm)
+            {
+                return Ok(Plan::Wait(
                     "TargetClaimUnsuitable",
                     format!("claim {target_name}: {why}"),
                 ));
             }
             if nodes.len() > 1 && !shareable(&t) {
-                return Ok(Plan::Fail(
+                return Ok(Plan::Wait(
                     "TargetClaimUnsuitable",
                     format!(
                         "claim {src_name} is used on nodes {}, so its target must be attachable to all of them, but claim {target_name} is not ReadWriteMany",
@@ -269,13 +305,18 @@ async fn resolve_volume<C: Connector>(
         }
         None => {
             let Some(class) = pair.target.storage_class_name.clone() else {
-                return Ok(Plan::Fail(
+                return Ok(Plan::Wait(
                     "TargetClaimNotFound",
                     format!("target claim {ns}/{target_name} does not exist"),
                 ));
             };
             let pvc = new_target_claim(vm, &src, &target_name, &class, size, &nodes[0]);
-            claims.create(&PostParams::default(), &pvc).await?
+            match claims.create(&PostParams::default(), &pvc).await {
+                Ok(c) => c,
+                // created by an earlier pass the cache has not seen yet
+                Err(kube::Error::Api(ae)) if ae.code == 409 => claims.get(&target_name).await?,
+                Err(e) => return Err(e.into()),
+            }
         }
     };
 
@@ -287,7 +328,6 @@ async fn resolve_volume<C: Connector>(
         let holder = holder_name(&name, index, k);
         match hold_target(ctx, vm, &pods, &holder, node, &target_name).await? {
             Ok(uid) => holders.push((holder, uid)),
-            Err(fail @ Plan::Fail(..)) => return Ok(fail),
             Err(wait) => {
                 waiting.get_or_insert(wait);
             }
@@ -296,13 +336,26 @@ async fn resolve_volume<C: Connector>(
     if let Some(wait) = waiting {
         return Ok(wait);
     }
-    let Some(target_pv) = target.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
+    // What the cache says is not there yet may be there already: the
+    // event that woke this reconcile may be ahead of the cache.
+    let bound = |c: &PersistentVolumeClaim| c.spec.as_ref().and_then(|s| s.volume_name.clone());
+    let mut target_pv = bound(&target);
+    if target_pv.is_none()
+        && let Some(t) = cache.claim(&ns, &target_name, Read::Live).await?
+    {
+        target_pv = bound(&t);
+    }
+    let Some(target_pv) = target_pv else {
         return Ok(Plan::Wait(
             "WaitingForTarget",
             format!("waiting for claim {target_name} to be bound"),
         ));
     };
-    let Some(tpv) = pvs.get_opt(&target_pv).await? else {
+    let tpv = match cache.volume(&target_pv, Read::Cached).await? {
+        Some(v) => Some(v),
+        None => cache.volume(&target_pv, Read::Live).await?,
+    };
+    let Some(tpv) = tpv else {
         return Ok(Plan::Wait(
             "WaitingForTarget",
             format!("claim {target_name} names volume {target_pv}, which does not exist yet"),
@@ -312,7 +365,7 @@ async fn resolve_volume<C: Connector>(
     for ((node, agent), (holder_pod, uid)) in nodes.into_iter().zip(agents).zip(holders) {
         let target_path = match device_path(&ctx.settings.kubelet_dir, &uid, &tpv) {
             Ok(p) => p,
-            Err(e) => return Ok(Plan::Fail("TargetNotBlockPublishable", e.to_string())),
+            Err(e) => return Ok(Plan::Wait("TargetNotBlockPublishable", e.to_string())),
         };
         attachments.push(Attachment {
             node,
@@ -324,7 +377,7 @@ async fn resolve_volume<C: Connector>(
     let mut attachments = attachments.into_iter();
     let Some(first) = attachments.next() else {
         // One attachment per node, and `nodes` is not empty (checked above).
-        return Ok(Plan::Fail(
+        return Ok(Plan::Wait(
             "NoConsumerPod",
             format!("no node uses claim {src_name}"),
         ));
@@ -362,7 +415,8 @@ async fn serving_agent<C: Connector>(
             "AgentNotReady",
             format!(
                 "no ready volmig agent (pods {} in namespace {}) on node {node}",
-                ctx.settings.agent_selector, ctx.settings.namespace
+                ctx.settings.agent_labels.selector(),
+                ctx.settings.namespace
             ),
         )));
     };
@@ -371,12 +425,12 @@ async fn serving_agent<C: Connector>(
         Err(e) => return Ok(Err(Plan::Wait("AgentUnreachable", e.to_string()))),
     };
     if !exports.iter().any(|v| v == pv_name) {
-        return Ok(Err(Plan::Fail(
+        return Ok(Err(Plan::Wait(
             "VolumeNotServed",
             format!(
                 "volume {pv_name} (claim {claim}) is not served through volmig's interposer on node {node}: its agent exports {}. \
                  Only volumes the node agent serves (volmig-agent --export {pv_name}=<device>, or volumes of volmig's CSI driver) can move live; \
-                 export it and restart the pod on that device, then create this migration again",
+                 this migration starts once the agent serves it",
                 if exports.is_empty() {
                     "no volumes".to_string()
                 } else {
@@ -398,11 +452,33 @@ async fn hold_target<C: Connector>(
     node: &str,
     claim: &str,
 ) -> Result<Found<String>> {
-    let holder_pod = match pods.get_opt(holder).await? {
+    let ns = vm.namespace().unwrap_or_default();
+    let running = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    let cached = ctx.caches.pod(&ns, holder, Read::Cached).await?;
+    let found = match cached {
+        Some(p) if running(&p) => Some(p),
+        // not there or not running yet in the cache: it may be already
+        _ => ctx.caches.pod(&ns, holder, Read::Live).await?,
+    };
+    let holder_pod = match found {
+        Some(p) if !ours(&p.metadata, vm) => {
+            return Ok(Err(Plan::Wait(
+                "HolderPodExists",
+                format!(
+                    "pod {holder} exists but was not created for this migration (an earlier VolumeMigration {} may keep its target attached through it); give this migration another name",
+                    vm.name_any()
+                ),
+            )));
+        }
         Some(p) => p,
         None => {
             let p = holder_pod(vm, holder, node, claim, &ctx.settings.holder_image)?;
-            pods.create(&PostParams::default(), &p).await?
+            match pods.create(&PostParams::default(), &p).await {
+                Ok(p) => p,
+                // created by an earlier pass the cache has not seen yet
+                Err(kube::Error::Api(ae)) if ae.code == 409 => pods.get(holder).await?,
+                Err(e) => return Err(e.into()),
+            }
         }
     };
     if holder_pod
@@ -411,7 +487,7 @@ async fn hold_target<C: Connector>(
         .and_then(|s| s.node_name.as_deref())
         != Some(node)
     {
-        return Ok(Err(Plan::Fail(
+        return Ok(Err(Plan::Wait(
             "HolderOnWrongNode",
             format!("pod {holder} exists on another node than {node}; delete it"),
         )));
@@ -426,11 +502,11 @@ async fn hold_target<C: Connector>(
 }
 
 /// Why an existing claim cannot be a target, if it cannot.
-pub fn unsuitable_target(
+pub fn unsuitable_target<'a>(
     t: &PersistentVolumeClaim,
     size: u64,
-    pods: &[Pod],
-    vm: &str,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    vm: &VolumeMigration,
 ) -> Option<String> {
     let mode = t.spec.as_ref().and_then(|s| s.volume_mode.as_deref());
     if mode != Some("Block") {
@@ -450,7 +526,7 @@ pub fn unsuitable_target(
     }
     let name = t.name_any();
     let users: Vec<String> = pods
-        .iter()
+        .into_iter()
         .filter(|p| live(p) && uses_claim(p, &name) && !holder_of(p, vm))
         .map(|p| p.name_any())
         .collect();
@@ -477,15 +553,8 @@ fn new_target_claim(
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: vm.namespace(),
-            labels: Some(
-                [
-                    (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-                    (MIGRATION_LABEL.to_string(), vm.name_any()),
-                ]
-                .into(),
-            ),
+            labels: Some(labels(vm)),
             annotations: Some([(SELECTED_NODE.to_string(), node.to_string())].into()),
-            owner_references: Some(owner(vm)),
             ..ObjectMeta::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
@@ -516,14 +585,7 @@ fn holder_pod(
     image: &str,
 ) -> Result<Pod> {
     let mut pod: Pod = serde_json::from_value(json!({
-        "metadata": {
-            "name": name,
-            "labels": {
-                MANAGED_BY.0: MANAGED_BY.1,
-                MIGRATION_LABEL: vm.name_any(),
-                "app.kubernetes.io/component": "target-holder",
-            },
-        },
+        "metadata": {"name": name},
         "spec": {
             "nodeName": node,
             "automountServiceAccountToken": false,
@@ -543,8 +605,13 @@ fn holder_pod(
         },
     }))
     .map_err(|e| crate::error::Error::Finalizer(format!("holder pod spec: {e}")))?;
+    let mut l = labels(vm);
+    l.insert(
+        "app.kubernetes.io/component".to_string(),
+        HOLDER_COMPONENT.to_string(),
+    );
+    pod.metadata.labels = Some(l);
     pod.metadata.namespace = vm.namespace();
-    pod.metadata.owner_references = Some(owner(vm));
     Ok(pod)
 }
 
@@ -569,15 +636,26 @@ mod tests {
         .unwrap()
     }
 
-    /// A holder pod of migration `vm`.
-    fn holder(name: &str, vm: &str, claim: &str) -> Pod {
+    /// Migration `name` with uid `uid`.
+    fn migration(name: &str, uid: &str) -> VolumeMigration {
+        serde_json::from_value(json!({
+            "apiVersion": "volmig.io/v1alpha1", "kind": "VolumeMigration",
+            "metadata": {"name": name, "namespace": "db", "uid": uid},
+            "spec": {"volumes": []},
+        }))
+        .unwrap()
+    }
+
+    /// A holder pod of migration `vm` (uid `uid`).
+    fn holder(name: &str, vm: &str, uid: &str, claim: &str) -> Pod {
         let mut p = pod_using(name, claim);
         p.metadata.labels = Some(
             [
                 (MIGRATION_LABEL.to_string(), vm.to_string()),
+                (MIGRATION_UID_LABEL.to_string(), uid.to_string()),
                 (
                     "app.kubernetes.io/component".to_string(),
-                    "target-holder".to_string(),
+                    HOLDER_COMPONENT.to_string(),
                 ),
             ]
             .into(),
@@ -587,36 +665,53 @@ mod tests {
 
     #[test]
     fn target_validation() {
-        assert!(unsuitable_target(&claim(Some("Block"), "10Gi"), 10 << 30, &[], "m").is_none());
+        let m = migration("m", "u-1");
+        assert!(unsuitable_target(&claim(Some("Block"), "10Gi"), 10 << 30, [], &m).is_none());
         assert!(
-            unsuitable_target(&claim(None, "10Gi"), 1, &[], "m")
+            unsuitable_target(&claim(None, "10Gi"), 1, [], &m)
                 .unwrap()
                 .contains("Block")
         );
         assert!(
-            unsuitable_target(&claim(Some("Block"), "1Gi"), 10 << 30, &[], "m")
+            unsuitable_target(&claim(Some("Block"), "1Gi"), 10 << 30, [], &m)
                 .unwrap()
                 .contains("smaller")
         );
         let users = [
             pod_using("app-0", "t"),
-            holder("volmig-holder-m", "m", "t"),
-            holder("volmig-holder-m-s1", "m", "t"),
+            holder("volmig-holder-m", "m", "u-1", "t"),
+            holder("volmig-holder-m-s1", "m", "u-1", "t"),
         ];
         assert!(
-            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users, "m")
+            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users, &m)
                 .unwrap()
                 .contains("app-0")
         );
         assert!(
-            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users[1..], "m").is_none(),
+            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users[1..], &m).is_none(),
             "our holder pods (one per node) do not count"
         );
         assert!(
-            unsuitable_target(&claim(Some("Block"), "10Gi"), 1, &users[1..], "other")
-                .unwrap()
-                .contains("volmig-holder-m"),
+            unsuitable_target(
+                &claim(Some("Block"), "10Gi"),
+                1,
+                &users[1..],
+                &migration("other", "u-2")
+            )
+            .unwrap()
+            .contains("volmig-holder-m"),
             "another migration's holder pod does"
+        );
+        assert!(
+            unsuitable_target(
+                &claim(Some("Block"), "10Gi"),
+                1,
+                &users[1..],
+                &migration("m", "u-3")
+            )
+            .unwrap()
+            .contains("volmig-holder-m"),
+            "and so does the holder of an earlier migration of the same name"
         );
     }
 

@@ -46,8 +46,9 @@ pub fn apply_conditions(
     }
 }
 
-/// The migration waits (no session yet): phase Pending, Progressing=False
-/// with the reason.
+/// The migration waits (no session yet): phase Pending, Ready and
+/// Progressing False with the reason; not Degraded (it goes on once the
+/// cluster catches up), and an earlier failure's error is gone.
 pub async fn pending(
     api: &Api<VolumeMigration>,
     vm: &VolumeMigration,
@@ -57,20 +58,21 @@ pub async fn pending(
     let g = vm.metadata.generation;
     update_status(api, vm, |s| {
         s.phase = MigrationPhase::Pending;
-        apply_conditions(
-            s,
-            g,
-            &[
-                ("Ready", false, reason, message),
-                ("Progressing", false, reason, message),
-            ],
-        );
+        s.error = None;
+        let mut conds = vec![
+            ("Ready", false, reason, message),
+            ("Progressing", false, reason, message),
+        ];
+        if s.conditions.iter().any(|c| c.type_ == "Degraded") {
+            conds.push(("Degraded", false, reason, message));
+        }
+        apply_conditions(s, g, &conds);
     })
     .await
 }
 
-/// The migration fails before a session exists: phase Failed, nothing on
-/// any agent was touched.
+/// The migration fails before a session exists (an invalid spec): phase
+/// Failed, nothing on any agent was touched.
 pub async fn failed_before_start(
     api: &Api<VolumeMigration>,
     vm: &VolumeMigration,
