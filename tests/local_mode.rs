@@ -59,7 +59,7 @@ fn master_sigkilled_mid_copy_continues_under_a_new_epoch() {
     // The same command again: continues the session (epoch 2), completes.
     let out = run_cmd(lab.migrate(&agent, "vol", &args), MIGRATE_TIMEOUT);
     assert!(out.ok(), "second master failed:\n{}", out.text());
-    assert!(out.stderr.contains("continuing session"), "{}", out.stderr);
+    assert!(out.stdout.contains("continuing session"), "{}", out.text());
     let done = lab.record("vol");
     assert_eq!(done["phase"], "Completed");
     assert_eq!(done["epoch"], 2);

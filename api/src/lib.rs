@@ -11,6 +11,7 @@ pub mod fault;
 pub mod io;
 pub mod limits;
 pub mod phase;
+pub mod report;
 pub mod slave;
 pub mod units;
 

@@ -157,7 +157,7 @@ async fn epoch_for(store: &FileStore, volumes: &[VolumeSpec]) -> anyhow::Result<
                     rec.target.display()
                 );
             }
-            eprintln!(
+            println!(
                 "continuing session {} of {} at phase {} (epoch {})",
                 rec.session,
                 v.volume,
@@ -230,7 +230,7 @@ pub async fn migrate(
     if let Some(g) = &plan.group {
         if !fresh.is_empty() {
             volmig_master::create_group(&store, g, &members, &config, epoch).await?;
-            eprintln!("group {g} started with {} volumes", members.len());
+            println!("group {g} started with {} volumes", members.len());
         }
     } else {
         for v in fresh {
@@ -240,7 +240,7 @@ pub async fn migrate(
             rec.agent = v.agent.url.clone();
             rec.shared_with = v.shared_urls();
             store.save(&v.volume, &mut rec).await?;
-            eprintln!("session {} started", rec.session);
+            println!("session {} started", rec.session);
         }
     }
 
@@ -276,7 +276,12 @@ pub async fn migrate(
                 print_record(rec);
                 unfinished |= !rec.phase.is_terminal();
                 if rec.phase != Phase::Completed {
-                    failed.push(format!("{} {}", v.volume, rec.phase));
+                    // The session's own error says why (the record above
+                    // says it too, on stdout).
+                    failed.push(match &rec.error {
+                        Some(e) => format!("{} {}: {e}", v.volume, rec.phase),
+                        None => format!("{} {}", v.volume, rec.phase),
+                    });
                 }
             }
             Err(e) => failed.push(format!("{}: {e}", v.volume)),
@@ -289,7 +294,7 @@ pub async fn migrate(
         );
     }
     if !failed.is_empty() {
-        bail!("migration did not complete: {}", failed.join(", "));
+        bail!("migration did not complete: {}", failed.join("; "));
     }
     Ok(())
 }
@@ -395,7 +400,7 @@ pub async fn status(state_dir: &Path, volume: &str, json: bool) -> anyhow::Resul
 
 pub async fn abort(state_dir: &Path, volume: &str) -> anyhow::Result<()> {
     let rec = volmig_master::request_abort(&store(state_dir)?, volume).await?;
-    eprintln!(
+    println!(
         "abort requested for session {}; its master rolls it back at its next step",
         rec.session
     );

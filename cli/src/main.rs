@@ -187,7 +187,11 @@ impl AgentArgs {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    volmig_api::report::exit(run())
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -280,7 +284,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Volumes { agent, json } => rt.block_on(serving::volumes(&agent.addr(), json)),
         Cmd::Certs { out, hosts } => {
             certs::generate(&out, &hosts)?;
-            eprintln!(
+            println!(
                 "wrote ca.pem, agent.pem, agent-key.pem, master.pem, master-key.pem to {}",
                 out.display()
             );

@@ -566,7 +566,9 @@ impl<S: Slave, St: SessionStore, C: Cutover> Driver<S, St, C> {
             return Ok(Some(t));
         }
         if t.next == Phase::Failed {
-            warn!(volume = %rec.volume, phase = %rec.phase, error = %t.why, "step failed; rolling back");
+            // The record (and so its master's report) carries the error;
+            // a warning here would say it twice.
+            info!(volume = %rec.volume, phase = %rec.phase, error = %t.why, "step failed; rolling back");
         }
         match self.call(v, || self.slave.abort(self.fence(rec))).await {
             // The record says where the workload ended up.
@@ -577,6 +579,9 @@ impl<S: Slave, St: SessionStore, C: Cutover> Driver<S, St, C> {
                 let failed = Event::RollbackFailed(e.to_string());
                 return Ok(Some(transition(rec.phase, rec.progress, &failed, policy)?));
             }
+            // Activation failed before the agent made the session: there
+            // is nothing to roll back.
+            Err(e) if e.is(ErrorKind::NotFound) && rec.phase == Phase::Activating => {}
             Err(e) => warn!(volume = %rec.volume, error = %e, "rollback incomplete"),
         }
         Ok(Some(t))

@@ -107,7 +107,11 @@ fn group_id(etc_group: &str, name: &str) -> Option<u32> {
     })
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    volmig_api::report::exit(run())
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -22,8 +22,12 @@ enum Cmd {
     Run(Box<volmig_operator::run::RunArgs>),
 }
 
+fn main() -> std::process::ExitCode {
+    volmig_api::report::exit(run())
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Crd => print!("{}", volmig_operator::crd_gen::crd_yaml()?),
         Cmd::Run(args) => {

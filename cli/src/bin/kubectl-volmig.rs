@@ -8,11 +8,5 @@ use volmig_cli::kubectl::client::run;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {:#}", anyhow::Error::from(e));
-            ExitCode::FAILURE
-        }
-    }
+    volmig_api::report::exit(run(Cli::parse()).await.map_err(anyhow::Error::from))
 }
