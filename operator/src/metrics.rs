@@ -209,6 +209,7 @@ mod tests {
         m.observe(&Saved {
             namespace: "db".into(),
             name: "m".into(),
+            uid: None,
             before: Some(Phase::Activating),
             record: r,
         });

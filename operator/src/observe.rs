@@ -51,6 +51,19 @@ pub fn event_for(s: &Saved) -> Option<(EventType, String, String)> {
     })
 }
 
+/// The migration a save belongs to, as its Events name it: with its uid,
+/// which `kubectl describe` selects Events by.
+pub fn reference(s: &Saved) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(API_VERSION.into()),
+        kind: Some(KIND.into()),
+        name: Some(s.name.clone()),
+        namespace: Some(s.namespace.clone()),
+        uid: s.uid.clone(),
+        ..ObjectReference::default()
+    }
+}
+
 /// Consumes saves until the channel closes.
 pub async fn run(
     mut rx: mpsc::UnboundedReceiver<Saved>,
@@ -64,13 +77,7 @@ pub async fn run(
         };
         info!(migration = %format!("{}/{}", s.namespace, s.name), session = %s.record.session,
               volume = %s.record.volume, phase = %s.record.phase, "{note}");
-        let reference = ObjectReference {
-            api_version: Some(API_VERSION.into()),
-            kind: Some(KIND.into()),
-            name: Some(s.name.clone()),
-            namespace: Some(s.namespace.clone()),
-            ..ObjectReference::default()
-        };
+        let reference = reference(&s);
         let ev = Event {
             type_,
             reason,
@@ -103,6 +110,7 @@ mod tests {
         Saved {
             namespace: "db".into(),
             name: "m".into(),
+            uid: Some("u-1".into()),
             before,
             record,
         }
@@ -131,5 +139,15 @@ mod tests {
         let (_, reason, _) =
             event_for(&saved(Some(Phase::Terminating), Phase::Completed, None)).unwrap();
         assert_eq!(reason, "Completed");
+    }
+
+    #[test]
+    fn events_name_the_migration_by_uid() {
+        let r = reference(&saved(None, Phase::Activating, None));
+        assert_eq!(r.uid.as_deref(), Some("u-1"));
+        assert_eq!(
+            (r.kind.as_deref(), r.name.as_deref(), r.namespace.as_deref()),
+            (Some(KIND), Some("m"), Some("db"))
+        );
     }
 }

@@ -32,6 +32,9 @@ use crate::status_map::{
 pub struct Saved {
     pub namespace: String,
     pub name: String,
+    /// The VolumeMigration's uid: its Events name it, so `kubectl
+    /// describe` finds them.
+    pub uid: Option<String>,
     /// The phase before this save (`None`: the session was just created).
     pub before: Option<Phase>,
     pub record: SessionRecord,
@@ -167,6 +170,7 @@ impl SessionStore for CrStatusStore {
                         let _ = tx.send(Saved {
                             namespace: self.namespace.clone(),
                             name: self.name.clone(),
+                            uid: stored.metadata.uid.clone(),
                             before,
                             record: rec.clone(),
                         });
