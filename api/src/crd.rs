@@ -75,9 +75,35 @@ pub mod rules {
     derive = "PartialEq",
     doc = "A live migration of persistent volumes to other storage while their pods keep running",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
     printcolumn(name = "Stall", type_ = "string", json_path = ".status.cutoverStall"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Source",
+        type_ = "string",
+        priority = 1,
+        description = "The (first) source claim",
+        json_path = ".spec.volumes[*].source.persistentVolumeClaim"
+    ),
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        priority = 1,
+        description = "The (first) target claim",
+        json_path = ".status.volumes[*].target"
+    ),
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        priority = 1,
+        description = "The node whose agent copies the (first) volume",
+        json_path = ".status.volumes[*].node"
+    ),
     validation = Rule::new(rules::NO_ABORT_AFTER_END).message(rules::NO_ABORT_AFTER_END_MSG)
 )]
 #[cfg_attr(feature = "cel", kube(cel))]
@@ -314,7 +340,12 @@ pub struct VolumeMigrationStatus {
     pub volumes: Vec<VolumeStatus>,
     #[serde(default)]
     pub phase_times: Vec<PhaseTimeStatus>,
+    /// `Ready` (True once Completed: the workload runs on the target),
+    /// `Progressing`, `Degraded`, and the Job-like pair `Complete` and
+    /// `Failed` (one of them True once the migration ended; Failed also
+    /// for Aborted), one of each type.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 
@@ -460,24 +491,75 @@ pub struct SessionConfigStatus {
 #[serde(rename_all = "camelCase")]
 pub struct PhaseTimeStatus {
     pub phase: MigrationPhase,
+    #[schemars(extend("format" = "date-time"))]
     pub start: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
     pub end: Option<String>,
 }
 
-/// A Kubernetes-style condition: `Ready`, `Progressing` or `Degraded`.
+/// The condition types a VolumeMigration carries.
+pub mod condition {
+    /// True once the migration completed: the workload runs on the target.
+    pub const READY: &str = "Ready";
+    /// True while a session runs; False with the reason while it waits
+    /// (Pending) and once it ended.
+    pub const PROGRESSING: &str = "Progressing";
+    /// True when the migration failed.
+    pub const DEGRADED: &str = "Degraded";
+    /// Job-like: True once Completed.
+    pub const COMPLETE: &str = "Complete";
+    /// Job-like: True once Failed or Aborted (the workload stays on a
+    /// complete device; the reason says which).
+    pub const FAILED: &str = "Failed";
+    /// Every type, in the order the operator adds them.
+    pub const ALL: [&str; 5] = [READY, PROGRESSING, DEGRADED, COMPLETE, FAILED];
+    /// A condition reason (as metav1.Condition's).
+    pub const REASON_PATTERN: &str = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$";
+    /// A condition type (as metav1.Condition's).
+    pub const TYPE_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$";
+}
+
+/// A condition's status, as the API conventions spell it.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConditionStatus {
+    True,
+    False,
+    #[default]
+    Unknown,
+}
+
+impl From<bool> for ConditionStatus {
+    fn from(b: bool) -> Self {
+        if b { Self::True } else { Self::False }
+    }
+}
+
+impl std::fmt::Display for ConditionStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A condition as metav1.Condition has it; one of each type.
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     #[serde(rename = "type")]
+    #[schemars(length(min = 1, max = 316), regex(pattern = condition::TYPE_PATTERN))]
     pub type_: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
+    pub status: ConditionStatus,
+    /// CamelCase, for programs.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = condition::REASON_PATTERN))]
     pub reason: String,
+    /// For people.
+    #[schemars(length(max = 32768))]
     pub message: String,
-    /// RFC 3339.
+    /// When the status last changed (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
     pub last_transition_time: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
 }
 

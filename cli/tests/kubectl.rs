@@ -12,8 +12,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
 use serde_json::{Value, json};
 use volmig_api::crd::{
-    Condition, CopyModeSpec, MigrationPhase, PhaseTimeStatus, SharedAttachment, VerifySpec,
-    VolumeMigration, VolumeMigrationStatus, VolumeSessionStatus, VolumeStatus, check_spec,
+    Condition, ConditionStatus, CopyModeSpec, MigrationPhase, PhaseTimeStatus, SharedAttachment,
+    VerifySpec, VolumeMigration, VolumeMigrationStatus, VolumeSessionStatus, VolumeStatus,
+    check_spec,
 };
 use volmig_cli::kubectl::Error;
 use volmig_cli::kubectl::args::{Cli, Cmd, MigrateArgs};
@@ -253,7 +254,7 @@ fn sample() -> VolumeMigration {
         ],
         conditions: vec![Condition {
             type_: "Degraded".into(),
-            status: "True".into(),
+            status: ConditionStatus::True,
             reason: "AgentRestarted".into(),
             message: "agent on node-1 restarted; session resumed".into(),
             last_transition_time: "2026-01-01T10:01:00Z".into(),

@@ -14,8 +14,8 @@ use std::path::PathBuf;
 
 use k8s_openapi::jiff::Timestamp;
 use volmig_api::crd::{
-    Condition, MigrationPhase, PhaseTimeStatus, SessionConfigStatus, VerifySpec,
-    VolumeMigrationStatus, VolumeSessionStatus, VolumeStatus,
+    Condition, ConditionStatus, MigrationPhase, PhaseTimeStatus, SessionConfigStatus, VerifySpec,
+    VolumeMigrationStatus, VolumeSessionStatus, VolumeStatus, condition,
 };
 use volmig_api::phase::{Phase, Progress};
 use volmig_master::{PhaseTime, SessionConfig, SessionRecord, Verify};
@@ -370,10 +370,10 @@ pub fn set_condition(
     generation: Option<i64>,
     now_ms: u64,
 ) {
-    let st = if status { "True" } else { "False" };
+    let st = ConditionStatus::from(status);
     let fresh = Condition {
         type_: type_.to_string(),
-        status: st.to_string(),
+        status: st,
         reason: reason.to_string(),
         message: message.to_string(),
         last_transition_time: format_ms(now_ms),
@@ -441,7 +441,7 @@ pub fn session_conditions(
                 ),
             ),
         ),
-        MigrationPhase::Pending => return,
+        MigrationPhase::Pending => return end_conditions(status, generation, now_ms),
         p => (
             (false, "InProgress", format!("{p}: {progress} copied")),
             (true, &*p.to_string(), format!("{p}: {progress} copied")),
@@ -465,6 +465,54 @@ pub fn session_conditions(
         degraded.0,
         degraded.1,
         &degraded.2,
+        generation,
+        now_ms,
+    );
+    end_conditions(status, generation, now_ms);
+}
+
+/// The Job-like pair every status carries: `Complete` True once the
+/// migration completed, `Failed` True once it failed or was aborted (the
+/// reason says which); both False, with the phase as the reason, before.
+/// What `kubectl wait --for=condition=Complete` and Argo CD's health check
+/// (docs/argocd-health.lua) read.
+pub fn end_conditions(status: &mut VolumeMigrationStatus, generation: Option<i64>, now_ms: u64) {
+    let phase = status.phase;
+    let reason = phase.to_string();
+    let error = status.error.clone().unwrap_or_default();
+    let (complete, complete_msg) = match phase {
+        MigrationPhase::Completed => (true, "the workload runs on the target".to_string()),
+        p if p.is_terminal() => (false, format!("the migration ended {p}")),
+        p => (false, format!("{p}: not complete yet")),
+    };
+    let (failed, failed_msg) = match phase {
+        MigrationPhase::Failed => (
+            true,
+            format!("the migration failed: {error}; the workload runs on a complete device"),
+        ),
+        MigrationPhase::Aborted => (
+            true,
+            "the migration was aborted: the workload runs on the source".to_string(),
+        ),
+        MigrationPhase::Completed => (false, "the migration completed".to_string()),
+        p => (false, format!("{p}: not failed")),
+    };
+    let c = &mut status.conditions;
+    set_condition(
+        c,
+        condition::COMPLETE,
+        complete,
+        &reason,
+        &complete_msg,
+        generation,
+        now_ms,
+    );
+    set_condition(
+        c,
+        condition::FAILED,
+        failed,
+        &reason,
+        &failed_msg,
         generation,
         now_ms,
     );
@@ -641,7 +689,7 @@ mod tests {
         let get = |s: &VolumeMigrationStatus, t: &str| {
             s.conditions.iter().find(|c| c.type_ == t).cloned().unwrap()
         };
-        assert_eq!(get(&s, "Progressing").status, "True");
+        assert_eq!(get(&s, "Progressing").status, ConditionStatus::True);
         assert_eq!(get(&s, "Progressing").reason, "Copying");
         s.phase = MigrationPhase::Refreshing;
         session_conditions(&mut s, Some(1), 2000);
@@ -655,10 +703,46 @@ mod tests {
         session_conditions(&mut s, Some(1), 3000);
         let d = get(&s, "Degraded");
         assert_eq!(
-            (d.status.as_str(), d.reason.as_str()),
-            ("True", "SessionFailed")
+            (d.status, d.reason.as_str()),
+            (ConditionStatus::True, "SessionFailed")
         );
         assert!(d.message.contains("I/O error"));
         assert_eq!(get(&s, "Progressing").last_transition_time, format_ms(3000));
+    }
+
+    #[test]
+    fn complete_and_failed_say_how_it_ended_like_a_job() {
+        use MigrationPhase::*;
+        for (phase, complete, failed) in [
+            (Pending, false, false),
+            (Copying, false, false),
+            (Terminating, false, false),
+            (Completed, true, false),
+            (Failed, false, true),
+            (Aborted, false, true),
+        ] {
+            let mut s = VolumeMigrationStatus {
+                phase,
+                ..Default::default()
+            };
+            session_conditions(&mut s, Some(2), 1000);
+            let get = |t: &str| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == t)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("{phase}: no {t} condition"))
+            };
+            let (c, f) = (get(condition::COMPLETE), get(condition::FAILED));
+            assert_eq!(c.status, ConditionStatus::from(complete), "{phase}");
+            assert_eq!(f.status, ConditionStatus::from(failed), "{phase}");
+            assert_eq!(c.reason, phase.to_string());
+            assert_eq!(f.observed_generation, Some(2));
+            // One condition per type (the CRD's list is a map keyed by type).
+            let mut types: Vec<&str> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
+            types.sort();
+            types.dedup();
+            assert_eq!(types.len(), s.conditions.len(), "{phase}");
+        }
     }
 }

@@ -115,7 +115,21 @@ fn every_rule_is_in_the_crd_with_its_message() {
         .flatten()
         .map(|c| c.name.clone())
         .collect();
-    assert_eq!(cols, ["Phase", "Progress", "Stall", "Age"]);
+    assert_eq!(
+        cols,
+        [
+            "Phase", "Ready", "Progress", "Stall", "Age", "Source", "Target", "Node"
+        ]
+    );
+    // Source, target and node only with `kubectl get -o wide`.
+    let wide: Vec<(String, Option<i32>)> = crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| (c.name.clone(), c.priority))
+        .filter(|(_, p)| *p == Some(1))
+        .collect();
+    assert_eq!(wide.len(), 3, "{wide:?}");
     assert!(
         crd.spec.versions[0]
             .subresources
@@ -324,4 +338,93 @@ fn transition_rules_hold_abort_and_volumes() {
     let e = cel(&late, Some(&done)).expect_err("abort after completion");
     assert!(e.contains(rules::NO_ABORT_AFTER_END_MSG), "{e}");
     assert!(crd::check_update(&spec_of(&done), &spec_of(&late), true).is_err());
+}
+
+/// A status as the operator writes it, with `f` applied.
+fn with_status(f: impl FnOnce(&mut Value)) -> Value {
+    let mut v = obj(json!({"volumes": [pair("a", json!({"storageClassName": "x"}))]}));
+    v["status"] = json!({
+        "phase": "Copying",
+        "phaseTimes": [{"phase": "Copying", "start": "2026-01-01T10:00:00.123Z"}],
+        "conditions": [
+            {"type": "Ready", "status": "False", "reason": "InProgress",
+             "message": "Copying: 10% copied", "lastTransitionTime": "2026-01-01T10:00:00.123Z",
+             "observedGeneration": 1},
+            {"type": "Complete", "status": "False", "reason": "Copying", "message": "",
+             "lastTransitionTime": "2026-01-01T10:00:00.123Z"},
+        ],
+    });
+    f(&mut v);
+    v
+}
+
+/// The schema's verdict with `format` checked too (the API server checks
+/// `date-time`).
+fn schema_ok_with_formats(v: &Value) -> Result<(), String> {
+    let s = schema();
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&s)
+        .map_err(|e| e.to_string())?;
+    let errs: Vec<String> = validator.iter_errors(v).map(|e| e.to_string()).collect();
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("; "))
+    }
+}
+
+#[test]
+fn conditions_follow_the_api_conventions() {
+    let crd = serde_json::to_value(VolumeMigration::crd()).unwrap();
+    let conds = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+        ["conditions"];
+    assert_eq!(conds["x-kubernetes-list-type"], "map", "{conds}");
+    assert_eq!(conds["x-kubernetes-list-map-keys"], json!(["type"]));
+    let item = &conds["items"]["properties"];
+    assert_eq!(item["status"]["enum"], json!(["True", "False", "Unknown"]));
+    assert_eq!(item["lastTransitionTime"]["format"], "date-time");
+    let times = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+        ["phaseTimes"]["items"]["properties"];
+    assert_eq!(times["start"]["format"], "date-time");
+    assert_eq!(times["end"]["format"], "date-time");
+
+    schema_ok_with_formats(&with_status(|_| {})).unwrap();
+    let bad = [
+        (
+            "status Yes",
+            with_status(|v| v["status"]["conditions"][0]["status"] = json!("Yes")),
+        ),
+        (
+            "a time that is no date-time",
+            with_status(|v| {
+                v["status"]["conditions"][0]["lastTransitionTime"] = json!("yesterday")
+            }),
+        ),
+        (
+            "a phase start that is no date-time",
+            with_status(|v| v["status"]["phaseTimes"][0]["start"] = json!("10:00")),
+        ),
+        (
+            "a reason with a space",
+            with_status(|v| v["status"]["conditions"][0]["reason"] = json!("In progress")),
+        ),
+        (
+            "no reason",
+            with_status(|v| {
+                v["status"]["conditions"][0]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("reason");
+            }),
+        ),
+    ];
+    for (what, v) in bad {
+        assert!(
+            schema_ok_with_formats(&v).is_err(),
+            "{what} passed the schema"
+        );
+    }
+    // CEL rules that read the status still hold.
+    cel(&with_status(|_| {}), None).unwrap();
 }

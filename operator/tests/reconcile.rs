@@ -591,6 +591,54 @@ async fn new_migration_gets_finalizer_target_claim_activating_then_completes() {
     assert!(Path::new(&c.source).exists());
 }
 
+/// Every Event about a migration, the reconciler's and those of its
+/// sessions' saves (`observe`), names it by uid as well as by name:
+/// `kubectl describe` selects Events by the object's uid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_name_the_migration_by_uid() {
+    let mut c = cluster(spec("1Mi"), "pv-data").await;
+    let (_, empty) = mpsc::unbounded_channel();
+    let saved = std::mem::replace(&mut c.saved, empty);
+    let recorder = Recorder::new(
+        c.ctx.client.clone(),
+        Reporter {
+            controller: "volmig-operator".into(),
+            instance: None,
+        },
+    );
+    tokio::spawn(volmig_operator::observe::run(
+        saved,
+        recorder,
+        Arc::new(volmig_operator::metrics::Metrics::default()),
+    ));
+    c.start().await;
+    c.wait_phase(&["Copying", "Refreshing", "Terminating", "Completed"], 30)
+        .await;
+    let uid = c.vm()["metadata"]["uid"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    loop {
+        let events: Vec<Value> = c
+            .fake
+            .paths()
+            .into_iter()
+            .filter(|p| p.starts_with("/apis/events.k8s.io/v1/namespaces/db/events/"))
+            .map(|p| c.fake.get(&p).unwrap())
+            .collect();
+        let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
+        // The reconciler's (Started) and a save's (Activating).
+        if reasons.contains(&"Started") && reasons.contains(&"Activating") {
+            for e in &events {
+                assert_eq!(e["regarding"]["uid"], uid.as_str(), "{e}");
+                assert_eq!(e["regarding"]["name"], "m", "{e}");
+                assert_eq!(e["regarding"]["kind"], "VolumeMigration", "{e}");
+            }
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "events: {reasons:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spec_abort_rolls_back_and_releases_the_target() {
     let c = cluster(spec("1Mi"), "pv-data").await;

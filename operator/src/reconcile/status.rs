@@ -9,7 +9,7 @@ use volmig_api::crd::{MigrationPhase, VolumeMigration, VolumeMigrationStatus};
 use volmig_master::now_ms;
 
 use crate::error::Result;
-use crate::status_map::set_condition;
+use crate::status_map::{end_conditions, set_condition};
 
 /// A condition to set: type, status, reason, message.
 pub type Cond<'a> = (&'a str, bool, &'a str, &'a str);
@@ -24,6 +24,7 @@ pub async fn update_status(
     let mut next = before.clone();
     f(&mut next);
     next.observed_generation = vm.metadata.generation;
+    end_conditions(&mut next, vm.metadata.generation, now_ms());
     if next == before {
         return Ok(false);
     }
