@@ -157,6 +157,9 @@ impl SessionStore for CrStatusStore {
                 s.revision += 1;
             }
             status.revision += 1;
+            // The record was loaded with this generation's spec (the
+            // revision check above says so).
+            status.observed_generation = vm.metadata.generation;
             session_conditions(&mut status, vm.metadata.generation, now_ms());
             vm.status = Some(status);
             match self

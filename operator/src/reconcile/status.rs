@@ -50,6 +50,24 @@ pub fn apply_conditions(
 /// The migration waits (no session yet): phase Pending, Ready and
 /// Progressing False with the reason; not Degraded (it goes on once the
 /// cluster catches up), and an earlier failure's error is gone.
+pub fn mark_pending(
+    s: &mut VolumeMigrationStatus,
+    generation: Option<i64>,
+    reason: &str,
+    message: &str,
+) {
+    s.phase = MigrationPhase::Pending;
+    s.error = None;
+    let mut conds = vec![
+        ("Ready", false, reason, message),
+        ("Progressing", false, reason, message),
+    ];
+    if s.conditions.iter().any(|c| c.type_ == "Degraded") {
+        conds.push(("Degraded", false, reason, message));
+    }
+    apply_conditions(s, generation, &conds);
+}
+
 pub async fn pending(
     api: &Api<VolumeMigration>,
     vm: &VolumeMigration,
@@ -57,23 +75,30 @@ pub async fn pending(
     message: &str,
 ) -> Result<bool> {
     let g = vm.metadata.generation;
-    update_status(api, vm, |s| {
-        s.phase = MigrationPhase::Pending;
-        s.error = None;
-        let mut conds = vec![
-            ("Ready", false, reason, message),
-            ("Progressing", false, reason, message),
-        ];
-        if s.conditions.iter().any(|c| c.type_ == "Degraded") {
-            conds.push(("Degraded", false, reason, message));
-        }
-        apply_conditions(s, g, &conds);
-    })
-    .await
+    update_status(api, vm, |s| mark_pending(s, g, reason, message)).await
 }
 
 /// The migration fails before a session exists (an invalid spec): phase
 /// Failed, nothing on any agent was touched.
+pub fn mark_failed_before_start(
+    s: &mut VolumeMigrationStatus,
+    generation: Option<i64>,
+    reason: &str,
+    message: &str,
+) {
+    s.phase = MigrationPhase::Failed;
+    s.error = Some(message.to_string());
+    apply_conditions(
+        s,
+        generation,
+        &[
+            ("Ready", false, reason, message),
+            ("Progressing", false, reason, message),
+            ("Degraded", true, reason, message),
+        ],
+    );
+}
+
 pub async fn failed_before_start(
     api: &Api<VolumeMigration>,
     vm: &VolumeMigration,
@@ -81,18 +106,5 @@ pub async fn failed_before_start(
     message: &str,
 ) -> Result<bool> {
     let g = vm.metadata.generation;
-    update_status(api, vm, |s| {
-        s.phase = MigrationPhase::Failed;
-        s.error = Some(message.to_string());
-        apply_conditions(
-            s,
-            g,
-            &[
-                ("Ready", false, reason, message),
-                ("Progressing", false, reason, message),
-                ("Degraded", true, reason, message),
-            ],
-        );
-    })
-    .await
+    update_status(api, vm, |s| mark_failed_before_start(s, g, reason, message)).await
 }
