@@ -13,6 +13,7 @@ pub mod copy;
 pub mod error;
 pub mod grpc;
 pub mod interposer;
+pub mod metrics;
 pub mod monitor;
 pub mod serving;
 pub mod session;

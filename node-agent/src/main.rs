@@ -79,6 +79,10 @@ struct ServeArgs {
     /// Most threads doing blocking device I/O at once.
     #[arg(long, default_value_t = 64)]
     io_threads: usize,
+    /// Serve Prometheus metrics (/metrics) and a liveness probe (/healthz)
+    /// on this address, e.g. 0.0.0.0:9090.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn parse_export(s: &str) -> Result<(String, PathBuf), String> {
@@ -186,6 +190,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let server: NbdServer<volmig_agent::interposer::Interposer> = NbdServer::new();
     let agent = Agent::with_frontends(&a.state_dir, Frontends::with_nbd(server.clone()))?;
     serve_volumes(&agent, &a).await?;
+    if let Some(addr) = a.metrics {
+        volmig_agent::metrics::serve(addr, agent.clone())
+            .await
+            .with_context(|| format!("--metrics {addr}"))?;
+    }
     // The API first: once NBD answers, so does the control socket.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until_stopped = move || {

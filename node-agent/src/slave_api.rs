@@ -228,6 +228,9 @@ impl Slave for Agent {
     async fn resume(&self, f: Fence) -> SlaveResult<ResumeResult> {
         let (s, _g) = self.session_for(&f, true)?;
         let stall = within("resume", &f, s.resume().await)?;
+        if let (Some(d), Ok(i)) = (stall, self.interposer(&f.volume)) {
+            i.counters.metrics.stalled(d);
+        }
         Ok(ResumeResult { stall })
     }
 

@@ -59,6 +59,7 @@ use std::time::Duration;
 use volmig_api::io::{Extent, VolumeIo, threads};
 
 use crate::error::{AgentError, Result};
+use crate::metrics::Op;
 use crate::monitor::DirtyMap;
 use crate::volume::BackingDevice;
 
@@ -174,6 +175,8 @@ pub struct IoCounters {
     pub reads: AtomicU64,
     /// Mirrored writes whose target half failed (grain left dirty).
     pub mirror_errors: AtomicU64,
+    /// Latencies and stalls, for the agent's metrics.
+    pub metrics: crate::metrics::VolumeMetrics,
 }
 
 pub struct Interposer {
@@ -456,6 +459,7 @@ impl VolumeIo for Interposer {
     }
 
     async fn read(&self, offset: u64, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
+        let _timer = self.counters.metrics.time(Op::Read);
         let _pass = self.gate.enter().await;
         let dev = self.route().active;
         let len = buf.len() as u64;
@@ -469,6 +473,7 @@ impl VolumeIo for Interposer {
     }
 
     async fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<Vec<u8>> {
+        let _timer = self.counters.metrics.time(Op::Write);
         let _pass = self.gate.enter().await;
         let route = self.route();
         let counters = self.counters.clone();
@@ -510,21 +515,25 @@ impl VolumeIo for Interposer {
     }
 
     async fn flush(&self) -> io::Result<()> {
+        let _timer = self.counters.metrics.time(Op::Flush);
         let _pass = self.gate.enter().await;
         let route = self.route();
         blocking(move || Interposer::flush_blocking(&route)).await
     }
 
     async fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
+        let _timer = self.counters.metrics.time(Op::Trim);
         self.mutate(offset, length, Mutation::Trim).await
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool) -> io::Result<()> {
+        let _timer = self.counters.metrics.time(Op::WriteZeroes);
         self.mutate(offset, length, Mutation::Zeroes { may_trim })
             .await
     }
 
     async fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        let _timer = self.counters.metrics.time(Op::BlockStatus);
         let _pass = self.gate.enter().await;
         let dev = self.route().active;
         let segs = blocking(move || dev.segments(offset, length)).await?;
