@@ -5,6 +5,7 @@
 //! the exact requests `migrate`, `abort` and `list` send (mock API server).
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::Parser;
 use http::{Request, Response};
@@ -17,7 +18,7 @@ use volmig_api::crd::{
     check_spec,
 };
 use volmig_cli::kubectl::Error;
-use volmig_cli::kubectl::args::{Cli, Cmd, MigrateArgs};
+use volmig_cli::kubectl::args::{Cli, Cmd, DryRun, MigrateArgs, Output, Timeout};
 use volmig_cli::kubectl::build::{build_migration, to_yaml};
 use volmig_cli::kubectl::client;
 use volmig_cli::kubectl::render::{age, render_list, render_status};
@@ -170,7 +171,7 @@ fn dry_run_yaml_parses_back_and_passes_the_crd_rules() {
         "a --to-pvc a-new --mode Background --verify None --dry-run",
     ] {
         let a = migrate(args);
-        assert!(a.dry_run);
+        assert_eq!(a.dry_run, DryRun::Client);
         let vm = build_migration(&a, Some("db")).unwrap();
         let yaml = to_yaml(&vm).unwrap();
         assert!(
@@ -426,4 +427,348 @@ async fn migrate_abort_and_list_send_the_exact_requests() {
         "/apis/volmig.io/v1alpha1/namespaces/db/volumemigrations?"
     );
     assert_eq!(seen[3].path, "/apis/volmig.io/v1alpha1/volumemigrations?");
+}
+
+/// The parsed command line for `args` (after `kubectl-volmig`).
+fn cli(args: &str) -> Cli {
+    Cli::try_parse_from(std::iter::once("kubectl-volmig").chain(args.split_whitespace())).unwrap()
+}
+
+#[test]
+fn dry_run_and_output_take_kubectl_s_forms() {
+    for (args, dry, out) in [
+        ("a --to-pvc b", DryRun::None, None),
+        ("a --to-pvc b --dry-run", DryRun::Client, None),
+        (
+            "a --to-pvc b --dry-run=client -o yaml",
+            DryRun::Client,
+            Some(Output::Yaml),
+        ),
+        (
+            "a --to-pvc b --dry-run=server -o json",
+            DryRun::Server,
+            Some(Output::Json),
+        ),
+        (
+            "a --to-pvc b --dry-run=none --output name",
+            DryRun::None,
+            Some(Output::Name),
+        ),
+    ] {
+        let a = migrate(args);
+        assert_eq!((a.dry_run, a.output), (dry, out), "{args}");
+    }
+    assert!(
+        Cli::try_parse_from(["kubectl-volmig", "migrate", "a", "--dry-run=maybe"]).is_err(),
+        "an unknown --dry-run is refused"
+    );
+    let vm = build_migration(&migrate("a --to-pvc b --name m"), Some("db")).unwrap();
+    let yaml = client::printed(&vm, Some(Output::Yaml), DryRun::Client).unwrap();
+    assert_eq!(yaml, to_yaml(&vm).unwrap());
+    let json_text = client::printed(&vm, Some(Output::Json), DryRun::Client).unwrap();
+    let back: VolumeMigration = serde_json::from_str(&json_text).unwrap();
+    assert_eq!(back, vm);
+    assert_eq!(
+        client::printed(&vm, Some(Output::Name), DryRun::Client).unwrap(),
+        "volumemigration.volmig.io/m\n"
+    );
+    assert_eq!(
+        client::printed(&vm, None, DryRun::Client).unwrap(),
+        "volumemigration.volmig.io/m created (dry run)\n"
+    );
+    assert_eq!(
+        client::printed(&vm, None, DryRun::None).unwrap(),
+        "volumemigration.volmig.io/m created\n"
+    );
+}
+
+/// A kubeconfig with two contexts on two (unreachable) servers.
+fn kubeconfig(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("config");
+    std::fs::write(
+        &path,
+        r#"apiVersion: v1
+kind: Config
+current-context: one
+clusters:
+- name: one
+  cluster: {server: "http://127.0.0.1:1"}
+- name: two
+  cluster: {server: "http://127.0.0.1:2"}
+users:
+- name: u
+  user: {token: secret}
+contexts:
+- name: one
+  context: {cluster: one, user: u, namespace: ns-one}
+- name: two
+  context: {cluster: two, user: u, namespace: ns-two}
+"#,
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn kubeconfig_context_impersonation_and_timeout_reach_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let kc = kubeconfig(dir.path()).display().to_string();
+    let c = cli(&format!("--kubeconfig {kc} list"));
+    let cfg = client::config(&c.conn).await.unwrap();
+    assert_eq!(cfg.cluster_url.to_string(), "http://127.0.0.1:1/");
+    assert_eq!(cfg.default_namespace, "ns-one");
+    assert_eq!(cfg.auth_info.impersonate, None);
+    assert_eq!(cfg.read_timeout, None, "--request-timeout 0 waits forever");
+
+    let c = cli(&format!(
+        "--kubeconfig {kc} --context two --as alice --as-group ops --as-group dev --request-timeout 7s status m"
+    ));
+    assert_eq!(
+        c.conn.request_timeout,
+        Timeout(Some(Duration::from_secs(7)))
+    );
+    let cfg = client::config(&c.conn).await.unwrap();
+    assert_eq!(cfg.cluster_url.to_string(), "http://127.0.0.1:2/");
+    assert_eq!(cfg.default_namespace, "ns-two");
+    assert_eq!(cfg.auth_info.impersonate.as_deref(), Some("alice"));
+    assert_eq!(
+        cfg.auth_info.impersonate_groups,
+        Some(vec!["ops".to_string(), "dev".to_string()])
+    );
+    for t in [cfg.read_timeout, cfg.write_timeout, cfg.connect_timeout] {
+        assert_eq!(t, Some(Duration::from_secs(7)));
+    }
+    assert!(Cli::try_parse_from(["kubectl-volmig", "--request-timeout", "soon", "list"]).is_err());
+    let e = client::config(&cli("--kubeconfig /nonexistent/kc list").conn)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--kubeconfig /nonexistent/kc"), "{e}");
+}
+
+/// A one-request-at-a-time HTTP server standing in for the API server:
+/// answers `reply` (or nothing, when None: the client must time out) and
+/// hands the request's head to the test.
+async fn fake_server(
+    reply: Option<Value>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let reply = reply.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                let Some(reply) = reply else {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return;
+                };
+                let body = serde_json::to_vec(&reply).unwrap();
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                let _ = s.write_all(&body).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// `kubectl-volmig` with a kubeconfig pointing at `addr`.
+fn plugin(
+    dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+    args: &[&str],
+) -> std::process::Command {
+    let kc = dir.join("kc");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters:\n- name: c\n  cluster: {{server: \"http://{addr}\"}}\nusers:\n- name: u\n  user: {{token: t}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u, namespace: db}}\n"
+        ),
+    )
+    .unwrap();
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-volmig"));
+    c.arg("--kubeconfig").arg(&kc).args(args);
+    c.env("KUBECONFIG", "/nonexistent")
+        .env("RUST_BACKTRACE", "1");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_impersonates_and_gives_up_after_the_request_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, mut heads) = fake_server(Some(serde_json::to_value(sample()).unwrap())).await;
+    let out = tokio::task::spawn_blocking({
+        let mut c = plugin(
+            dir.path(),
+            addr,
+            &["--as", "alice", "--as-group", "ops", "status", "mv"],
+        );
+        move || c.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Phase:      Resuming"));
+    let head = heads.recv().await.unwrap().to_ascii_lowercase();
+    assert!(
+        head.starts_with("get /apis/volmig.io/v1alpha1/namespaces/db/volumemigrations/mv"),
+        "{head}"
+    );
+    assert!(head.contains("impersonate-user: alice"), "{head}");
+    assert!(head.contains("impersonate-group: ops"), "{head}");
+
+    // A server that never answers: the request gives up after 1 s, with
+    // one line.
+    let (addr, _heads) = fake_server(None).await;
+    let t = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking({
+        let mut c = plugin(
+            dir.path(),
+            addr,
+            &["--request-timeout", "1s", "status", "mv"],
+        );
+        move || c.output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+}
+
+#[tokio::test]
+async fn server_dry_run_stores_nothing() {
+    let vm = build_migration(
+        &migrate("data --to-storage-class fast --name mv"),
+        Some("db"),
+    )
+    .unwrap();
+    let (kc, seen) = mock(vec![serde_json::to_value(&vm).unwrap()]);
+    client::create_with(&kc, "db", &vm, true).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(
+        seen[0].path,
+        "/apis/volmig.io/v1alpha1/namespaces/db/volumemigrations?&dryRun=All"
+    );
+}
+
+const MV_PATH: &str = "/apis/volmig.io/v1alpha1/namespaces/db/volumemigrations/mv";
+
+/// `status --watch` follows a watch: it shows every change, stops once the
+/// migration ended, and never reads the object again by polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_follows_a_watch_not_polls() {
+    let (client, fake) = volmig_testkit::fake_api::FakeApi::start();
+    let mut vm = serde_json::to_value(sample()).unwrap();
+    vm["status"]["phase"] = json!("Copying");
+    fake.put(MV_PATH, vm);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    struct Chan(tokio::sync::mpsc::UnboundedSender<Vec<u8>>);
+    impl std::io::Write for Chan {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.send(b.to_vec());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let watching = tokio::spawn({
+        let client = client.clone();
+        async move { client::watch_status(&client, "db", "mv", false, Chan(tx)).await }
+    });
+    async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) -> String {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("no output for 10 s")
+            .expect("output closed");
+        String::from_utf8(chunk).unwrap()
+    }
+    let first = next(&mut rx).await;
+    assert!(first.contains("Phase:      Copying"), "{first}");
+    // Wait a while: nothing changes, nothing is shown, nothing is polled.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rx.try_recv().is_err(), "shown again without a change");
+    fake.edit(MV_PATH, |o| o["status"]["phase"] = json!("Redirecting"));
+    let second = next(&mut rx).await;
+    assert!(
+        second.starts_with("---\n") && second.contains("Phase:      Redirecting"),
+        "{second}"
+    );
+    fake.edit(MV_PATH, |o| o["status"]["phase"] = json!("Completed"));
+    let third = next(&mut rx).await;
+    assert!(third.contains("Phase:      Completed"), "{third}");
+    let done = tokio::time::timeout(Duration::from_secs(10), watching)
+        .await
+        .expect("the watch did not end with the migration")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status.unwrap().phase, MigrationPhase::Completed);
+    // One list and watches of the collection, by name; no GET of the object.
+    let reads: Vec<String> = fake
+        .log()
+        .into_iter()
+        .filter(|l| l.method == http::Method::GET)
+        .map(|l| format!("{}?{}", l.path, l.query))
+        .collect();
+    assert!(
+        reads.iter().all(|r| r
+            .starts_with("/apis/volmig.io/v1alpha1/namespaces/db/volumemigrations?")
+            && r.contains("metadata.name%3Dmv")),
+        "{reads:#?}"
+    );
+    assert!(reads.iter().any(|r| r.contains("watch=true")), "{reads:#?}");
+    assert!(reads.len() <= 3, "polled: {reads:#?}");
+}
+
+#[tokio::test]
+async fn watching_a_missing_migration_is_an_error() {
+    let (client, _fake) = volmig_testkit::fake_api::FakeApi::start();
+    let e = tokio::time::timeout(
+        Duration::from_secs(10),
+        client::watch_status(&client, "db", "nope", false, std::io::sink()),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(matches!(e, Error::Gone(_)), "{e}");
 }

@@ -10,14 +10,67 @@ use clap::{Args, Parser, Subcommand};
     about = "Live-migrate persistent volumes with VolumeMigration resources"
 )]
 pub struct Cli {
-    /// The kubeconfig context to use (default: the current context).
-    #[arg(long, global = true)]
-    pub context: Option<String>,
+    #[command(flatten)]
+    pub conn: Connection,
     /// Namespace (default: the kubeconfig context's namespace).
     #[arg(short = 'n', long, global = true)]
     pub namespace: Option<String>,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+/// How to reach the cluster, as kubectl's flags of the same names say.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Connection {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config,
+    /// then the in-cluster configuration).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use (default: the current context).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// Act as this user (impersonation).
+    #[arg(long = "as", global = true, value_name = "USER")]
+    pub as_user: Option<String>,
+    /// Act as this group (impersonation; repeatable).
+    #[arg(long = "as-group", global = true, value_name = "GROUP")]
+    pub as_groups: Vec<String>,
+    /// How long to wait for one request to the API server (e.g. 30s, 2m;
+    /// 0 waits forever). A `--watch` or `--wait` is one request too.
+    #[arg(long, global = true, default_value = "0", value_name = "DURATION",
+          value_parser = parse_timeout)]
+    pub request_timeout: Timeout,
+}
+
+/// `--request-timeout`: `None` waits forever.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeout(pub Option<std::time::Duration>);
+
+fn parse_timeout(s: &str) -> Result<Timeout, String> {
+    if s.trim_start_matches('0').is_empty() {
+        return Ok(Timeout(None));
+    }
+    volmig_api::units::parse_duration(s)
+        .map(|d| Timeout((!d.is_zero()).then_some(d)))
+        .map_err(|e| format!("{s:?} is not a duration (e.g. 30s, 2m, 0 for none): {e}"))
+}
+
+/// `--dry-run`: `client` prints the resource without a cluster, `server`
+/// has the API server check it and store nothing.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DryRun {
+    #[default]
+    None,
+    Client,
+    Server,
+}
+
+/// `-o`: what `migrate` prints of the resource.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Yaml,
+    Json,
+    Name,
 }
 
 #[derive(Subcommand, Debug)]
@@ -29,7 +82,7 @@ pub enum Cmd {
     /// phase timeline and conditions.
     Status {
         name: String,
-        /// Refresh until the migration ends.
+        /// Show it again at every change (a watch) until it ends.
         #[arg(long, short = 'w')]
         watch: bool,
     },
@@ -75,7 +128,13 @@ pub struct MigrateArgs {
     /// Show progress until the migration ends; exit non-zero unless Completed.
     #[arg(long)]
     pub wait: bool,
-    /// Print the resource as YAML instead of creating it (needs no cluster).
-    #[arg(long)]
-    pub dry_run: bool,
+    /// Create nothing: `client` (also `--dry-run` alone) builds the
+    /// resource without a cluster, `server` has the API server check it.
+    #[arg(long, value_enum, default_value = "none", num_args = 0..=1,
+          require_equals = true, default_missing_value = "client")]
+    pub dry_run: DryRun,
+    /// Print the resource (as created, or as it would be) as yaml or json,
+    /// or its name only.
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<Output>,
 }

@@ -24,6 +24,12 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("migration {0} ended {1}")]
     Ended(String, String),
+    #[error("watching the migration: {0}")]
+    Watch(#[from] kube::runtime::watcher::Error),
+    #[error("migration {0} not found (or deleted)")]
+    Gone(String),
+    #[error("writing the output: {0}")]
+    Output(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
