@@ -70,12 +70,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/*
+The images. volmig publishes none, so there is no default repository (a
+default name this project does not control could pull anyone's image into a
+privileged DaemonSet): values.schema.json refuses an empty one, and so does
+this (for --skip-schema-validation).
+*/}}
 {{- define "volmig.operator.image" -}}
-{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- $repo := required "operator.image.repository is required: volmig publishes no images; build images/operator.Dockerfile and set the name you pushed (see the README's Kubernetes section)" .Values.operator.image.repository -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.operator.image.tag) -}}
 {{- end -}}
 
 {{- define "volmig.agent.image" -}}
-{{- printf "%s:%s" .Values.agent.image.repository (default .Chart.AppVersion .Values.agent.image.tag) -}}
+{{- $repo := required "agent.image.repository is required: volmig publishes no images; build images/agent.Dockerfile and set the name you pushed (see the README's Kubernetes section)" .Values.agent.image.repository -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.agent.image.tag) -}}
 {{- end -}}
 
 {{/* The Secret holding ca.pem, agent.pem, agent-key.pem, master.pem, master-key.pem (chart-generated certificates). */}}
