@@ -46,6 +46,37 @@ app.kubernetes.io/instance: {{ include "volmig.instance" .ctx }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/*
+Values two components must agree on. Templates read them only through these
+helpers (scripts/check-chart fails when one reads .Values for them directly),
+so the operator's flags and the agents' mounts, ports and certificates
+cannot drift apart.
+*/}}
+{{/* kubelet's root directory: the agents mount it at the same path; the operator (--kubelet-dir) builds target device paths under it. */}}
+{{- define "volmig.kubeletDir" -}}
+{{- .Values.agent.kubeletDir | trimSuffix "/" -}}
+{{- end -}}
+
+{{/* The agents' gRPC port: the agent's --grpc and containerPort, the operator's --agent-port. */}}
+{{- define "volmig.agentPort" -}}
+{{- .Values.agent.grpcPort -}}
+{{- end -}}
+
+{{/* The DNS name in the agent certificate: the operator checks it (--agent-tls-name) and issues it. */}}
+{{- define "volmig.agentTlsName" -}}
+{{- .Values.tls.agentName -}}
+{{- end -}}
+
+{{/* Where both pods mount their TLS files (ca.pem, <role>.pem, <role>-key.pem). */}}
+{{- define "volmig.tlsDir" -}}
+/etc/volmig/tls
+{{- end -}}
+
+{{/* The Lease of leader election: the operator's --lease-name and its Role's resourceNames. */}}
+{{- define "volmig.leaseName" -}}
+{{- .Values.operator.leaseName -}}
+{{- end -}}
+
 {{- define "volmig.operator.fullname" -}}
 {{- printf "%s-operator" (include "volmig.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
