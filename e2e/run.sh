@@ -36,8 +36,8 @@ die() { echo "e2e: FAILED: $*" >&2; exit 1; }
 for tool in docker kind kubectl helm python3; do
   command -v "$tool" >/dev/null || die "$tool is not installed (see e2e/README.md)"
 done
-[ -f charts/volmig/crds/volumemigrations.volmig.io.yaml ] ||
-  die "charts/volmig/crds/volumemigrations.volmig.io.yaml is missing: the chart would install no CRD"
+[ -f charts/volmig/templates/crd-volumemigrations.yaml ] ||
+  die "charts/volmig/templates/crd-volumemigrations.yaml is missing: the chart would install no CRD"
 
 diagnose() {
   echo "---- diagnostics (also in $OUT) ----" >&2

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod observe;
 pub mod reconcile;
 pub mod run;
+pub mod startup;
 pub mod status_map;
 pub mod status_store;
 pub mod target;

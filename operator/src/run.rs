@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::api::ListParams;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -26,7 +25,7 @@ use crate::health::{Health, health_router, metrics_router, serve};
 use crate::metrics::Metrics;
 use crate::reconcile::resolve::{MANAGED_BY, MIGRATION_LABEL};
 use crate::reconcile::{Context, Settings, error_policy, reconcile};
-use crate::{leader, observe};
+use crate::{leader, observe, startup};
 
 /// The flags of `volmig-operator run` (the Helm chart passes these).
 #[derive(Debug, Clone, clap::Args)]
@@ -121,19 +120,15 @@ pub async fn run(a: RunArgs) -> anyhow::Result<()> {
         let _ = term_tx.send(true);
     });
 
-    // Ready once the API server answers for VolumeMigrations (the CRD is installed).
+    // Ready once the API server serves the CRD this operator was built for;
+    // a missing or stale one is refused with how to update it.
     let vms: Api<VolumeMigration> = Api::all(client.clone());
-    loop {
-        match vms.list(&ListParams::default().limit(1)).await {
-            Ok(_) => break,
-            Err(e) => {
-                warn!(error = %e, "cannot list VolumeMigrations (is the CRD installed?); retrying")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            _ = term.changed() => return Ok(()),
-        }
+    let mut stop = term.clone();
+    let stopped = async move {
+        let _ = stop.wait_for(|t| *t).await;
+    };
+    if !startup::wait_for_current_crd(&client, startup::CRD_RECHECK, stopped).await {
+        return Ok(());
     }
     health.ready.store(true, Ordering::SeqCst);
 
