@@ -11,6 +11,7 @@ pub mod health;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod rbac;
 pub mod reconcile;
 pub mod run;
 pub mod startup;

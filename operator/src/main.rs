@@ -20,12 +20,34 @@ enum Cmd {
     Crd,
     /// Run the operator (leader-elected).
     Run(Box<volmig_operator::run::RunArgs>),
+    /// Print the RBAC rules the operator needs (JSON: cluster and namespace rules).
+    Rbac {
+        /// The Lease of `run --lease-name`.
+        #[arg(long, default_value = "volmig-operator")]
+        lease_name: String,
+        /// The Secret of `run --tls-secret`, if the operator manages its certificates.
+        #[arg(long)]
+        tls_secret: Option<String>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Crd => print!("{}", volmig_operator::crd_gen::crd_yaml()?),
+        Cmd::Rbac {
+            lease_name,
+            tls_secret,
+        } => {
+            let named = volmig_operator::rbac::Named {
+                lease: lease_name,
+                tls_secret,
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&volmig_operator::rbac::policy_rules(&named))?
+            );
+        }
         Cmd::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use volmig_operator::crd_gen::{self, SCHEMA_HASH};
+use volmig_operator::rbac;
 use volmig_operator::startup::{CrdMismatch, check_crd, wait_for_current_crd};
-use volmig_testkit::fake_api::FakeApi;
+use volmig_testkit::fake_api::{FakeApi, OPERATOR};
 
 const CRD_PATH: &str =
     "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/volumemigrations.volmig.io";
@@ -78,6 +79,23 @@ async fn a_missing_or_stale_crd_is_refused_with_how_to_update_it() {
     .unwrap();
     fake.put(CRD_PATH, file);
     check_crd(&client).await.unwrap();
+
+    // reading the CRD is within the chart's RBAC (by name)
+    let log = fake.requests_of(OPERATOR);
+    let named = rbac::Named {
+        lease: "volmig-operator".into(),
+        tls_secret: None,
+    };
+    let denied = rbac::denied(
+        log.iter()
+            .map(|(m, p, q)| (m.as_str(), p.as_str(), q.as_str())),
+        "volmig-system",
+        &named,
+    );
+    assert!(
+        denied.is_empty() && !log.is_empty(),
+        "not granted: {denied:#?}"
+    );
 }
 
 #[tokio::test]
