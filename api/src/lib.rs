@@ -12,6 +12,7 @@ pub mod io;
 pub mod limits;
 pub mod phase;
 pub mod slave;
+pub mod tls;
 pub mod units;
 
 /// The agent API's protobuf messages and gRPC stubs, generated from

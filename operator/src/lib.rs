@@ -18,5 +18,6 @@ pub mod startup;
 pub mod status_map;
 pub mod status_store;
 pub mod target;
+pub mod tls_issuer;
 
 pub use error::{Error, Result};

@@ -116,6 +116,22 @@ pub const RULES: &[Rule] = &[
         names: Names::Lease,
         why: "leader election (kube-lease-manager) and the fencing epoch (leader.rs)",
     },
+    Rule {
+        group: "",
+        resource: "secrets",
+        verbs: &["create"],
+        scope: Scope::Own,
+        names: Names::Any,
+        why: "the TLS Secret is created at the first start (tls_issuer.rs)",
+    },
+    Rule {
+        group: "",
+        resource: "secrets",
+        verbs: &["get", "update"],
+        scope: Scope::Own,
+        names: Names::TlsSecret,
+        why: "certificates renewed and rotated in the TLS Secret (tls_issuer.rs)",
+    },
 ];
 
 /// The names a deployment gives the rules' [`Names`].
@@ -339,7 +355,7 @@ mod tests {
             "/apis/coordination.k8s.io/v1/namespaces/volmig-system/leases",
             ""
         ));
-        assert!(!ok(
+        assert!(ok(
             "GET",
             "/api/v1/namespaces/volmig-system/secrets/volmig-tls",
             ""
