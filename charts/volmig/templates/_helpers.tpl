@@ -117,7 +117,12 @@ this (for --skip-schema-validation).
 {{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.agent.image.tag) -}}
 {{- end -}}
 
-{{/* The Secret holding ca.pem, agent.pem, agent-key.pem, master.pem, master-key.pem (chart-generated certificates). */}}
+{{/*
+The Secret the operator issues the certificates into (ca.pem, ca-key.pem,
+agent.pem, agent-key.pem, master.pem, master-key.pem) and renews: the
+operator's --tls-secret, the pods' tls volume. Nothing here generates
+certificates, so rendering the chart twice gives the same output.
+*/}}
 {{- define "volmig.tlsSecretName" -}}
 {{- printf "%s-tls" .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -144,33 +149,40 @@ operator's own), from the same helpers as the DaemonSet's.
 The pod volume "tls" with exactly the files one side needs, under the names
 the binaries read: (dict "ctx" $ "role" "agent"|"master").
 The agent gets ca.pem, agent.pem, agent-key.pem; the operator ca.pem,
-master.pem, master-key.pem. Neither sees the other's key. The operator runs as non-root with fsGroup, so
-its files are group-readable (0440); the agent runs as root (0400).
+master.pem, master-key.pem. Neither sees the other's key, nor the CA key. A
+projected volume of an optional Secret: the pods start before the Secret
+exists (the operator creates it), kubelet fills the files in once it does
+and updates them when the certificates are renewed, and the binaries wait
+for them and read them again for every connection. The operator runs as
+non-root with fsGroup, so its files are group-readable (0440); the agent
+runs as root (0400).
 */}}
 {{- define "volmig.tlsVolume" -}}
 {{- $ctx := .ctx -}}
 - name: tls
+  projected:
+    defaultMode: {{ if eq .role "agent" }}0400{{ else }}0440{{ end }}
+    sources:
+      - secret:
 {{- if $ctx.Values.certManager.enabled }}
-  secret:
-    secretName: {{ if eq .role "agent" }}{{ include "volmig.agentCertSecretName" $ctx }}{{ else }}{{ include "volmig.masterCertSecretName" $ctx }}{{ end }}
-    defaultMode: {{ if eq .role "agent" }}0400{{ else }}0440{{ end }}
-    items:
-      - key: ca.crt
-        path: ca.pem
-      - key: tls.crt
-        path: {{ .role }}.pem
-      - key: tls.key
-        path: {{ .role }}-key.pem
+          name: {{ if eq .role "agent" }}{{ include "volmig.agentCertSecretName" $ctx }}{{ else }}{{ include "volmig.masterCertSecretName" $ctx }}{{ end }}
+          optional: true
+          items:
+            - key: ca.crt
+              path: ca.pem
+            - key: tls.crt
+              path: {{ .role }}.pem
+            - key: tls.key
+              path: {{ .role }}-key.pem
 {{- else }}
-  secret:
-    secretName: {{ include "volmig.tlsSecretName" $ctx }}
-    defaultMode: {{ if eq .role "agent" }}0400{{ else }}0440{{ end }}
-    items:
-      - key: ca.pem
-        path: ca.pem
-      - key: {{ .role }}.pem
-        path: {{ .role }}.pem
-      - key: {{ .role }}-key.pem
-        path: {{ .role }}-key.pem
+          name: {{ include "volmig.tlsSecretName" $ctx }}
+          optional: true
+          items:
+            - key: ca.pem
+              path: ca.pem
+            - key: {{ .role }}.pem
+              path: {{ .role }}.pem
+            - key: {{ .role }}-key.pem
+              path: {{ .role }}-key.pem
 {{- end }}
 {{- end -}}
