@@ -8,6 +8,7 @@ pub mod cache;
 pub mod crd_gen;
 pub mod error;
 pub mod health;
+pub mod holder_policy;
 pub mod leader;
 pub mod metrics;
 pub mod observe;

@@ -72,6 +72,11 @@ cannot drift apart.
 /etc/volmig/tls
 {{- end -}}
 
+{{/* The holder pods' image: the operator's --holder-image and its admission policy's rule. */}}
+{{- define "volmig.holderImage" -}}
+{{- .Values.operator.holderImage -}}
+{{- end -}}
+
 {{/* The Lease of leader election: the operator's --lease-name and its Role's resourceNames. */}}
 {{- define "volmig.leaseName" -}}
 {{- .Values.operator.leaseName -}}
