@@ -79,6 +79,13 @@ pub fn template() -> String {
             format!("    - expression: {expr}\n      message: {}\n", quote(msg))
         })
         .collect();
+    // the policy's and its binding's
+    let meta = r#"metadata:
+  name: {{ include "volmig.operator.fullname" . }}-holder-pods
+  labels:
+    {{- include "volmig.labels" . | nindent 4 }}
+    app.kubernetes.io/component: operator
+"#;
     format!(
         r#"{{{{- if and .Values.operator.holderPodPolicy (semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version) }}}}
 # Generated from operator/src/holder_policy.rs; do not edit.
@@ -89,12 +96,7 @@ pub fn template() -> String {
 # ServiceAccount to holder pods exactly as the reconciler builds them.
 apiVersion: admissionregistration.k8s.io/v1
 kind: ValidatingAdmissionPolicy
-metadata:
-  name: {{{{ include "volmig.operator.fullname" . }}}}-holder-pods
-  labels:
-    {{{{- include "volmig.labels" . | nindent 4 }}}}
-    app.kubernetes.io/component: operator
-spec:
+{meta}spec:
   failurePolicy: Fail
   matchConstraints:
     resourceRules:
@@ -110,12 +112,7 @@ spec:
 {rules}---
 apiVersion: admissionregistration.k8s.io/v1
 kind: ValidatingAdmissionPolicyBinding
-metadata:
-  name: {{{{ include "volmig.operator.fullname" . }}}}-holder-pods
-  labels:
-    {{{{- include "volmig.labels" . | nindent 4 }}}}
-    app.kubernetes.io/component: operator
-spec:
+{meta}spec:
   policyName: {{{{ include "volmig.operator.fullname" . }}}}-holder-pods
   validationActions: [Deny]
 {{{{- end }}}}

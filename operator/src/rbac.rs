@@ -179,6 +179,40 @@ pub fn policy_rules(named: &Named) -> Value {
     json!({"cluster": cluster, "namespace": own})
 }
 
+impl Named {
+    /// The names of a deployment: its Lease, and its TLS Secret if the
+    /// operator issues the certificates.
+    pub fn new(lease: &str, tls_secret: Option<&str>) -> Self {
+        Self {
+            lease: lease.into(),
+            tls_secret: tls_secret.map(Into::into),
+        }
+    }
+}
+
+/// Err naming every request of `log` (method, path, query) that no rule
+/// grants to an operator in namespace `own`; an empty log is an error too
+/// (nothing was checked).
+pub fn check(log: &[(String, String, String)], own: &str, named: &Named) -> Result<(), String> {
+    if log.is_empty() {
+        return Err("no requests to check".into());
+    }
+    let denied = denied(
+        log.iter()
+            .map(|(m, p, q)| (m.as_str(), p.as_str(), q.as_str())),
+        own,
+        named,
+    );
+    if denied.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the operator called what its RBAC (operator/src/rbac.rs, the chart) does not grant:\n{}",
+            denied.join("\n")
+        ))
+    }
+}
+
 /// A request as RBAC sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {

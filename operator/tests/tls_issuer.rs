@@ -315,16 +315,6 @@ async fn the_secret_is_created_once_and_left_alone() {
     );
 
     // all of it within the operator's RBAC: its Secret, by name
-    let log = fake.requests_of(OPERATOR);
-    let named = rbac::Named {
-        lease: "volmig-operator".into(),
-        tls_secret: Some("volmig-tls".into()),
-    };
-    let denied = rbac::denied(
-        log.iter()
-            .map(|(m, p, q)| (m.as_str(), p.as_str(), q.as_str())),
-        "volmig-system",
-        &named,
-    );
-    assert!(denied.is_empty(), "not granted: {denied:#?}");
+    let named = rbac::Named::new("volmig-operator", Some("volmig-tls"));
+    rbac::check(&fake.requests_of(OPERATOR), "volmig-system", &named).unwrap();
 }
