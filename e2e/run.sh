@@ -36,8 +36,8 @@ die() { echo "e2e: FAILED: $*" >&2; exit 1; }
 for tool in docker kind kubectl helm python3; do
   command -v "$tool" >/dev/null || die "$tool is not installed (see e2e/README.md)"
 done
-[ -f charts/volmig/crds/volumemigrations.volmig.io.yaml ] ||
-  die "charts/volmig/crds/volumemigrations.volmig.io.yaml is missing: the chart would install no CRD"
+[ -f charts/volmig/templates/crd-volumemigrations.yaml ] ||
+  die "charts/volmig/templates/crd-volumemigrations.yaml is missing: the chart would install no CRD"
 
 diagnose() {
   echo "---- diagnostics (also in $OUT) ----" >&2
@@ -80,12 +80,12 @@ fi
 # ---- images ------------------------------------------------------------------
 if [ "$SKIP_BUILD" != 1 ]; then
   say "building images"
-  docker build -f images/operator.Dockerfile -t "volmig/volmig-operator:$TAG" .
-  docker build -f images/agent.Dockerfile -t "volmig/volmig-agent:$TAG" .
+  docker build -f images/operator.Dockerfile -t "volmig-operator:$TAG" .
+  docker build -f images/agent.Dockerfile -t "volmig-agent:$TAG" .
   docker build -f e2e/writer.Dockerfile -t "volmig-e2e-writer:$TAG" e2e
 fi
 say "loading images into the cluster"
-for img in "volmig/volmig-operator:$TAG" "volmig/volmig-agent:$TAG" "volmig-e2e-writer:$TAG"; do
+for img in "volmig-operator:$TAG" "volmig-agent:$TAG" "volmig-e2e-writer:$TAG"; do
   kind load docker-image --name "$CLUSTER" "$img"
 done
 
@@ -125,8 +125,8 @@ say "storage classes e2e-slow, e2e-fast and their local PVs (volumeMode Block)"
 # ---- the chart ------------------------------------------------------------------
 say "helm install volmig (agent exports data=/dev/e2e-slow on every node)"
 helm --kube-context "kind-$CLUSTER" upgrade --install volmig charts/volmig -n "$NS" --create-namespace \
-  --set operator.image.tag="$TAG" --set operator.image.pullPolicy=Never \
-  --set agent.image.tag="$TAG" --set agent.image.pullPolicy=Never \
+  --set operator.image.repository=volmig-operator --set operator.image.tag="$TAG" --set operator.image.pullPolicy=Never \
+  --set agent.image.repository=volmig-agent --set agent.image.tag="$TAG" --set agent.image.pullPolicy=Never \
   --set 'agent.exports[0].name=data' --set 'agent.exports[0].device=/dev/e2e-slow' \
   --set operator.logLevel=debug --wait --timeout 5m
 "${K[@]}" -n "$NS" rollout status daemonset/volmig-agent --timeout 3m

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The volmig node agent (the slave; a privileged DaemonSet in a cluster).
 # Build from the repository root:
-#   docker build -f images/agent.Dockerfile -t volmig/volmig-agent:0.1.0 .
+#   docker build -f images/agent.Dockerfile -t volmig-agent:0.1.0 .
 # Runtime: debian slim (glibc; a shell and util-linux for debugging block
 # devices on the node with kubectl exec). It runs as root: it opens host
 # block devices.

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The volmig operator (the master in a cluster). Build from the repository root:
-#   docker build -f images/operator.Dockerfile -t volmig/volmig-operator:0.1.0 .
+#   docker build -f images/operator.Dockerfile -t volmig-operator:0.1.0 .
 # Runtime: distroless cc (glibc, no shell), non-root (uid 65532), as the chart runs it.
 
 FROM rust:1-bookworm AS build

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod phase;
 pub mod report;
 pub mod slave;
+pub mod tls;
 pub mod units;
 
 /// The agent API's protobuf messages and gRPC stubs, generated from

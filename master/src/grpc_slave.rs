@@ -9,9 +9,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use std::sync::Arc;
+
+use tonic::transport::{Channel, Endpoint};
 use volmig_api::limits::MAX_MESSAGE;
 use volmig_api::slave::wire::{FromWire, IntoWire};
+use volmig_api::tls::{ClientTls as ReloadingTls, TlsFiles};
 use volmig_api::wire::agent_client::AgentClient;
 use volmig_api::{Slave, SlaveError, SlaveResult};
 
@@ -30,13 +33,6 @@ pub struct ClientTls {
 #[derive(Clone)]
 pub struct GrpcSlave {
     client: AgentClient<Channel>,
-}
-
-fn read(p: &PathBuf) -> Result<Vec<u8>> {
-    std::fs::read(p).map_err(|source| MasterError::Store {
-        path: p.clone(),
-        source,
-    })
 }
 
 /// Longest any single call may take (a full pass is cut in slices).
@@ -76,19 +72,41 @@ impl GrpcSlave {
                     }
                 }))
         } else {
-            let mut ep = Endpoint::from_shared(url.to_string())
+            let ep = Endpoint::from_shared(url.to_string())
                 .map_err(|e| MasterError::Invalid(format!("agent address {url}: {e}")))?
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(CALL_DEADLINE);
             match tls {
                 Some(t) => {
-                    let cfg = ClientTlsConfig::new()
-                        .ca_certificate(Certificate::from_pem(read(&t.ca)?))
-                        .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?))
-                        .domain_name(t.domain.clone());
-                    ep = ep
-                        .tls_config(cfg)
+                    // TLS under the files as they are at each connection:
+                    // renewed certificates are used without a restart.
+                    let files = TlsFiles {
+                        ca: t.ca.clone(),
+                        cert: t.cert.clone(),
+                        key: t.key.clone(),
+                    };
+                    let tls = Arc::new(ReloadingTls::client(files));
+                    tls.check()
                         .map_err(|e| MasterError::Invalid(format!("TLS configuration: {e}")))?;
+                    let uri = ep.uri();
+                    let host = uri.host().ok_or_else(|| {
+                        MasterError::Invalid(format!("agent address {url}: no host"))
+                    })?;
+                    let addr = format!("{host}:{}", uri.port_u16().unwrap_or(443));
+                    let domain = t.domain.clone();
+                    // tonic speaks HTTP/2 over the connector's TLS stream
+                    let plain = url.replacen("https://", "http://", 1);
+                    return Ok(Self::over(
+                        Endpoint::from_shared(plain)
+                            .map_err(|e| MasterError::Invalid(format!("agent address {url}: {e}")))?
+                            .connect_timeout(Duration::from_secs(5))
+                            .timeout(CALL_DEADLINE)
+                            .connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                                let (tls, addr, domain) =
+                                    (tls.clone(), addr.clone(), domain.clone());
+                                async move { tls.connect(&addr, &domain).await.map(TokioIo::new) }
+                            })),
+                    ));
                 }
                 None if url.starts_with("https://") => {
                     return Err(MasterError::Invalid(
@@ -99,11 +117,15 @@ impl GrpcSlave {
             }
             ep.connect_lazy()
         };
-        Ok(Self {
+        Ok(Self::over(channel))
+    }
+
+    fn over(channel: Channel) -> Self {
+        Self {
             client: AgentClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
-        })
+        }
     }
 }
 

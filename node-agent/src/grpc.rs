@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_stream::Stream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 use volmig_api::Slave;
 use volmig_api::limits::MAX_MESSAGE;
@@ -34,17 +34,14 @@ pub struct TlsFiles {
     pub client_ca: std::path::PathBuf,
 }
 
-fn read(p: &Path) -> Result<Vec<u8>> {
-    std::fs::read(p).map_err(|source| AgentError::Open {
-        path: p.to_path_buf(),
-        source,
+/// The agent's TLS, read again for every connection: certificates renewed
+/// in place (a Secret kubelet updates) are used without a restart.
+pub fn server_tls(files: &TlsFiles) -> volmig_api::tls::ServerTls {
+    volmig_api::tls::ServerTls::server(volmig_api::tls::TlsFiles {
+        ca: files.client_ca.clone(),
+        cert: files.cert.clone(),
+        key: files.key.clone(),
     })
-}
-
-pub fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig> {
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
-        .client_ca_root(Certificate::from_pem(read(&files.client_ca)?)))
 }
 
 struct Service(Arc<Agent>);
@@ -175,15 +172,29 @@ pub async fn serve(
     tls: Option<&TlsFiles>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let mut builder = Server::builder();
-    if let Some(files) = tls {
-        builder = builder
-            .tls_config(server_tls(files)?)
-            .map_err(|e| AgentError::Invalid(format!("TLS configuration: {e}")))?;
+    let Some(files) = tls else {
+        return Server::builder()
+            .add_service(service(agent))
+            .serve_with_shutdown(addr, shutdown)
+            .await
+            .map_err(|e| AgentError::Task(format!("gRPC server on {addr}: {e}")));
+    };
+    // Until the TLS files exist (in a cluster: the Secret the operator
+    // creates, projected by kubelet) the port stays closed; volumes are
+    // served meanwhile.
+    let tls = Arc::new(server_tls(files));
+    let mut shutdown = Box::pin(shutdown);
+    tokio::select! {
+        _ = tls.ready(Duration::from_secs(2)) => {}
+        _ = &mut shutdown => return Ok(()),
     }
-    builder
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| AgentError::Task(format!("gRPC server on {addr}: {e}")))?;
+    tracing::info!(%addr, "agent gRPC API listening (mutual TLS, certificates reloaded when they change)");
+    Server::builder()
         .add_service(service(agent))
-        .serve_with_shutdown(addr, shutdown)
+        .serve_with_incoming_shutdown(volmig_api::tls::incoming(listener, tls), shutdown)
         .await
         .map_err(|e| AgentError::Task(format!("gRPC server on {addr}: {e}")))
 }

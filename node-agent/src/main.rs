@@ -137,14 +137,13 @@ fn run() -> anyhow::Result<()> {
 fn grpc_tls(a: &ServeArgs) -> anyhow::Result<Option<volmig_agent::grpc::TlsFiles>> {
     match (&a.tls_cert, &a.tls_key, &a.tls_client_ca, a.insecure_grpc) {
         (Some(cert), Some(key), Some(ca), false) => {
-            let files = volmig_agent::grpc::TlsFiles {
+            // Files not there yet are waited for (a cluster's Secret may
+            // not exist yet); they are read again for every connection.
+            Ok(Some(volmig_agent::grpc::TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: ca.clone(),
-            };
-            // Fail now on unreadable TLS files rather than in the task.
-            volmig_agent::grpc::server_tls(&files)?;
-            Ok(Some(files))
+            }))
         }
         (None, None, None, true) => Ok(None),
         _ => bail!(
@@ -207,8 +206,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(addr) = a.grpc {
         if tls.is_none() {
             tracing::warn!(%addr, "gRPC API in PLAIN TEXT without client authentication (--insecure-grpc)");
+            tracing::info!(%addr, "agent gRPC API listening");
         }
-        tracing::info!(%addr, tls = tls.is_some(), "agent gRPC API listening");
         let (agent, stopped) = (agent.clone(), until_stopped());
         grpc.spawn(
             async move { volmig_agent::grpc::serve(agent, addr, tls.as_ref(), stopped).await },

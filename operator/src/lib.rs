@@ -8,13 +8,17 @@ pub mod cache;
 pub mod crd_gen;
 pub mod error;
 pub mod health;
+pub mod holder_policy;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod rbac;
 pub mod reconcile;
 pub mod run;
+pub mod startup;
 pub mod status_map;
 pub mod status_store;
 pub mod target;
+pub mod tls_issuer;
 
 pub use error::{Error, Result};

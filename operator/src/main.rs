@@ -20,6 +20,15 @@ enum Cmd {
     Crd,
     /// Run the operator (leader-elected).
     Run(Box<volmig_operator::run::RunArgs>),
+    /// Print the RBAC rules the operator needs (JSON: cluster and namespace rules).
+    Rbac {
+        /// The Lease of `run --lease-name`.
+        #[arg(long, default_value = "volmig-operator")]
+        lease_name: String,
+        /// The Secret of `run --tls-secret`, if the operator manages its certificates.
+        #[arg(long)]
+        tls_secret: Option<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -30,6 +39,19 @@ fn main() -> std::process::ExitCode {
 async fn run() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Crd => print!("{}", volmig_operator::crd_gen::crd_yaml()?),
+        Cmd::Rbac {
+            lease_name,
+            tls_secret,
+        } => {
+            let named = volmig_operator::rbac::Named {
+                lease: lease_name,
+                tls_secret,
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&volmig_operator::rbac::policy_rules(&named))?
+            );
+        }
         Cmd::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::api::ListParams;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -20,13 +19,14 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 use volmig_api::crd::VolumeMigration;
+use volmig_api::tls::{ClientTls, TlsFiles};
 
 use crate::agents::{AgentLabels, GrpcConnector};
 use crate::health::{Health, health_router, metrics_router, serve};
 use crate::metrics::Metrics;
 use crate::reconcile::resolve::{MANAGED_BY, MIGRATION_LABEL};
 use crate::reconcile::{Context, Settings, error_policy, reconcile};
-use crate::{leader, observe};
+use crate::{leader, observe, startup, tls_issuer};
 
 /// The flags of `volmig-operator run` (the Helm chart passes these).
 #[derive(Debug, Clone, clap::Args)]
@@ -73,6 +73,26 @@ pub struct RunArgs {
     /// kubelet's directory on the nodes, as the agents mount it.
     #[arg(long, default_value = crate::target::KUBELET_DIR)]
     pub kubelet_dir: String,
+    /// Issue the mutual-TLS certificates of the operator and the agents into
+    /// this Secret (in --namespace), and renew and rotate them; the pods
+    /// mount it (--tls-dir) and reload it. Without it (cert-manager), the
+    /// files in --tls-dir come from elsewhere.
+    #[arg(long)]
+    pub tls_secret: Option<String>,
+    /// Lifetime of the CA --tls-secret holds (renewed with a third left).
+    #[arg(long, default_value = "87600h", value_parser = duration)]
+    pub tls_ca_validity: Duration,
+    /// Lifetime of the agent and operator certificates (renewed with a third left).
+    #[arg(long, default_value = "2160h", value_parser = duration)]
+    pub tls_cert_validity: Duration,
+    /// How long after a change of --tls-secret every pod has its files
+    /// (kubelet's sync); each step of a CA rotation waits this long.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub tls_propagation: Duration,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    volmig_api::units::parse_duration(s)
 }
 
 /// The migration whose `volmig.io/migration` label `o` carries.
@@ -121,22 +141,41 @@ pub async fn run(a: RunArgs) -> anyhow::Result<()> {
         let _ = term_tx.send(true);
     });
 
-    // Ready once the API server answers for VolumeMigrations (the CRD is installed).
+    // The certificates first: the agents wait for them, whatever the CRD.
+    if let Some(secret) = &a.tls_secret {
+        let policy = tls_issuer::Policy {
+            agent_name: a.agent_tls_name.clone(),
+            ca_validity: a.tls_ca_validity,
+            cert_validity: a.tls_cert_validity,
+            propagation: a.tls_propagation,
+        };
+        tokio::spawn(tls_issuer::run(
+            client.clone(),
+            a.namespace.clone(),
+            secret.clone(),
+            policy,
+        ));
+    }
+
+    // Ready once the API server serves the CRD this operator was built for;
+    // a missing or stale one is refused with how to update it.
     let vms: Api<VolumeMigration> = Api::all(client.clone());
-    loop {
-        match vms.list(&ListParams::default().limit(1)).await {
-            Ok(_) => break,
-            Err(e) => {
-                warn!(error = %e, "cannot list VolumeMigrations (is the CRD installed?); retrying")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            _ = term.changed() => return Ok(()),
-        }
+    let mut stop = term.clone();
+    let stopped = async move {
+        let _ = stop.wait_for(|t| *t).await;
+    };
+    if !startup::wait_for_current_crd(&client, startup::CRD_RECHECK, stopped).await {
+        return Ok(());
     }
     health.ready.store(true, Ordering::SeqCst);
 
+    // Its own certificate: kubelet projects the Secret a while after it
+    // exists; read again for every connection to an agent.
+    let own = ClientTls::client(TlsFiles::in_dir(&a.tls_dir, "master"));
+    tokio::select! {
+        _ = own.ready(Duration::from_secs(2)) => {}
+        _ = term.changed() => return Ok(()),
+    }
     let connector = GrpcConnector::new(&a.tls_dir, &a.agent_tls_name)?;
     let recorder = Recorder::new(
         client.clone(),

@@ -10,7 +10,9 @@ use kube::CustomResourceExt;
 use kube::core::cel::Validator;
 use serde_json::{Value, json};
 use volmig_api::crd::{self, VolumeMigration, VolumeMigrationSpec, rules};
-use volmig_operator::crd_gen::{GENERATED_FILES, REGENERATE, crd_yaml};
+use volmig_operator::crd_gen::{
+    self, CRD_TEMPLATE, REGENERATE, SCHEMA_HASH, crd_yaml, generated_files, schema_hash,
+};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -18,10 +20,9 @@ fn root() -> PathBuf {
 
 #[test]
 fn generated_crd_files_are_current() {
-    let want = crd_yaml().unwrap();
     let update = std::env::var("VOLMIG_UPDATE_GENERATED").is_ok_and(|v| v == "1");
     let mut stale = Vec::new();
-    for rel in GENERATED_FILES {
+    for (rel, want) in generated_files().unwrap() {
         let path = root().join(rel);
         let have = std::fs::read_to_string(&path).unwrap_or_default();
         if have != want {
@@ -38,9 +39,33 @@ fn generated_crd_files_are_current() {
         "generated CRD files are stale: {stale:?}; regenerate with `{REGENERATE}` (or `volmig-operator crd`)"
     );
     // The YAML is what the binary's `crd` subcommand prints and parses back
-    // into the CRD.
-    let back: Value = serde_saphyr::from_str(&want).unwrap();
-    assert_eq!(back, serde_json::to_value(VolumeMigration::crd()).unwrap());
+    // into the CRD, annotated with the hash of its schema.
+    let back: Value = serde_saphyr::from_str(&crd_yaml().unwrap()).unwrap();
+    assert_eq!(back, serde_json::to_value(crd_gen::crd().unwrap()).unwrap());
+    assert_eq!(
+        back["metadata"]["annotations"][SCHEMA_HASH],
+        json!(schema_hash().unwrap())
+    );
+    // The chart's copy is no longer in its crds/ directory (installed once,
+    // never upgraded by Helm).
+    assert!(
+        !root().join("charts/volmig/crds").exists(),
+        "charts/volmig/crds/ must go: the chart renders the CRD from {CRD_TEMPLATE}"
+    );
+}
+
+#[test]
+fn the_schema_hash_follows_the_schema() {
+    let h = schema_hash().unwrap();
+    assert!(h.starts_with("sha256:") && h.len() == 7 + 64, "{h}");
+    assert_eq!(h, schema_hash().unwrap(), "the hash is stable");
+    // Another schema, another hash: any change of the spec shows.
+    let mut crd = VolumeMigration::crd();
+    crd.spec.versions[0].served = !crd.spec.versions[0].served;
+    assert_ne!(crd_gen::hash_of(&crd.spec).unwrap(), h);
+    let mut crd = VolumeMigration::crd();
+    crd.spec.versions[0].additional_printer_columns = None;
+    assert_ne!(crd_gen::hash_of(&crd.spec).unwrap(), h);
 }
 
 /// The CRD's OpenAPI schema.

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use volmig_operator::leader::{elect, epoch};
-use volmig_testkit::fake_api::FakeApi;
+use volmig_operator::rbac;
+use volmig_testkit::fake_api::{FakeApi, OPERATOR};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_at_a_time_and_epochs_grow() {
@@ -44,4 +45,8 @@ async fn one_leader_at_a_time_and_epochs_grow() {
         e2 > e1,
         "a new leadership has a newer epoch ({e1} then {e2})"
     );
+
+    // leader election stays within the chart's RBAC (its Lease, by name)
+    let named = rbac::Named::new("volmig-operator", None);
+    rbac::check(&fake.requests_of(OPERATOR), "volmig-system", &named).unwrap();
 }

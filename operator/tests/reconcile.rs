@@ -21,10 +21,11 @@ use volmig_api::Slave;
 use volmig_api::crd::VolumeMigration;
 use volmig_api::slave::{SlaveError, SlaveResult, VolumeInfo};
 use volmig_operator::agents::Connector;
+use volmig_operator::rbac;
 use volmig_operator::reconcile::{Context, FINALIZER, RETRY_FIRST, Settings, reconcile};
 use volmig_operator::status_store::Saved;
 use volmig_testkit::agent::{in_process, serve};
-use volmig_testkit::fake_api::FakeApi;
+use volmig_testkit::fake_api::{FakeApi, OPERATOR};
 use volmig_testkit::k8s::*;
 use volmig_testkit::pattern::volume_files;
 use volmig_testkit::{Expected, Writer, WriterOpts};
@@ -202,7 +203,8 @@ async fn cluster(spec: Value, exported: &str) -> Cluster {
         },
         tx,
     );
-    let api = Api::namespaced(client, "db");
+    // what the test itself does (kubectl's part) is not the operator's
+    let api = Api::namespaced(fake.client_as("kubectl"), "db");
     Cluster {
         dir,
         source,
@@ -287,6 +289,24 @@ fn spec(bandwidth: &str) -> Value {
         "bandwidthLimit": bandwidth, "syncGoal": "100ms", "copyMode": "Auto", "verify": "Full",
         "retainSource": true, "abort": false,
     })
+}
+
+/// Every request the operator sent is one the chart's RBAC grants (the
+/// table in `volmig_operator::rbac`): checked at the end of every test.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        assert_within_rbac(&self.fake);
+    }
+}
+
+fn assert_within_rbac(fake: &FakeApi) {
+    let named = rbac::Named::new("volmig-operator", None);
+    if let Err(e) = rbac::check(&fake.requests_of(OPERATOR), "volmig-system", &named) {
+        panic!("{e}");
+    }
 }
 
 impl Cluster {

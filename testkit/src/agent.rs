@@ -44,6 +44,8 @@ pub struct AgentBuilder {
     env: Vec<(String, String)>,
     port: Option<u16>,
     direct: bool,
+    /// Do not wait for the gRPC port at start (its TLS files come later).
+    grpc_later: bool,
 }
 
 impl AgentBuilder {
@@ -58,6 +60,7 @@ impl AgentBuilder {
             env: Vec::new(),
             port: None,
             direct: false,
+            grpc_later: false,
         }
     }
 
@@ -95,6 +98,14 @@ impl AgentBuilder {
     /// Opens backing devices with O_DIRECT.
     pub fn direct(mut self) -> Self {
         self.direct = true;
+        self
+    }
+
+    /// With [`tls`](Self::tls) files that are not there yet: the agent
+    /// serves NBD and its control socket meanwhile, and opens the gRPC port
+    /// once they are; [`start`](Self::start) does not wait for that port.
+    pub fn tls_later(mut self) -> Self {
+        self.grpc_later = true;
         self
     }
 
@@ -222,7 +233,7 @@ impl AgentProcess {
                 return Err(format!("agent exited with {st}\n{}", self.log_text()));
             }
             let nbd = UnixStream::connect(&self.nbd_sock).is_ok();
-            let grpc = TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            let grpc = self.spec.grpc_later || TcpStream::connect(("127.0.0.1", self.port)).is_ok();
             let tcp = self.tcp.is_none_or(|a| TcpStream::connect(a).is_ok());
             let ctl = self.ctl_sock.exists();
             if nbd && grpc && tcp && ctl {

@@ -35,3 +35,35 @@ pub fn client_tls(dir: &Path) -> ClientTls {
         domain: "localhost".into(),
     }
 }
+
+/// Puts `files` (name, content) into `dir` the way kubelet updates a
+/// mounted Secret: the files are symlinks into `..data`, itself a symlink
+/// to a directory of this version, swapped atomically; so a reader sees
+/// the old set or the new one, never a mix.
+pub fn project<'a>(dir: &Path, files: impl IntoIterator<Item = (&'a str, &'a str)>) {
+    use std::os::unix::fs::symlink;
+    std::fs::create_dir_all(dir).unwrap();
+    let version = dir.join(format!(
+        "..{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir(&version).unwrap();
+    let mut names = Vec::new();
+    for (name, content) in files {
+        std::fs::write(version.join(name), content).unwrap();
+        names.push(name.to_string());
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(version.file_name().unwrap(), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for name in names {
+        let link = dir.join(&name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            symlink(format!("..data/{name}"), &link).unwrap();
+        }
+    }
+}

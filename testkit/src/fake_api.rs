@@ -29,8 +29,13 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+/// The user of the client [`FakeApi::start`] returns.
+pub const OPERATOR: &str = "operator";
+
 #[derive(Debug, Clone)]
 pub struct Logged {
+    /// Whose client sent it ([`OPERATOR`], or [`FakeApi::client_as`]'s).
+    pub user: String,
     pub method: Method,
     pub path: String,
     pub query: String,
@@ -349,11 +354,20 @@ impl State {
 }
 
 impl FakeApi {
-    /// A client of a fresh fake API server, and the server.
+    /// A client of a fresh fake API server, and the server. Its requests
+    /// are logged as user [`OPERATOR`].
     pub fn start() -> (kube::Client, FakeApi) {
-        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<FakeBody>>();
         let api = FakeApi::default();
-        let server = api.clone();
+        (api.client_as(OPERATOR), api)
+    }
+
+    /// Another client of this server, whose requests are logged as `user`
+    /// (a test acting as kubectl, say), so what the operator sent can be
+    /// told apart.
+    pub fn client_as(&self, user: &str) -> kube::Client {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<FakeBody>>();
+        let server = self.clone();
+        let user = user.to_string();
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
                 let (parts, body) = req.into_parts();
@@ -365,6 +379,7 @@ impl FakeApi {
                     .unwrap_or("")
                     .to_string();
                 let answer = server.handle(
+                    &user,
                     parts.method,
                     parts.uri.path(),
                     parts.uri.query().unwrap_or(""),
@@ -385,10 +400,27 @@ impl FakeApi {
                 send.send_response(resp);
             }
         });
-        (kube::Client::new(svc, "default"), api)
+        kube::Client::new(svc, "default")
     }
 
-    fn handle(&self, method: Method, path: &str, query: &str, ct: &str, body: &[u8]) -> Answer {
+    /// Every request `user` sent: (method, path, query).
+    pub fn requests_of(&self, user: &str) -> Vec<(String, String, String)> {
+        self.log()
+            .into_iter()
+            .filter(|l| l.user == user)
+            .map(|l| (l.method.to_string(), l.path, l.query))
+            .collect()
+    }
+
+    fn handle(
+        &self,
+        user: &str,
+        method: Method,
+        path: &str,
+        query: &str,
+        ct: &str,
+        body: &[u8],
+    ) -> Answer {
         let mut st = self.state.lock().unwrap();
         let parsed: Value = if body.is_empty() {
             Value::Null
@@ -398,6 +430,7 @@ impl FakeApi {
             serde_json::from_slice(body).unwrap_or(Value::Null)
         };
         st.log.push(Logged {
+            user: user.to_string(),
             method: method.clone(),
             path: path.to_string(),
             query: query.to_string(),

@@ -46,6 +46,42 @@ app.kubernetes.io/instance: {{ include "volmig.instance" .ctx }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/*
+Values two components must agree on. Templates read them only through these
+helpers (scripts/check-chart fails when one reads .Values for them directly),
+so the operator's flags and the agents' mounts, ports and certificates
+cannot drift apart.
+*/}}
+{{/* kubelet's root directory: the agents mount it at the same path; the operator (--kubelet-dir) builds target device paths under it. */}}
+{{- define "volmig.kubeletDir" -}}
+{{- .Values.agent.kubeletDir | trimSuffix "/" -}}
+{{- end -}}
+
+{{/* The agents' gRPC port: the agent's --grpc and containerPort, the operator's --agent-port. */}}
+{{- define "volmig.agentPort" -}}
+{{- .Values.agent.grpcPort -}}
+{{- end -}}
+
+{{/* The DNS name in the agent certificate: the operator checks it (--agent-tls-name) and issues it. */}}
+{{- define "volmig.agentTlsName" -}}
+{{- .Values.tls.agentName -}}
+{{- end -}}
+
+{{/* Where both pods mount their TLS files (ca.pem, <role>.pem, <role>-key.pem). */}}
+{{- define "volmig.tlsDir" -}}
+/etc/volmig/tls
+{{- end -}}
+
+{{/* The holder pods' image: the operator's --holder-image and its admission policy's rule. */}}
+{{- define "volmig.holderImage" -}}
+{{- .Values.operator.holderImage -}}
+{{- end -}}
+
+{{/* The Lease of leader election: the operator's --lease-name and its Role's resourceNames. */}}
+{{- define "volmig.leaseName" -}}
+{{- .Values.operator.leaseName -}}
+{{- end -}}
+
 {{- define "volmig.operator.fullname" -}}
 {{- printf "%s-operator" (include "volmig.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -70,15 +106,28 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/*
+The images. volmig publishes none, so there is no default repository (a
+default name this project does not control could pull anyone's image into a
+privileged DaemonSet): values.schema.json refuses an empty one, and so does
+this (for --skip-schema-validation).
+*/}}
 {{- define "volmig.operator.image" -}}
-{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- $repo := required "operator.image.repository is required: volmig publishes no images; build images/operator.Dockerfile and set the name you pushed (see the README's Kubernetes section)" .Values.operator.image.repository -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.operator.image.tag) -}}
 {{- end -}}
 
 {{- define "volmig.agent.image" -}}
-{{- printf "%s:%s" .Values.agent.image.repository (default .Chart.AppVersion .Values.agent.image.tag) -}}
+{{- $repo := required "agent.image.repository is required: volmig publishes no images; build images/agent.Dockerfile and set the name you pushed (see the README's Kubernetes section)" .Values.agent.image.repository -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.agent.image.tag) -}}
 {{- end -}}
 
-{{/* The Secret holding ca.pem, agent.pem, agent-key.pem, master.pem, master-key.pem (chart-generated certificates). */}}
+{{/*
+The Secret the operator issues the certificates into (ca.pem, ca-key.pem,
+agent.pem, agent-key.pem, master.pem, master-key.pem) and renews: the
+operator's --tls-secret, the pods' tls volume. Nothing here generates
+certificates, so rendering the chart twice gives the same output.
+*/}}
 {{- define "volmig.tlsSecretName" -}}
 {{- printf "%s-tls" .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -105,33 +154,40 @@ operator's own), from the same helpers as the DaemonSet's.
 The pod volume "tls" with exactly the files one side needs, under the names
 the binaries read: (dict "ctx" $ "role" "agent"|"master").
 The agent gets ca.pem, agent.pem, agent-key.pem; the operator ca.pem,
-master.pem, master-key.pem. Neither sees the other's key. The operator runs as non-root with fsGroup, so
-its files are group-readable (0440); the agent runs as root (0400).
+master.pem, master-key.pem. Neither sees the other's key, nor the CA key. A
+projected volume of an optional Secret: the pods start before the Secret
+exists (the operator creates it), kubelet fills the files in once it does
+and updates them when the certificates are renewed, and the binaries wait
+for them and read them again for every connection. The operator runs as
+non-root with fsGroup, so its files are group-readable (0440); the agent
+runs as root (0400).
 */}}
 {{- define "volmig.tlsVolume" -}}
 {{- $ctx := .ctx -}}
 - name: tls
+  projected:
+    defaultMode: {{ if eq .role "agent" }}0400{{ else }}0440{{ end }}
+    sources:
+      - secret:
 {{- if $ctx.Values.certManager.enabled }}
-  secret:
-    secretName: {{ if eq .role "agent" }}{{ include "volmig.agentCertSecretName" $ctx }}{{ else }}{{ include "volmig.masterCertSecretName" $ctx }}{{ end }}
-    defaultMode: {{ if eq .role "agent" }}0400{{ else }}0440{{ end }}
-    items:
-      - key: ca.crt
-        path: ca.pem
-      - key: tls.crt
-        path: {{ .role }}.pem
-      - key: tls.key
-        path: {{ .role }}-key.pem
+          name: {{ if eq .role "agent" }}{{ include "volmig.agentCertSecretName" $ctx }}{{ else }}{{ include "volmig.masterCertSecretName" $ctx }}{{ end }}
+          optional: true
+          items:
+            - key: ca.crt
+              path: ca.pem
+            - key: tls.crt
+              path: {{ .role }}.pem
+            - key: tls.key
+              path: {{ .role }}-key.pem
 {{- else }}
-  secret:
-    secretName: {{ include "volmig.tlsSecretName" $ctx }}
-    defaultMode: {{ if eq .role "agent" }}0400{{ else }}0440{{ end }}
-    items:
-      - key: ca.pem
-        path: ca.pem
-      - key: {{ .role }}.pem
-        path: {{ .role }}.pem
-      - key: {{ .role }}-key.pem
-        path: {{ .role }}-key.pem
+          name: {{ include "volmig.tlsSecretName" $ctx }}
+          optional: true
+          items:
+            - key: ca.pem
+              path: ca.pem
+            - key: {{ .role }}.pem
+              path: {{ .role }}.pem
+            - key: {{ .role }}-key.pem
+              path: {{ .role }}-key.pem
 {{- end }}
 {{- end -}}

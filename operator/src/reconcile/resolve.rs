@@ -577,7 +577,10 @@ fn new_target_claim(
     }
 }
 
-fn holder_pod(
+/// The holder pod `name` of migration `vm` on `node`, attaching `claim` as
+/// a raw block device (the chart's admission policy, `holder_policy`,
+/// admits the operator's pods only if they are like this).
+pub fn holder_pod(
     vm: &VolumeMigration,
     name: &str,
     node: &str,
