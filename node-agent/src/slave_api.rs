@@ -14,6 +14,7 @@ use volmig_api::slave::{
     TakeDirty, Terminate, TerminateResult, UnserveVolume, Unserved, VolumeInfo, VolumeList,
 };
 use volmig_api::{ErrorKind, Slave, SlaveError, SlaveResult};
+use volmig_frontends::block::BlockError;
 
 use crate::agent::{Agent, lock};
 use crate::error::AgentError;
@@ -32,6 +33,12 @@ impl From<AgentError> for SlaveError {
                 ErrorKind::AlreadyExists
             }
             AgentError::InUse { .. } => ErrorKind::InUse,
+            AgentError::Block(b) => match b {
+                BlockError::Busy { .. } => ErrorKind::InUse,
+                BlockError::Unavailable { .. } => ErrorKind::Invalid,
+                BlockError::Exists { .. } => ErrorKind::AlreadyExists,
+                _ => ErrorKind::Failed,
+            },
             AgentError::Busy(_) => ErrorKind::Busy,
             AgentError::UnknownVolume(_) | AgentError::NoSession(_) => ErrorKind::NotFound,
             AgentError::Transition(_) => ErrorKind::WrongState,

@@ -55,7 +55,7 @@ pub fn available_with(exists: impl Fn(&str) -> bool) -> Vec<BlockKind> {
 
 /// What a restarted agent needs to attach the same kernel device again
 /// (persisted by the agent with the volume's served record).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub kind: BlockKind,
     pub volume: String,
