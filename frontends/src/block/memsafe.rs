@@ -86,3 +86,103 @@ mod tests {
         .unwrap();
     }
 }
+
+/// The agent's allocator: the system's, except that allocations of whole
+/// pages (a multiple of 4 KiB) are page-aligned. Request buffers (sized by
+/// powers of two from 4 KiB) then go to an O_DIRECT backing device as they
+/// are, without a bounce buffer (a copy, and memory touched on the I/O
+/// path). Installed by the agent binary (`#[global_allocator]`).
+pub struct PageAligned;
+
+const PAGE: usize = 4096;
+
+/// The layout actually allocated for `l`.
+fn page_layout(l: std::alloc::Layout) -> std::alloc::Layout {
+    if l.size() >= PAGE && l.size().is_multiple_of(PAGE) && l.align() < PAGE {
+        std::alloc::Layout::from_size_align(l.size(), PAGE).unwrap_or(l)
+    } else {
+        l
+    }
+}
+
+// SAFETY: every call goes to `System` with the layout `page_layout` makes
+// of the caller's, a pure function of size and alignment: dealloc and
+// realloc see the same layout alloc used, and alignments only grow, so
+// every block satisfies the caller's layout.
+unsafe impl std::alloc::GlobalAlloc for PageAligned {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's layout has a non-zero size; page_layout
+        // keeps the size and only raises the alignment.
+        unsafe { std::alloc::System.alloc(page_layout(l)) }
+    }
+
+    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as in alloc.
+        unsafe { std::alloc::System.alloc_zeroed(page_layout(l)) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, l: std::alloc::Layout) {
+        // SAFETY: ptr came from alloc with page_layout(l), the same layout.
+        unsafe { std::alloc::System.dealloc(ptr, page_layout(l)) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, l: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let old = page_layout(l);
+        let Ok(wanted) = std::alloc::Layout::from_size_align(new_size, l.align()) else {
+            return std::ptr::null_mut();
+        };
+        let new = page_layout(wanted);
+        if new.align() == old.align() {
+            // SAFETY: ptr was allocated with `old`; the new size with old's
+            // alignment is `new`, a valid layout (checked above).
+            return unsafe { std::alloc::System.realloc(ptr, old, new_size) };
+        }
+        // SAFETY: `new` has a non-zero size (a realloc's new size is).
+        let p = unsafe { std::alloc::System.alloc(new) };
+        if !p.is_null() {
+            // SAFETY: both blocks are live and at least min(old, new)
+            // bytes long; distinct allocations do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(ptr, p, old.size().min(new_size)) };
+            // SAFETY: ptr was allocated with `old`.
+            unsafe { std::alloc::System.dealloc(ptr, old) };
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod alloc_tests {
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout};
+
+    #[test]
+    fn whole_pages_are_page_aligned_and_the_rest_unchanged() {
+        assert_eq!(
+            page_layout(Layout::from_size_align(8192, 1).unwrap()).align(),
+            4096
+        );
+        assert_eq!(
+            page_layout(Layout::from_size_align(4100, 1).unwrap()).align(),
+            1
+        );
+        assert_eq!(
+            page_layout(Layout::from_size_align(64, 8).unwrap()).align(),
+            8
+        );
+        let a = PageAligned;
+        let l = Layout::from_size_align(1 << 20, 1).unwrap();
+        // SAFETY: a non-zero layout; the block is used within its size
+        // and freed with the layout it has after the realloc.
+        unsafe {
+            let p = a.alloc_zeroed(l);
+            assert_eq!(p as usize % 4096, 0);
+            *p.add(5) = 7;
+            // Shrinking to a size that is no whole number of pages moves it.
+            let q = a.realloc(p, l, 5000);
+            assert_eq!(*q.add(5), 7, "contents kept");
+            let r = a.realloc(q, Layout::from_size_align(5000, 1).unwrap(), 16384);
+            assert_eq!((r as usize % 4096, *r.add(5)), (0, 7));
+            a.dealloc(r, Layout::from_size_align(16384, 1).unwrap());
+        }
+    }
+}

@@ -312,6 +312,7 @@ pub async fn serve<V: VolumeIo>(
     // a page for the headers).
     let max_write = fs.params().map_or(1 << 20, |p| p.max_write).max(1 << 20) as usize;
     let mut body = vec![0u8; max_write + 4096 - WRITE_HEAD];
+    super::pool::prefault(&mut body);
     let mut head = [0u8; WRITE_HEAD];
     tracing::debug!(fd = fd.as_raw_fd(), "FUSE worker serving");
     let ended = loop {
@@ -347,24 +348,25 @@ pub async fn serve<V: VolumeIo>(
         };
         let len = (h.len as usize).min(n);
         let hlen = size_of::<InHeader>();
-        let (arg, data) = if h.opcode == WRITE {
+        let (arg, data, slot) = if h.opcode == WRITE {
             if len < WRITE_HEAD {
                 continue;
             }
-            let mut data = fs.pool.get(len - WRITE_HEAD);
+            // Waits when every buffer is in use: the kernel queues meanwhile.
+            let (mut data, slot) = fs.pool.get(len - WRITE_HEAD).await;
             data.copy_from_slice(&body[..len - WRITE_HEAD]);
-            (head[hlen..WRITE_HEAD].to_vec(), Some(data))
+            (Arg::inline(&head[hlen..WRITE_HEAD]), Some(data), Some(slot))
         } else if len <= WRITE_HEAD {
-            (head[hlen..len.max(hlen)].to_vec(), None)
+            (Arg::inline(&head[hlen..len.max(hlen)]), None, None)
         } else {
             let mut a = head[hlen..].to_vec();
             a.extend_from_slice(&body[..len - WRITE_HEAD]);
-            (a, None)
+            (Arg::Heap(a), None, None)
         };
         let (fs, fd) = (fs.clone(), fd.clone());
         tokio::spawn(async move {
-            answer(&fs, &fd, &h, &arg, data).await;
-            drop(permit);
+            answer(&fs, &fd, &h, arg.bytes(), data).await;
+            drop((slot, permit));
         });
     };
     // Let the requests in flight finish (bounded: a stop must end).
@@ -405,8 +407,32 @@ async fn answer<V: VolumeIo>(
     if let Err(e) = fd.reply(h.unique, &out) {
         tracing::warn!(opcode = h.opcode, error = %e, "cannot answer a FUSE request");
     }
-    if let Out::Data(buf) = out {
+    if let Out::Data(buf, slot) = out {
         fs.pool.put(buf);
+        drop(slot);
+    }
+}
+
+/// A request's arguments: inline for the data path's (at most 40 bytes:
+/// no allocation while serving I/O), on the heap for the rest.
+enum Arg {
+    Inline([u8; WRITE_HEAD - size_of::<InHeader>()], usize),
+    Heap(Vec<u8>),
+}
+
+impl Arg {
+    fn inline(b: &[u8]) -> Arg {
+        let mut a = [0u8; WRITE_HEAD - size_of::<InHeader>()];
+        let n = b.len().min(a.len());
+        a[..n].copy_from_slice(&b[..n]);
+        Arg::Inline(a, n)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Arg::Inline(a, n) => &a[..*n],
+            Arg::Heap(v) => v,
+        }
     }
 }
 

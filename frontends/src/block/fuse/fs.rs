@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use serde::{Deserialize, Serialize};
 use volmig_api::io::VolumeIo;
 
-use super::pool::SizePool;
+use super::pool::{Buffers, Slot};
 use super::proto::{self, *};
 
 /// How long the kernel may cache names and attributes (they change only
@@ -63,6 +63,11 @@ pub struct FsOptions {
     /// FOPEN_DIRECT_IO on open: no FUSE page cache at all for volume
     /// files (loop's own direct I/O bypasses it either way).
     pub direct_io_open: bool,
+    /// Request buffers made at start (see `pool`): of 64 KiB, for small
+    /// requests, and of `max_write`. Every READ and WRITE in flight holds
+    /// one.
+    pub small_buffers: usize,
+    pub large_buffers: usize,
 }
 
 impl Default for FsOptions {
@@ -71,6 +76,8 @@ impl Default for FsOptions {
             max_write: 1 << 20,
             max_background: 256,
             direct_io_open: false,
+            small_buffers: 128,
+            large_buffers: 24,
         }
     }
 }
@@ -109,8 +116,9 @@ pub enum Out {
     Err(i32),
     /// Reply arguments (at most 128 bytes).
     Small([u8; 128], usize),
-    /// Reply bytes in a buffer of the pool (read data, directory entries).
-    Data(Vec<u8>),
+    /// Reply bytes in a buffer of the pool (read data) and its place
+    /// there, or (directory entries) a buffer of its own.
+    Data(Vec<u8>, Option<Slot>),
 }
 
 impl Out {
@@ -125,7 +133,7 @@ impl Out {
     pub fn bytes(&self) -> &[u8] {
         match self {
             Out::Small(a, n) => &a[..*n],
-            Out::Data(v) => v,
+            Out::Data(v, _) => v,
             Out::None | Out::Err(_) => &[],
         }
     }
@@ -144,7 +152,7 @@ pub struct Fs<V> {
     restoring: Mutex<Option<Instant>>,
     params: tokio::sync::watch::Sender<Option<Params>>,
     opts: FsOptions,
-    pub pool: SizePool,
+    pub pool: Buffers,
     pub stats: Stats,
 }
 
@@ -162,8 +170,12 @@ impl<V: VolumeIo> Fs<V> {
             changed: tokio::sync::watch::Sender::new(0),
             restoring: Mutex::new(None),
             params: tokio::sync::watch::Sender::new(None),
+            pool: Buffers::new(
+                opts.small_buffers,
+                opts.large_buffers,
+                opts.max_write as usize,
+            ),
             opts,
-            pool: SizePool::default(),
             stats: Stats::default(),
         }
     }
@@ -530,10 +542,10 @@ impl<V: VolumeIo> Fs<V> {
         if r.offset >= size {
             return Out::Small([0; 128], 0);
         }
-        let len = u64::from(r.size).min(size - r.offset) as usize;
-        let buf = self.pool.get(len);
+        let len = (u64::from(r.size).min(size - r.offset) as usize).min(self.pool.max_len());
+        let (buf, slot) = self.pool.get(len).await;
         match v.io.read(r.offset, buf).await {
-            Ok(buf) => Out::Data(buf),
+            Ok(buf) => Out::Data(buf, Some(slot)),
             Err(e) => Out::Err(errno(&e)),
         }
     }
@@ -663,7 +675,7 @@ impl<V: VolumeIo> Fs<V> {
             .collect();
         vols.sort_by(|a, b| a.1.cmp(&b.1));
         ents.extend(vols);
-        let mut out = self.pool.get(r.size as usize);
+        let mut out = vec![0u8; (r.size as usize).min(1 << 20)];
         let mut n = 0;
         for (i, (ino, name, typ)) in ents.iter().enumerate().skip(r.offset as usize) {
             match proto::put_dirent(&mut out[n..], *ino, i as u64 + 1, *typ, name) {
@@ -672,7 +684,7 @@ impl<V: VolumeIo> Fs<V> {
             }
         }
         out.truncate(n);
-        Out::Data(out)
+        Out::Data(out, None)
     }
 }
 
@@ -841,7 +853,7 @@ mod tests {
             ..Default::default()
         };
         match fs.dispatch(&hdr(READ, 42), proto::bytes(&r), None).await {
-            Out::Data(d) => assert_eq!(d, b"\0\0hello\0\0"),
+            Out::Data(d, _) => assert_eq!(d, b"\0\0hello\0\0"),
             other => panic!("{other:?}"),
         }
         // Reads past the end are short, writes past it refused.

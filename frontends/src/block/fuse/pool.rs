@@ -1,92 +1,138 @@
-//! Request buffers by size class (powers of two from 4 KiB), so READ and
-//! WRITE do not allocate in the steady state. A buffer handed out has the
+//! Request data buffers, all made (and their memory touched) when the
+//! file system starts, and bounded: the server never allocates memory to
+//! serve a READ or a WRITE. Under memory pressure an allocation (a page
+//! fault) on the I/O path may wait in reclaim for writeback, and that
+//! writeback may go through this very server: a deadlock (seen in a
+//! memory cgroup with buffers allocated on demand). With every buffer
+//! taken, the next request waits for one to come back; the kernel queues
+//! its requests meanwhile.
+//!
+//! Two tiers: small buffers (up to [`SMALL`]) for the many small requests,
+//! large ones (`max_write`) for the rest. A buffer handed out has the
 //! length asked for; its contents are stale bytes of earlier requests
-//! (always overwritten before use: READ is filled by the volume, WRITE by
-//! the request). Bounded in idle buffers per class.
+//! (READ is filled by the volume, WRITE by the request).
 
 use std::sync::{Mutex, PoisonError};
 
-const MIN_CLASS: usize = 4096;
-const CLASSES: usize = 10; // 4 KiB .. 2 MiB
-/// Idle buffers kept per class: many small ones, few large ones.
-const SMALL_IDLE: usize = 64;
-const LARGE_IDLE: usize = 8;
-const LARGE: usize = 128 * 1024;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-#[derive(Debug, Default)]
-pub struct SizePool {
-    classes: [Mutex<Vec<Vec<u8>>>; CLASSES],
+/// The small tier's buffer size.
+pub const SMALL: usize = 64 * 1024;
+
+/// Touches every page of `v` (writes it), so using it later faults in no
+/// memory.
+pub fn prefault(v: &mut [u8]) {
+    v.iter_mut().step_by(4096).for_each(|b| *b = 1);
+    std::hint::black_box(&*v);
 }
 
-fn class_of(len: usize) -> Option<usize> {
-    let c = len.max(MIN_CLASS).next_power_of_two();
-    let i = (c / MIN_CLASS).trailing_zeros() as usize;
-    (i < CLASSES).then_some(i)
+#[derive(Debug)]
+struct Tier {
+    len: usize,
+    count: usize,
+    free: Mutex<Vec<Vec<u8>>>,
+    slots: std::sync::Arc<Semaphore>,
 }
 
-fn class_len(i: usize) -> usize {
-    MIN_CLASS << i
-}
-
-impl SizePool {
-    /// A buffer of exactly `len` bytes.
-    pub fn get(&self, len: usize) -> Vec<u8> {
-        let Some(i) = class_of(len) else {
-            return vec![0; len];
-        };
-        let reused = self.classes[i]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        match reused {
-            Some(mut b) => {
-                // Idle buffers are kept at their class's length.
-                b.truncate(len);
+impl Tier {
+    fn new(len: usize, count: usize) -> Self {
+        let free = (0..count)
+            .map(|_| {
+                let mut b = vec![0u8; len];
+                prefault(&mut b);
                 b
-            }
-            None => {
-                let mut b = vec![0; class_len(i)];
-                b.truncate(len);
-                b
-            }
+            })
+            .collect();
+        Self {
+            len,
+            count,
+            free: Mutex::new(free),
+            slots: std::sync::Arc::new(Semaphore::new(count)),
         }
     }
 
-    /// Takes a buffer back (any buffer: one of another size is dropped).
-    /// Growing it back to its class's length zeroes less than `len` bytes
-    /// (the class is the next power of two).
-    pub fn put(&self, mut b: Vec<u8>) {
-        let cap = b.capacity();
-        if cap < MIN_CLASS {
-            return;
-        }
-        // The largest class the allocation holds.
-        let floor = 1usize << (usize::BITS - 1 - cap.leading_zeros());
-        let Some(i) = class_of(floor) else {
-            return;
-        };
-        let mut idle = self.classes[i]
+    fn take(&self, len: usize) -> Vec<u8> {
+        let b = self
+            .free
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let max = if class_len(i) >= LARGE {
-            LARGE_IDLE
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        // A slot guarantees a buffer, unless a volume gave back another
+        // (smaller) one than it got: then a new one is made.
+        let mut b = b.unwrap_or_else(|| vec![0u8; self.len]);
+        if b.len() >= len {
+            b.truncate(len);
         } else {
-            SMALL_IDLE
+            // Within capacity: zeroes only what a shorter use cut off.
+            b.resize(len, 0);
+        }
+        b
+    }
+}
+
+/// A buffer's place in its tier, given back when the request is done.
+#[derive(Debug)]
+pub struct Slot(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+
+#[derive(Debug)]
+pub struct Buffers {
+    small: Tier,
+    large: Tier,
+}
+
+impl Buffers {
+    /// `small` buffers of [`SMALL`] bytes and `large` ones of `max_len`.
+    pub fn new(small: usize, large: usize, max_len: usize) -> Self {
+        Self {
+            small: Tier::new(SMALL, small.max(1)),
+            large: Tier::new(max_len.max(SMALL), large.max(1)),
+        }
+    }
+
+    fn tier(&self, len: usize) -> &Tier {
+        if len <= SMALL {
+            &self.small
+        } else {
+            &self.large
+        }
+    }
+
+    /// The largest buffer there is.
+    pub fn max_len(&self) -> usize {
+        self.large.len
+    }
+
+    /// A buffer of exactly `len` bytes (at most [`Buffers::max_len`]),
+    /// waiting for one to come back if all are in use.
+    pub async fn get(&self, len: usize) -> (Vec<u8>, Slot) {
+        let t = self.tier(len);
+        // The semaphore is never closed: a permit always comes.
+        let permit = t.slots.clone().acquire_owned().await.ok();
+        (t.take(len), Slot(permit))
+    }
+
+    /// Gives a buffer back (before its slot: see [`Slot`]).
+    pub fn put(&self, b: Vec<u8>) {
+        let t = if b.capacity() >= self.large.len {
+            &self.large
+        } else if b.capacity() >= SMALL {
+            &self.small
+        } else {
+            return;
         };
-        if idle.len() < max {
-            b.resize(class_len(i), 0);
-            idle.push(b);
+        let mut free = t.free.lock().unwrap_or_else(PoisonError::into_inner);
+        if free.len() < t.count {
+            free.push(b);
         }
     }
 
     #[cfg(test)]
     fn idle(&self, len: usize) -> usize {
-        class_of(len).map_or(0, |i| {
-            self.classes[i]
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .len()
-        })
+        self.tier(len)
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 
@@ -94,40 +140,24 @@ impl SizePool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn buffers_come_back_by_class() {
-        let p = SizePool::default();
-        let b = p.get(5000);
-        assert_eq!(b.len(), 5000);
-        assert_eq!(b.capacity(), 8192);
-        let ptr = b.as_ptr();
-        p.put(b);
-        assert_eq!(p.idle(8192), 1);
-        let c = p.get(6000);
-        assert_eq!((c.len(), c.as_ptr()), (6000, ptr), "the same buffer again");
-        assert_eq!(p.idle(8192), 0);
-        let big = p.get(1 << 20);
-        assert_eq!(big.capacity(), 1 << 20);
-        let huge = p.get(64 << 20);
-        assert_eq!(huge.len(), 64 << 20, "beyond the classes: plain allocation");
-        p.put(huge);
-        p.put(vec![0; 100]);
-        p.put(big);
-        assert_eq!(p.idle(1 << 20), 1);
-    }
-
-    #[test]
-    fn idle_buffers_are_bounded() {
-        let p = SizePool::default();
-        let many: Vec<Vec<u8>> = (0..200).map(|_| p.get(4096)).collect();
-        for b in many {
-            p.put(b);
-        }
-        assert_eq!(p.idle(4096), SMALL_IDLE);
-        let large: Vec<Vec<u8>> = (0..20).map(|_| p.get(1 << 20)).collect();
-        for b in large {
-            p.put(b);
-        }
-        assert_eq!(p.idle(1 << 20), LARGE_IDLE);
+    #[tokio::test]
+    async fn buffers_are_made_up_front_and_bounded() {
+        let p = Buffers::new(2, 1, 1 << 20);
+        assert_eq!((p.idle(4096), p.idle(1 << 20)), (2, 1));
+        let (a, sa) = p.get(4096).await;
+        assert_eq!((a.len(), a[0]), (4096, 1), "made and touched before");
+        let (b, _sb) = p.get(100).await;
+        assert_eq!(b.len(), 100);
+        // All small ones taken: the next waits until one comes back.
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), p.get(10)).await;
+        assert!(waiting.is_err(), "no third small buffer");
+        let ptr = a.as_ptr();
+        p.put(a);
+        drop(sa);
+        let (c, _sc) = p.get(60000).await;
+        assert_eq!((c.len(), c.as_ptr()), (60000, ptr), "the same buffer again");
+        let (d, _sd) = p.get(1 << 20).await;
+        assert_eq!(d.len(), 1 << 20);
+        assert_eq!(p.max_len(), 1 << 20);
     }
 }
