@@ -1,6 +1,7 @@
 """Renders a results JSON into docs/BENCHMARKS.md (or a side file) and the
 IOPS-over-time plot."""
 import os
+import statistics
 import time
 
 MET, MISSED, NA = "met", "MISSED", "n/a"
@@ -109,6 +110,49 @@ def goals(res):
                     "numbers": f"{sp['size_mib'] // 1024} GiB volume with {sp['data_mib']} MiB data: "
                                f"{f(v['total_s'], '{:.2f}')} s vs {f(v['dense_same_data_s'], '{:.2f}')} s dense "
                                f"({ratio(r)}); size/data = {sp['size_mib'] / sp['data_mib']:.0f}×"})
+    out.extend(blockdev_goals(S.get("blockdev")))
+    return out
+
+
+def blockdev_goals(bd):
+    """Issue 12's goals for volmig's kernel block device (FUSE + loop)."""
+    out = []
+    if not bd or "jobs" not in bd:
+        return out
+    misses, worst = [], None
+    for job, row in bd["jobs"].items():
+        r = min(row["volmig"]["vs_best_peer"])
+        worst = r if worst is None else min(worst, r)
+        if r < 2.0:
+            misses.append(f"{job} {r:.2f}×")
+    d_worst = min(min(row["volmig-direct"]["vs_best_peer"]) for row in bd["jobs"].values())
+    out.append({"goal": "Block device: volmig ≥ 2× the best nbdfuse peer on every job (every round)",
+                "status": MET if not misses else MISSED,
+                "numbers": f"worst {worst:.2f}×" + (f"; below 2×: {', '.join(misses)}" if misses else "")
+                           + f"; with O_DIRECT backing worst {d_worst:.2f}×"})
+    for job in ("randread 4k qd32", "randwrite 4k qd32"):
+        r = min(bd["jobs"][job]["volmig"]["vs_raw_loop"])
+        rd = min(bd["jobs"][job]["volmig-direct"]["vs_raw_loop"])
+        out.append({"goal": f"Block device: volmig ≥ 30% of the raw loop device at {job}",
+                    "status": MET if r >= 0.3 else MISSED,
+                    "numbers": f"{pct(r)} (worst round); O_DIRECT backing {pct(rd)}"})
+    sql = bd.get("sqlite") or []
+    if sql:
+        r = [x["volmig"] / x["raw-loop"] for x in sql]
+        rd = [x["volmig-direct"] / x["raw-loop"] for x in sql]
+        out.append({"goal": "SQLite TPS on ext4 over volmig's device ≥ 90% of a raw loop device",
+                    "status": MET if statistics.median(r) >= 0.9 else MISSED,
+                    "numbers": f"median {pct(statistics.median(r))} (rounds {', '.join(pct(x) for x in r)}); "
+                               f"O_DIRECT backing {', '.join(pct(x) for x in rd)}"})
+    rs = bd.get("restarts") or []
+    if rs:
+        stalls = [x["stall_s"] for x in rs if x["stall_s"] is not None]
+        errs = sum(len(x["errors"]) for x in rs)
+        ok = stalls and max(stalls) < 2.0 and errs == 0
+        out.append({"goal": "Agent restart under a writer: a stall under 2 s, no I/O error",
+                    "status": MET if ok else MISSED,
+                    "numbers": f"stalls {', '.join(f'{x:.2f} s' for x in stalls)} (agent down "
+                               f"{', '.join('%.2f s' % x['down_s'] for x in rs)}); {errs} errors"})
     return out
 
 
@@ -475,6 +519,8 @@ def render(res, md_path, png_rel):
         a(_skipped(sc))
     a("")
 
+    render_blockdev(S.get("blockdev"), a)
+
     obs = res.get("observations")
     if obs:
         a("## Observations")
@@ -605,6 +651,54 @@ HISTORY = [
     "latency 47 and 34 ms; the migration takes one short refresh pass more (0.95-1.14 s, QEMU "
     "write-blocking 3.29 s in the full run).",
 ]
+
+
+def render_blockdev(bd, a):
+    a("## 6. Kernel block devices: FUSE + loop")
+    a("")
+    if not (bd and "jobs" in bd):
+        a(_skipped(bd))
+        a("")
+        return
+    a(f"volmig's block device (the agent's FUSE file + a loop device with direct I/O, `volume "
+      f"--frontend block:fuse`) measured by `{os.path.basename(bd['peer_script'])}` beside its built-in "
+      f"systems, in the same invocation: `raw-loop` (loop straight on the file: the ceiling), `nbdkit` and "
+      f"`qemu-nbd` (each behind nbdfuse + loop). fio libaio direct=1 on the device, {bd['runtime_s']} s "
+      f"per job, a {bd['file_mib']} MiB random file; `volmig` serves it with buffered I/O like the peers, "
+      f"`volmig-direct` with O_DIRECT (what block volumes should use). {len(bd['rounds'])} round(s), one "
+      "invocation each; IOPS are medians (MiB/s for 1 MiB jobs are IOPS), ratios per round.")
+    a("")
+    a("| job | raw-loop | nbdkit | qemu-nbd | volmig | volmig-direct | volmig / best peer | "
+      "volmig / raw loop | direct / best peer | direct / raw loop |")
+    a("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for job, row in bd["jobs"].items():
+        rr = lambda v: "–".join(sorted({f"{x:.2f}×" for x in (min(v), max(v))}))  # noqa: E731
+        a(f"| {job} | {f(row['raw-loop']['iops'])} | {f(row['nbdkit']['iops'])} | {f(row['qemu-nbd']['iops'])} | "
+          f"{f(row['volmig']['iops'])} | {f(row['volmig-direct']['iops'])} | "
+          f"{rr(row['volmig']['vs_best_peer'])} | {rr(row['volmig']['vs_raw_loop'])} | "
+          f"{rr(row['volmig-direct']['vs_best_peer'])} | {rr(row['volmig-direct']['vs_raw_loop'])} |")
+    a("")
+    if bd.get("sqlite"):
+        a(f"SQLite (WAL, synchronous=FULL, one insert per transaction, {bd['sqlite_s']} s) on a fresh ext4, "
+          "TPS per round (the order of the systems alternates):")
+        a("")
+        a("| round | raw loop | volmig | volmig-direct | volmig / raw | direct / raw |")
+        a("|--:|--:|--:|--:|--:|--:|")
+        for i, x in enumerate(bd["sqlite"], 1):
+            a(f"| {i} | {f(x['raw-loop'])} | {f(x['volmig'])} | {f(x['volmig-direct'])} | "
+              f"{pct(x['volmig'] / x['raw-loop'])} | {pct(x['volmig-direct'] / x['raw-loop'])} |")
+        a("")
+    if bd.get("restarts"):
+        a("Agent restart: ext4 on volmig's device (O_DIRECT backing, descriptor keeper running), a writer "
+          "doing 4 KiB pwrite + fdatasync; the agent is SIGKILLed, started again after a pause; the stall "
+          "is the writer's slowest operation around it.")
+        a("")
+        a("| run | agent down s | writer stall s | writes | p50 write ms | errors |")
+        a("|--:|--:|--:|--:|--:|---|")
+        for i, x in enumerate(bd["restarts"], 1):
+            a(f"| {i} | {x['down_s']:.2f} | {f(x['stall_s'], '{:.3f}')} | {x['writes']} | "
+              f"{x['p50_ms']:.2f} | {'; '.join(x['errors']) or 'none'} |")
+        a("")
 
 
 def _short(s):

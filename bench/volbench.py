@@ -19,6 +19,8 @@ CONFIGS = {
         "copy_mib": 256, "copy_reps": 1,
         "sparse_size_mib": 4096, "sparse_data_mib": 256, "sparse_reps": 1,
         "scale_mib": 256, "scale_counts": [1, 4],
+        "blockdev_rounds": 1, "blockdev_file_mib": 512, "blockdev_runtime": 3,
+        "blockdev_sqlite_mib": 512, "blockdev_sqlite_s": 4, "blockdev_restarts": 1, "blockdev_down_s": 0.3,
     },
     "full": {
         "frontend_file_mib": 1024, "frontend_rounds": 3, "frontend_runtime": 8, "frontend_ramp": 1,
@@ -26,9 +28,11 @@ CONFIGS = {
         "copy_mib": 1024, "copy_reps": 3,
         "sparse_size_mib": 16384, "sparse_data_mib": 1024, "sparse_reps": 2,
         "scale_mib": 256, "scale_counts": [1, 2, 4, 8],
+        "blockdev_rounds": 3, "blockdev_file_mib": 1024, "blockdev_runtime": 6,
+        "blockdev_sqlite_mib": 1024, "blockdev_sqlite_s": 8, "blockdev_restarts": 3, "blockdev_down_s": 0.3,
     },
 }
-SECTIONS = ["frontend", "migration", "copy", "sparse", "scale"]
+SECTIONS = ["frontend", "migration", "copy", "sparse", "scale", "blockdev"]
 
 
 def main():
@@ -82,6 +86,7 @@ def main():
         res["meta"]["drop_caches"] = False
     mon = C.Interference().start()
     t0 = time.monotonic()
+    import blockdev
     import copybound
     import frontend
     import migration
@@ -92,6 +97,7 @@ def main():
         "copy": lambda: copybound.run_copy(cfg, workdir),
         "sparse": lambda: copybound.run_sparse(cfg, workdir, res["sections"].get("copy")),
         "scale": lambda: scale.run(cfg, workdir),
+        "blockdev": lambda: blockdev.run(cfg, workdir),
     }
     try:
         for s in only:

@@ -86,6 +86,8 @@ impl Volume {
             active: self.interposer.active().path().to_path_buf(),
             session: self.slave.as_ref().map(|s| s.session_id()),
             frontends: self.served.frontends.clone(),
+            device: self.served.device.as_ref().map(|d| d.path.clone()),
+            device_kind: self.served.device.as_ref().map(|d| d.kind),
             error: None,
         }
     }
@@ -100,6 +102,8 @@ impl Failed {
             active: PathBuf::new(),
             session: None,
             frontends: self.served.frontends.clone(),
+            device: self.served.device.as_ref().map(|d| d.path.clone()),
+            device_kind: self.served.device.as_ref().map(|d| d.kind),
             error: Some(self.error.clone()),
         }
     }
@@ -171,6 +175,7 @@ impl Agent {
                         requested: PathBuf::new(),
                         frontends: Vec::new(),
                         direct: false,
+                        device: None,
                     };
                     let error = e.to_string();
                     lock(&self.failed).insert(volume, Failed { served, error });
@@ -180,6 +185,10 @@ impl Agent {
             if self.open(rec).await.is_ok() {
                 served += 1;
             }
+        }
+        // Requests of kernel devices nobody served again fail from now on.
+        if let Some(b) = self.frontends.block() {
+            b.restored();
         }
         Ok(served)
     }
@@ -262,7 +271,14 @@ impl Agent {
             }
             _ => None,
         };
-        self.frontends.attach(&interposer, &rec.frontends)?;
+        let device = self
+            .frontends
+            .attach(&interposer, &rec.frontends, rec.device.as_ref())
+            .await?;
+        if device != rec.device {
+            rec.device = device;
+            self.served.save(&rec)?;
+        }
         let v = Volume {
             interposer,
             served: rec,
@@ -301,9 +317,10 @@ impl Agent {
                 v.slave.clone(),
                 v.op.clone(),
                 v.served.frontends.clone(),
+                v.served.device.clone(),
             )
         });
-        let Some((interposer, slave, op, frontends)) = found else {
+        let Some((interposer, slave, op, frontends, device)) = found else {
             self.served.remove(volume)?;
             return Ok(false);
         };
@@ -313,9 +330,12 @@ impl Agent {
             .try_lock_owned()
             .map_err(|_| AgentError::Busy(volume.to_string()))?;
         in_use(self.slave(volume))?;
+        // The kernel device goes first: in use (mounted), nothing changes.
+        self.frontends
+            .detach(volume, &frontends, device.as_ref())
+            .await?;
         self.served.remove(volume)?;
         lock(&self.volumes).remove(volume);
-        self.frontends.detach(volume, &frontends);
         if let Ok(Some(c)) = self.state.load(volume)
             && c.finished
         {

@@ -1,9 +1,10 @@
 //! `volmig-agent serve`: the node agent. Serves volumes through the
-//! interposer (NBD), and the agent's gRPC API, its one control surface,
-//! for masters: on a local unix socket (`--control`, file permissions
+//! interposer (NBD, kernel block devices), and the agent's gRPC API, its
+//! one control surface, for masters: on a local unix socket (`--control`, file permissions
 //! instead of certificates) and on TCP with mutual TLS (`--grpc`).
 //! Migrations are driven by a master: `volmig migrate --agent
 //! unix:///run/volmig/agent.sock ...` on the same host, or the operator.
+//! `volmig-agent keeper`: the descriptor keeper beside it.
 
 use std::path::{Path, PathBuf};
 
@@ -11,9 +12,18 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use volmig_agent::agent::Agent;
 use volmig_agent::grpc::SocketAccess;
-use volmig_agent::serving::Frontends;
+use volmig_agent::serving::{BlockConfig, BlockFrontend, Frontends};
+use volmig_api::io::BlockChoice;
 use volmig_api::slave::{Frontend, ServeVolume};
+use volmig_frontends::block::fuse::FuseOptions;
+use volmig_frontends::block::keeper::KeeperServer;
+use volmig_frontends::block::memsafe;
 use volmig_frontends::nbd::NbdServer;
+
+/// Whole-page buffers page-aligned: request buffers reach O_DIRECT
+/// backing devices without a bounce copy.
+#[global_allocator]
+static ALLOC: memsafe::PageAligned = memsafe::PageAligned;
 
 #[derive(Parser)]
 #[command(
@@ -28,8 +38,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve volumes over NBD and the agent's gRPC API for masters.
-    Serve(ServeArgs),
+    /// Serve volumes (NBD, kernel block devices) and the agent's gRPC API
+    /// for masters.
+    Serve(Box<ServeArgs>),
+    /// Hold the agent's /dev/fuse descriptors across its restarts (run as
+    /// a sidecar sharing a socket directory with the agent, which gets
+    /// `--fd-keeper` with the same path): while it holds them, an agent
+    /// restart is a stall of the kernel block devices' I/O, not an error.
+    Keeper(KeeperArgs),
+}
+
+#[derive(Args)]
+struct KeeperArgs {
+    /// The keeper's unix socket (mode 0600).
+    #[arg(long, default_value = "/run/volmig/keeper.sock")]
+    socket: PathBuf,
 }
 
 #[derive(Args)]
@@ -83,6 +106,36 @@ struct ServeArgs {
     /// on this address, e.g. 0.0.0.0:9090.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Kernel block frontends: `auto` (every kind this node offers: FUSE +
+    /// loop here), one kind (`fuse`, `nbd`, `ublk`), or `none`. Volumes
+    /// served with the `block` frontend get the best of them.
+    #[arg(long, default_value = "auto", value_parser = parse_block)]
+    block: BlockArg,
+    /// Where the kernel block frontends keep their files (the FUSE mount
+    /// is `<DIR>/fuse`); default `<state-dir>/block`.
+    #[arg(long)]
+    block_dir: Option<PathBuf>,
+    /// The descriptor keeper's socket (`volmig-agent keeper`). Without it
+    /// the agent holds its /dev/fuse descriptors itself, and an agent
+    /// restart fails the I/O of its FUSE block devices.
+    #[arg(long)]
+    fd_keeper: Option<PathBuf>,
+    /// FUSE worker threads (default min(8, 2 x CPUs)).
+    #[arg(long)]
+    fuse_workers: Option<usize>,
+}
+
+/// `--block`: none, or a block choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BlockArg(Option<BlockChoice>);
+
+fn parse_block(s: &str) -> Result<BlockArg, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(BlockArg(None));
+    }
+    s.parse()
+        .map(|c| BlockArg(Some(c)))
+        .map_err(|e| format!("{e}, or none"))
 }
 
 fn parse_export(s: &str) -> Result<(String, PathBuf), String> {
@@ -124,13 +177,52 @@ fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let Cmd::Serve(args) = cli.cmd;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(args.io_threads.max(1))
-        .build()
-        .context("starting the tokio runtime")?;
+    let args = match cli.cmd {
+        Cmd::Serve(args) => *args,
+        Cmd::Keeper(k) => {
+            let server = KeeperServer::bind(&k.socket)
+                .with_context(|| format!("keeper socket {}", k.socket.display()))?;
+            server.run()
+        }
+    };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all().max_blocking_threads(args.io_threads.max(1));
+    if args.block.0.is_some() {
+        // The threads that do a kernel block device's I/O must not wait in
+        // reclaim for writeback to that device (best effort: it needs
+        // CAP_SYS_RESOURCE).
+        rt.on_thread_start(memsafe::io_flusher_best_effort);
+    }
+    let rt = rt.build().context("starting the tokio runtime")?;
     rt.block_on(serve(args))
+}
+
+/// The kernel block frontend `a` asks for.
+fn block_frontend(a: &ServeArgs) -> Option<BlockFrontend> {
+    let kinds = a.block.0?;
+    let dir = a
+        .block_dir
+        .clone()
+        .unwrap_or_else(|| a.state_dir.join("block"));
+    let mut fuse = FuseOptions::new(&dir.join("fuse"));
+    fuse.keeper = a.fd_keeper.clone();
+    if let Some(n) = a.fuse_workers {
+        fuse.workers = n.max(1);
+    }
+    let b = BlockFrontend::new(BlockConfig { kinds, fuse });
+    if b.kinds().is_empty() {
+        tracing::warn!(block = %kinds, "this node offers no kernel block frontend this agent runs");
+    } else {
+        tracing::info!(kinds = ?b.kinds(), dir = %dir.display(), keeper = ?a.fd_keeper,
+            "kernel block frontends (started on first use)");
+    }
+    if a.fd_keeper.is_none() {
+        tracing::warn!(
+            "no --fd-keeper: an agent restart fails the I/O of its FUSE block devices \
+            (EIO in the filesystems on them); run `volmig-agent keeper` beside it to make a restart a stall"
+        );
+    }
+    Some(b)
 }
 
 /// Validates the --grpc TLS options: mutual TLS, or plain text when asked.
@@ -179,20 +271,36 @@ async fn serve_volumes(agent: &Agent, a: &ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    if a.nbd_unix.is_none() && a.nbd_tcp.is_none() {
-        bail!("nothing to serve on: give --nbd-unix and/or --nbd-tcp");
+    let block = block_frontend(&a);
+    if a.nbd_unix.is_none() && a.nbd_tcp.is_none() && block.is_none() {
+        bail!("nothing to serve on: give --nbd-unix and/or --nbd-tcp, or --block");
     }
     let tls = match a.grpc {
         Some(_) => grpc_tls(&a)?,
         None => None,
     };
     let server: NbdServer<volmig_agent::interposer::Interposer> = NbdServer::new();
-    let agent = Agent::with_frontends(&a.state_dir, Frontends::with_nbd(server.clone()))?;
+    let mut frontends = if a.nbd_unix.is_some() || a.nbd_tcp.is_some() {
+        Frontends::with_nbd(server.clone())
+    } else {
+        Frontends::none()
+    };
+    if let Some(b) = block {
+        frontends = frontends.with_block(b);
+    }
+    let agent = Agent::with_frontends(&a.state_dir, frontends)?;
     serve_volumes(&agent, &a).await?;
     if let Some(addr) = a.metrics {
         volmig_agent::metrics::serve(addr, agent.clone())
             .await
             .with_context(|| format!("--metrics {addr}"))?;
+    }
+    if let Some(drivers) = agent.frontends().block().and_then(|b| b.started()) {
+        tracing::info!(kinds = ?drivers.kinds(), "kernel block devices served");
+        // Serving a block device never waits for its own pages to come back.
+        if let Err(e) = memsafe::lock_memory() {
+            tracing::warn!(error = %e, "cannot lock the agent's memory (mlockall)");
+        }
     }
     // The API first: once NBD answers, so does the control socket.
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -241,6 +349,19 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!("shutting down; unfinished sessions resume at next start");
     let _ = stop.send(true);
+    if let Some(fuse) = agent
+        .frontends()
+        .block()
+        .and_then(|b| b.started())
+        .and_then(|d| d.fuse())
+    {
+        // No device left: nothing to keep mounted (with devices, the mount
+        // stays: the keeper, or the next agent, needs it).
+        match fuse.unmount().await {
+            Ok(()) => tracing::info!("FUSE block driver unmounted"),
+            Err(e) => tracing::info!(error = %e, "FUSE block driver stays mounted"),
+        }
+    }
     while grpc.join_next().await.is_some() {}
     for h in handles {
         let _ = h.shutdown().await;
@@ -262,6 +383,36 @@ fn control_socket(path: &Path, group: Option<u32>) -> anyhow::Result<tokio::net:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent_and_block_choices_parse() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let serve = |extra: &[&str]| {
+            let mut args = vec!["volmig-agent", "serve"];
+            args.extend_from_slice(extra);
+            match Cli::try_parse_from(args).unwrap().cmd {
+                Cmd::Serve(a) => a,
+                Cmd::Keeper(_) => panic!("not serve"),
+            }
+        };
+        assert_eq!(serve(&[]).block, BlockArg(Some(BlockChoice::Auto)));
+        assert_eq!(serve(&["--block", "none"]).block, BlockArg(None));
+        let a = serve(&["--block", "fuse", "--fd-keeper", "/run/k.sock"]);
+        assert_eq!(
+            a.block,
+            BlockArg(Some(BlockChoice::Only(volmig_api::io::BlockKind::FuseLoop)))
+        );
+        assert_eq!(a.fd_keeper.as_deref(), Some(Path::new("/run/k.sock")));
+        assert!(Cli::try_parse_from(["volmig-agent", "serve", "--block", "scsi"]).is_err());
+        match Cli::try_parse_from(["volmig-agent", "keeper", "--socket", "/k"])
+            .unwrap()
+            .cmd
+        {
+            Cmd::Keeper(k) => assert_eq!(k.socket, Path::new("/k")),
+            Cmd::Serve(_) => panic!("not keeper"),
+        }
+    }
 
     #[test]
     fn groups_by_name_or_number() {

@@ -19,7 +19,11 @@ use std::time::{Duration, Instant};
 use volmig_agent::agent::Agent;
 use volmig_agent::interposer::Interposer;
 use volmig_api::Slave;
-use volmig_api::slave::{Fence, ListVolumes, SessionState, VolumeInfo};
+use volmig_api::SlaveResult;
+use volmig_api::io::{BlockChoice, BlockKind};
+use volmig_api::slave::{
+    Fence, Frontend, ListVolumes, ServeVolume, SessionState, UnserveVolume, Unserved, VolumeInfo,
+};
 use volmig_frontends::nbd::{Export, NbdServer, ServerHandle};
 use volmig_master::{ClientTls, GrpcSlave};
 
@@ -46,6 +50,9 @@ pub struct AgentBuilder {
     direct: bool,
     /// Do not wait for the gRPC port at start (its TLS files come later).
     grpc_later: bool,
+    block: bool,
+    keeper: Option<PathBuf>,
+    extra: Vec<String>,
 }
 
 impl AgentBuilder {
@@ -61,6 +68,9 @@ impl AgentBuilder {
             port: None,
             direct: false,
             grpc_later: false,
+            block: false,
+            keeper: None,
+            extra: Vec::new(),
         }
     }
 
@@ -109,11 +119,32 @@ impl AgentBuilder {
         self
     }
 
+    /// Kernel block devices (FUSE + loop), their files in
+    /// `<name>-block/`: see [`AgentProcess::serve_block`]. Root only.
+    pub fn block(mut self) -> Self {
+        self.block = true;
+        self
+    }
+
+    /// The descriptor keeper the agent hands its /dev/fuse descriptors to
+    /// (an agent restart is then a stall of its block devices' I/O).
+    pub fn keeper(mut self, keeper: &crate::keeper::KeeperProcess) -> Self {
+        self.keeper = Some(keeper.socket().to_path_buf());
+        self
+    }
+
+    /// More `volmig-agent serve` options.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra.push(arg.to_string());
+        self
+    }
+
     pub fn start(self) -> AgentProcess {
         let mut a = AgentProcess {
             nbd_sock: self.dir.join(format!("{}.nbd.sock", self.name)),
             ctl_sock: self.dir.join(format!("{}.ctl.sock", self.name)),
             state_dir: self.dir.join(format!("{}-state", self.name)),
+            block_dir: self.dir.join(format!("{}-block", self.name)),
             log: self.dir.join(format!("{}.log", self.name)),
             port: self.port.unwrap_or_else(free_port),
             tcp: self.nbd_tcp.then(free_addr),
@@ -145,6 +176,9 @@ pub struct AgentProcess {
     pub nbd_sock: PathBuf,
     pub ctl_sock: PathBuf,
     pub state_dir: PathBuf,
+    /// Where its kernel block frontends keep their files (the FUSE mount
+    /// is `fuse/` in it), with [`AgentBuilder::block`].
+    pub block_dir: PathBuf,
     pub log: PathBuf,
     port: u16,
     tcp: Option<SocketAddr>,
@@ -207,6 +241,18 @@ impl AgentProcess {
         if s.direct {
             cmd.arg("--direct");
         }
+        if s.block {
+            cmd.arg("--block")
+                .arg("fuse")
+                .arg("--block-dir")
+                .arg(&self.block_dir);
+        } else {
+            cmd.arg("--block").arg("none");
+        }
+        if let Some(k) = &s.keeper {
+            cmd.arg("--fd-keeper").arg(k);
+        }
+        cmd.args(&s.extra);
         for (name, path) in &s.exports {
             cmd.arg("--export")
                 .arg(format!("{name}={}", path.display()));
@@ -323,6 +369,53 @@ impl AgentProcess {
         opts: WriterOpts,
     ) -> Writer {
         Writer::nbd(rt, &self.nbd_sock, volume, expected, opts)
+    }
+
+    /// The agent's FUSE mount (block frontends).
+    pub fn fuse_mount(&self) -> PathBuf {
+        self.block_dir.join("fuse")
+    }
+
+    /// Serves `backing` as `volume` (its `serve_volume`); not from inside a
+    /// runtime.
+    pub fn serve(&self, r: ServeVolume) -> SlaveResult<VolumeInfo> {
+        self.call(async |s| s.serve_volume(r).await)
+    }
+
+    /// Serves `backing` as `volume` on a kernel block device (FUSE +
+    /// loop); the volume's info, with its device.
+    pub fn serve_block(&self, volume: &str, backing: &Path, direct: bool) -> VolumeInfo {
+        let r = ServeVolume {
+            volume: volume.to_string(),
+            backing: backing.to_path_buf(),
+            frontends: vec![Frontend::Block(BlockChoice::Only(BlockKind::FuseLoop))],
+            direct,
+        };
+        let v = self.serve(r).unwrap_or_else(|e| {
+            panic!(
+                "serving {volume} as a block device: {e}\nagent log:\n{}",
+                self.log_text()
+            )
+        });
+        assert!(v.device.is_some(), "no block device in {v:?}");
+        v
+    }
+
+    /// Stops serving `volume` (its `unserve_volume`).
+    pub fn unserve(&self, volume: &str) -> SlaveResult<Unserved> {
+        let r = UnserveVolume {
+            volume: volume.to_string(),
+        };
+        self.call(async |s| s.unserve_volume(r).await)
+    }
+
+    /// The kernel block device of `volume`.
+    pub fn device(&self, volume: &str) -> PathBuf {
+        let vols = self.volumes();
+        vols.iter()
+            .find(|v| v.name == volume)
+            .and_then(|v| v.device.clone())
+            .unwrap_or_else(|| panic!("{volume} has no block device: {vols:?}"))
     }
 
     /// The gRPC port.
@@ -452,6 +545,9 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill();
+        }
+        if self.spec.block {
+            crate::devices::tear_down_fuse(&self.fuse_mount());
         }
         if std::thread::panicking() {
             let log = self.log_text();

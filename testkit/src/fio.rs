@@ -63,3 +63,84 @@ pub fn issued(out: &Out) -> (u64, u64) {
         .collect();
     (nums[0], nums[1])
 }
+
+/// fio writing and verifying files in a directory (a mounted filesystem)
+/// over and over until stopped: 4 KiB random writes with O_DIRECT and
+/// libaio, every block checked with crc32c after each pass. Any error or
+/// bad block fails the test (at [`FioLoop::stop`]).
+pub struct FioLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    runs: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FioLoop {
+    /// Passes over a file of `size` (fio's syntax: "32M") in `dir`.
+    pub fn start(dir: &Path, size: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let fio = require_bin("fio", "fio");
+        std::fs::create_dir_all(dir).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, r, dir, size) = (
+            stop.clone(),
+            runs.clone(),
+            dir.to_path_buf(),
+            size.to_string(),
+        );
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let mut cmd = Command::new(&fio);
+                cmd.current_dir(&dir).args([
+                    "--name=pass",
+                    "--filename=fio.data",
+                    &format!("--size={size}"),
+                    "--rw=randwrite",
+                    "--bs=4k",
+                    "--ioengine=libaio",
+                    "--iodepth=8",
+                    "--direct=1",
+                    "--verify=crc32c",
+                    "--do_verify=1",
+                    "--verify_fatal=1",
+                    "--end_fsync=1",
+                    &format!("--randseed={}", r.load(Ordering::SeqCst) + 1),
+                ]);
+                let out = run_cmd(cmd, Duration::from_secs(600));
+                assert_clean(&out);
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        Self {
+            stop,
+            runs,
+            thread: Some(thread),
+        }
+    }
+
+    /// Passes completed so far.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets the pass in progress end; the passes done. A failed pass
+    /// fails the test here.
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take()
+            && let Err(e) = t.join()
+        {
+            std::panic::resume_unwind(e);
+        }
+        self.runs()
+    }
+}
+
+impl Drop for FioLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -7,12 +7,17 @@
 //! - [`process`], [`net`], [`tools`], [`devices`], [`fio`]: child guards,
 //!   free ports, external tools (a missing one fails the test naming its
 //!   Debian package), loop devices and mounts, fio's verdicts.
+//! - [`cgroup`]: a memory cgroup with a limit (v1 or v2).
 //! - [`certs`]: mutual-TLS certificates, made by `volmig certs`.
+//! - [`fswriter`]: a writer of files in a mounted filesystem, with the
+//!   model every file is checked against.
 //! - [`pattern`]: the block pattern, pattern and sparse files, the
 //!   [`Expected`](pattern::Expected) image every test checks devices
 //!   against, and the [`Writer`](pattern::Writer) that records each
 //!   acknowledged write in it.
-//! - [`agent`]: a `volmig-agent serve` process, and an in-process agent.
+//! - [`mem`]: a volume in memory (a `VolumeIo` without an interposer).
+//! - [`agent`]: a `volmig-agent serve` process (with kernel block devices
+//!   if asked), and an in-process agent; [`keeper`]: its descriptor keeper.
 //! - [`master`]: a migration driven by the `volmig migrate` process, or by
 //!   an in-process `volmig_master::Driver`.
 //! - [`lab`]: a directory of volumes, agents and one local master.
@@ -26,12 +31,16 @@
 pub mod agent;
 pub mod binaries;
 pub mod certs;
+pub mod cgroup;
 pub mod devices;
 pub mod fake_api;
 pub mod fio;
+pub mod fswriter;
 pub mod k8s;
+pub mod keeper;
 pub mod lab;
 pub mod master;
+pub mod mem;
 pub mod net;
 pub mod pattern;
 pub mod process;

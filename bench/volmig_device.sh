@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# volmig's kernel block device for ../shared/peers/blockdev_peers.py --device:
+#
+#   volmig_device.sh IMG DEVFILE DIR [--direct]
+#
+# Starts a volmig-agent (FUSE + loop block frontend, its files in DIR),
+# serves IMG as volume `vol` on a block device, writes the device's path to
+# DEVFILE and waits. On SIGTERM (the peer script stops its systems so) it
+# removes the device and stops the agent. The agent runs in its own session
+# so that the signal reaches this script first.
+set -euo pipefail
+IMG=$1 DEVFILE=$2 DIR=$3
+DIRECT=()
+[ "${4:-}" = --direct ] && DIRECT=(--direct)
+AGENT=${VOLMIG_AGENT:?VOLMIG_AGENT: the volmig-agent binary}
+VOLMIG=${VOLMIG:?VOLMIG: the volmig binary}
+tag=vmdev-$$
+ctl=$DIR/$tag.ctl.sock
+mkdir -p "$DIR"
+setsid "$AGENT" serve --state-dir "$DIR/$tag.state" --control "$ctl" \
+  --block fuse --block-dir "$DIR/$tag.block" ${VOLMIG_FUSE_WORKERS:+--fuse-workers $VOLMIG_FUSE_WORKERS} \
+  >"$DIR/$tag.agent.log" 2>&1 &
+agent=$!
+cleanup() {
+  "$VOLMIG" unserve --agent "unix://$ctl" vol >/dev/null 2>&1 || true
+  kill -TERM "$agent" 2>/dev/null || true
+  wait "$agent" 2>/dev/null || true
+  exit 0
+}
+trap cleanup TERM INT
+for _ in $(seq 300); do [ -S "$ctl" ] && break; sleep 0.1; done
+"$VOLMIG" serve --agent "unix://$ctl" vol "$IMG" --frontend block:fuse "${DIRECT[@]}" >/dev/null
+"$VOLMIG" volumes --agent "unix://$ctl" --json |
+  python3 -c 'import json,sys; print(next(v["device"] for v in json.load(sys.stdin) if v["name"]=="vol"))' >"$DEVFILE.tmp"
+mv "$DEVFILE.tmp" "$DEVFILE"
+while kill -0 "$agent" 2>/dev/null; do sleep 0.5 & wait $! || true; done

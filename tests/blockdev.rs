@@ -1,0 +1,301 @@
+//! System tests of the agent's kernel block devices (FUSE + loop): what a
+//! pod's filesystem sits on.
+//!
+//! - ext4 on the device of a served volume, written by a file writer and by
+//!   fio (crc32c verify) while the volume migrates live to another file:
+//!   afterwards the device and the mount are the same objects, every file
+//!   reads back right, the target file alone is a clean filesystem, and the
+//!   device is not removed while mounted.
+//! - The agent SIGKILLed and started again (with the descriptor keeper)
+//!   under that mounted, written filesystem, once idle and once in the
+//!   middle of a migration: the writers (fdatasync included) see no error,
+//!   nothing is lost, the migration completes.
+//! - Memory pressure: a writer filling a memory cgroup with dirty pages of
+//!   ext4 on the device, the agent in the same cgroup (O_DIRECT backing):
+//!   it completes, no deadlock.
+//!
+//! Root, /dev/fuse and loop devices needed; missing tools fail the test
+//! with the Debian package to install. A FUSE watchdog aborts the
+//! connection of a test that hangs (it fails instead of wedging).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use volmig_api::ErrorKind;
+use volmig_api::io::BlockKind;
+use volmig_testkit::agent::AgentProcess;
+use volmig_testkit::cgroup::MemCgroup;
+use volmig_testkit::devices::{
+    FuseWatchdog, Mount, assert_fsck_clean, loops_under, mkfs_ext4, mount_identity, rdev,
+};
+use volmig_testkit::fio::FioLoop;
+use volmig_testkit::fswriter::{FileWriter, FileWriterOpts, check_tree};
+use volmig_testkit::keeper::KeeperProcess;
+use volmig_testkit::pattern::sparse_file;
+use volmig_testkit::tools::run_cmd;
+use volmig_testkit::{MIB, require_bin, require_fuse, require_root};
+
+const SIZE: u64 = 512 * MIB;
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(240);
+/// A hung test is aborted after this (see the module docs), before
+/// nextest's limit (five minutes) kills it and leaves its mounts behind.
+const WATCHDOG: Duration = Duration::from_secs(270);
+
+fn require_tools() {
+    require_root("it mounts filesystems on loop devices over FUSE");
+    require_fuse();
+    for (bin, pkg) in [
+        ("losetup", "mount"),
+        ("mount", "mount"),
+        ("umount", "mount"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("e2fsck", "e2fsprogs"),
+        ("fio", "fio"),
+        ("sync", "coreutils"),
+        ("dd", "coreutils"),
+    ] {
+        require_bin(bin, pkg);
+    }
+}
+
+fn sync() {
+    assert!(
+        Command::new("sync").status().unwrap().success(),
+        "sync failed"
+    );
+}
+
+/// A volume of `size` served as a kernel block device with O_DIRECT
+/// backing, ext4 made on it and mounted at `<dir>/mnt`.
+fn block_ext4(agent: &AgentProcess, dir: &Path, backing: &Path) -> (std::path::PathBuf, Mount) {
+    let v = agent.serve_block("vol", backing, true);
+    assert_eq!(v.device_kind, Some(BlockKind::FuseLoop));
+    let dev = v.device.unwrap();
+    assert!(dev.to_string_lossy().starts_with("/dev/loop"), "{dev:?}");
+    mkfs_ext4(&dev);
+    let mnt = dir.join("mnt");
+    let fs = Mount::new(&dev, &mnt, &[]);
+    (dev, fs)
+}
+
+#[test]
+fn ext4_on_a_block_device_of_the_agent_migrates_live() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt) = (dir.path().join("source.img"), dir.path().join("target.img"));
+    sparse_file(&src, SIZE);
+    sparse_file(&tgt, SIZE);
+    let agent = AgentProcess::builder(dir.path(), "agent").block().start();
+    let (dev, mut fs) = block_ext4(&agent, dir.path(), &src);
+    let _watchdog = FuseWatchdog::new(&agent.fuse_mount(), WATCHDOG);
+    let mnt = fs.dir().to_path_buf();
+    let (dev_before, mount_before) = (rdev(&dev), mount_identity(&mnt).unwrap());
+
+    let mut w = FileWriter::start(&mnt.join("files"), FileWriterOpts::default());
+    let fio = FioLoop::start(&mnt.join("fio"), "32M");
+    w.wait_syncs(2, Duration::from_secs(300));
+    let mut m = agent.migrate("vol", &tgt, &["--bandwidth", "64Mi"]);
+    let st = m.wait_terminal(MIGRATION_TIMEOUT);
+    // Keep writing on the target for a while.
+    w.wait_syncs(w.syncs() + 3, Duration::from_secs(300));
+    let model = w.stop();
+    let passes = fio.stop();
+    agent.assert_completed(&st);
+    assert_eq!(agent.active_path("vol"), tgt);
+    assert!(passes >= 1, "fio completed no verified pass");
+
+    // The same device and the same mount, never remounted.
+    assert_eq!(agent.device("vol"), dev);
+    assert_eq!(rdev(&dev), dev_before, "the device changed");
+    assert_eq!(
+        mount_identity(&mnt).unwrap(),
+        mount_before,
+        "the filesystem was remounted"
+    );
+    sync();
+    let (files, bytes) = check_tree(&mnt.join("files"), &model, "through the mount");
+    eprintln!(
+        "{files} files / {bytes} bytes, {passes} fio passes; copied {} bytes, stall {} ms",
+        st["bytes_copied"], st["cutover_stall_ms"]
+    );
+
+    // Mounted: the device is not removed, nothing changes.
+    let e = agent.unserve("vol").unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InUse, "{e}");
+    assert!(e.message.contains("unmount"), "{e}");
+    assert_eq!(agent.device("vol"), dev, "still served");
+    assert!(mount_identity(&mnt).is_some());
+
+    fs.unmount();
+    assert!(agent.unserve("vol").unwrap().was_served);
+    assert!(
+        loops_under(&agent.fuse_mount()).is_empty(),
+        "the loop device is free"
+    );
+    let mut agent = agent;
+    agent.stop();
+
+    // The target alone: a clean filesystem holding every file.
+    assert_fsck_clean(&tgt);
+    let ro = dir.path().join("ro");
+    let mut ro_mount = Mount::new(&tgt, &ro, &["-o", "ro,loop"]);
+    assert_eq!(
+        check_tree(&ro.join("files"), &model, "straight from the target"),
+        (files, bytes)
+    );
+    ro_mount.unmount();
+}
+
+/// SIGKILL, a moment down, start again: the restarted agent serves the
+/// device again from the keeper's descriptors.
+fn restart(agent: &mut AgentProcess) -> Duration {
+    let t = Instant::now();
+    agent.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    agent.start_again(&[]);
+    t.elapsed()
+}
+
+fn restart_under_a_mounted_filesystem(mid_migration: bool) {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt) = (dir.path().join("source.img"), dir.path().join("target.img"));
+    sparse_file(&src, SIZE);
+    sparse_file(&tgt, SIZE);
+    let keeper = KeeperProcess::start(dir.path());
+    let mut agent = AgentProcess::builder(dir.path(), "agent")
+        .block()
+        .keeper(&keeper)
+        .start();
+    let (dev, mut fs) = block_ext4(&agent, dir.path(), &src);
+    let _watchdog = FuseWatchdog::new(&agent.fuse_mount(), WATCHDOG);
+    let mnt = fs.dir().to_path_buf();
+    let (dev_before, mount_before) = (rdev(&dev), mount_identity(&mnt).unwrap());
+    let opts = FileWriterOpts {
+        datasync: true,
+        ..FileWriterOpts::default()
+    };
+    let mut w = FileWriter::start(&mnt.join("files"), opts);
+    let fio = FioLoop::start(&mnt.join("fio"), "16M");
+    w.wait_ops(30, Duration::from_secs(300));
+
+    let down = if mid_migration {
+        let mut m = agent.migrate("vol", &tgt, &["--bandwidth", "16Mi"]);
+        let master = agent.master();
+        let at = master.wait_record("vol", "copying", |r| {
+            r["bytes_copied"].as_u64().unwrap_or(0) > 0 || r["phase"] == "Refreshing"
+        });
+        assert!(
+            matches!(at["phase"].as_str(), Some("Copying" | "Refreshing")),
+            "the session went past copying before the kill: {at}"
+        );
+        let down = restart(&mut agent);
+        w.wait_ops(30, Duration::from_secs(300));
+        let st = m.wait_terminal(MIGRATION_TIMEOUT);
+        agent.assert_completed(&st);
+        assert_eq!(agent.active_path("vol"), tgt);
+        assert!(
+            agent.session_state(&st).resumes >= 1,
+            "the session resumed after the restart"
+        );
+        down
+    } else {
+        let down = restart(&mut agent);
+        w.wait_ops(30, Duration::from_secs(300));
+        down
+    };
+    let passes = fio.stop();
+    let stall = w.max_latency();
+    let model = w.stop();
+    eprintln!(
+        "agent down {down:?}; the writer's slowest operation {stall:?}; {passes} fio passes, \
+         {} files",
+        model.len()
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("took the FUSE connection back from the keeper"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.device("vol"), dev);
+    assert_eq!(rdev(&dev), dev_before, "the device changed");
+    assert_eq!(
+        mount_identity(&mnt).unwrap(),
+        mount_before,
+        "the filesystem was remounted"
+    );
+    sync();
+    check_tree(&mnt.join("files"), &model, "through the mount");
+    fs.unmount();
+    assert!(agent.unserve("vol").unwrap().was_served);
+    agent.stop();
+    let image = if mid_migration { &tgt } else { &src };
+    assert_fsck_clean(image);
+    let ro = dir.path().join("ro");
+    let mut ro_mount = Mount::new(image, &ro, &["-o", "ro,loop"]);
+    check_tree(&ro.join("files"), &model, "straight from the backing file");
+    ro_mount.unmount();
+    drop(keeper);
+}
+
+#[test]
+fn an_agent_restart_under_a_mounted_filesystem_is_a_stall() {
+    restart_under_a_mounted_filesystem(false);
+}
+
+#[test]
+fn an_agent_restart_in_the_middle_of_a_migration_is_a_stall() {
+    restart_under_a_mounted_filesystem(true);
+}
+
+#[test]
+fn dirty_pages_filling_a_memory_cgroup_do_not_deadlock_the_device() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("source.img");
+    sparse_file(&src, 2048 * MIB);
+    let agent = AgentProcess::builder(dir.path(), "agent").block().start();
+    // The agent and the writer share one memory cgroup: reclaim for the
+    // writer's dirty pages runs while the agent serves their writeback.
+    let cg = MemCgroup::create("volmig-mem", 256 * MIB);
+    cg.add(agent.pid());
+    let (_dev, mut fs) = block_ext4(&agent, dir.path(), &src);
+    let _watchdog = FuseWatchdog::new(&agent.fuse_mount(), Duration::from_secs(200));
+    let mnt = fs.dir().to_path_buf();
+    let t = Instant::now();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "echo $$ > {procs} && dd if=/dev/zero of={file} bs=1M count=1200 status=none && sync",
+        procs = cg.path().join("cgroup.procs").display(),
+        file = mnt.join("big").display(),
+    ));
+    // A deadlock shows as this command never ending (then the watchdog
+    // frees the mount).
+    let out = run_cmd(cmd, Duration::from_secs(180));
+    assert!(out.ok(), "the writer failed:\n{}", out.text());
+    eprintln!(
+        "1200 MiB written and synced in {:?} inside a 256 MiB memory cgroup (limit hit {} times, peak {} MiB)",
+        t.elapsed(),
+        cg.limit_hits(),
+        cg.peak() / MIB
+    );
+    assert!(
+        cg.limit_hits() > 0,
+        "the writer never reached the cgroup's limit: no pressure was tested"
+    );
+    assert_eq!(
+        std::fs::metadata(mnt.join("big")).unwrap().len(),
+        1200 * MIB
+    );
+    fs.unmount();
+    assert!(agent.unserve("vol").unwrap().was_served);
+    let mut agent = agent;
+    agent.stop();
+    drop(cg);
+    assert_fsck_clean(&src);
+}
