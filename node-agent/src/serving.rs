@@ -210,6 +210,20 @@ impl Frontends {
         Ok(())
     }
 
+    /// `volume` grew to `size`: its frontends show the new size. (NBD: a
+    /// connection keeps the size it was told at its handshake; new
+    /// connections see the new one.)
+    pub async fn resize(&self, volume: &str, wanted: &[Frontend], size: u64) -> Result<()> {
+        for f in wanted {
+            match f {
+                Frontend::Nbd => {
+                    tracing::debug!(%volume, size, "NBD: new connections see the new size")
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Closes `volume` to its frontends (their connections close).
     pub fn detach(&self, volume: &str, wanted: &[Frontend]) {
         for f in wanted {
