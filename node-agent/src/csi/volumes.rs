@@ -1,0 +1,75 @@
+//! What the node plugin needs of the agent that serves its volumes: serve a
+//! volume from its backing device as a kernel block device, stop serving
+//! it, grow it, and say whether a migration holds it and how it fares.
+//! The agent does it through its serving API with a kernel block frontend
+//! ([`AgentVolumes`]); the node plugin's logic is written against this
+//! trait alone.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use volmig_api::SlaveResult;
+
+/// A served volume's kernel block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub path: PathBuf,
+    /// The volume's size in bytes.
+    pub size: u64,
+}
+
+/// How a served volume fares (CSI's VolumeCondition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+impl Condition {
+    pub fn normal(message: impl Into<String>) -> Self {
+        Self {
+            abnormal: false,
+            message: message.into(),
+        }
+    }
+
+    pub fn abnormal(message: impl Into<String>) -> Self {
+        Self {
+            abnormal: true,
+            message: message.into(),
+        }
+    }
+}
+
+pub trait Volumes: Send + Sync + 'static {
+    /// Serves `volume` from `backing` through the interposer as a kernel
+    /// block device. Idempotent: the same request again answers the same
+    /// device; the volume served otherwise is `AlreadyExists`; a device
+    /// that cannot be opened is `Invalid` and leaves nothing served.
+    fn attach(
+        &self,
+        volume: &str,
+        backing: &Path,
+    ) -> impl Future<Output = SlaveResult<Device>> + Send;
+
+    /// Stops serving `volume` and removes its kernel device. Refused
+    /// (`InUse`) while a migration session holds it or the device is still
+    /// open; a volume not served is no error.
+    fn detach(&self, volume: &str) -> impl Future<Output = SlaveResult<()>> + Send;
+
+    /// The backing device grew: the volume and its kernel device follow.
+    /// Returns the size now. `InUse` while a migration holds it.
+    fn grow(&self, volume: &str) -> impl Future<Output = SlaveResult<u64>> + Send;
+
+    /// The unfinished migration session holding `volume`, if any.
+    fn migration(&self, volume: &str) -> Option<String>;
+
+    /// How `volume` fares: abnormal when it is not served (its device
+    /// failed to open) or its backing device failed requests.
+    fn condition(&self, volume: &str) -> Condition;
+
+    /// The agent serves (it served again what it served before a restart).
+    fn ready(&self) -> bool {
+        true
+    }
+}
