@@ -25,6 +25,7 @@ impl From<AgentError> for SlaveError {
             AgentError::Open { .. }
             | AgentError::NotADevice { .. }
             | AgentError::ReadOnly { .. }
+            | AgentError::Shrunk { .. }
             | AgentError::TargetTooSmall { .. }
             | AgentError::SameDevice { .. }
             | AgentError::Invalid(_) => ErrorKind::Invalid,

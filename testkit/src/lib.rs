@@ -8,6 +8,8 @@
 //!   free ports, external tools (a missing one fails the test naming its
 //!   Debian package), loop devices and mounts, fio's verdicts.
 //! - [`certs`]: mutual-TLS certificates, made by `volmig certs`.
+//! - [`csi`]: the CSI node plugin as kubelet drives it: a client over its
+//!   socket, kubelet's requests, and a plugin to drive.
 //! - [`pattern`]: the block pattern, pattern and sparse files, the
 //!   [`Expected`](pattern::Expected) image every test checks devices
 //!   against, and the [`Writer`](pattern::Writer) that records each
@@ -26,6 +28,7 @@
 pub mod agent;
 pub mod binaries;
 pub mod certs;
+pub mod csi;
 pub mod devices;
 pub mod fake_api;
 pub mod fio;

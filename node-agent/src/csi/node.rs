@@ -247,6 +247,7 @@ impl<V: Volumes> NodePlugin<V> {
                 ))
             })?;
         let backing = PathBuf::from(backing);
+        let backing_asked = backing.clone();
         if !backing.is_absolute() {
             return Err(CsiError::invalid(format!(
                 "publish_context {BACKING_DEVICE_KEY}={} must be an absolute path",
@@ -262,6 +263,14 @@ impl<V: Volumes> NodePlugin<V> {
                         "staged at {} already (asked: {}); unstage it first",
                         rec.staging_path.display(),
                         staging.display()
+                    )));
+                }
+                if backing != rec.backing && self.volumes.backing(volume).as_ref() != Some(&backing)
+                {
+                    return Err(CsiError::exists(format!(
+                        "staged from the backing device {} (asked: {})",
+                        rec.backing.display(),
+                        backing.display()
                     )));
                 }
                 if !rec.capability.stage_compatible(&cap, rec.fs.as_deref()) {
@@ -291,7 +300,7 @@ impl<V: Volumes> NodePlugin<V> {
                 (rec, true)
             }
         };
-        match self.complete_stage(rec).await {
+        match self.complete_stage(rec, &backing_asked).await {
             Ok(rec) => {
                 info!(%volume, staging = %rec.staging_path.display(), device = ?rec.device,
                       fs = ?rec.fs, "staged");
@@ -312,10 +321,13 @@ impl<V: Volumes> NodePlugin<V> {
 
     /// The steps of a stage that are not done yet (all of them the first
     /// time; the ones a crash cut off when the call is repeated).
-    async fn complete_stage(&self, mut rec: Staged) -> CsiResult<Staged> {
+    /// `backing` is the device this call names: the agent serves the
+    /// volume from it, or answers whether it is the one it serves the
+    /// volume from (the one first staged, or a migration's target).
+    async fn complete_stage(&self, mut rec: Staged, backing: &Path) -> CsiResult<Staged> {
         let dev = self
             .volumes
-            .attach(&rec.volume, &rec.backing)
+            .attach(&rec.volume, backing)
             .await
             .map_err(CsiError::from_agent)?;
         if rec.device.as_ref() != Some(&dev.path) {
@@ -655,6 +667,27 @@ impl<V: Volumes> NodePlugin<V> {
                 rec.capability.access, a.access
             )));
         }
+        if let Some(session) = self.volumes.migration(volume) {
+            return Err(CsiError::new(
+                Code::Aborted,
+                format!(
+                    "migration session {session} holds the volume: expand it after the migration"
+                ),
+            ));
+        }
+        let fs = match (&rec.capability.access, &rec.fs) {
+            (Access::Mount { .. }, Some(fs)) => Some(fs.clone()),
+            _ => None,
+        };
+        if fs.as_deref().is_some_and(|f| f.starts_with("ext"))
+            && !system::has_capability(system::CAP_SYS_RESOURCE)
+        {
+            // Checked before anything grows: the kernel refuses (EPERM) an
+            // online ext4 resize without it.
+            return Err(CsiError::precondition(
+                "growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which this agent lacks (give the agent's container that capability)",
+            ));
+        }
         let size = self.volumes.grow(volume).await.map_err(|e| match e.kind {
             ErrorKind::InUse => CsiError::new(Code::Aborted, e.message),
             _ => CsiError::from_agent(e),
@@ -667,9 +700,7 @@ impl<V: Volumes> NodePlugin<V> {
                 ),
             ));
         }
-        if let (Access::Mount { .. }, Some(device), Some(fs)) =
-            (&rec.capability.access, &rec.device, &rec.fs)
-        {
+        if let (Some(fs), Some(device)) = (&fs, &rec.device) {
             if mounted_at(&rec.staging_path).await?.is_none() {
                 return Err(CsiError::precondition(format!(
                     "nothing is mounted at the staging path {}: NodeStageVolume again",

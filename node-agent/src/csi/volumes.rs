@@ -61,6 +61,10 @@ pub trait Volumes: Send + Sync + 'static {
     /// Returns the size now. `InUse` while a migration holds it.
     fn grow(&self, volume: &str) -> impl Future<Output = SlaveResult<u64>> + Send;
 
+    /// The backing device `volume` is served from now (a migration's
+    /// target once one completed), if it is served.
+    fn backing(&self, volume: &str) -> Option<PathBuf>;
+
     /// The unfinished migration session holding `volume`, if any.
     fn migration(&self, volume: &str) -> Option<String>;
 
@@ -71,5 +75,55 @@ pub trait Volumes: Send + Sync + 'static {
     /// The agent serves (it served again what it served before a restart).
     fn ready(&self) -> bool {
         true
+    }
+}
+
+impl crate::agent::Agent {
+    /// The backing device `volume` is served from now, if it is served:
+    /// what [`Volumes::backing`] answers for a volume this agent serves.
+    pub fn backing_of(&self, volume: &str) -> Option<PathBuf> {
+        self.list()
+            .into_iter()
+            .find(|v| v.name == volume && v.error.is_none())
+            .map(|v| v.backing)
+    }
+
+    /// The unfinished migration session holding `volume`, if any: what
+    /// [`Volumes::migration`] answers for a volume this agent serves.
+    pub fn migration_of(&self, volume: &str) -> Option<String> {
+        self.slave(volume)
+            .filter(|s| !s.is_finished())
+            .map(|s| s.session_id())
+    }
+
+    /// How `volume` fares, as [`Volumes::condition`] reports it: abnormal
+    /// when the agent could not serve it (its device failed to open after
+    /// a restart...) or its backing device failed workload requests.
+    pub fn condition_of(&self, volume: &str) -> Condition {
+        use std::sync::atomic::Ordering;
+        let Some(info) = self.list().into_iter().find(|v| v.name == volume) else {
+            return Condition::abnormal("the agent does not serve the volume");
+        };
+        if let Some(e) = info.error {
+            return Condition::abnormal(format!("the agent cannot serve the volume: {e}"));
+        }
+        if let Ok(ip) = self.interposer(volume) {
+            let failed = ip.counters.io_errors.load(Ordering::Relaxed);
+            if failed > 0 {
+                return Condition::abnormal(format!(
+                    "{failed} requests failed on the backing device {}, the last: {}",
+                    info.active.display(),
+                    ip.counters.last_error().unwrap_or_default()
+                ));
+            }
+        }
+        Condition::normal(format!(
+            "served from {}{}",
+            info.active.display(),
+            match self.migration_of(volume) {
+                Some(s) => format!(", migrating (session {s})"),
+                None => String::new(),
+            }
+        ))
     }
 }
