@@ -1282,3 +1282,58 @@ async fn a_failed_backing_device_makes_the_volume_abnormal() {
     k.unstage(unstage_req("v", &staging), Code::Ok, "unstage")
         .await;
 }
+
+/// The product binary: `volmig-agent serve --csi-socket --node-id` serves
+/// the plugin on its socket, next to its other sockets; without
+/// `--node-id` the node is the host's name.
+#[test]
+fn the_agent_serves_the_plugin_on_its_csi_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let named = volmig_testkit::agent::AgentProcess::builder(dir.path(), "a1")
+        .csi(Some("node-a"))
+        .start();
+    let plain = volmig_testkit::agent::AgentProcess::builder(dir.path(), "a2")
+        .csi(None)
+        .start();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for (agent, node) in [(&named, "node-a"), (&plain, host.trim())] {
+            let c = agent.csi();
+            let info = c
+                .identity
+                .clone()
+                .get_plugin_info(GetPluginInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(info.name, DRIVER_NAME);
+            let probe = c.identity.clone().probe(ProbeRequest {}).await.unwrap();
+            assert_eq!(probe.into_inner().ready, Some(true));
+            let ni = c
+                .node
+                .clone()
+                .node_get_info(NodeGetInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(ni.node_id, node);
+            assert_eq!(ni.accessible_topology.unwrap().segments[TOPOLOGY_KEY], node);
+            let e = c
+                .node
+                .clone()
+                .node_get_volume_stats(stats_req("nope", "/x"))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::NotFound, "{e}");
+        }
+    });
+    assert!(
+        named
+            .log_text()
+            .contains("CSI node plugin csi.volmig.io listening")
+    );
+}

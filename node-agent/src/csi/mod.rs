@@ -30,7 +30,7 @@ pub use capability::{Access, AccessMode, Capability, DEFAULT_FS, FILESYSTEMS};
 pub use error::{Code, CsiError, CsiResult};
 pub use node::{NodeConfig, NodePlugin, Stats};
 pub use service::{CsiService, serve_unix};
-pub use volumes::{Condition, Device, Volumes};
+pub use volumes::{AgentVolumes, Condition, Device, Volumes};
 
 /// The plugin's name (GetPluginInfo; the `driver` of a PV).
 pub const DRIVER_NAME: &str = "csi.volmig.io";

@@ -127,3 +127,63 @@ impl crate::agent::Agent {
         ))
     }
 }
+
+/// The agent's volumes, as the node plugin needs them: served through the
+/// interposer with a kernel block frontend.
+pub struct AgentVolumes {
+    agent: std::sync::Arc<crate::agent::Agent>,
+    /// Open backing devices with O_DIRECT: no page cache between the kernel
+    /// block device and the backing device (a user-space block device whose
+    /// writeback needs memory can deadlock under memory pressure).
+    direct: bool,
+}
+
+impl AgentVolumes {
+    pub fn new(agent: std::sync::Arc<crate::agent::Agent>, direct: bool) -> Self {
+        Self { agent, direct }
+    }
+
+    pub fn agent(&self) -> &std::sync::Arc<crate::agent::Agent> {
+        &self.agent
+    }
+}
+
+impl Volumes for AgentVolumes {
+    async fn attach(&self, volume: &str, backing: &Path) -> SlaveResult<Device> {
+        // The kernel block frontend (Frontend::Block) is being built beside
+        // this plugin; until this agent has it, nothing can be staged.
+        let _ = (volume, backing, self.direct);
+        Err(volmig_api::SlaveError::invalid(
+            "this agent has no kernel block frontend yet: volumes cannot be staged",
+        ))
+    }
+
+    async fn detach(&self, volume: &str) -> SlaveResult<()> {
+        use volmig_api::Slave;
+        self.agent
+            .unserve_volume(volmig_api::slave::UnserveVolume {
+                volume: volume.to_string(),
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn grow(&self, volume: &str) -> SlaveResult<u64> {
+        self.agent
+            .resize(volume)
+            .await
+            .map_err(|e| volmig_api::SlaveError::from(e).volume(volume))
+    }
+
+    fn backing(&self, volume: &str) -> Option<PathBuf> {
+        self.agent.backing_of(volume)
+    }
+
+    fn migration(&self, volume: &str) -> Option<String> {
+        self.agent.migration_of(volume)
+    }
+
+    fn condition(&self, volume: &str) -> Condition {
+        self.agent.condition_of(volume)
+    }
+}
