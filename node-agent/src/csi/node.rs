@@ -804,3 +804,152 @@ async fn mount_staging(
     system::mount(device, staging, &fs, &opts).await?;
     Ok(fs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use volmig_api::csi::VolumeCapability;
+    use volmig_api::csi::volume_capability::access_mode::Mode;
+    use volmig_api::csi::volume_capability::{AccessMode, AccessType, BlockVolume};
+    use volmig_api::{SlaveError, SlaveResult};
+
+    use crate::csi::volumes::Device;
+
+    /// Volumes whose attach waits for the test to let it go, then fails
+    /// or succeeds as told; block access needs no mount.
+    #[derive(Default)]
+    struct Gate {
+        go: tokio::sync::Notify,
+        fail: std::sync::atomic::AtomicBool,
+        attached: std::sync::atomic::AtomicU32,
+        detached: std::sync::atomic::AtomicU32,
+    }
+
+    struct Fake(Arc<Gate>);
+
+    impl Volumes for Fake {
+        async fn attach(&self, _: &str, backing: &Path) -> SlaveResult<Device> {
+            self.0.go.notified().await;
+            self.0
+                .attached
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.0.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(SlaveError::invalid("the device went away"));
+            }
+            Ok(Device {
+                path: backing.to_path_buf(),
+                size: 1 << 20,
+            })
+        }
+        async fn detach(&self, _: &str) -> SlaveResult<()> {
+            self.0
+                .detached
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        async fn grow(&self, _: &str) -> SlaveResult<u64> {
+            Ok(1 << 20)
+        }
+        fn backing(&self, _: &str) -> Option<PathBuf> {
+            None
+        }
+        fn migration(&self, _: &str) -> Option<String> {
+            None
+        }
+        fn condition(&self, _: &str) -> Condition {
+            Condition::normal("fine")
+        }
+    }
+
+    fn block_stage(dir: &Path) -> NodeStageVolumeRequest {
+        let backing = dir.join("b.img");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        NodeStageVolumeRequest {
+            volume_id: "v".into(),
+            publish_context: HashMap::from([(
+                BACKING_DEVICE_KEY.to_string(),
+                backing.to_str().unwrap().to_string(),
+            )]),
+            staging_target_path: dir.join("staging").to_str().unwrap().into(),
+            volume_capability: Some(VolumeCapability {
+                access_mode: Some(AccessMode {
+                    mode: Mode::SingleNodeWriter as i32,
+                }),
+                access_type: Some(AccessType::Block(BlockVolume {})),
+            }),
+            secrets: HashMap::new(),
+            volume_context: HashMap::new(),
+        }
+    }
+
+    fn plugin(dir: &Path, gate: &Arc<Gate>) -> Arc<NodePlugin<Fake>> {
+        let config = NodeConfig {
+            node_id: "n".into(),
+            max_volumes_per_node: 0,
+        };
+        Arc::new(NodePlugin::new(Fake(gate.clone()), config, &dir.join("state")).unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_call_for_a_busy_volume_is_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        let p = plugin(dir.path(), &gate);
+        let r = block_stage(dir.path());
+        let first = tokio::spawn({
+            let (p, r) = (p.clone(), r.clone());
+            async move { p.stage(r).await }
+        });
+        // The first call holds the volume's slot while it attaches.
+        while !p.records.volumes().unwrap().contains(&"v".to_string()) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let e = p.stage(r.clone()).await.unwrap_err();
+        assert_eq!(e.code, Code::Aborted, "{e}");
+        let e = p
+            .unstage(NodeUnstageVolumeRequest {
+                volume_id: "v".into(),
+                staging_target_path: r.staging_target_path.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, Code::Aborted, "{e}");
+        gate.go.notify_one();
+        first.await.unwrap().unwrap();
+        // Free again: the same stage is a no-op success.
+        gate.go.notify_one();
+        p.stage(r).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_stage_that_fails_leaves_nothing_a_repeated_one_keeps_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        gate.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let p = plugin(dir.path(), &gate);
+        let r = block_stage(dir.path());
+        gate.go.notify_one();
+        let e = p.stage(r.clone()).await.unwrap_err();
+        assert_eq!(e.code, Code::FailedPrecondition, "{e}");
+        assert!(
+            p.staged().unwrap().is_empty(),
+            "no record of a failed stage"
+        );
+        assert_eq!(gate.detached.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Staged once; the device fails when kubelet stages again: the
+        // volume stays staged (unstage undoes it), nothing is detached.
+        gate.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        gate.go.notify_one();
+        p.stage(r.clone()).await.unwrap();
+        gate.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        gate.go.notify_one();
+        p.stage(r).await.unwrap_err();
+        assert!(p.staged().unwrap().contains_key("v"));
+        assert_eq!(gate.detached.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+}
