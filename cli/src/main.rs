@@ -117,10 +117,15 @@ enum Cmd {
         volume: String,
         /// The backing device on the agent's host (regular file or block device).
         backing: std::path::PathBuf,
-        /// How workloads reach it (repeatable).
+        /// How workloads reach it (repeatable): `nbd` (an export of the
+        /// agent's NBD server), `block` (a kernel block device of the
+        /// agent's node, the best kind it offers) or `block:fuse`,
+        /// `block:nbd`, `block:ublk`.
         #[arg(long = "frontend", default_value = "nbd")]
         frontends: Vec<volmig_api::slave::Frontend>,
-        /// Open the backing device with O_DIRECT.
+        /// Open the backing device with O_DIRECT (what block volumes should
+        /// use: the agent then allocates no page cache for their writes,
+        /// which keeps it safe under memory pressure).
         #[arg(long)]
         direct: bool,
     },

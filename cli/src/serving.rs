@@ -15,22 +15,34 @@ fn frontends(f: &[Frontend]) -> String {
         return "-".into();
     }
     f.iter()
-        .map(|f| match f {
-            Frontend::Nbd => "nbd",
-        })
+        .map(Frontend::to_string)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+fn device(v: &VolumeInfo) -> String {
+    v.device
+        .as_ref()
+        .map_or_else(|| "-".to_string(), |d| d.display().to_string())
 }
 
 fn describe(v: &VolumeInfo) -> String {
     match &v.error {
         Some(e) => format!("{} FAILED: {e}", v.name),
         None => format!(
-            "{} ({}) served from {} over {}{}",
+            "{} ({}) served from {} over {}{}{}",
             v.name,
             human_bytes(v.size as f64),
             v.active.display(),
             frontends(&v.frontends),
+            v.device
+                .as_ref()
+                .map(|d| format!(
+                    ", device {} ({})",
+                    d.display(),
+                    v.device_kind.map(|k| k.to_string()).unwrap_or_default()
+                ))
+                .unwrap_or_default(),
             v.session
                 .as_ref()
                 .map(|s| format!(", session {s}"))
@@ -86,7 +98,9 @@ pub async fn volumes(agent: &AgentAddr, json: bool) -> anyhow::Result<()> {
                     "backing": v.backing,
                     "active": v.active,
                     "session": v.session,
-                    "frontends": v.frontends,
+                    "frontends": v.frontends.iter().map(Frontend::to_string).collect::<Vec<_>>(),
+                    "device": v.device,
+                    "device_kind": v.device_kind,
                     "error": v.error,
                 })
             })
@@ -95,23 +109,25 @@ pub async fn volumes(agent: &AgentAddr, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:>10} {:<10} {:<24} ACTIVE",
-        "VOLUME", "SIZE", "FRONTENDS", "SESSION"
+        "{:<20} {:>10} {:<10} {:<12} {:<24} ACTIVE",
+        "VOLUME", "SIZE", "FRONTENDS", "DEVICE", "SESSION"
     );
     for v in &list {
         match &v.error {
             Some(e) => println!(
-                "{:<20} {:>10} {:<10} {:<24} FAILED: {e}",
+                "{:<20} {:>10} {:<10} {:<12} {:<24} FAILED: {e}",
                 v.name,
                 "-",
                 frontends(&v.frontends),
+                device(v),
                 "-"
             ),
             None => println!(
-                "{:<20} {:>10} {:<10} {:<24} {}",
+                "{:<20} {:>10} {:<10} {:<12} {:<24} {}",
                 v.name,
                 human_bytes(v.size as f64),
                 frontends(&v.frontends),
+                device(v),
                 v.session.as_deref().unwrap_or("-"),
                 v.active.display()
             ),

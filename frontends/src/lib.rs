@@ -2,10 +2,10 @@
 //! any [`VolumeIo`](volmig_api::io::VolumeIo) (in the agent, a volume's
 //! interposer) and knows nothing of migrations.
 //!
-//! - [`nbd`]: the NBD server and a small client (today's frontend).
-//!
-//! Kernel block devices (FUSE + loop, ublk, kernel NBD) come later, beside
-//! it, over the same interface and the same I/O-thread policy
-//! ([`volmig_api::io::threads`]).
+//! - [`nbd`]: the NBD server and a small client, for clients that speak NBD.
+//! - [`block`]: kernel block devices of the node (FUSE + loop; kernel NBD
+//!   and ublk beside it), one interface, the same I/O-thread policy
+//!   ([`volmig_api::io::threads`]).
 
+pub mod block;
 pub mod nbd;

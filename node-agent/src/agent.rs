@@ -90,6 +90,8 @@ impl Volume {
             active: self.interposer.active().path().to_path_buf(),
             session: self.slave.as_ref().map(|s| s.session_id()),
             frontends: self.served.frontends.clone(),
+            device: self.served.device.as_ref().map(|d| d.path.clone()),
+            device_kind: self.served.device.as_ref().map(|d| d.kind),
             error: None,
         }
     }
@@ -104,6 +106,8 @@ impl Failed {
             active: PathBuf::new(),
             session: None,
             frontends: self.served.frontends.clone(),
+            device: self.served.device.as_ref().map(|d| d.path.clone()),
+            device_kind: self.served.device.as_ref().map(|d| d.kind),
             error: Some(self.error.clone()),
         }
     }
@@ -175,6 +179,7 @@ impl Agent {
                         requested: PathBuf::new(),
                         frontends: Vec::new(),
                         direct: false,
+                        device: None,
                     };
                     let error = e.to_string();
                     lock(&self.failed).insert(volume, Failed { served, error });
@@ -184,6 +189,10 @@ impl Agent {
             if self.open(rec).await.is_ok() {
                 served += 1;
             }
+        }
+        // Requests of kernel devices nobody served again fail from now on.
+        if let Some(b) = self.frontends.block() {
+            b.restored();
         }
         Ok(served)
     }
@@ -266,7 +275,14 @@ impl Agent {
             }
             _ => None,
         };
-        self.frontends.attach(&interposer, &rec.frontends)?;
+        let device = self
+            .frontends
+            .attach(&interposer, &rec.frontends, rec.device.as_ref())
+            .await?;
+        if device != rec.device {
+            rec.device = device;
+            self.served.save(&rec)?;
+        }
         let v = Volume {
             interposer,
             served: rec,
@@ -305,9 +321,10 @@ impl Agent {
                 v.slave.clone(),
                 v.op.clone(),
                 v.served.frontends.clone(),
+                v.served.device.clone(),
             )
         });
-        let Some((interposer, slave, op, frontends)) = found else {
+        let Some((interposer, slave, op, frontends, device)) = found else {
             self.served.remove(volume)?;
             return Ok(false);
         };
@@ -317,9 +334,12 @@ impl Agent {
             .try_lock_owned()
             .map_err(|_| AgentError::Busy(volume.to_string()))?;
         in_use(self.slave(volume))?;
+        // The kernel device goes first: in use (mounted), nothing changes.
+        self.frontends
+            .detach(volume, &frontends, device.as_ref())
+            .await?;
         self.served.remove(volume)?;
         lock(&self.volumes).remove(volume);
-        self.frontends.detach(volume, &frontends);
         if let Ok(Some(c)) = self.state.load(volume)
             && c.finished
         {
@@ -356,10 +376,10 @@ impl Agent {
                 v.interposer.clone(),
                 v.slave.clone(),
                 v.op.clone(),
-                v.served.frontends.clone(),
+                v.served.device.clone(),
             )
         });
-        let (interposer, slave, op, frontends) =
+        let (interposer, slave, op, device) =
             found.ok_or_else(|| AgentError::UnknownVolume(volume.to_string()))?;
         in_use(slave)?;
         // No session may start (a prepare) while the size changes.
@@ -369,7 +389,7 @@ impl Agent {
         in_use(self.slave(volume))?;
         let was = interposer.size();
         let size = interposer.grow(GROW_DRAIN).await?;
-        self.frontends.resize(volume, &frontends, size).await?;
+        self.frontends.resize(volume, device.as_ref(), size).await?;
         if size != was {
             info!(%volume, was, size, "the volume grew");
         }

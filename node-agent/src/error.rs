@@ -71,6 +71,8 @@ pub enum AgentError {
     VerifyMismatch { volume: String, offset: u64 },
     #[error("background task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Block(#[from] volmig_frontends::block::BlockError),
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;

@@ -1,10 +1,11 @@
 //! `volmig-agent serve`: the node agent. Serves volumes through the
-//! interposer (NBD), and the agent's gRPC API, its one control surface,
-//! for masters: on a local unix socket (`--control`, file permissions
+//! interposer (NBD, kernel block devices), and the agent's gRPC API, its
+//! one control surface, for masters: on a local unix socket (`--control`, file permissions
 //! instead of certificates) and on TCP with mutual TLS (`--grpc`); with
 //! `--csi-socket`, also the CSI node plugin `csi.volmig.io` for kubelet.
 //! Migrations are driven by a master: `volmig migrate --agent
 //! unix:///run/volmig/agent.sock ...` on the same host, or the operator.
+//! `volmig-agent keeper`: the descriptor keeper beside it.
 
 use std::path::{Path, PathBuf};
 
@@ -13,8 +14,12 @@ use clap::{Args, Parser, Subcommand};
 use volmig_agent::agent::Agent;
 use volmig_agent::csi::{AgentVolumes, NodeConfig, NodePlugin};
 use volmig_agent::grpc::SocketAccess;
-use volmig_agent::serving::Frontends;
+use volmig_agent::serving::{BlockConfig, BlockFrontend, Frontends};
+use volmig_api::io::BlockChoice;
 use volmig_api::slave::{Frontend, ServeVolume};
+use volmig_frontends::block::fuse::FuseOptions;
+use volmig_frontends::block::keeper::KeeperServer;
+use volmig_frontends::block::memsafe;
 use volmig_frontends::nbd::NbdServer;
 
 #[derive(Parser)]
@@ -30,8 +35,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve volumes over NBD and the agent's gRPC API for masters.
-    Serve(ServeArgs),
+    /// Serve volumes (NBD, kernel block devices) and the agent's gRPC API
+    /// for masters.
+    Serve(Box<ServeArgs>),
+    /// Hold the agent's /dev/fuse descriptors across its restarts (run as
+    /// a sidecar sharing a socket directory with the agent, which gets
+    /// `--fd-keeper` with the same path): while it holds them, an agent
+    /// restart is a stall of the kernel block devices' I/O, not an error.
+    Keeper(KeeperArgs),
+}
+
+#[derive(Args)]
+struct KeeperArgs {
+    /// The keeper's unix socket (mode 0600).
+    #[arg(long, default_value = "/run/volmig/keeper.sock")]
+    socket: PathBuf,
 }
 
 #[derive(Args)]
@@ -81,6 +99,23 @@ struct ServeArgs {
     /// Most threads doing blocking device I/O at once.
     #[arg(long, default_value_t = 64)]
     io_threads: usize,
+    /// Kernel block frontends: `auto` (every kind this node offers: FUSE +
+    /// loop here), one kind (`fuse`, `nbd`, `ublk`), or `none`. Volumes
+    /// served with the `block` frontend get the best of them.
+    #[arg(long, default_value = "auto", value_parser = parse_block)]
+    block: Option<BlockChoice>,
+    /// Where the kernel block frontends keep their files (the FUSE mount
+    /// is `<DIR>/fuse`); default `<state-dir>/block`.
+    #[arg(long)]
+    block_dir: Option<PathBuf>,
+    /// The descriptor keeper's socket (`volmig-agent keeper`). Without it
+    /// the agent holds its /dev/fuse descriptors itself, and an agent
+    /// restart fails the I/O of its FUSE block devices.
+    #[arg(long)]
+    fd_keeper: Option<PathBuf>,
+    /// FUSE worker threads (default min(8, 2 x CPUs)).
+    #[arg(long)]
+    fuse_workers: Option<usize>,
     /// Serve the CSI node plugin (csi.volmig.io: Identity and Node) on this
     /// unix socket, e.g. /var/lib/kubelet/plugins/csi.volmig.io/csi.sock.
     /// Mode 0600 (kubelet runs as root).
@@ -99,6 +134,14 @@ struct ServeArgs {
     /// device, which a writeback under memory pressure could deadlock on).
     #[arg(long, requires = "csi_socket")]
     csi_buffered: bool,
+}
+
+/// `none`, or a block choice.
+fn parse_block(s: &str) -> Result<Option<BlockChoice>, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|e| format!("{e}, or none"))
 }
 
 fn parse_export(s: &str) -> Result<(String, PathBuf), String> {
@@ -136,13 +179,52 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let Cmd::Serve(args) = cli.cmd;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(args.io_threads.max(1))
-        .build()
-        .context("starting the tokio runtime")?;
+    let args = match cli.cmd {
+        Cmd::Serve(args) => *args,
+        Cmd::Keeper(k) => {
+            let server = KeeperServer::bind(&k.socket)
+                .with_context(|| format!("keeper socket {}", k.socket.display()))?;
+            server.run()
+        }
+    };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all().max_blocking_threads(args.io_threads.max(1));
+    if args.block.is_some() {
+        // The threads that do a kernel block device's I/O must not wait in
+        // reclaim for writeback to that device (best effort: it needs
+        // CAP_SYS_RESOURCE).
+        rt.on_thread_start(memsafe::io_flusher_best_effort);
+    }
+    let rt = rt.build().context("starting the tokio runtime")?;
     rt.block_on(serve(args))
+}
+
+/// The kernel block frontend `a` asks for.
+fn block_frontend(a: &ServeArgs) -> Option<BlockFrontend> {
+    let kinds = a.block?;
+    let dir = a
+        .block_dir
+        .clone()
+        .unwrap_or_else(|| a.state_dir.join("block"));
+    let mut fuse = FuseOptions::new(&dir.join("fuse"));
+    fuse.keeper = a.fd_keeper.clone();
+    if let Some(n) = a.fuse_workers {
+        fuse.workers = n.max(1);
+    }
+    let b = BlockFrontend::new(BlockConfig { kinds, fuse });
+    if b.kinds().is_empty() {
+        tracing::warn!(block = %kinds, "this node offers no kernel block frontend this agent runs");
+    } else {
+        tracing::info!(kinds = ?b.kinds(), dir = %dir.display(), keeper = ?a.fd_keeper,
+            "kernel block frontends (started on first use)");
+    }
+    if a.fd_keeper.is_none() {
+        tracing::warn!(
+            "no --fd-keeper: an agent restart fails the I/O of its FUSE block devices \
+            (EIO in the filesystems on them); run `volmig-agent keeper` beside it to make a restart a stall"
+        );
+    }
+    Some(b)
 }
 
 /// Validates the --grpc TLS options: mutual TLS, or plain text when asked.
@@ -192,16 +274,32 @@ async fn serve_volumes(agent: &Agent, a: &ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    if a.nbd_unix.is_none() && a.nbd_tcp.is_none() {
-        bail!("nothing to serve on: give --nbd-unix and/or --nbd-tcp");
+    let block = block_frontend(&a);
+    if a.nbd_unix.is_none() && a.nbd_tcp.is_none() && block.is_none() {
+        bail!("nothing to serve on: give --nbd-unix and/or --nbd-tcp, or --block");
     }
     let tls = match a.grpc {
         Some(_) => grpc_tls(&a)?,
         None => None,
     };
     let server: NbdServer<volmig_agent::interposer::Interposer> = NbdServer::new();
-    let agent = Agent::with_frontends(&a.state_dir, Frontends::with_nbd(server.clone()))?;
+    let mut frontends = if a.nbd_unix.is_some() || a.nbd_tcp.is_some() {
+        Frontends::with_nbd(server.clone())
+    } else {
+        Frontends::none()
+    };
+    if let Some(b) = block {
+        frontends = frontends.with_block(b);
+    }
+    let agent = Agent::with_frontends(&a.state_dir, frontends)?;
     serve_volumes(&agent, &a).await?;
+    if let Some(drivers) = agent.frontends().block().and_then(|b| b.started()) {
+        tracing::info!(kinds = ?drivers.kinds(), "kernel block devices served");
+        // Serving a block device never waits for its own pages to come back.
+        if let Err(e) = memsafe::lock_memory() {
+            tracing::warn!(error = %e, "cannot lock the agent's memory (mlockall)");
+        }
+    }
     // The API first: once NBD answers, so does the control socket.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until_stopped = move || {
@@ -271,6 +369,19 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!("shutting down; unfinished sessions resume at next start");
     let _ = stop.send(true);
+    if let Some(fuse) = agent
+        .frontends()
+        .block()
+        .and_then(|b| b.started())
+        .and_then(|d| d.fuse())
+    {
+        // No device left: nothing to keep mounted (with devices, the mount
+        // stays: the keeper, or the next agent, needs it).
+        match fuse.unmount().await {
+            Ok(()) => tracing::info!("FUSE block driver unmounted"),
+            Err(e) => tracing::info!(error = %e, "FUSE block driver stays mounted"),
+        }
+    }
     while grpc.join_next().await.is_some() {}
     for h in handles {
         let _ = h.shutdown().await;

@@ -14,6 +14,7 @@ use volmig_api::slave::{
     TakeDirty, Terminate, TerminateResult, UnserveVolume, Unserved, VolumeInfo, VolumeList,
 };
 use volmig_api::{ErrorKind, Slave, SlaveError, SlaveResult};
+use volmig_frontends::block::BlockError;
 
 use crate::agent::{Agent, lock};
 use crate::error::AgentError;
@@ -33,6 +34,12 @@ impl From<AgentError> for SlaveError {
                 ErrorKind::AlreadyExists
             }
             AgentError::InUse { .. } => ErrorKind::InUse,
+            AgentError::Block(b) => match b {
+                BlockError::Busy { .. } => ErrorKind::InUse,
+                BlockError::Unavailable { .. } => ErrorKind::Invalid,
+                BlockError::Exists { .. } => ErrorKind::AlreadyExists,
+                _ => ErrorKind::Failed,
+            },
             AgentError::Busy(_) => ErrorKind::Busy,
             AgentError::UnknownVolume(_) | AgentError::NoSession(_) => ErrorKind::NotFound,
             AgentError::Transition(_) => ErrorKind::WrongState,
@@ -483,5 +490,48 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::AlreadyExists, "{e}");
         let e = agent.get_state(other).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    }
+
+    /// A volume served with O_DIRECT migrates with O_DIRECT: the session's
+    /// target (the device after the cutover) and, after a restart, both
+    /// devices are opened the same way (they were opened buffered).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_direct_volume_keeps_o_direct_on_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["src", "tgt"] {
+            std::fs::File::create(dir.path().join(f))
+                .unwrap()
+                .set_len(4 << 20)
+                .unwrap();
+        }
+        let state = dir.path().join("state");
+        let agent = Agent::new(&state).unwrap();
+        let ip = agent
+            .add_volume("v", &dir.path().join("src"), true)
+            .await
+            .unwrap();
+        assert!(ip.active().is_direct());
+        agent
+            .prepare(Prepare {
+                fence: fence(2),
+                target: dir.path().join("tgt"),
+                config: SessionConfig::default(),
+                monitor_only: false,
+            })
+            .await
+            .unwrap();
+        let link = ip.link().expect("a session attached");
+        assert!(
+            link.target.is_direct(),
+            "the target is opened with O_DIRECT"
+        );
+        drop((link, ip, agent));
+        let again = Agent::new(&state).unwrap();
+        assert_eq!(again.restore().await.unwrap(), 1);
+        let link = again.interposer("v").unwrap().link().expect("reattached");
+        assert!(
+            link.source.is_direct() && link.target.is_direct(),
+            "after a restart too"
+        );
     }
 }

@@ -145,3 +145,80 @@ impl Drop for Mount {
         }
     }
 }
+
+/// The FUSE connection of the mount at `dir` (its number in
+/// /sys/fs/fuse/connections), if `dir` is a FUSE mount.
+pub fn fuse_connection(dir: &Path) -> Option<u32> {
+    let dir = dir.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let fstype = l.split(" - ").nth(1)?.split_whitespace().next()?;
+        (Path::new(f.get(4)?) == dir && fstype.starts_with("fuse"))
+            .then(|| f[2].split_once(':')?.1.parse().ok())
+            .flatten()
+    })
+}
+
+/// Aborts a FUSE connection (its requests fail with ENOTCONN/EIO): what
+/// frees a test whose threads wait on a server that is gone. Mounts
+/// fusectl if needed.
+pub fn fuse_abort(conn: u32) {
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if !ctl.join(conn.to_string()).exists() {
+        let _ = run(
+            &require_bin("mount", "mount"),
+            &["-t", "fusectl", "none", ctl.to_str().unwrap()],
+        );
+    }
+    let abort = ctl.join(conn.to_string()).join("abort");
+    if let Err(e) = std::fs::write(&abort, "1") {
+        eprintln!("cannot abort FUSE connection {conn}: {e}");
+    }
+}
+
+/// Aborts the FUSE connection mounted at a directory if the test is not
+/// done by a deadline (or is failing when this is dropped): a test that
+/// hangs on a FUSE request must fail, not leave an unkillable process.
+pub struct FuseWatchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    conn: Option<u32>,
+}
+
+impl FuseWatchdog {
+    /// Watches the FUSE mount at `dir` (mounted now) for `limit`.
+    pub fn new(dir: &Path, limit: std::time::Duration) -> Self {
+        let conn = fuse_connection(dir);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = conn.map(|c| {
+            std::thread::spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                    eprintln!(
+                        "FUSE watchdog: the test ran over {limit:?}; aborting FUSE connection {c}"
+                    );
+                    fuse_abort(c);
+                }
+            })
+        });
+        Self {
+            done: Some(tx),
+            thread,
+            conn,
+        }
+    }
+}
+
+impl Drop for FuseWatchdog {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(c) = self.conn
+        {
+            fuse_abort(c);
+        }
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -14,6 +14,7 @@
 //!   [`Expected`](pattern::Expected) image every test checks devices
 //!   against, and the [`Writer`](pattern::Writer) that records each
 //!   acknowledged write in it.
+//! - [`mem`]: a volume in memory (a `VolumeIo` without an interposer).
 //! - [`agent`]: a `volmig-agent serve` process, and an in-process agent.
 //! - [`master`]: a migration driven by the `volmig migrate` process, or by
 //!   an in-process `volmig_master::Driver`.
@@ -35,6 +36,7 @@ pub mod fio;
 pub mod k8s;
 pub mod lab;
 pub mod master;
+pub mod mem;
 pub mod net;
 pub mod pattern;
 pub mod process;

@@ -4,10 +4,16 @@
 //! over it. The frontend knows nothing of migrations; the interposer knows
 //! nothing of the frontend's protocol.
 //!
+//! [`block`] names the kinds of kernel block device a volume can be
+//! served as (the drivers are `volmig_frontends::block`).
+//!
 //! [`threads`] is the I/O-thread policy both sides share: where a request
 //! may block, and the bounded pool that takes the I/O that may not.
 
+pub mod block;
 pub mod threads;
+
+pub use block::{BlockChoice, BlockKind};
 
 use std::future::Future;
 use std::io;

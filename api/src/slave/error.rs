@@ -22,7 +22,8 @@ pub enum ErrorKind {
     Invalid,
     /// The step cannot run in the session's current state.
     WrongState,
-    /// The volume is in use (a migration session holds it).
+    /// The volume is in use (a migration session holds it, or its kernel
+    /// block device is mounted or open).
     InUse,
     /// The agent cannot be reached: retry.
     Unavailable,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::{SessionConfig, Verify};
+use crate::io::{BlockChoice, BlockKind};
 
 /// Names a session and fences the caller: an agent refuses a call whose
 /// epoch is older than the newest it has seen for the session.
@@ -177,14 +178,34 @@ pub struct TerminateResult {
 pub enum Frontend {
     /// An export of the agent's NBD server(s), named like the volume.
     Nbd,
+    /// A kernel block device of the agent's node (FUSE + loop, kernel
+    /// NBD or ublk): what the CSI node plugin mounts for a pod.
+    Block(BlockChoice),
+}
+
+impl std::fmt::Display for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Frontend::Nbd => f.write_str("nbd"),
+            Frontend::Block(BlockChoice::Auto) => f.write_str("block"),
+            Frontend::Block(c) => write!(f, "block:{c}"),
+        }
+    }
 }
 
 impl std::str::FromStr for Frontend {
     type Err = String;
+    /// `nbd`, `block` (the best kind the node has) or `block:KIND` (`fuse`,
+    /// `nbd`, `ublk`, `auto`).
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "nbd" => Ok(Frontend::Nbd),
-            _ => Err(format!("unknown frontend {s:?} (nbd)")),
+        let lower = s.to_ascii_lowercase();
+        match lower.split_once(':') {
+            None if lower == "nbd" => Ok(Frontend::Nbd),
+            None if lower == "block" => Ok(Frontend::Block(BlockChoice::Auto)),
+            Some(("block", kind)) => kind.parse().map(Frontend::Block),
+            _ => Err(format!(
+                "unknown frontend {s:?} (nbd, block, block:fuse, block:nbd or block:ublk)"
+            )),
         }
     }
 }
@@ -232,6 +253,10 @@ pub struct VolumeInfo {
     /// The migration session attached, if any (finished or not).
     pub session: Option<String>,
     pub frontends: Vec<Frontend>,
+    /// The kernel block device of a `Frontend::Block` volume
+    /// (`/dev/loop3`...), and its kind.
+    pub device: Option<PathBuf>,
+    pub device_kind: Option<BlockKind>,
     /// Why it is not served (the device could not be opened...).
     pub error: Option<String>,
 }

@@ -13,6 +13,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use super::error::{ErrorContext, ErrorKind, SlaveError, SlaveResult};
 use super::types::*;
 use crate::config::{SessionConfig, Verify};
+use crate::io::{BlockChoice, BlockKind};
 use crate::phase::CopyMode;
 use crate::wire as pb;
 
@@ -128,14 +129,59 @@ fn verify_from(v: i32) -> SlaveResult<Verify> {
 fn frontend_to(f: Frontend) -> i32 {
     match f {
         Frontend::Nbd => pb::Frontend::Nbd as i32,
+        Frontend::Block(_) => pb::Frontend::Block as i32,
     }
 }
 
-fn frontend_from(v: i32) -> SlaveResult<Frontend> {
-    match pb::Frontend::try_from(v) {
-        Ok(pb::Frontend::Nbd) => Ok(Frontend::Nbd),
-        _ => Err(SlaveError::invalid(format!(
-            "frontend {v} is not known to this agent"
+/// The wire carries the block frontend's choice beside the list (one
+/// `block_kind` field): a list with a block frontend names its choice there.
+fn frontends_to(f: Vec<Frontend>) -> (Vec<i32>, i32) {
+    let choice = f.iter().find_map(|f| match f {
+        Frontend::Block(c) => Some(*c),
+        Frontend::Nbd => None,
+    });
+    (
+        f.into_iter().map(frontend_to).collect(),
+        choice.map(block_choice_to).unwrap_or_default(),
+    )
+}
+
+fn frontends_from(v: Vec<i32>, block_kind: i32) -> SlaveResult<Vec<Frontend>> {
+    let choice = block_choice_from(block_kind)?;
+    v.into_iter()
+        .map(|f| match pb::Frontend::try_from(f) {
+            Ok(pb::Frontend::Nbd) => Ok(Frontend::Nbd),
+            Ok(pb::Frontend::Block) => Ok(Frontend::Block(choice)),
+            _ => Err(SlaveError::invalid(format!(
+                "frontend {f} is not known to this agent"
+            ))),
+        })
+        .collect()
+}
+
+fn block_kind_to(k: BlockKind) -> i32 {
+    match k {
+        BlockKind::FuseLoop => pb::BlockKind::Fuse as i32,
+        BlockKind::Nbd => pb::BlockKind::Nbd as i32,
+        BlockKind::Ublk => pb::BlockKind::Ublk as i32,
+    }
+}
+
+fn block_choice_to(c: BlockChoice) -> i32 {
+    match c {
+        BlockChoice::Auto => pb::BlockKind::Auto as i32,
+        BlockChoice::Only(k) => block_kind_to(k),
+    }
+}
+
+fn block_choice_from(v: i32) -> SlaveResult<BlockChoice> {
+    match pb::BlockKind::try_from(v) {
+        Ok(pb::BlockKind::Auto) => Ok(BlockChoice::Auto),
+        Ok(pb::BlockKind::Fuse) => Ok(BlockChoice::Only(BlockKind::FuseLoop)),
+        Ok(pb::BlockKind::Nbd) => Ok(BlockChoice::Only(BlockKind::Nbd)),
+        Ok(pb::BlockKind::Ublk) => Ok(BlockChoice::Only(BlockKind::Ublk)),
+        Err(_) => Err(SlaveError::invalid(format!(
+            "block device kind {v} is not known to this agent"
         ))),
     }
 }
@@ -526,11 +572,13 @@ impl FromWire for DirtyBatch {
 impl IntoWire for ServeVolume {
     type Wire = pb::ServeVolumeRequest;
     fn into_wire(self) -> pb::ServeVolumeRequest {
+        let (frontends, block_kind) = frontends_to(self.frontends);
         pb::ServeVolumeRequest {
             volume: self.volume,
             backing: text(self.backing),
-            frontends: self.frontends.into_iter().map(frontend_to).collect(),
+            frontends,
             direct: self.direct,
+            block_kind,
         }
     }
 }
@@ -546,11 +594,7 @@ impl FromWire for ServeVolume {
         Ok(ServeVolume {
             volume: w.volume,
             backing: path(w.backing),
-            frontends: w
-                .frontends
-                .into_iter()
-                .map(frontend_from)
-                .collect::<SlaveResult<_>>()?,
+            frontends: frontends_from(w.frontends, w.block_kind)?,
             direct: w.direct,
         })
     }
@@ -610,14 +654,18 @@ impl FromWire for ListVolumes {
 impl IntoWire for VolumeInfo {
     type Wire = pb::VolumeInfo;
     fn into_wire(self) -> pb::VolumeInfo {
+        let (frontends, block_kind) = frontends_to(self.frontends);
         pb::VolumeInfo {
             name: self.name,
             size: self.size,
             active: text(self.active),
             session_id: self.session.unwrap_or_default(),
             backing: text(self.backing),
-            frontends: self.frontends.into_iter().map(frontend_to).collect(),
+            frontends,
             error: self.error.unwrap_or_default(),
+            device: self.device.map(text).unwrap_or_default(),
+            device_kind: self.device_kind.map(block_kind_to).unwrap_or_default(),
+            block_kind,
         }
     }
 }
@@ -631,11 +679,12 @@ impl FromWire for VolumeInfo {
             active: path(w.active),
             session: (!w.session_id.is_empty()).then_some(w.session_id),
             backing: path(w.backing),
-            frontends: w
-                .frontends
-                .into_iter()
-                .map(frontend_from)
-                .collect::<SlaveResult<_>>()?,
+            frontends: frontends_from(w.frontends, w.block_kind)?,
+            device: (!w.device.is_empty()).then(|| path(w.device)),
+            device_kind: match block_choice_from(w.device_kind)? {
+                BlockChoice::Only(k) => Some(k),
+                BlockChoice::Auto => None,
+            },
             error: (!w.error.is_empty()).then_some(w.error),
         })
     }
@@ -851,6 +900,44 @@ mod tests {
         let mut w = s.into_wire();
         w.frontends = vec![0];
         assert!(ServeVolume::from_wire(w).is_err());
+        for choice in [
+            BlockChoice::Auto,
+            BlockChoice::Only(BlockKind::FuseLoop),
+            BlockChoice::Only(BlockKind::Nbd),
+            BlockChoice::Only(BlockKind::Ublk),
+        ] {
+            let s = ServeVolume {
+                volume: "v".into(),
+                backing: "/dev/sdb".into(),
+                frontends: vec![Frontend::Nbd, Frontend::Block(choice)],
+                direct: false,
+            };
+            assert_eq!(ServeVolume::from_wire(s.clone().into_wire()).unwrap(), s);
+            let mut w = s.into_wire();
+            w.block_kind = 99;
+            assert!(ServeVolume::from_wire(w).is_err(), "an unknown block kind");
+        }
+        let mut w = ServeVolume {
+            volume: "v".into(),
+            backing: "/dev/sdb".into(),
+            frontends: vec![Frontend::Nbd],
+            direct: false,
+        }
+        .into_wire();
+        w.block_kind = 99;
+        assert!(ServeVolume::from_wire(w).is_err(), "an unknown block kind");
+        let v = VolumeInfo {
+            name: "v".into(),
+            size: 4096,
+            backing: "/a".into(),
+            active: "/a".into(),
+            session: None,
+            frontends: vec![Frontend::Block(BlockChoice::Auto)],
+            device: Some("/dev/loop7".into()),
+            device_kind: Some(BlockKind::FuseLoop),
+            error: None,
+        };
+        assert_eq!(VolumeInfo::from_wire(v.clone().into_wire()).unwrap(), v);
         for was_served in [true, false] {
             let u = Unserved { was_served };
             assert_eq!(Unserved::from_wire(u.into_wire()).unwrap(), u);

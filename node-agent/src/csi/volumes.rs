@@ -150,12 +150,25 @@ impl AgentVolumes {
 
 impl Volumes for AgentVolumes {
     async fn attach(&self, volume: &str, backing: &Path) -> SlaveResult<Device> {
-        // The kernel block frontend (Frontend::Block) is being built beside
-        // this plugin; until this agent has it, nothing can be staged.
-        let _ = (volume, backing, self.direct);
-        Err(volmig_api::SlaveError::invalid(
-            "this agent has no kernel block frontend yet: volumes cannot be staged",
-        ))
+        use volmig_api::Slave;
+        use volmig_api::slave::{Frontend, ServeVolume};
+        let info = self
+            .agent
+            .serve_volume(ServeVolume {
+                volume: volume.to_string(),
+                backing: backing.to_path_buf(),
+                frontends: vec![Frontend::Block(volmig_api::io::BlockChoice::Auto)],
+                direct: self.direct,
+            })
+            .await?;
+        let path = info.device.ok_or_else(|| {
+            volmig_api::SlaveError::failed("the volume was served without a kernel block device")
+                .volume(volume)
+        })?;
+        Ok(Device {
+            path,
+            size: info.size,
+        })
     }
 
     async fn detach(&self, volume: &str) -> SlaveResult<()> {

@@ -98,8 +98,10 @@ async fn run_blocking<T: Send + 'static>(
         .map_err(|e| AgentError::Task(e.to_string()))?
 }
 
+/// Opens a session's target the way the volume's device is open (O_DIRECT
+/// or not): a volume served with O_DIRECT keeps it after the cutover.
 fn open_target(source: &BackingDevice, path: &std::path::Path) -> Result<BackingDevice> {
-    let target = BackingDevice::open(path, OpenMode::ReadWrite, false)?;
+    let target = BackingDevice::open(path, OpenMode::ReadWrite, source.is_direct())?;
     if target.same_device(source) {
         return Err(AgentError::SameDevice {
             path: path.to_path_buf(),
@@ -186,15 +188,17 @@ impl SlaveSession {
         state: StateDir,
         mut record: SlaveRecord,
     ) -> Result<Arc<Self>> {
+        // As the volume is served: O_DIRECT or not.
+        let direct = interposer.active().is_direct();
         let source = Arc::new(BackingDevice::open(
             &record.source,
             OpenMode::ReadWrite,
-            false,
+            direct,
         )?);
         let target = Arc::new(BackingDevice::open(
             &record.target,
             OpenMode::ReadWrite,
-            false,
+            direct,
         )?);
         let (dirty, origin) = DirtyMap::open_file(
             &state.dirty_map_path(&record.volume),

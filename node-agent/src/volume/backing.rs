@@ -229,6 +229,11 @@ impl BackingDevice {
         self.read_only
     }
 
+    /// Opened with O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
     /// True when both handles name the same file or block device.
     pub fn same_device(&self, other: &BackingDevice) -> bool {
         self.identity == other.identity

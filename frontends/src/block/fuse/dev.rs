@@ -1,0 +1,437 @@
+//! The `/dev/fuse` transport: opening and mounting a connection, cloning
+//! one descriptor per worker (`FUSE_DEV_IOC_CLONE`: each has its own queue
+//! of requests in processing, so workers do not contend on one), the worker
+//! loop that reads requests and writes answers, and notifications
+//! (`FUSE_NOTIFY_RESEND` after a restart, invalidations).
+//!
+//! A worker runs on a dedicated I/O thread (`volmig_api::io::threads`)
+//! with its own runtime: it reads requests without blocking (the
+//! descriptor is non-blocking, polled by the thread's reactor) and serves
+//! each as a task, up to [`IN_FLIGHT`] at once, so one thread keeps many
+//! requests in flight while the volume's I/O waits on the shared pool.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Semaphore, watch};
+use volmig_api::io::VolumeIo;
+
+use super::fs::{Fs, Out};
+use super::proto::{self, *};
+
+/// Requests one worker serves at once.
+pub const IN_FLIGHT: usize = 64;
+/// The file system type in /proc/self/mountinfo (`fuse.` + subtype).
+pub const FSTYPE: &str = "fuse.volmig";
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// One `/dev/fuse` descriptor of a connection.
+#[derive(Debug)]
+pub struct DevFd(OwnedFd);
+
+impl AsRawFd for DevFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl From<OwnedFd> for DevFd {
+    fn from(fd: OwnedFd) -> Self {
+        DevFd(fd)
+    }
+}
+
+impl DevFd {
+    /// Opens `/dev/fuse` (a new connection once mounted).
+    pub fn open() -> io::Result<DevFd> {
+        // SAFETY: a NUL-terminated literal path; open returns a new
+        // descriptor we own.
+        let fd = cvt(unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+        // SAFETY: fd is fresh and owned by nobody else.
+        Ok(DevFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Another descriptor of `master`'s connection, with its own
+    /// processing queue.
+    pub fn clone_of(master: &DevFd) -> io::Result<DevFd> {
+        let fd = DevFd::open()?;
+        let m = master.as_raw_fd() as u32;
+        // SAFETY: FUSE_DEV_IOC_CLONE reads a u32 descriptor number from the
+        // pointer, which points at a live u32.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), FUSE_DEV_IOC_CLONE, &m as *const u32) })?;
+        Ok(fd)
+    }
+
+    pub fn owned(&self) -> &OwnedFd {
+        &self.0
+    }
+
+    /// Reads and writes never block (the worker polls).
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        // SAFETY: fcntl on our descriptor with integer arguments.
+        let fl = cvt(unsafe { libc::fcntl(self.as_raw_fd(), libc::F_GETFL) })?;
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(self.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) })?;
+        Ok(())
+    }
+
+    /// Writes the answer to request `unique`. A request the kernel gave up
+    /// on meanwhile (ENOENT) is no error.
+    pub fn reply(&self, unique: u64, out: &Out) -> io::Result<()> {
+        let (error, data) = match out {
+            Out::None => return Ok(()),
+            Out::Err(e) => (-e, &[][..]),
+            other => (0, other.bytes()),
+        };
+        let h = OutHeader {
+            len: (size_of::<OutHeader>() + data.len()) as u32,
+            error,
+            unique,
+        };
+        let hb = proto::bytes(&h);
+        let iov = [
+            libc::iovec {
+                iov_base: hb.as_ptr() as *mut libc::c_void,
+                iov_len: hb.len(),
+            },
+            libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            },
+        ];
+        let n = if data.is_empty() { 1 } else { 2 };
+        // SAFETY: both iovecs point into live buffers (`h`, `data`) of the
+        // lengths given.
+        let r = unsafe { libc::writev(self.as_raw_fd(), iov.as_ptr(), n) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(()),
+                _ => Err(e),
+            };
+        }
+        Ok(())
+    }
+
+    /// Writes a notification (see [`proto::notification`]).
+    pub fn notify(&self, msg: &[u8]) -> io::Result<()> {
+        // SAFETY: msg is a live buffer of msg.len() bytes.
+        let n = unsafe { libc::write(self.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n as usize != msg.len() {
+            return Err(io::Error::other("short notification write"));
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to queue again every request read from this
+    /// connection and not answered (FUSE_NOTIFY_RESEND, Linux 6.9+): what
+    /// the agent that died was serving.
+    pub fn notify_resend(&self) -> io::Result<()> {
+        self.notify(&proto::notification(NOTIFY_RESEND, &[], &[]))
+    }
+
+    /// The kernel forgets the cached attributes of `ino` (its size).
+    pub fn notify_inval_inode(&self, ino: u64) -> io::Result<()> {
+        let body = NotifyInvalInode {
+            ino,
+            off: -1,
+            len: 0,
+        };
+        self.notify(&proto::notification(
+            NOTIFY_INVAL_INODE,
+            proto::bytes(&body),
+            &[],
+        ))
+    }
+
+    /// The kernel forgets the cached name `name` in the root directory.
+    pub fn notify_inval_entry(&self, name: &str) -> io::Result<()> {
+        let body = NotifyInvalEntry {
+            parent: ROOT_ID,
+            namelen: name.len() as u32,
+            flags: 0,
+        };
+        let mut tail = name.as_bytes().to_vec();
+        tail.push(0);
+        self.notify(&proto::notification(
+            NOTIFY_INVAL_ENTRY,
+            proto::bytes(&body),
+            &tail,
+        ))
+    }
+}
+
+fn cpath(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Mounts the connection of `fd` at `at` (root only).
+pub fn mount(fd: &DevFd, at: &Path) -> io::Result<()> {
+    let target = cpath(at)?;
+    let data = CString::new(format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,allow_other",
+        fd.as_raw_fd()
+    ))
+    .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let fstype = CString::new(FSTYPE).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    cvt(unsafe {
+        libc::mount(
+            c"volmig".as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
+        )
+    })?;
+    Ok(())
+}
+
+/// Detaches the mount at `at` (lazily: users keep what they hold).
+pub fn unmount_lazy(at: &Path) -> io::Result<()> {
+    let target = cpath(at)?;
+    // SAFETY: target is a NUL-terminated string that outlives the call.
+    cvt(unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) })?;
+    Ok(())
+}
+
+/// A mount as /proc/self/mountinfo shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// The file system's device (`st_dev` of its files).
+    pub dev: u64,
+    pub fstype: String,
+}
+
+/// The mount on top at `at` (the last line for it), from mountinfo text.
+pub fn parse_mountinfo(text: &str, at: &Path) -> Option<MountEntry> {
+    text.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let (_id, _parent, majmin, _root, point) =
+            (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        if PathBuf::from(unescape(point)) != at {
+            return None;
+        }
+        let fstype = l.split(" - ").nth(1)?.split(' ').next()?.to_string();
+        let (ma, mi) = majmin.split_once(':')?;
+        Some(MountEntry {
+            dev: libc::makedev(ma.parse().ok()?, mi.parse().ok()?),
+            fstype,
+        })
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mount on top at `at` now.
+pub fn find_mount(at: &Path) -> Option<MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_mountinfo(&text, at)
+}
+
+/// A descriptor polled by a worker's reactor; holding it keeps it open.
+struct Polled(Arc<DevFd>);
+
+impl AsRawFd for Polled {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Reads one request: its first [`WRITE_HEAD`] bytes into `head`, the
+/// rest into `body` (so a WRITE's data is at the start of `body`).
+fn read_request(fd: RawFd, head: &mut [u8; WRITE_HEAD], body: &mut [u8]) -> io::Result<usize> {
+    let iov = [
+        libc::iovec {
+            iov_base: head.as_mut_ptr().cast(),
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: body.as_mut_ptr().cast(),
+            iov_len: body.len(),
+        },
+    ];
+    // SAFETY: both iovecs point into live, exclusively borrowed buffers of
+    // the lengths given.
+    let n = unsafe { libc::readv(fd, iov.as_ptr(), 2) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Serves requests from `fd` until the connection ends (unmounted or
+/// aborted: ENODEV) or `stop`. Runs on a dedicated I/O thread's runtime.
+pub async fn serve<V: VolumeIo>(
+    fs: Arc<Fs<V>>,
+    fd: Arc<DevFd>,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    // SAFETY: Polled owns (a share of) the descriptor, so it stays open and
+    // the same for the AsyncFd's whole life; as_raw_fd always returns it.
+    let afd = unsafe { AsyncFd::register_with_interest(Polled(fd.clone()), Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    let limit = Arc::new(Semaphore::new(IN_FLIGHT));
+    // Room for the largest request, as the kernel demands (its data plus
+    // a page for the headers).
+    let max_write = fs.params().map_or(1 << 20, |p| p.max_write).max(1 << 20) as usize;
+    let mut body = vec![0u8; max_write + 4096 - WRITE_HEAD];
+    let mut head = [0u8; WRITE_HEAD];
+    tracing::debug!(fd = fd.as_raw_fd(), "FUSE worker serving");
+    let ended = loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break Ok(()),
+            },
+            _ = stop.wait_for(|s| *s) => break Ok(()),
+        };
+        let n = loop {
+            let mut ready = tokio::select! {
+                r = afd.readable() => r?,
+                _ = stop.wait_for(|s| *s) => break None,
+            };
+            match ready
+                .try_io(|inner| read_request(inner.get_ref().as_raw_fd(), &mut head, &mut body))
+            {
+                Ok(Ok(n)) => break Some(n),
+                Ok(Err(e)) => match e.raw_os_error() {
+                    // Interrupted, or the request was aborted before we got it.
+                    Some(libc::EINTR) | Some(libc::ENOENT) => continue,
+                    // Unmounted or aborted: the connection is over.
+                    Some(libc::ENODEV) | Some(libc::ECONNABORTED) => break None,
+                    _ => return Err(e),
+                },
+                Err(_would_block) => continue,
+            }
+        };
+        let Some(n) = n else { break Ok(()) };
+        let Some(h) = proto::read::<InHeader>(&head[..n.min(WRITE_HEAD)]) else {
+            continue;
+        };
+        let len = (h.len as usize).min(n);
+        let hlen = size_of::<InHeader>();
+        let (arg, data) = if h.opcode == WRITE {
+            if len < WRITE_HEAD {
+                continue;
+            }
+            let mut data = fs.pool.get(len - WRITE_HEAD);
+            data.copy_from_slice(&body[..len - WRITE_HEAD]);
+            (head[hlen..WRITE_HEAD].to_vec(), Some(data))
+        } else if len <= WRITE_HEAD {
+            (head[hlen..len.max(hlen)].to_vec(), None)
+        } else {
+            let mut a = head[hlen..].to_vec();
+            a.extend_from_slice(&body[..len - WRITE_HEAD]);
+            (a, None)
+        };
+        let (fs, fd) = (fs.clone(), fd.clone());
+        tokio::spawn(async move {
+            answer(&fs, &fd, &h, &arg, data).await;
+            drop(permit);
+        });
+    };
+    // Let the requests in flight finish (bounded: a stop must end).
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        limit.acquire_many(IN_FLIGHT as u32),
+    )
+    .await;
+    ended
+}
+
+async fn answer<V: VolumeIo>(
+    fs: &Fs<V>,
+    fd: &DevFd,
+    h: &InHeader,
+    arg: &[u8],
+    data: Option<Vec<u8>>,
+) {
+    if h.opcode == INIT {
+        let (out, params) = fs.init(arg);
+        if let Err(e) = fd.reply(h.unique, &out) {
+            tracing::error!(error = %e, "cannot answer FUSE INIT");
+            return;
+        }
+        if let Some(p) = params {
+            tracing::info!(
+                max_write = p.max_write,
+                max_pages = p.max_pages,
+                flags = format_args!("{:#x}", p.flags),
+                resend = p.kernel_resends(),
+                "FUSE connection initialized"
+            );
+            fs.adopt(p);
+        }
+        return;
+    }
+    let out = fs.dispatch(h, arg, data).await;
+    if let Err(e) = fd.reply(h.unique, &out) {
+        tracing::warn!(opcode = h.opcode, error = %e, "cannot answer a FUSE request");
+    }
+    if let Out::Data(buf) = out {
+        fs.pool.put(buf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_names_the_top_mount_and_its_device() {
+        let text = "\
+22 1 0:21 / /proc rw,nosuid - proc proc rw
+98 30 0:53 / /var/lib/volmig/block/fuse rw,nosuid,nodev - fuse.volmig volmig rw,user_id=0
+99 30 0:54 / /var/lib/volmig/block/fuse rw - fuse.volmig volmig rw,user_id=0
+100 30 0:55 / /mnt/with\\040space rw - ext4 /dev/loop3 rw
+";
+        let m = parse_mountinfo(text, Path::new("/var/lib/volmig/block/fuse")).unwrap();
+        assert_eq!(m.fstype, FSTYPE);
+        assert_eq!(m.dev, libc::makedev(0, 54), "the mount on top");
+        let s = parse_mountinfo(text, Path::new("/mnt/with space")).unwrap();
+        assert_eq!((s.fstype.as_str(), s.dev), ("ext4", libc::makedev(0, 55)));
+        assert_eq!(parse_mountinfo(text, Path::new("/mnt")), None);
+    }
+
+    #[test]
+    fn this_process_mountinfo_has_the_root() {
+        assert!(find_mount(Path::new("/")).is_some());
+    }
+}
