@@ -103,7 +103,7 @@ struct ServeArgs {
     /// loop here), one kind (`fuse`, `nbd`, `ublk`), or `none`. Volumes
     /// served with the `block` frontend get the best of them.
     #[arg(long, default_value = "auto", value_parser = parse_block)]
-    block: Option<BlockChoice>,
+    block: BlockArg,
     /// Where the kernel block frontends keep their files (the FUSE mount
     /// is `<DIR>/fuse`); default `<state-dir>/block`.
     #[arg(long)]
@@ -136,12 +136,17 @@ struct ServeArgs {
     csi_buffered: bool,
 }
 
-/// `none`, or a block choice.
-fn parse_block(s: &str) -> Result<Option<BlockChoice>, String> {
+/// `--block`: none, or a block choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BlockArg(Option<BlockChoice>);
+
+fn parse_block(s: &str) -> Result<BlockArg, String> {
     if s.eq_ignore_ascii_case("none") {
-        return Ok(None);
+        return Ok(BlockArg(None));
     }
-    s.parse().map(Some).map_err(|e| format!("{e}, or none"))
+    s.parse()
+        .map(|c| BlockArg(Some(c)))
+        .map_err(|e| format!("{e}, or none"))
 }
 
 fn parse_export(s: &str) -> Result<(String, PathBuf), String> {
@@ -189,7 +194,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all().max_blocking_threads(args.io_threads.max(1));
-    if args.block.is_some() {
+    if args.block.0.is_some() {
         // The threads that do a kernel block device's I/O must not wait in
         // reclaim for writeback to that device (best effort: it needs
         // CAP_SYS_RESOURCE).
@@ -201,7 +206,7 @@ fn main() -> anyhow::Result<()> {
 
 /// The kernel block frontend `a` asks for.
 fn block_frontend(a: &ServeArgs) -> Option<BlockFrontend> {
-    let kinds = a.block?;
+    let kinds = a.block.0?;
     let dir = a
         .block_dir
         .clone()
@@ -414,6 +419,36 @@ fn control_socket(path: &Path, group: Option<u32>) -> anyhow::Result<tokio::net:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent_and_block_choices_parse() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let serve = |extra: &[&str]| {
+            let mut args = vec!["volmig-agent", "serve"];
+            args.extend_from_slice(extra);
+            match Cli::try_parse_from(args).unwrap().cmd {
+                Cmd::Serve(a) => a,
+                Cmd::Keeper(_) => panic!("not serve"),
+            }
+        };
+        assert_eq!(serve(&[]).block, BlockArg(Some(BlockChoice::Auto)));
+        assert_eq!(serve(&["--block", "none"]).block, BlockArg(None));
+        let a = serve(&["--block", "fuse", "--fd-keeper", "/run/k.sock"]);
+        assert_eq!(
+            a.block,
+            BlockArg(Some(BlockChoice::Only(volmig_api::io::BlockKind::FuseLoop)))
+        );
+        assert_eq!(a.fd_keeper.as_deref(), Some(Path::new("/run/k.sock")));
+        assert!(Cli::try_parse_from(["volmig-agent", "serve", "--block", "scsi"]).is_err());
+        match Cli::try_parse_from(["volmig-agent", "keeper", "--socket", "/k"])
+            .unwrap()
+            .cmd
+        {
+            Cmd::Keeper(k) => assert_eq!(k.socket, Path::new("/k")),
+            Cmd::Serve(_) => panic!("not keeper"),
+        }
+    }
 
     #[test]
     fn groups_by_name_or_number() {
