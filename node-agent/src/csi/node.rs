@@ -366,6 +366,11 @@ impl<V: Volumes> NodePlugin<V> {
         if rec.staging_path != staging {
             return Ok(());
         }
+        if let Some(session) = self.volumes.migration(volume) {
+            return Err(CsiError::precondition(format!(
+                "migration session {session} holds the volume: let it finish or abort it, then unstage"
+            )));
+        }
         let mut still = Vec::new();
         for target in rec.published.keys() {
             if mounted_at(target).await?.is_some() {
@@ -376,11 +381,6 @@ impl<V: Volumes> NodePlugin<V> {
             return Err(CsiError::precondition(format!(
                 "still published at {}: NodeUnpublishVolume first",
                 still.join(", ")
-            )));
-        }
-        if let Some(session) = self.volumes.migration(volume) {
-            return Err(CsiError::precondition(format!(
-                "migration session {session} holds the volume: let it finish or abort it, then unstage"
             )));
         }
         if !rec.published.is_empty() {
