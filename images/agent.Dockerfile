@@ -17,7 +17,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends util-linux \
+ && apt-get install -y --no-install-recommends util-linux mount e2fsprogs xfsprogs \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/volmig-agent /usr/local/bin/volmig-agent
 EXPOSE 7443

@@ -1,8 +1,8 @@
 //! Types shared by the master (operator, `volmig migrate`) and the node
 //! agents (slaves): the phase machine, a session's settings, the slave
 //! contract in domain types with its one protobuf boundary, the fault
-//! hooks the crash tests use; and, between a volume's interposer and its
-//! frontends, the I/O contract ([`io`]).
+//! hooks the crash tests use; between a volume's interposer and its
+//! frontends, the I/O contract ([`io`]); and the CSI protocol ([`csi`]).
 
 pub mod config;
 #[cfg(feature = "crd")]
@@ -22,6 +22,16 @@ pub mod units;
 pub mod wire {
     #![allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_docs)]
     tonic::include_proto!("volmig.agent.v1");
+}
+
+/// The Container Storage Interface v1.9 (`proto/csi/v1/csi.proto`, the
+/// upstream file unmodified): messages and the Identity, Controller, Node
+/// and GroupController services, servers and clients. The agent serves
+/// Identity and Node (`csi.volmig.io`'s node plugin); the controller
+/// will serve Identity and Controller.
+pub mod csi {
+    #![allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+    tonic::include_proto!("csi.v1");
 }
 
 pub use config::{SessionConfig, Verify};

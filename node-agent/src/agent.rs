@@ -30,6 +30,10 @@ use crate::volume::{BackingDevice, OpenMode};
 /// are closing, calls in flight) to let go of its device.
 const RELEASE_WAIT: Duration = Duration::from_secs(10);
 
+/// How long `resize` waits for the volume's requests in flight to finish
+/// before it changes the volume's size.
+const GROW_DRAIN: Duration = Duration::from_secs(10);
+
 pub(crate) struct Volume {
     pub(crate) interposer: Arc<Interposer>,
     /// What it was asked to serve (persisted).
@@ -352,6 +356,46 @@ impl Agent {
         Ok(true)
     }
 
+    /// The volume's backing device grew (expanded underneath, e.g. by the
+    /// CSI controller): serves the new size, first in the interposer, then
+    /// through its frontends (a kernel block device shows it). Refused
+    /// (`InUse`) while an unfinished migration session holds the volume,
+    /// whose dirty map and target are sized for the volume as it was;
+    /// `Busy` while another operation runs on it. Idempotent: a device that
+    /// did not grow leaves the size as it is. Returns the size now.
+    pub async fn resize(&self, volume: &str) -> Result<u64> {
+        let in_use = |slave: Option<Arc<SlaveSession>>| match slave {
+            Some(s) if !s.is_finished() => Err(AgentError::InUse {
+                volume: volume.to_string(),
+                session: s.session_id(),
+            }),
+            _ => Ok(()),
+        };
+        let found = lock(&self.volumes).get(volume).map(|v| {
+            (
+                v.interposer.clone(),
+                v.slave.clone(),
+                v.op.clone(),
+                v.served.device.clone(),
+            )
+        });
+        let (interposer, slave, op, device) =
+            found.ok_or_else(|| AgentError::UnknownVolume(volume.to_string()))?;
+        in_use(slave)?;
+        // No session may start (a prepare) while the size changes.
+        let _op = op
+            .try_lock_owned()
+            .map_err(|_| AgentError::Busy(volume.to_string()))?;
+        in_use(self.slave(volume))?;
+        let was = interposer.size();
+        let size = interposer.grow(GROW_DRAIN).await?;
+        self.frontends.resize(volume, device.as_ref(), size).await?;
+        if size != was {
+            info!(%volume, was, size, "the volume grew");
+        }
+        Ok(size)
+    }
+
     /// Serves `name` from `path` for in-process use (no frontend) and
     /// returns its interposer: `serve` with no frontends.
     pub async fn add_volume(
@@ -480,6 +524,56 @@ mod tests {
         let rec = ServedDir::open(&state).unwrap().load("v").unwrap().unwrap();
         assert_eq!(rec.backing, dir.path().join("tgt"));
         assert_eq!(rec.requested, dir.path().join("src"));
+    }
+
+    #[tokio::test]
+    async fn a_grown_backing_device_grows_the_volume_never_a_shrunk_one() {
+        use volmig_api::io::VolumeIo;
+        let dir = tempfile::tempdir().unwrap();
+        files(dir.path());
+        let src = dir.path().join("src");
+        let agent = Agent::new(&dir.path().join("state")).unwrap();
+        let ip = agent.add_volume("v", &src, false).await.unwrap();
+        assert_eq!(
+            agent.resize("v").await.unwrap(),
+            1 << 20,
+            "no growth: no-op"
+        );
+        let file = std::fs::File::options().write(true).open(&src).unwrap();
+        file.set_len(3 << 20).unwrap();
+        assert_eq!(agent.resize("v").await.unwrap(), 3 << 20);
+        assert_eq!(ip.size(), 3 << 20);
+        assert_eq!(agent.list()[0].size, 3 << 20);
+        // The new end is the volume's.
+        ip.write((3 << 20) - 4096, vec![7u8; 4096], false)
+            .await
+            .unwrap();
+        let back = ip.read((3 << 20) - 4096, vec![0u8; 4096]).await.unwrap();
+        assert_eq!(back, vec![7u8; 4096]);
+        assert_eq!(ip.counters.last_error(), None);
+        // A request the device fails is counted, for the volume's condition.
+        assert!(ip.read(3 << 20, vec![0u8; 4096]).await.is_err());
+        assert_eq!(
+            ip.counters
+                .io_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert!(
+            ip.counters
+                .last_error()
+                .is_some_and(|e| e.contains("read at offset"))
+        );
+        file.set_len(2 << 20).unwrap();
+        let e = agent.resize("v").await.unwrap_err();
+        assert!(matches!(e, AgentError::Shrunk { .. }), "{e}");
+        assert_eq!(
+            ip.size(),
+            3 << 20,
+            "a shrunk device keeps the volume's size"
+        );
+        let e = agent.resize("nope").await.unwrap_err();
+        assert!(matches!(e, AgentError::UnknownVolume(_)), "{e}");
     }
 
     #[tokio::test]

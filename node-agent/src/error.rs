@@ -13,6 +13,8 @@ pub enum AgentError {
     },
     #[error("backing device {path} is not a regular file or block device")]
     NotADevice { path: PathBuf },
+    #[error("backing device {path} shrank from {was} to {now} bytes: a volume never shrinks")]
+    Shrunk { path: PathBuf, was: u64, now: u64 },
     #[error("backing device {path} is read-only, a migration target must be writable")]
     ReadOnly { path: PathBuf },
     #[error(

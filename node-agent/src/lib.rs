@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod copy;
+pub mod csi;
 pub mod error;
 pub mod grpc;
 pub mod interposer;

@@ -1,7 +1,8 @@
 //! `volmig-agent serve`: the node agent. Serves volumes through the
 //! interposer (NBD, kernel block devices), and the agent's gRPC API, its
 //! one control surface, for masters: on a local unix socket (`--control`, file permissions
-//! instead of certificates) and on TCP with mutual TLS (`--grpc`).
+//! instead of certificates) and on TCP with mutual TLS (`--grpc`); with
+//! `--csi-socket`, also the CSI node plugin `csi.volmig.io` for kubelet.
 //! Migrations are driven by a master: `volmig migrate --agent
 //! unix:///run/volmig/agent.sock ...` on the same host, or the operator.
 //! `volmig-agent keeper`: the descriptor keeper beside it.
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use volmig_agent::agent::Agent;
+use volmig_agent::csi::{AgentVolumes, NodeConfig, NodePlugin};
 use volmig_agent::grpc::SocketAccess;
 use volmig_agent::serving::{BlockConfig, BlockFrontend, Frontends};
 use volmig_api::io::BlockChoice;
@@ -123,6 +125,24 @@ struct ServeArgs {
     /// FUSE worker threads (default min(8, 2 x CPUs)).
     #[arg(long)]
     fuse_workers: Option<usize>,
+    /// Serve the CSI node plugin (csi.volmig.io: Identity and Node) on this
+    /// unix socket, e.g. /var/lib/kubelet/plugins/csi.volmig.io/csi.sock.
+    /// Mode 0600 (kubelet runs as root).
+    #[arg(long)]
+    csi_socket: Option<PathBuf>,
+    /// This node's id for CSI (NodeGetInfo, the topology segment
+    /// topology.volmig.io/node); default: the host name. In a cluster, the
+    /// Kubernetes node name.
+    #[arg(long, requires = "csi_socket")]
+    node_id: Option<String>,
+    /// NodeGetInfo's max_volumes_per_node (0: the CO decides).
+    #[arg(long, default_value_t = 0, requires = "csi_socket")]
+    csi_max_volumes: u32,
+    /// Open the backing devices of CSI volumes buffered (default O_DIRECT:
+    /// no page cache between the kernel block device and the backing
+    /// device, which a writeback under memory pressure could deadlock on).
+    #[arg(long, requires = "csi_socket")]
+    csi_buffered: bool,
 }
 
 /// `--block`: none, or a block choice.
@@ -330,6 +350,28 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             async move { volmig_agent::grpc::serve_unix(agent, control, &path, stopped).await },
         );
     }
+    if let Some(path) = &a.csi_socket {
+        let node_id = match &a.node_id {
+            Some(id) => id.clone(),
+            None => host_name()?,
+        };
+        let plugin = std::sync::Arc::new(NodePlugin::new(
+            AgentVolumes::new(agent.clone(), !a.csi_buffered),
+            NodeConfig {
+                node_id: node_id.clone(),
+                max_volumes_per_node: i64::from(a.csi_max_volumes),
+            },
+            &a.state_dir,
+        )?);
+        let listener = volmig_agent::grpc::bind_unix(path, SocketAccess::default())
+            .with_context(|| format!("CSI socket {}", path.display()))?;
+        tracing::info!(socket = %path.display(), node = %node_id,
+            "CSI node plugin {} listening", volmig_agent::csi::DRIVER_NAME);
+        let (path, stopped) = (path.clone(), until_stopped());
+        grpc.spawn(
+            async move { volmig_agent::csi::serve_unix(plugin, listener, &path, stopped).await },
+        );
+    }
     let mut handles = Vec::new();
     if let Some(p) = &a.nbd_unix {
         let _ = std::fs::remove_file(p);
@@ -373,6 +415,17 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
         None => Ok(()),
     }
+}
+
+/// This host's name (the default CSI node id).
+fn host_name() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the host name (/proc/sys/kernel/hostname); give --node-id")?;
+    let name = name.trim();
+    if name.is_empty() {
+        bail!("the host has no name; give --node-id");
+    }
+    Ok(name.to_string())
 }
 
 fn control_socket(path: &Path, group: Option<u32>) -> anyhow::Result<tokio::net::UnixListener> {

@@ -379,6 +379,26 @@ impl Frontends {
         Ok(record)
     }
 
+    /// `volume` grew to `size`: its frontends show the new size (its
+    /// kernel block device, `device`, at once; NBD: a connection keeps the
+    /// size it was told at its handshake, new connections see the new one).
+    pub async fn resize(
+        &self,
+        volume: &str,
+        device: Option<&DeviceRecord>,
+        size: u64,
+    ) -> Result<()> {
+        if let Some(rec) = device {
+            let block = self.block_or_refuse()?;
+            block
+                .drivers()
+                .await?
+                .resize(rec.kind, volume, size)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn attach_block(
         &self,
         volume: &Arc<Interposer>,

@@ -26,6 +26,7 @@ impl From<AgentError> for SlaveError {
             AgentError::Open { .. }
             | AgentError::NotADevice { .. }
             | AgentError::ReadOnly { .. }
+            | AgentError::Shrunk { .. }
             | AgentError::TargetTooSmall { .. }
             | AgentError::SameDevice { .. }
             | AgentError::Invalid(_) => ErrorKind::Invalid,
@@ -443,6 +444,22 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
         let e = primary.take_dirty(take(0)).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_volume_under_migration_does_not_grow() {
+        let (dir, agent, ip) = prepared().await;
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("src"))
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let e = agent.resize("v").await.unwrap_err();
+        assert!(matches!(e, AgentError::InUse { .. }), "{e}");
+        assert_eq!(ip.size(), 4 << 20, "nothing changed");
+        agent.abort(fence(2)).await.unwrap();
+        assert_eq!(agent.resize("v").await.unwrap(), 8 << 20);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

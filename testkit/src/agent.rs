@@ -53,6 +53,8 @@ pub struct AgentBuilder {
     block: bool,
     keeper: Option<PathBuf>,
     extra: Vec<String>,
+    /// Serve the CSI node plugin, with this node id (None: the default).
+    csi: Option<Option<String>>,
 }
 
 impl AgentBuilder {
@@ -71,6 +73,7 @@ impl AgentBuilder {
             block: false,
             keeper: None,
             extra: Vec::new(),
+            csi: None,
         }
     }
 
@@ -139,8 +142,16 @@ impl AgentBuilder {
         self
     }
 
+    /// Serves the CSI node plugin on `<name>.csi.sock` (`--csi-socket`),
+    /// with `--node-id node_id` unless None (the host name then).
+    pub fn csi(mut self, node_id: Option<&str>) -> Self {
+        self.csi = Some(node_id.map(str::to_string));
+        self
+    }
+
     pub fn start(self) -> AgentProcess {
         let mut a = AgentProcess {
+            csi_sock: self.dir.join(format!("{}.csi.sock", self.name)),
             nbd_sock: self.dir.join(format!("{}.nbd.sock", self.name)),
             ctl_sock: self.dir.join(format!("{}.ctl.sock", self.name)),
             state_dir: self.dir.join(format!("{}-state", self.name)),
@@ -175,6 +186,8 @@ pub struct AgentProcess {
     child: Option<ChildGuard>,
     pub nbd_sock: PathBuf,
     pub ctl_sock: PathBuf,
+    /// The CSI node plugin's socket (with [`AgentBuilder::csi`]).
+    pub csi_sock: PathBuf,
     pub state_dir: PathBuf,
     /// Where its kernel block frontends keep their files (the FUSE mount
     /// is `fuse/` in it), with [`AgentBuilder::block`].
@@ -198,6 +211,7 @@ impl AgentProcess {
         assert!(self.child.is_none(), "agent {} is running", self.spec.name);
         let _ = std::fs::remove_file(&self.nbd_sock);
         let _ = std::fs::remove_file(&self.ctl_sock);
+        let _ = std::fs::remove_file(&self.csi_sock);
         self.starts += 1;
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -253,6 +267,12 @@ impl AgentProcess {
             cmd.arg("--fd-keeper").arg(k);
         }
         cmd.args(&s.extra);
+        if let Some(node_id) = &s.csi {
+            cmd.arg("--csi-socket").arg(&self.csi_sock);
+            if let Some(id) = node_id {
+                cmd.arg("--node-id").arg(id);
+            }
+        }
         for (name, path) in &s.exports {
             cmd.arg("--export")
                 .arg(format!("{name}={}", path.display()));
@@ -282,13 +302,14 @@ impl AgentProcess {
             let grpc = self.spec.grpc_later || TcpStream::connect(("127.0.0.1", self.port)).is_ok();
             let tcp = self.tcp.is_none_or(|a| TcpStream::connect(a).is_ok());
             let ctl = self.ctl_sock.exists();
-            if nbd && grpc && tcp && ctl {
+            let csi = self.spec.csi.is_none() || self.csi_sock.exists();
+            if nbd && grpc && tcp && ctl && csi {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!(
                     "agent not ready after {START_TIMEOUT:?} (nbd {nbd}, grpc {grpc}, tcp {tcp}, \
-                     control {ctl})\n{}",
+                     control {ctl}, csi {csi})\n{}",
                     self.log_text()
                 ));
             }
@@ -343,6 +364,16 @@ impl AgentProcess {
             .wait_timeout(&name, timeout);
         self.child = None;
         st
+    }
+
+    /// A CSI client of its node plugin (started with [`AgentBuilder::csi`]).
+    pub fn csi(&self) -> crate::csi::CsiClient {
+        assert!(
+            self.spec.csi.is_some(),
+            "agent {} serves no CSI",
+            self.spec.name
+        );
+        crate::csi::CsiClient::new(&self.csi_sock)
     }
 
     pub fn log_text(&self) -> String {

@@ -18,6 +18,22 @@ pub fn is_mountpoint(dir: &Path) -> bool {
     })
 }
 
+/// The id of the topmost mount at `dir` (a mount made again gets a new
+/// one), if `dir` is a mount point.
+pub fn mount_id(dir: &Path) -> Option<u64> {
+    let dir = dir.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mounts
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(4)
+                .is_some_and(|m| Path::new(m) == dir)
+        })
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .next_back()
+}
+
 /// A loop device over a file (`losetup`, Debian package `mount`); detached
 /// on drop.
 pub struct LoopDev {

@@ -11,6 +11,8 @@
 //! - [`certs`]: mutual-TLS certificates, made by `volmig certs`.
 //! - [`fswriter`]: a writer of files in a mounted filesystem, with the
 //!   model every file is checked against.
+//! - [`csi`]: the CSI node plugin as kubelet drives it: a client over its
+//!   socket, kubelet's requests, and a plugin to drive.
 //! - [`pattern`]: the block pattern, pattern and sparse files, the
 //!   [`Expected`](pattern::Expected) image every test checks devices
 //!   against, and the [`Writer`](pattern::Writer) that records each
@@ -32,6 +34,7 @@ pub mod agent;
 pub mod binaries;
 pub mod certs;
 pub mod cgroup;
+pub mod csi;
 pub mod devices;
 pub mod fake_api;
 pub mod fio;

@@ -177,11 +177,33 @@ pub struct IoCounters {
     pub mirror_errors: AtomicU64,
     /// Latencies and stalls, for the agent's metrics.
     pub metrics: crate::metrics::VolumeMetrics,
+    /// Workload requests that failed (the backing device answered an
+    /// error): the volume's condition, as the CSI node reports it.
+    pub io_errors: AtomicU64,
+    /// The newest of those errors, for people.
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl IoCounters {
+    fn note_error(&self, op: &str, offset: u64, e: &io::Error) {
+        self.io_errors.fetch_add(1, Ordering::Relaxed);
+        let msg = format!("{op} at offset {offset}: {e}");
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+    }
+
+    /// The newest failed workload request, if any failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 pub struct Interposer {
     name: String,
-    size: u64,
+    /// Grows with [`Interposer::grow`].
+    size: AtomicU64,
     gate: QuiesceGate,
     route: RwLock<Route>,
     pub counters: Arc<IoCounters>,
@@ -209,7 +231,7 @@ impl Interposer {
     pub fn new(name: impl Into<String>, active: Arc<BackingDevice>) -> Self {
         Self {
             name: name.into(),
-            size: active.size(),
+            size: AtomicU64::new(active.size()),
             gate: QuiesceGate::new(),
             route: RwLock::new(Route { active, link: None }),
             counters: Arc::new(IoCounters::default()),
@@ -221,7 +243,43 @@ impl Interposer {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The active backing device grew (a volume expanded underneath): reads
+    /// its size again and serves the new size. Refused while a migration is
+    /// attached (its dirty map and target are sized for the volume as it
+    /// was). Runs with the gate held, so no request is in flight while the
+    /// size changes. Returns the size now.
+    pub async fn grow(&self, drain: Duration) -> Result<u64> {
+        let was_held = self.gate.is_held().await;
+        self.gate.hold(drain).await.map_err(|_| {
+            AgentError::Invalid(format!(
+                "{}: in-flight I/O did not drain in {drain:?}",
+                self.name
+            ))
+        })?;
+        let route = self.route();
+        let grown = match route.link {
+            Some(_) => Err(AgentError::Transition(format!(
+                "{}: cannot grow while a migration is attached",
+                self.name
+            ))),
+            None => {
+                let dev = route.active.clone();
+                match threads::spawn_blocking(move || dev.refresh_size()).await {
+                    Ok(r) => r,
+                    Err(e) => Err(AgentError::Task(e.to_string())),
+                }
+            }
+        };
+        if let Ok(size) = grown {
+            self.size.fetch_max(size, Ordering::AcqRel);
+        }
+        if !was_held {
+            self.gate.release().await;
+        }
+        grown.map(|_| self.size())
     }
 
     fn route(&self) -> Route {
@@ -455,11 +513,64 @@ fn mirrored_write(
 /// A frontend's view of an interposer.
 impl VolumeIo for Interposer {
     fn size(&self) -> u64 {
-        self.size
+        Interposer::size(self)
     }
 
-    async fn read(&self, offset: u64, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
+    async fn read(&self, offset: u64, buf: Vec<u8>) -> io::Result<Vec<u8>> {
         let _timer = self.counters.metrics.time(Op::Read);
+        self.read_inner(offset, buf)
+            .await
+            .inspect_err(|e| self.counters.note_error("read", offset, e))
+    }
+
+    async fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<Vec<u8>> {
+        let _timer = self.counters.metrics.time(Op::Write);
+        self.write_inner(offset, buf, fua)
+            .await
+            .inspect_err(|e| self.counters.note_error("write", offset, e))
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        let _timer = self.counters.metrics.time(Op::Flush);
+        let _pass = self.gate.enter().await;
+        let route = self.route();
+        blocking(move || Interposer::flush_blocking(&route))
+            .await
+            .inspect_err(|e| self.counters.note_error("flush", 0, e))
+    }
+
+    async fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
+        let _timer = self.counters.metrics.time(Op::Trim);
+        self.mutate(offset, length, Mutation::Trim)
+            .await
+            .inspect_err(|e| self.counters.note_error("trim", offset, e))
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool) -> io::Result<()> {
+        let _timer = self.counters.metrics.time(Op::WriteZeroes);
+        self.mutate(offset, length, Mutation::Zeroes { may_trim })
+            .await
+            .inspect_err(|e| self.counters.note_error("write zeroes", offset, e))
+    }
+
+    async fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        let _timer = self.counters.metrics.time(Op::BlockStatus);
+        let _pass = self.gate.enter().await;
+        let dev = self.route().active;
+        let segs = blocking(move || dev.segments(offset, length)).await?;
+        Ok(segs
+            .into_iter()
+            .map(|s| Extent {
+                length: s.length,
+                hole: s.hole,
+                zero: s.hole,
+            })
+            .collect())
+    }
+}
+
+impl Interposer {
+    async fn read_inner(&self, offset: u64, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
         let _pass = self.gate.enter().await;
         let dev = self.route().active;
         let len = buf.len() as u64;
@@ -472,8 +583,7 @@ impl VolumeIo for Interposer {
         Ok(buf)
     }
 
-    async fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<Vec<u8>> {
-        let _timer = self.counters.metrics.time(Op::Write);
+    async fn write_inner(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<Vec<u8>> {
         let _pass = self.gate.enter().await;
         let route = self.route();
         let counters = self.counters.clone();
@@ -512,39 +622,6 @@ impl VolumeIo for Interposer {
             .fetch_add(len, Ordering::Relaxed);
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         Ok(buf)
-    }
-
-    async fn flush(&self) -> io::Result<()> {
-        let _timer = self.counters.metrics.time(Op::Flush);
-        let _pass = self.gate.enter().await;
-        let route = self.route();
-        blocking(move || Interposer::flush_blocking(&route)).await
-    }
-
-    async fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
-        let _timer = self.counters.metrics.time(Op::Trim);
-        self.mutate(offset, length, Mutation::Trim).await
-    }
-
-    async fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool) -> io::Result<()> {
-        let _timer = self.counters.metrics.time(Op::WriteZeroes);
-        self.mutate(offset, length, Mutation::Zeroes { may_trim })
-            .await
-    }
-
-    async fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
-        let _timer = self.counters.metrics.time(Op::BlockStatus);
-        let _pass = self.gate.enter().await;
-        let dev = self.route().active;
-        let segs = blocking(move || dev.segments(offset, length)).await?;
-        Ok(segs
-            .into_iter()
-            .map(|s| Extent {
-                length: s.length,
-                hole: s.hole,
-                zero: s.hole,
-            })
-            .collect())
     }
 }
 

@@ -41,7 +41,9 @@ pub struct BackingDevice {
     file: File,
     path: PathBuf,
     kind: DeviceKind,
-    size: u64,
+    /// Grows when the device grew and [`refresh_size`](Self::refresh_size)
+    /// is called; never shrinks.
+    size: std::sync::atomic::AtomicU64,
     read_only: bool,
     direct: bool,
     /// (st_dev, st_ino) for files, (0, st_rdev) for block devices.
@@ -102,7 +104,7 @@ impl BackingDevice {
             file,
             path: path.to_path_buf(),
             kind,
-            size,
+            size: std::sync::atomic::AtomicU64::new(size),
             read_only: mode == OpenMode::ReadOnly,
             direct,
             identity,
@@ -195,7 +197,32 @@ impl BackingDevice {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Reads the device's size again (a file or block device that grew,
+    /// e.g. a backing volume expanded underneath) and returns it. A device
+    /// that shrank is an error and keeps its old size: the bytes beyond the
+    /// new end were the volume's.
+    pub fn refresh_size(&self) -> Result<u64> {
+        let err = |source| AgentError::Open {
+            path: self.path.clone(),
+            source,
+        };
+        let now = match self.kind {
+            DeviceKind::File => self.file.metadata().map_err(err)?.len(),
+            DeviceKind::Block => block_size_of(&self.file).map_err(err)?,
+        };
+        let was = self.size();
+        if now < was {
+            return Err(AgentError::Shrunk {
+                path: self.path.clone(),
+                was,
+                now,
+            });
+        }
+        self.size.store(now, std::sync::atomic::Ordering::Release);
+        Ok(now)
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -224,7 +251,7 @@ impl BackingDevice {
 
     fn check_range(&self, op: &'static str, offset: u64, length: u64) -> Result<()> {
         match offset.checked_add(length) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(self.io_err(
                 op,
                 offset,
@@ -331,7 +358,7 @@ impl BackingDevice {
     pub fn flush(&self) -> Result<()> {
         self.file
             .sync_data()
-            .map_err(|e| self.io_err("flush", 0, self.size, e))
+            .map_err(|e| self.io_err("flush", 0, self.size(), e))
     }
 
     /// Discards a range; afterwards it reads as zeroes. Falls back to writing
@@ -450,10 +477,11 @@ impl BackingDevice {
     /// True when the whole device is unallocated (a fresh sparse file):
     /// then it is known to read as zeroes everywhere.
     pub fn is_fully_unallocated(&self) -> Result<bool> {
-        if self.kind == DeviceKind::Block || self.size == 0 {
-            return Ok(self.size == 0);
+        let size = self.size();
+        if self.kind == DeviceKind::Block || size == 0 {
+            return Ok(size == 0);
         }
-        let segs = self.segments(0, self.size)?;
+        let segs = self.segments(0, size)?;
         Ok(segs.iter().all(|s| s.hole))
     }
 }

@@ -1,0 +1,293 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+//! The node plugin of a real `volmig-agent serve --csi-socket` process, on
+//! the product path: a staged volume is served through the interposer as
+//! the agent's kernel block device (FUSE + loop here). kubelet's calls
+//! stage and publish a real ext4; a writer writes files through the
+//! published path while the volume migrates live to another backing file
+//! (`volmig migrate` over the agent's control socket); the mount and the
+//! kernel device stay the same objects, every file reads back, and the
+//! target alone holds a clean filesystem. Unstage is refused while the
+//! migration runs; NodeStage repeated after it (with the old backing
+//! device, or with the target the controller would name) is a no-op; a
+//! mounted xfs grows online through the kernel device.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tonic::Code;
+use volmig_api::csi::volume_capability::access_mode::Mode;
+use volmig_api::csi::volume_usage::Unit;
+use volmig_testkit::agent::AgentProcess;
+use volmig_testkit::csi::{
+    CsiClient, KubeletMounts, assert_code, expand_req, mount_cap, publish_req, stage_req,
+    stats_req, unpublish_req, unstage_req,
+};
+use volmig_testkit::devices::{is_mountpoint, mount_id};
+use volmig_testkit::pattern::sparse_file;
+use volmig_testkit::{MIB, require_bin, require_fuse, require_root, run_ok};
+
+const SNW: Mode = Mode::SingleNodeWriter;
+
+fn tools() {
+    require_root("loop devices, FUSE and mounts");
+    require_fuse();
+    for (tool, pkg) in [
+        ("losetup", "mount"),
+        ("mount", "mount"),
+        ("blkid", "util-linux"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("e2fsck", "e2fsprogs"),
+    ] {
+        require_bin(tool, pkg);
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// kubelet's staging path and publish target of `pv` under `dir`.
+fn kubelet_paths(dir: &Path, pv: &str) -> (PathBuf, PathBuf) {
+    let staging = dir.join(format!("kubelet/plugins/csi.volmig.io/{pv}/globalmount"));
+    let parent = dir.join(format!("kubelet/pods/pod1/volumes/kubernetes.io~csi/{pv}"));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(&parent).unwrap();
+    (staging, parent.join("mount"))
+}
+
+/// The kernel device the plugin staged `volume` on (its record).
+fn staged_device(agent: &AgentProcess, volume: &str) -> PathBuf {
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(agent.state_dir.join(format!("csi/{volume}.json"))).unwrap(),
+    )
+    .unwrap();
+    PathBuf::from(rec["device"].as_str().expect("a staged device"))
+}
+
+#[test]
+fn a_staged_ext4_migrates_live_under_its_pods_mount() {
+    tools();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.img");
+    let target = dir.path().join("target.img");
+    sparse_file(&source, 128 * MIB);
+    sparse_file(&target, 128 * MIB);
+    let agent = AgentProcess::builder(dir.path(), "n1")
+        .csi(Some("n1"))
+        .start();
+    let _undo = KubeletMounts::new(&agent.state_dir);
+    let rt = rt();
+    let _in_rt = rt.enter(); // the client's channel lives on it
+    let c: CsiClient = agent.csi();
+    let (staging, pod) = kubelet_paths(dir.path(), "pv-v");
+    let cap = mount_cap("", &[], SNW);
+    rt.block_on(async {
+        let mut n = c.node.clone();
+        let r = n
+            .node_stage_volume(stage_req("v", &staging, &source, cap.clone()))
+            .await;
+        assert_code(r, Code::Ok, "stage");
+        let r = n
+            .node_publish_volume(publish_req("v", &staging, &pod, cap.clone(), false))
+            .await;
+        assert_code(r, Code::Ok, "publish");
+    });
+    let device = staged_device(&agent, "v");
+    assert!(
+        device.starts_with("/dev/"),
+        "a kernel block device: {device:?}"
+    );
+    let volumes = agent.volumes();
+    assert_eq!(volumes[0].device.as_deref(), Some(device.as_path()));
+    let (pod_mount, staging_mount) = (mount_id(&pod).unwrap(), mount_id(&staging).unwrap());
+    let rdev = std::fs::metadata(&device).unwrap().rdev();
+
+    // A writer in the pod: files written and fsynced, again and again,
+    // through the whole migration.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, pod) = (stop.clone(), pod.clone());
+        std::thread::spawn(move || {
+            let mut written = BTreeMap::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let name = format!("f{}", i % 64);
+                let data = format!("{i}:")
+                    .repeat(1 + (i as usize * 37) % 4000)
+                    .into_bytes();
+                let p = pod.join(&name);
+                std::fs::write(&p, &data).unwrap();
+                std::fs::File::open(&p).unwrap().sync_all().unwrap();
+                written.insert(name, data);
+                i += 1;
+            }
+            (written, i)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut mig = agent.migrate("v", &target, &["--sync-goal", "500ms"]);
+    // Meanwhile the volume is held: unstage is refused, nothing changes.
+    rt.block_on(async {
+        let r = c
+            .node
+            .clone()
+            .node_unstage_volume(unstage_req("v", &staging))
+            .await;
+        if mig.phase() != "Completed" {
+            let msg = assert_code(r, Code::FailedPrecondition, "unstage during the migration");
+            assert!(msg.contains("migration session"), "{msg}");
+        }
+    });
+    assert!(is_mountpoint(&pod) && is_mountpoint(&staging));
+    let record = mig.wait_terminal(Duration::from_secs(300));
+    agent.assert_completed(&record);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (written, writes) = writer.join().unwrap();
+    assert!(
+        writes > 10,
+        "the writer wrote through the migration ({writes} files)"
+    );
+    assert_eq!(
+        agent.active_path("v"),
+        target,
+        "the volume is on the target"
+    );
+
+    // The pod's mount and the kernel device are the same objects.
+    assert_eq!(
+        (mount_id(&pod), mount_id(&staging)),
+        (Some(pod_mount), Some(staging_mount))
+    );
+    assert_eq!(staged_device(&agent, "v"), device);
+    assert_eq!(std::fs::metadata(&device).unwrap().rdev(), rdev);
+    for (name, data) in &written {
+        assert_eq!(&std::fs::read(pod.join(name)).unwrap(), data, "{name}");
+    }
+    rt.block_on(async {
+        let mut n = c.node.clone();
+        // kubelet stages again after its restart (the publish context it
+        // kept names the old device), or the controller names the target:
+        // both are the volume as staged.
+        for backing in [&source, &target] {
+            let r = n
+                .node_stage_volume(stage_req("v", &staging, backing, cap.clone()))
+                .await;
+            assert_code(r, Code::Ok, "stage again after the migration");
+        }
+        let s = n
+            .node_get_volume_stats(stats_req("v", pod.to_str().unwrap()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            s.usage
+                .iter()
+                .any(|u| u.unit == Unit::Inodes as i32 && u.used > 0)
+        );
+        let cond = s.volume_condition.unwrap();
+        assert!(
+            !cond.abnormal && cond.message.contains("target.img"),
+            "{cond:?}"
+        );
+        let r = n.node_unpublish_volume(unpublish_req("v", &pod)).await;
+        assert_code(r, Code::Ok, "unpublish");
+        let r = n.node_unstage_volume(unstage_req("v", &staging)).await;
+        assert_code(r, Code::Ok, "unstage");
+    });
+    assert!(!is_mountpoint(&staging) && !pod.exists());
+    assert!(agent.volumes().is_empty(), "the agent serves it no more");
+    // The target alone holds the filesystem, clean.
+    run_ok(
+        &require_bin("e2fsck", "e2fsprogs"),
+        &["-fn", target.to_str().unwrap()],
+    );
+}
+
+#[test]
+fn a_mounted_xfs_grows_through_the_kernel_device() {
+    tools();
+    require_bin("xfs_growfs", "xfsprogs");
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("b.img");
+    let size = 320 * MIB;
+    sparse_file(&backing, size);
+    let agent = AgentProcess::builder(dir.path(), "n1")
+        .csi(Some("n1"))
+        .start();
+    let _undo = KubeletMounts::new(&agent.state_dir);
+    let rt = rt();
+    let _in_rt = rt.enter(); // the client's channel lives on it
+    let c = agent.csi();
+    let (staging, pod) = kubelet_paths(dir.path(), "pv-b");
+    let cap = mount_cap("xfs", &[], SNW);
+    rt.block_on(async {
+        let mut n = c.node.clone();
+        let r = n
+            .node_stage_volume(stage_req("b", &staging, &backing, cap.clone()))
+            .await;
+        assert_code(r, Code::Ok, "stage");
+        let r = n
+            .node_publish_volume(publish_req("b", &staging, &pod, cap.clone(), false))
+            .await;
+        assert_code(r, Code::Ok, "publish");
+        std::fs::write(pod.join("kept"), b"kept").unwrap();
+        let total = |s: volmig_api::csi::NodeGetVolumeStatsResponse| {
+            s.usage
+                .iter()
+                .find(|u| u.unit == Unit::Bytes as i32)
+                .unwrap()
+                .total
+        };
+        let before = total(
+            n.node_get_volume_stats(stats_req("b", pod.to_str().unwrap()))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&backing)
+            .unwrap()
+            .set_len(2 * size)
+            .unwrap();
+        let grown = n
+            .node_expand_volume(expand_req("b", &pod, 2 * size as i64))
+            .await
+            .unwrap()
+            .into_inner()
+            .capacity_bytes;
+        assert_eq!(grown, 2 * size as i64);
+        let after = total(
+            n.node_get_volume_stats(stats_req("b", pod.to_str().unwrap()))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        assert!(
+            after > before + (size as i64) * 9 / 10,
+            "grew: {before} -> {after}"
+        );
+        assert_eq!(
+            volmig_agent::csi::system::device_size(&staged_device(&agent, "b")).unwrap(),
+            2 * size
+        );
+        assert_eq!(std::fs::read(pod.join("kept")).unwrap(), b"kept");
+        let r = n.node_unpublish_volume(unpublish_req("b", &pod)).await;
+        assert_code(r, Code::Ok, "unpublish");
+        let r = n.node_unstage_volume(unstage_req("b", &staging)).await;
+        assert_code(r, Code::Ok, "unstage");
+    });
+    run_ok(
+        &require_bin("xfs_repair", "xfsprogs"),
+        &["-n", backing.to_str().unwrap()],
+    );
+}
