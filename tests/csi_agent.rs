@@ -82,6 +82,7 @@ fn a_staged_ext4_migrates_live_under_its_pods_mount() {
     sparse_file(&target, 128 * MIB);
     let agent = AgentProcess::builder(dir.path(), "n1")
         .csi(Some("n1"))
+        .block()
         .start();
     let _undo = KubeletMounts::new(&agent.state_dir);
     let rt = rt();
@@ -222,6 +223,7 @@ fn a_mounted_xfs_grows_through_the_kernel_device() {
     sparse_file(&backing, size);
     let agent = AgentProcess::builder(dir.path(), "n1")
         .csi(Some("n1"))
+        .block()
         .start();
     let _undo = KubeletMounts::new(&agent.state_dir);
     let rt = rt();
