@@ -2,10 +2,11 @@
 //! any [`VolumeIo`](volmig_api::io::VolumeIo) (in the agent, a volume's
 //! interposer) and knows nothing of migrations.
 //!
-//! - [`nbd`]: the NBD server and a small client (today's frontend).
+//! - [`nbd`]: the NBD server and a small client.
+//! - [`block`]: kernel block devices behind one interface
+//!   ([`block::BlockDriver`]): kernel NBD over netlink, ublk, FUSE + loop.
 //!
-//! Kernel block devices (FUSE + loop, ublk, kernel NBD) come later, beside
-//! it, over the same interface and the same I/O-thread policy
-//! ([`volmig_api::io::threads`]).
+//! All of them share the I/O-thread policy of [`volmig_api::io::threads`].
 
+pub mod block;
 pub mod nbd;

@@ -16,6 +16,7 @@
 //! - [`master`]: a migration driven by the `volmig migrate` process, or by
 //!   an in-process `volmig_master::Driver`.
 //! - [`lab`]: a directory of volumes, agents and one local master.
+//! - [`memvol`]: a volume in memory, for frontend tests.
 //! - [`fake_api`], [`k8s`]: the in-memory Kubernetes API server and the
 //!   objects of a small cluster.
 //!
@@ -32,11 +33,13 @@ pub mod fio;
 pub mod k8s;
 pub mod lab;
 pub mod master;
+pub mod memvol;
 pub mod net;
 pub mod pattern;
 pub mod process;
 pub mod tools;
 
+pub use memvol::MemVolume;
 pub use pattern::{BLOCK, Expected, MIB, Writer, WriterOpts, fill};
 pub use process::{ChildGuard, killed};
 pub use tools::{Out, require_bin, require_fuse, require_root, run, run_cmd, run_ok, wait_until};
