@@ -18,6 +18,8 @@
 //! error.
 
 pub mod nbd_netlink;
+#[cfg(feature = "ublk")]
+pub mod ublk;
 
 use std::fmt;
 use std::future::Future;
@@ -150,8 +152,7 @@ pub fn available_with(probe: &impl Probe) -> Vec<BlockKind> {
     BlockKind::ALL
         .into_iter()
         .filter(|k| match k {
-            // The ublk driver is not built yet.
-            BlockKind::Ublk => false,
+            BlockKind::Ublk => cfg!(feature = "ublk") && probe.ublk_control(),
             BlockKind::Nbd => probe.nbd_netlink(),
             BlockKind::FuseLoop => probe.fuse_loop(),
         })
@@ -341,7 +342,7 @@ mod tests {
             fuse: true,
         };
         let got = available_with(&all);
-        if false {
+        if cfg!(feature = "ublk") {
             assert_eq!(
                 got,
                 vec![BlockKind::Ublk, BlockKind::Nbd, BlockKind::FuseLoop]
