@@ -141,6 +141,42 @@ pub mod ublk_paths {
     pub const CONTROL: &str = "/dev/ublk-control";
 }
 
+/// Makes the device node `path` from the `major:minor` in its sysfs `dev`
+/// file if the node is missing: a container's private /dev (a kind node,
+/// an agent pod without the host's /dev) does not get the nodes the kernel
+/// makes after it started (ublk makes its nodes on ADD_DEV).
+pub fn ensure_device_node(path: &Path, sysfs_dev: &Path, block: bool) -> io::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(sysfs_dev)?;
+    let (major, minor) = parse_dev_numbers(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {text:?} is not major:minor", sysfs_dev.display()),
+        )
+    })?;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mode = if block { libc::S_IFBLK } else { libc::S_IFCHR } | 0o600;
+    // SAFETY: `c` is a NUL-terminated path that lives across the call.
+    let rc = unsafe { libc::mknod(c.as_ptr(), mode, libc::makedev(major, minor)) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        // Made meanwhile by udev or another caller.
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// `major:minor` as in a sysfs `dev` file.
+pub fn parse_dev_numbers(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
 /// What this kernel offers, best first (ublk > nbd > fuse).
 pub fn available() -> Vec<BlockKind> {
     available_with(&SystemProbe)
@@ -257,7 +293,7 @@ impl fmt::Display for BlockContext {
 
 /// A block frontend's error: kind, context, what exactly.
 #[derive(Debug, thiserror::Error)]
-#[error("{context}: {kind}: {detail}")]
+#[error("{context}: {kind}: {detail}{}", source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
 pub struct BlockError {
     pub kind: BlockErrorKind,
     pub context: Box<BlockContext>,
@@ -277,13 +313,14 @@ impl BlockError {
     }
 
     /// An I/O error; EBUSY becomes [`BlockErrorKind::Busy`], ENOENT and
-    /// ENODEV [`BlockErrorKind::Gone`], EOPNOTSUPP
-    /// [`BlockErrorKind::Unsupported`].
+    /// ENODEV [`BlockErrorKind::Gone`], EOPNOTSUPP (and errors of kind
+    /// [`io::ErrorKind::Unsupported`]) [`BlockErrorKind::Unsupported`].
     pub fn io(context: BlockContext, detail: impl Into<String>, source: io::Error) -> Self {
         let kind = match source.raw_os_error() {
             Some(libc::EBUSY) => BlockErrorKind::Busy,
             Some(libc::ENOENT) | Some(libc::ENODEV) => BlockErrorKind::Gone,
             Some(libc::EOPNOTSUPP) => BlockErrorKind::Unsupported,
+            _ if source.kind() == io::ErrorKind::Unsupported => BlockErrorKind::Unsupported,
             _ => BlockErrorKind::Io,
         };
         BlockError {
@@ -396,6 +433,44 @@ mod tests {
     }
 
     #[test]
+    fn device_numbers_are_parsed_from_sysfs() {
+        assert_eq!(parse_dev_numbers("259:3\n"), Some((259, 3)));
+        assert_eq!(parse_dev_numbers("43:0"), Some((43, 0)));
+        assert_eq!(parse_dev_numbers("43"), None);
+        assert_eq!(parse_dev_numbers("a:b"), None);
+        assert_eq!(parse_dev_numbers(""), None);
+    }
+
+    #[test]
+    fn device_nodes_are_made_only_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        // Present: left alone, sysfs not even read.
+        let present = dir.path().join("present");
+        std::fs::write(&present, b"").unwrap();
+        ensure_device_node(&present, &dir.path().join("nope"), true).unwrap();
+        // Missing, with a sysfs file: made (as root, which these tests are
+        // run as; else EPERM says so).
+        let sys = dir.path().join("dev");
+        std::fs::write(&sys, "1:3\n").unwrap();
+        let node = dir.path().join("null-again");
+        match ensure_device_node(&node, &sys, false) {
+            Ok(()) => {
+                use std::os::unix::fs::FileTypeExt;
+                let m = std::fs::metadata(&node).unwrap();
+                assert!(m.file_type().is_char_device());
+            }
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+        }
+        // Missing without sysfs: the error says so.
+        let e =
+            ensure_device_node(&dir.path().join("x"), &dir.path().join("nope"), true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        std::fs::write(&sys, "garbage").unwrap();
+        let e = ensure_device_node(&dir.path().join("y"), &sys, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
     fn io_errors_map_to_kinds() {
         let ctx = || BlockContext {
             kind: BlockKind::Nbd,
@@ -407,6 +482,12 @@ mod tests {
         assert_eq!(e.kind(), BlockErrorKind::Busy);
         let e = BlockError::io(ctx(), "x", io::Error::from_raw_os_error(libc::ENODEV));
         assert_eq!(e.kind(), BlockErrorKind::Gone);
+        let e = BlockError::io(
+            ctx(),
+            "x",
+            io::Error::new(io::ErrorKind::Unsupported, "no nbd family"),
+        );
+        assert_eq!(e.kind(), BlockErrorKind::Unsupported);
         let e = BlockError::io(ctx(), "x", io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(e.kind(), BlockErrorKind::Io);
         let shown = e.to_string();

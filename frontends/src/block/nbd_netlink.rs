@@ -391,6 +391,14 @@ impl<V: VolumeIo, K: NbdKernel> BlockDriver<V> for NbdNetlinkDriver<V, K> {
             }
         };
         let path = device_path(index);
+        if let Err(e) = super::ensure_device_node(
+            &path,
+            &PathBuf::from(format!("/sys/class/block/nbd{index}/dev")),
+            true,
+        ) {
+            warn!(volume = %volume, device = %path.display(), error = %e,
+                  "no device node for the NBD device");
+        }
         info!(volume = %volume, device = %path.display(), size, block_size,
               connections = self.params.connections, "NBD device attached");
         let detail = NbdDetail {

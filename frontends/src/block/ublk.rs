@@ -652,6 +652,12 @@ fn run_device<V: VolumeIo>(
         };
         // The device outlives this control: only detach deletes it.
         ctrl.disown();
+        let id = ctrl.dev_info().dev_id;
+        super::ensure_device_node(
+            &PathBuf::from(format!("/dev/ublkc{id}")),
+            &PathBuf::from(format!("/sys/class/ublk-char/ublkc{id}/dev")),
+            false,
+        )?;
         Ok(Arc::new(ctrl))
     })();
     let ctrl = match made {
@@ -718,6 +724,14 @@ fn run_device<V: VolumeIo>(
         // The queues wait for requests that will never come: stop them.
         let _ = ctrl.kill_dev();
     } else {
+        let node = super::ensure_device_node(
+            &device_path(dev_id),
+            &PathBuf::from(format!("/sys/class/block/ublkb{dev_id}/dev")),
+            true,
+        );
+        if let Err(e) = node {
+            warn!(dev_id, error = %e, "no device node for the ublk device");
+        }
         tell(&ready, Ok(dev_id));
     }
     for h in queues {
@@ -879,6 +893,13 @@ impl<V: VolumeIo> BlockDriver<V> for UblkDriver {
                 BlockErrorKind::InvalidArgument,
                 Self::ctx("attach", volume, None),
                 format!("a volume of {size} bytes is not a whole number of {block}-byte blocks"),
+            ));
+        }
+        if !std::path::Path::new(super::ublk_paths::CONTROL).exists() {
+            return Err(BlockError::new(
+                BlockErrorKind::Unsupported,
+                Self::ctx("attach", volume, None),
+                format!("no {} (modprobe ublk_drv)", super::ublk_paths::CONTROL),
             ));
         }
         let tag = volume_tag(volume, nonce());

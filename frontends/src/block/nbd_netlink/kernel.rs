@@ -57,7 +57,16 @@ impl Netlink {
         if let Some(f) = self.family.get() {
             return Ok(*f);
         }
-        let f = resolve_family(genl::NBD_FAMILY_NAME)?;
+        let f = resolve_family(genl::NBD_FAMILY_NAME).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the kernel has no \"nbd\" generic netlink family (modprobe nbd)",
+                )
+            } else {
+                e
+            }
+        })?;
         Ok(*self.family.get_or_init(|| f))
     }
 
