@@ -437,6 +437,7 @@ impl Bridge {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
         let spawned =
             threads::spawn_dedicated(name, slot, shared.clone(), (), move |()| async move {
+                super::mark_io_flusher();
                 // Ends when the queue drops its sender.
                 while let Some(job) = rx.recv().await {
                     tokio::spawn(run_job(io.clone(), job, waker.clone()));

@@ -712,6 +712,10 @@ where
 
     if let Start::Transmission(export) = start {
         info!(export = %export.name, peer = %peer, "transmission stream attached");
+        if threads::may_block() {
+            // This thread serves a kernel block device.
+            crate::block::mark_io_flusher();
+        }
         let conn = Conn {
             export,
             pool: inner.pool.clone(),
