@@ -18,6 +18,10 @@
 //!   touches the device, so it never reconfigures a foreign one; the
 //!   kernel checks it again on `NBD_CMD_RECONFIGURE`.
 //!
+//! A connection the kernel drops while the agent lives (an I/O timeout,
+//! when one is set) is replaced by the task that served it: one
+//! `NBD_CMD_RECONFIGURE` with a new socket.
+//!
 //! After a restart, [`BlockDriver::reattach`] gives the kernel new sockets
 //! with `NBD_CMD_RECONFIGURE`, one per message (each replaces one dead
 //! connection; while the kernel has not noticed a death yet it answers
@@ -36,7 +40,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -64,7 +69,12 @@ pub struct NbdParams {
     /// Preferred logical block size (512..=4096, a power of two); a volume
     /// whose size it does not divide gets 512.
     pub block_size: u64,
-    /// The kernel's I/O timeout; zero: none (see the module doc).
+    /// The kernel's I/O timeout; zero: none (see the module doc). With
+    /// one, the kernel drops a connection whose request takes longer and
+    /// re-sends the request on another (the driver gives it a new
+    /// connection in place of the dropped one): a short timeout bounds the
+    /// stall of requests in flight when the agent dies, which with none
+    /// wait for the block layer's 30 s timer.
     pub io_timeout: Duration,
     /// How long the kernel holds I/O while every connection is dead.
     pub dead_conn_timeout: Duration,
@@ -200,7 +210,19 @@ struct Device {
     index: u32,
     identifier: String,
     block_size: u64,
+    link: Arc<Link>,
     serving: Vec<JoinHandle<()>>,
+}
+
+/// What a volume's connection tasks know of its device.
+#[derive(Debug, Default)]
+struct Link {
+    /// Set once the kernel configured the device: from then on a
+    /// connection that ends is replaced.
+    device: OnceLock<(u32, String)>,
+    /// Set before the agent closes connections on purpose (detach, a
+    /// failed attach): they are not replaced.
+    closing: AtomicBool,
 }
 
 /// The kernel NBD block driver.
@@ -273,15 +295,46 @@ impl<V: VolumeIo, K: NbdKernel> NbdNetlinkDriver<V, K> {
     }
 
     /// One socketpair: our end served in the transmission phase, the
-    /// kernel's end returned.
-    fn open_connection(&self, volume: &str, n: usize) -> io::Result<(UnixStream, JoinHandle<()>)> {
+    /// kernel's end returned. When our end's connection ends while the
+    /// device lives (the kernel dropped it: an I/O timeout when one is
+    /// set, or a connection error), the task gives the kernel a new one in
+    /// its place.
+    fn open_connection(
+        &self,
+        volume: &str,
+        n: usize,
+        link: &Arc<Link>,
+    ) -> io::Result<(UnixStream, JoinHandle<()>)> {
         let (ours, theirs) = UnixStream::pair()?;
         let server = self.server.clone();
+        let kernel = self.kernel.clone();
+        let wait = self.params.reconnect_wait;
+        let link = link.clone();
         let volume = volume.to_string();
         let task = tokio::spawn(async move {
             let peer = format!("kernel-nbd#{n}");
-            if let Err(e) = server.serve_transmission(ours, &volume, &peer).await {
-                warn!(volume = %volume, error = %e, "cannot serve a kernel NBD connection");
+            let mut ours = ours;
+            loop {
+                if let Err(e) = server.serve_transmission(ours, &volume, &peer).await {
+                    warn!(volume = %volume, error = %e, "cannot serve a kernel NBD connection");
+                    return;
+                }
+                if link.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Some((index, identifier)) = link.device.get().cloned() else {
+                    return;
+                };
+                warn!(volume = %volume, device = %device_path(index).display(), connection = n,
+                      "the kernel dropped an NBD connection; giving it a new one");
+                match replace_connection(kernel.clone(), index, identifier, wait).await {
+                    Ok(s) => ours = s,
+                    Err(e) => {
+                        warn!(volume = %volume, device = %device_path(index).display(),
+                              error = %e, "cannot replace an NBD connection");
+                        return;
+                    }
+                }
             }
         });
         Ok((theirs, task))
@@ -289,7 +342,8 @@ impl<V: VolumeIo, K: NbdKernel> NbdNetlinkDriver<V, K> {
 
     /// Undoes a failed attach: closes our ends (the kernel sees the
     /// connections die) and forgets the export.
-    async fn abandon(&self, volume: &str, serving: Vec<JoinHandle<()>>) {
+    async fn abandon(&self, volume: &str, link: &Link, serving: Vec<JoinHandle<()>>) {
+        link.closing.store(true, Ordering::SeqCst);
         self.server.remove_export(volume);
         for t in serving {
             let _ = t.await;
@@ -320,7 +374,7 @@ impl<V: VolumeIo, K: NbdKernel> NbdNetlinkDriver<V, K> {
     async fn crash(&self) {
         let gone: Vec<(String, Device)> = self.devices().drain().collect();
         for (volume, dev) in gone {
-            self.abandon(&volume, dev.serving).await;
+            self.abandon(&volume, &dev.link, dev.serving).await;
         }
     }
 }
@@ -340,16 +394,17 @@ impl<V: VolumeIo, K: NbdKernel> BlockDriver<V> for NbdNetlinkDriver<V, K> {
             )
         })?;
         self.add_export("attach", volume, io)?;
+        let link = Arc::new(Link::default());
         let mut kernel_ends = Vec::new();
         let mut serving = Vec::new();
         for n in 0..self.params.connections {
-            match self.open_connection(volume, n) {
+            match self.open_connection(volume, n, &link) {
                 Ok((theirs, task)) => {
                     kernel_ends.push(theirs);
                     serving.push(task);
                 }
                 Err(e) => {
-                    self.abandon(volume, serving).await;
+                    self.abandon(volume, &link, serving).await;
                     return Err(BlockError::io(
                         Self::ctx("attach", volume, None),
                         "socketpair",
@@ -386,10 +441,11 @@ impl<V: VolumeIo, K: NbdKernel> BlockDriver<V> for NbdNetlinkDriver<V, K> {
         let index = match connected {
             Ok(i) => i,
             Err(e) => {
-                self.abandon(volume, serving).await;
+                self.abandon(volume, &link, serving).await;
                 return Err(e);
             }
         };
+        let _ = link.device.set((index, identifier.clone()));
         let path = device_path(index);
         if let Err(e) = super::ensure_device_node(
             &path,
@@ -413,6 +469,7 @@ impl<V: VolumeIo, K: NbdKernel> BlockDriver<V> for NbdNetlinkDriver<V, K> {
                 index,
                 identifier,
                 block_size,
+                link,
                 serving,
             },
         );
@@ -453,13 +510,14 @@ impl<V: VolumeIo, K: NbdKernel> BlockDriver<V> for NbdNetlinkDriver<V, K> {
             return Err(BlockError::new(kind, ctx(), why));
         }
         self.add_export("reattach", volume, io)?;
+        let link = Arc::new(Link::default());
         let mut serving = Vec::new();
         let deadline = Instant::now() + self.params.reconnect_wait;
         for n in 0..detail.connections {
-            let (theirs, task) = match self.open_connection(volume, n) {
+            let (theirs, task) = match self.open_connection(volume, n, &link) {
                 Ok(c) => c,
                 Err(e) => {
-                    self.abandon(volume, serving).await;
+                    self.abandon(volume, &link, serving).await;
                     return Err(BlockError::io(ctx(), "socketpair", e));
                 }
             };
@@ -486,10 +544,11 @@ impl<V: VolumeIo, K: NbdKernel> BlockDriver<V> for NbdNetlinkDriver<V, K> {
                 })
                 .await;
             if let Err(e) = done {
-                self.abandon(volume, serving).await;
+                self.abandon(volume, &link, serving).await;
                 return Err(e);
             }
         }
+        let _ = link.device.set((index, detail.identifier.clone()));
         let path = device_path(index);
         info!(volume = %volume, device = %path.display(), connections = detail.connections,
               "NBD device reattached");
@@ -499,6 +558,7 @@ impl<V: VolumeIo, K: NbdKernel> BlockDriver<V> for NbdNetlinkDriver<V, K> {
                 index,
                 identifier: detail.identifier.clone(),
                 block_size: detail.block_size,
+                link,
                 serving,
             },
         );
@@ -506,31 +566,43 @@ impl<V: VolumeIo, K: NbdKernel> BlockDriver<V> for NbdNetlinkDriver<V, K> {
     }
 
     async fn detach(&self, volume: &str) -> Result<(), BlockError> {
-        let index = self.devices().get(volume).map(|d| d.index).ok_or_else(|| {
-            BlockError::new(
-                BlockErrorKind::NotAttached,
-                Self::ctx("detach", volume, None),
-                "no NBD device",
-            )
-        })?;
+        let (index, link) = self
+            .devices()
+            .get(volume)
+            .map(|d| (d.index, d.link.clone()))
+            .ok_or_else(|| {
+                BlockError::new(
+                    BlockErrorKind::NotAttached,
+                    Self::ctx("detach", volume, None),
+                    "no NBD device",
+                )
+            })?;
         let ctx = || Self::ctx("detach", volume, Some(index));
-        self.blocking(ctx, "claiming the device", move |k| {
-            let claim = match k.claim(index) {
-                Ok(c) => Some(c),
-                // No device node here (a container without it): nothing
-                // can hold it open through this path either.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
-                Err(e) => return Err(e),
-            };
-            // Held across the disconnect so that nobody mounts it meanwhile.
-            let r = k.disconnect(index);
-            drop(claim);
-            r
-        })
-        .await?;
+        // The kernel ends every connection on disconnect: none is replaced.
+        link.closing.store(true, Ordering::SeqCst);
+        let claimed = self
+            .blocking(ctx, "claiming the device", move |k| {
+                let claim = match k.claim(index) {
+                    Ok(c) => Some(c),
+                    // No device node here (a container without it): nothing
+                    // can hold it open through this path either.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+                    Err(e) => return Err(e),
+                };
+                // Held across the disconnect so that nobody mounts it meanwhile.
+                let r = k.disconnect(index);
+                drop(claim);
+                r
+            })
+            .await;
+        if let Err(e) = claimed {
+            // Still attached (busy, or the kernel refused): keep healing.
+            link.closing.store(false, Ordering::SeqCst);
+            return Err(e);
+        }
         let dev = self.devices().remove(volume);
         if let Some(dev) = dev {
-            self.abandon(volume, dev.serving).await;
+            self.abandon(volume, &dev.link, dev.serving).await;
         }
         info!(volume = %volume, device = %device_path(index).display(), "NBD device detached");
         Ok(())
@@ -569,6 +641,41 @@ impl<V: VolumeIo, K: NbdKernel> BlockDriver<V> for NbdNetlinkDriver<V, K> {
         info!(volume = %volume, device = %device_path(index).display(), size, "NBD device resized");
         Ok(())
     }
+}
+
+/// Gives the kernel a new socket in place of a dead connection of device
+/// `index` (retried while the kernel has not noticed the death yet);
+/// returns our end.
+async fn replace_connection<K: NbdKernel>(
+    kernel: Arc<K>,
+    index: u32,
+    identifier: String,
+    wait: Duration,
+) -> io::Result<UnixStream> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let deadline = Instant::now() + wait;
+    let req = Reconfigure {
+        index,
+        identifier,
+        sockets: vec![theirs.as_raw_fd()],
+        size: None,
+        timeout: None,
+        dead_conn_timeout: None,
+    };
+    tokio::task::spawn_blocking(move || {
+        let _keep = theirs;
+        loop {
+            match kernel.reconfigure(&req) {
+                Err(e) if reconfigure_retryable(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                r => return r,
+            }
+        }
+    })
+    .await
+    .map_err(io::Error::other)??;
+    Ok(ours)
 }
 
 fn attached(volume: &str, path: PathBuf, detail: &NbdDetail) -> Attached {

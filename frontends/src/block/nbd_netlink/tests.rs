@@ -79,6 +79,15 @@ impl FakeKernel {
         self.lock().devs.get_mut(&index).unwrap().open = open;
     }
 
+    /// What the kernel does when a request on a connection times out:
+    /// shuts the connection down (and re-queues the request elsewhere).
+    fn drop_connection(&self, index: u32, conn: usize) {
+        let st = self.lock();
+        st.devs[&index].conns[conn]
+            .shutdown(std::net::Shutdown::Both)
+            .unwrap();
+    }
+
     fn connected(&self, index: u32) -> bool {
         self.lock().devs.get(&index).is_some_and(|d| d.connected)
     }
@@ -602,4 +611,39 @@ fn parameters_block_sizes_and_identifiers() {
     assert!(reconfigure_retryable(&errno(libc::ENOSPC)));
     assert!(reconfigure_retryable(&errno(libc::EBUSY)));
     assert!(!reconfigure_retryable(&errno(libc::EINVAL)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_kernel_drops_is_replaced() {
+    let k = Arc::new(FakeKernel::default());
+    let d = driver(&k, 2);
+    let vol = Arc::new(MemVolume::new(MIB));
+    let a = d.attach("v1", vol.clone()).await.unwrap();
+    k.drop_connection(0, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while k.lock().reconfigures.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped connection was not replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    {
+        let st = k.lock();
+        let r = &st.reconfigures[0];
+        assert_eq!(r.index, 0);
+        assert_eq!(r.identifier, detail(&a).identifier);
+        assert_eq!(r.sockets.len(), 1);
+        assert_eq!(r.size, None, "nothing else changes");
+    }
+    // The new connection serves, the other one never stopped.
+    let (e, _) = req(&k, 0, 1, (proto::CMD_WRITE, 0, 0, 512), vec![5; 512]).await;
+    assert_eq!(e, 0);
+    let (e, got) = req(&k, 0, 0, (proto::CMD_READ, 0, 0, 512), vec![]).await;
+    assert_eq!((e, got), (0, vec![5; 512]));
+    // Detach's own disconnect is not "healed".
+    d.detach("v1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(k.lock().reconfigures.len(), 1);
+    assert!(!k.connected(0));
 }
