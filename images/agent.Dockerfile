@@ -7,6 +7,10 @@
 # block devices.
 
 FROM rust:1-bookworm AS build
+# libclang: bindgen in the ublk frontend's libublk-rs-sys.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libclang-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

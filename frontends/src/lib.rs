@@ -2,10 +2,11 @@
 //! any [`VolumeIo`](volmig_api::io::VolumeIo) (in the agent, a volume's
 //! interposer) and knows nothing of migrations.
 //!
-//! - [`nbd`]: the NBD server and a small client, for clients that speak NBD.
-//! - [`block`]: kernel block devices of the node (FUSE + loop; kernel NBD
-//!   and ublk beside it), one interface, the same I/O-thread policy
-//!   ([`volmig_api::io::threads`]).
+//! - [`nbd`]: the NBD server and a small client.
+//! - [`block`]: kernel block devices behind one interface
+//!   ([`block::BlockDriver`]): kernel NBD over netlink, ublk, FUSE + loop.
+//!
+//! All of them share the I/O-thread policy of [`volmig_api::io::threads`].
 
 pub mod block;
 pub mod nbd;

@@ -229,7 +229,13 @@ fn block_frontend(a: &ServeArgs) -> Option<BlockFrontend> {
     if let Some(n) = a.fuse_workers {
         fuse.workers = n.max(1);
     }
-    let b = BlockFrontend::new(BlockConfig { kinds, fuse });
+    let b = BlockFrontend::new(BlockConfig {
+        kinds,
+        fuse,
+        nbd: Default::default(),
+        #[cfg(feature = "ublk")]
+        ublk: Default::default(),
+    });
     if b.kinds().is_empty() {
         tracing::warn!(block = %kinds, "this node offers no kernel block frontend this agent runs");
     } else {

@@ -13,7 +13,10 @@ use tracing::warn;
 use volmig_api::io::{BlockChoice, BlockKind};
 use volmig_api::slave::{Frontend, ServeVolume};
 use volmig_frontends::block::fuse::{FuseLoop, FuseOptions};
-use volmig_frontends::block::{self, BlockDrivers, BlockError, DeviceRecord};
+use volmig_frontends::block::nbd_netlink::{NbdNetlinkDriver, NbdParams};
+#[cfg(feature = "ublk")]
+use volmig_frontends::block::ublk::{UblkDriver, UblkParams};
+use volmig_frontends::block::{self, BlockDrivers, BlockErrorKind, DeviceRecord};
 use volmig_frontends::nbd::{Export, NbdServer};
 
 use crate::error::{AgentError, Result};
@@ -174,6 +177,9 @@ pub struct BlockConfig {
     /// `Auto`: every kind the kernel offers that this build has.
     pub kinds: BlockChoice,
     pub fuse: FuseOptions,
+    pub nbd: NbdParams,
+    #[cfg(feature = "ublk")]
+    pub ublk: UblkParams,
 }
 
 /// The agent's kernel block frontend: the configured kinds and the drivers
@@ -188,8 +194,13 @@ pub struct BlockFrontend {
     restored: std::sync::atomic::AtomicBool,
 }
 
-/// The kinds this build has drivers for.
-const BUILT: [BlockKind; 1] = [BlockKind::FuseLoop];
+/// The kinds this build has drivers for (ublk with the frontends' `ublk`
+/// feature, on by default).
+const BUILT: &[BlockKind] = if cfg!(feature = "ublk") {
+    &[BlockKind::Ublk, BlockKind::Nbd, BlockKind::FuseLoop]
+} else {
+    &[BlockKind::Nbd, BlockKind::FuseLoop]
+};
 
 impl BlockFrontend {
     pub fn new(config: BlockConfig) -> Self {
@@ -237,7 +248,8 @@ impl BlockFrontend {
             BlockChoice::Auto => self.kinds.first().copied().ok_or_else(|| {
                 AgentError::Invalid(format!(
                     "this node offers no kernel block frontend this agent runs (--block {}; \
-                     FUSE + loop needs /dev/fuse and /dev/loop-control)",
+                     FUSE + loop needs /dev/fuse and /dev/loop-control, kernel NBD the nbd \
+                     module, ublk the ublk_drv module)",
                     self.config.kinds
                 ))
             }),
@@ -256,6 +268,17 @@ impl BlockFrontend {
                 let mut d = BlockDrivers::none().with_offered(self.kinds.clone());
                 if self.kinds.contains(&BlockKind::FuseLoop) {
                     d = d.with_fuse(FuseLoop::start(self.config.fuse.clone()).await?);
+                }
+                if self.kinds.contains(&BlockKind::Nbd) {
+                    let nbd = NbdNetlinkDriver::new(self.config.nbd.clone())
+                        .map_err(|e| AgentError::Invalid(format!("kernel NBD: {e}")))?;
+                    d = d.with_nbd(nbd);
+                }
+                #[cfg(feature = "ublk")]
+                if self.kinds.contains(&BlockKind::Ublk) {
+                    let ublk = UblkDriver::new(self.config.ublk.clone())
+                        .map_err(|e| AgentError::Invalid(format!("ublk: {e}")))?;
+                    d = d.with_ublk(ublk);
                 }
                 if self.restored.load(std::sync::atomic::Ordering::SeqCst) {
                     d.restored();
@@ -410,7 +433,14 @@ impl Frontends {
         if let Some(rec) = device {
             match drivers.reattach(rec, volume.clone()).await {
                 Ok(a) => return Ok(a.record),
-                Err(e @ (BlockError::Gone { .. } | BlockError::BadRecord { .. })) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        BlockErrorKind::Gone
+                            | BlockErrorKind::InvalidRecord
+                            | BlockErrorKind::Foreign
+                    ) =>
+                {
                     warn!(volume = %volume.name(), device = %rec.path.display(), error = %e,
                         "the volume's block device cannot be served again; making a new one");
                 }
@@ -436,7 +466,8 @@ impl Frontends {
             && let Some(block) = &self.block
         {
             match block.drivers().await?.detach(rec.kind, volume).await {
-                Ok(()) | Err(BlockError::NotAttached { .. }) => {}
+                Ok(()) => {}
+                Err(e) if e.kind() == BlockErrorKind::NotAttached => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -501,6 +532,9 @@ mod tests {
             BlockConfig {
                 kinds,
                 fuse: FuseOptions::new(Path::new("/nonexistent")),
+                nbd: NbdParams::default(),
+                #[cfg(feature = "ublk")]
+                ublk: UblkParams::default(),
             },
             offered,
         )
@@ -510,22 +544,34 @@ mod tests {
     fn block_choices_resolve_to_what_the_node_offers_and_this_agent_runs() {
         let all = vec![BlockKind::Ublk, BlockKind::Nbd, BlockKind::FuseLoop];
         let b = block(BlockChoice::Auto, all.clone());
+        assert_eq!(b.kinds(), BUILT, "what the node offers and this build has");
         assert_eq!(
-            b.kinds(),
-            [BlockKind::FuseLoop],
-            "only drivers this build has"
+            b.pick(BlockChoice::Auto).unwrap(),
+            BUILT[0],
+            "the best first"
         );
-        assert_eq!(b.pick(BlockChoice::Auto).unwrap(), BlockKind::FuseLoop);
-        let e = b.pick(BlockChoice::Only(BlockKind::Ublk)).unwrap_err();
+        let fuse_only = block(BlockChoice::Auto, vec![BlockKind::FuseLoop]);
+        assert_eq!(
+            fuse_only.pick(BlockChoice::Auto).unwrap(),
+            BlockKind::FuseLoop
+        );
+        let e = fuse_only
+            .pick(BlockChoice::Only(BlockKind::Ublk))
+            .unwrap_err();
         assert!(
             e.to_string().contains("cannot make ublk") && e.to_string().contains("fuse"),
             "{e}"
         );
-        let none = block(BlockChoice::Auto, vec![BlockKind::Nbd]);
+        let b = fuse_only;
+        let none = block(BlockChoice::Auto, vec![]);
         let e = none.pick(BlockChoice::Auto).unwrap_err();
         assert!(e.to_string().contains("/dev/fuse"), "{e}");
         let only = block(BlockChoice::Only(BlockKind::Nbd), all);
-        assert!(only.kinds().is_empty(), "--block nbd leaves FUSE out");
+        assert_eq!(
+            only.kinds(),
+            [BlockKind::Nbd],
+            "--block nbd leaves FUSE out"
+        );
         // Not started by any of this.
         assert!(b.started().is_none());
         let f = Frontends::none().with_block(b);

@@ -14,7 +14,7 @@ use volmig_api::slave::{
     TakeDirty, Terminate, TerminateResult, UnserveVolume, Unserved, VolumeInfo, VolumeList,
 };
 use volmig_api::{ErrorKind, Slave, SlaveError, SlaveResult};
-use volmig_frontends::block::BlockError;
+use volmig_frontends::block::BlockErrorKind;
 
 use crate::agent::{Agent, lock};
 use crate::error::AgentError;
@@ -34,10 +34,11 @@ impl From<AgentError> for SlaveError {
                 ErrorKind::AlreadyExists
             }
             AgentError::InUse { .. } => ErrorKind::InUse,
-            AgentError::Block(b) => match b {
-                BlockError::Busy { .. } => ErrorKind::InUse,
-                BlockError::Unavailable { .. } => ErrorKind::Invalid,
-                BlockError::Exists { .. } => ErrorKind::AlreadyExists,
+            AgentError::Block(b) => match b.kind() {
+                BlockErrorKind::Busy => ErrorKind::InUse,
+                BlockErrorKind::Unsupported | BlockErrorKind::InvalidArgument => ErrorKind::Invalid,
+                BlockErrorKind::AlreadyAttached => ErrorKind::AlreadyExists,
+                BlockErrorKind::NotAttached | BlockErrorKind::Gone => ErrorKind::NotFound,
                 _ => ErrorKind::Failed,
             },
             AgentError::Busy(_) => ErrorKind::Busy,

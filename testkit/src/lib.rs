@@ -49,6 +49,7 @@ pub mod pattern;
 pub mod process;
 pub mod tools;
 
+pub use mem::MemVolume;
 pub use pattern::{BLOCK, Expected, MIB, Writer, WriterOpts, fill};
 pub use process::{ChildGuard, killed};
 pub use tools::{Out, require_bin, require_fuse, require_root, run, run_cmd, run_ok, wait_until};

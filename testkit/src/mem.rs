@@ -15,6 +15,8 @@ pub const MEM_BLOCK: u64 = 4096;
 pub struct MemCounters {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
+    /// Writes with FUA (force unit access) set.
+    pub fua_writes: AtomicU64,
     pub flushes: AtomicU64,
     pub trims: AtomicU64,
     pub zeroes: AtomicU64,
@@ -110,9 +112,12 @@ impl VolumeIo for MemVolume {
         Ok(buf)
     }
 
-    async fn write(&self, offset: u64, buf: Vec<u8>, _fua: bool) -> io::Result<Vec<u8>> {
+    async fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<Vec<u8>> {
         self.check(offset, buf.len() as u64)?;
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        if fua {
+            self.counters.fua_writes.fetch_add(1, Ordering::Relaxed);
+        }
         let mut st = self.lock();
         let o = offset as usize;
         st.data[o..o + buf.len()].copy_from_slice(&buf);

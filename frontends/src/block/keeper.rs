@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::BlockError;
+use super::{BlockError, BlockErrorKind, BlockKind};
 
 /// Every message starts with these bytes (protocol version 1).
 pub const MAGIC: &[u8; 4] = b"VMK1";
@@ -224,10 +224,14 @@ impl KeeperClient {
     }
 
     fn err(&self, reason: impl Into<String>) -> BlockError {
-        BlockError::Keeper {
-            socket: self.socket.clone(),
-            reason: reason.into(),
-        }
+        BlockError::at(
+            BlockErrorKind::Keeper,
+            BlockKind::FuseLoop,
+            "keeper",
+            "",
+            Some(&self.socket),
+            reason,
+        )
     }
 
     fn call(&self, req: &Request, fds: &[RawFd]) -> Result<(Reply, Vec<OwnedFd>), BlockError> {

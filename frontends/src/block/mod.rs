@@ -25,6 +25,9 @@ pub mod fuse;
 pub mod keeper;
 pub mod loopdev;
 pub mod memsafe;
+pub mod nbd_netlink;
+#[cfg(feature = "ublk")]
+pub mod ublk;
 
 use std::fmt;
 use std::future::Future;
@@ -36,7 +39,56 @@ use serde::{Deserialize, Serialize};
 use volmig_api::io::VolumeIo;
 pub use volmig_api::io::{BlockChoice, BlockKind};
 
-/// What this kernel offers, best first (ublk, then NBD, then FUSE + loop).
+/// Paths of the ublk driver, known whether or not the `ublk` feature is
+/// built.
+pub mod ublk_paths {
+    /// The ublk control device.
+    pub const CONTROL: &str = "/dev/ublk-control";
+}
+
+/// Makes the device node `path` from the `major:minor` in its sysfs `dev`
+/// file if the node is missing: a container's private /dev (a kind node,
+/// an agent pod without the host's /dev) does not get the nodes the kernel
+/// makes after it started (ublk makes its nodes on ADD_DEV).
+pub fn ensure_device_node(path: &Path, sysfs_dev: &Path, block: bool) -> io::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(sysfs_dev)?;
+    let (major, minor) = parse_dev_numbers(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {text:?} is not major:minor", sysfs_dev.display()),
+        )
+    })?;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mode = if block { libc::S_IFBLK } else { libc::S_IFCHR } | 0o600;
+    // SAFETY: `c` is a NUL-terminated path that lives across the call.
+    let rc = unsafe { libc::mknod(c.as_ptr(), mode, libc::makedev(major, minor)) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        // Made meanwhile by udev or another caller.
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Marks the calling thread an I/O flusher: see [`memsafe::io_flusher_best_effort`].
+pub fn mark_io_flusher() {
+    memsafe::io_flusher_best_effort();
+}
+
+/// `major:minor` as in a sysfs `dev` file.
+pub fn parse_dev_numbers(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// What this kernel offers, best first (ublk, then NBD, then FUSE + loop);
+/// ublk only when this build has the `ublk` feature.
 pub fn available() -> Vec<BlockKind> {
     available_with(|p| Path::new(p).exists())
 }
@@ -46,7 +98,7 @@ pub fn available_with(exists: impl Fn(&str) -> bool) -> Vec<BlockKind> {
     BlockKind::BEST_FIRST
         .into_iter()
         .filter(|k| match k {
-            BlockKind::Ublk => exists("/dev/ublk-control"),
+            BlockKind::Ublk => cfg!(feature = "ublk") && exists(ublk_paths::CONTROL),
             BlockKind::Nbd => exists("/sys/module/nbd"),
             BlockKind::FuseLoop => exists("/dev/fuse") && exists("/dev/loop-control"),
         })
@@ -99,78 +151,171 @@ pub trait BlockDriver<V: VolumeIo>: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), BlockError>> + Send;
 }
 
-/// What went wrong with a kernel block device; every variant says which
-/// volume (and device, where there is one).
-#[derive(Debug, thiserror::Error)]
-pub enum BlockError {
-    /// The kind cannot be used here (no kernel support, not configured).
-    #[error("{kind} block devices are not available on this node: {reason}")]
-    Unavailable { kind: BlockKind, reason: String },
-    /// A system call failed.
-    #[error("{op} for volume {volume}{}: {source}", on_device(device))]
-    Io {
-        op: &'static str,
-        volume: String,
-        device: Option<PathBuf>,
-        #[source]
-        source: io::Error,
-    },
-    /// Detaching a device that is still mounted or open.
-    #[error(
-        "the block device {} of volume {volume} is in use (mounted or open): unmount it first",
-        device.display()
-    )]
-    Busy { volume: String, device: PathBuf },
-    /// The volume has a device of this driver already.
-    #[error("volume {volume} has a block device already: {}", device.display())]
-    Exists { volume: String, device: PathBuf },
-    /// The volume has no device of this driver.
-    #[error("volume {volume} has no {kind} block device")]
-    NotAttached { volume: String, kind: BlockKind },
-    /// A recorded device is not there any more (reattach).
-    #[error("the block device {} of volume {volume} is gone: {reason}", device.display())]
-    Gone {
-        volume: String,
-        device: PathBuf,
-        reason: String,
-    },
-    /// A persisted record this driver cannot read.
-    #[error("bad {kind} device record of volume {volume}: {reason}")]
-    BadRecord {
-        volume: String,
-        kind: BlockKind,
-        reason: String,
-    },
+/// What went wrong, for callers that act on it (never parse the text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BlockErrorKind {
+    /// The kernel (or this build) does not offer what was asked.
+    #[error("not supported here")]
+    Unsupported,
+    /// The device belongs to another backend: never reconfigured.
+    #[error("the device belongs to another backend")]
+    Foreign,
+    /// The device of a record no longer exists.
+    #[error("the device is gone")]
+    Gone,
+    /// The device is in use (mounted, open).
+    #[error("the device is busy")]
+    Busy,
+    /// The volume has no device on this driver.
+    #[error("no device for this volume")]
+    NotAttached,
+    /// The volume already has a device on this driver.
+    #[error("the volume already has a device")]
+    AlreadyAttached,
+    /// A record this driver cannot use.
+    #[error("invalid device record")]
+    InvalidRecord,
+    /// A parameter out of range.
+    #[error("invalid argument")]
+    InvalidArgument,
+    /// The kernel refused or a system call failed.
+    #[error("I/O error")]
+    Io,
     /// The descriptor keeper failed or answered nonsense.
-    #[error("descriptor keeper {}: {reason}", socket.display())]
-    Keeper { socket: PathBuf, reason: String },
+    #[error("descriptor keeper")]
+    Keeper,
 }
 
-fn on_device(device: &Option<PathBuf>) -> String {
-    device
-        .as_ref()
-        .map(|d| format!(" ({})", d.display()))
-        .unwrap_or_default()
+/// Where an error happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockContext {
+    pub kind: BlockKind,
+    /// What was being done: "attach", "reattach", "detach", "resize", ...
+    pub op: &'static str,
+    pub volume: String,
+    pub device: Option<PathBuf>,
+}
+
+impl fmt::Display for BlockContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.op)?;
+        if !self.volume.is_empty() {
+            write!(f, " of volume {:?}", self.volume)?;
+        }
+        if let Some(d) = &self.device {
+            write!(f, " ({})", d.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// A block frontend's error: kind, context, what exactly.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {kind}{}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") }, source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+pub struct BlockError {
+    pub kind: BlockErrorKind,
+    pub context: Box<BlockContext>,
+    pub detail: String,
+    #[source]
+    pub source: Option<io::Error>,
 }
 
 impl BlockError {
-    pub(crate) fn io(
+    pub fn new(kind: BlockErrorKind, context: BlockContext, detail: impl Into<String>) -> Self {
+        BlockError {
+            kind,
+            context: Box::new(context),
+            detail: detail.into(),
+            source: None,
+        }
+    }
+
+    /// An I/O error; EBUSY becomes [`BlockErrorKind::Busy`], ENOENT and
+    /// ENODEV [`BlockErrorKind::Gone`], EOPNOTSUPP (and errors of kind
+    /// [`io::ErrorKind::Unsupported`]) [`BlockErrorKind::Unsupported`].
+    pub fn io(context: BlockContext, detail: impl Into<String>, source: io::Error) -> Self {
+        let kind = match source.raw_os_error() {
+            Some(libc::EBUSY) => BlockErrorKind::Busy,
+            Some(libc::ENOENT) | Some(libc::ENODEV) => BlockErrorKind::Gone,
+            Some(libc::EOPNOTSUPP) => BlockErrorKind::Unsupported,
+            _ if source.kind() == io::ErrorKind::Unsupported => BlockErrorKind::Unsupported,
+            _ => BlockErrorKind::Io,
+        };
+        BlockError {
+            kind,
+            context: Box::new(context),
+            detail: detail.into(),
+            source: Some(source),
+        }
+    }
+
+    pub fn kind(&self) -> BlockErrorKind {
+        self.kind
+    }
+
+    /// A device in use (the agent reports it as such, never as a failure).
+    pub fn is_busy(&self) -> bool {
+        self.kind == BlockErrorKind::Busy
+    }
+
+    /// An error of `kind` at `op` on `volume`'s device of `block`.
+    pub fn at(
+        kind: BlockErrorKind,
+        block: BlockKind,
+        op: &'static str,
+        volume: &str,
+        device: Option<&Path>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self::new(
+            kind,
+            BlockContext {
+                kind: block,
+                op,
+                volume: volume.to_string(),
+                device: device.map(Path::to_path_buf),
+            },
+            detail,
+        )
+    }
+
+    /// A failed system call at `op` on `volume`'s device of `block` (the
+    /// error's kind from its errno, as [`io`](Self::io)).
+    pub fn sys(
+        block: BlockKind,
         op: &'static str,
         volume: &str,
         device: Option<&Path>,
         source: io::Error,
     ) -> Self {
-        BlockError::Io {
-            op,
-            volume: volume.to_string(),
-            device: device.map(Path::to_path_buf),
+        Self::io(
+            BlockContext {
+                kind: block,
+                op,
+                volume: volume.to_string(),
+                device: device.map(Path::to_path_buf),
+            },
+            "",
             source,
-        }
+        )
     }
 
-    /// A device in use (the agent reports it as such, never as a failure).
-    pub fn is_busy(&self) -> bool {
-        matches!(self, BlockError::Busy { .. })
+    /// A kind this agent cannot use (not offered, not run).
+    pub(crate) fn unavailable(
+        kind: BlockKind,
+        op: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self::new(
+            BlockErrorKind::Unsupported,
+            BlockContext {
+                kind,
+                op,
+                volume: String::new(),
+                device: None,
+            },
+            detail,
+        )
     }
 }
 
@@ -179,6 +324,9 @@ impl BlockError {
 /// futures of their own types, so the registry dispatches by kind.)
 pub struct BlockDrivers<V: VolumeIo> {
     fuse: Option<Arc<fuse::FuseLoop<V>>>,
+    nbd: Option<Arc<nbd_netlink::NbdNetlinkDriver<V>>>,
+    #[cfg(feature = "ublk")]
+    ublk: Option<Arc<ublk::UblkDriver>>,
     /// What the kernel offers, best first (probed once).
     offered: Vec<BlockKind>,
 }
@@ -187,6 +335,9 @@ impl<V: VolumeIo> Clone for BlockDrivers<V> {
     fn clone(&self) -> Self {
         Self {
             fuse: self.fuse.clone(),
+            nbd: self.nbd.clone(),
+            #[cfg(feature = "ublk")]
+            ublk: self.ublk.clone(),
             offered: self.offered.clone(),
         }
     }
@@ -207,17 +358,51 @@ impl<V: VolumeIo> fmt::Debug for BlockDrivers<V> {
     }
 }
 
+/// One driver of a [`BlockDrivers`], borrowed to forward a call to.
+enum Driver<'a, V: VolumeIo> {
+    Fuse(&'a fuse::FuseLoop<V>),
+    Nbd(&'a nbd_netlink::NbdNetlinkDriver<V>),
+    #[cfg(feature = "ublk")]
+    Ublk(&'a ublk::UblkDriver),
+}
+
+/// Forwards one [`BlockDriver`] call to whichever driver `$d` is.
+macro_rules! forward {
+    ($d:expr, $drv:ident => $call:expr) => {
+        match $d {
+            Driver::Fuse($drv) => $call.await,
+            Driver::Nbd($drv) => $call.await,
+            #[cfg(feature = "ublk")]
+            Driver::Ublk($drv) => $call.await,
+        }
+    };
+}
+
 impl<V: VolumeIo> BlockDrivers<V> {
     /// No driver: block frontends are refused.
     pub fn none() -> Self {
         Self {
             fuse: None,
+            nbd: None,
+            #[cfg(feature = "ublk")]
+            ublk: None,
             offered: available(),
         }
     }
 
     pub fn with_fuse(mut self, d: fuse::FuseLoop<V>) -> Self {
         self.fuse = Some(Arc::new(d));
+        self
+    }
+
+    pub fn with_nbd(mut self, d: nbd_netlink::NbdNetlinkDriver<V>) -> Self {
+        self.nbd = Some(Arc::new(d));
+        self
+    }
+
+    #[cfg(feature = "ublk")]
+    pub fn with_ublk(mut self, d: ublk::UblkDriver) -> Self {
+        self.ublk = Some(Arc::new(d));
         self
     }
 
@@ -231,6 +416,11 @@ impl<V: VolumeIo> BlockDrivers<V> {
         self.fuse.as_ref()
     }
 
+    /// What the kernel offers, best first.
+    pub fn offered(&self) -> &[BlockKind] {
+        &self.offered
+    }
+
     /// The kinds this agent runs a driver for, best first.
     pub fn kinds(&self) -> Vec<BlockKind> {
         BlockKind::BEST_FIRST
@@ -240,10 +430,7 @@ impl<V: VolumeIo> BlockDrivers<V> {
     }
 
     fn has(&self, k: BlockKind) -> bool {
-        match k {
-            BlockKind::FuseLoop => self.fuse.is_some(),
-            BlockKind::Nbd | BlockKind::Ublk => false,
-        }
+        self.driver(k).is_ok()
     }
 
     /// The kind `choice` means here: `Auto` is the best kind the kernel
@@ -251,40 +438,49 @@ impl<V: VolumeIo> BlockDrivers<V> {
     pub fn pick(&self, choice: BlockChoice) -> Result<BlockKind, BlockError> {
         match choice {
             BlockChoice::Only(k) if self.has(k) => Ok(k),
-            BlockChoice::Only(k) => Err(BlockError::Unavailable {
-                kind: k,
-                reason: format!(
+            BlockChoice::Only(k) => Err(BlockError::unavailable(
+                k,
+                "pick",
+                format!(
                     "this agent runs no {k} block driver (it runs: {})",
                     names(&self.kinds())
                 ),
-            }),
+            )),
             BlockChoice::Auto => self
                 .offered
                 .iter()
                 .copied()
                 .find(|k| self.has(*k))
-                .ok_or_else(|| BlockError::Unavailable {
-                    kind: BlockKind::FuseLoop,
-                    reason: format!(
-                        "no kind both offered by the kernel ({}) and run by this agent ({})",
-                        names(&self.offered),
-                        names(&self.kinds())
-                    ),
+                .ok_or_else(|| {
+                    BlockError::unavailable(
+                        BlockKind::FuseLoop,
+                        "pick",
+                        format!(
+                            "no kind both offered by the kernel ({}) and run by this agent ({})",
+                            names(&self.offered),
+                            names(&self.kinds())
+                        ),
+                    )
                 }),
         }
     }
 
-    fn fuse_or(&self, kind: BlockKind) -> Result<&Arc<fuse::FuseLoop<V>>, BlockError> {
-        match kind {
-            BlockKind::FuseLoop => self.fuse.as_ref().ok_or(BlockError::Unavailable {
+    fn driver(&self, kind: BlockKind) -> Result<Driver<'_, V>, BlockError> {
+        let d = match kind {
+            BlockKind::FuseLoop => self.fuse.as_deref().map(Driver::Fuse),
+            BlockKind::Nbd => self.nbd.as_deref().map(Driver::Nbd),
+            #[cfg(feature = "ublk")]
+            BlockKind::Ublk => self.ublk.as_deref().map(Driver::Ublk),
+            #[cfg(not(feature = "ublk"))]
+            BlockKind::Ublk => None,
+        };
+        d.ok_or_else(|| {
+            BlockError::unavailable(
                 kind,
-                reason: "this agent runs no FUSE block driver".into(),
-            }),
-            other => Err(BlockError::Unavailable {
-                kind: other,
-                reason: format!("this agent runs no {other} block driver"),
-            }),
-        }
+                "pick",
+                format!("this agent runs no {kind} block driver"),
+            )
+        })
     }
 
     /// Creates the kernel device of `volume` with the driver `choice` picks.
@@ -295,7 +491,7 @@ impl<V: VolumeIo> BlockDrivers<V> {
         io: Arc<V>,
     ) -> Result<Attached, BlockError> {
         let kind = self.pick(choice)?;
-        self.fuse_or(kind)?.attach(volume, io).await
+        forward!(self.driver(kind)?, d => d.attach(volume, io))
     }
 
     /// Serves a recorded device again (after a restart).
@@ -304,15 +500,15 @@ impl<V: VolumeIo> BlockDrivers<V> {
         record: &DeviceRecord,
         io: Arc<V>,
     ) -> Result<Attached, BlockError> {
-        self.fuse_or(record.kind)?.reattach(record, io).await
+        forward!(self.driver(record.kind)?, d => d.reattach(record, io))
     }
 
     pub async fn detach(&self, kind: BlockKind, volume: &str) -> Result<(), BlockError> {
-        self.fuse_or(kind)?.detach(volume).await
+        forward!(self.driver(kind)?, d => BlockDriver::<V>::detach(d, volume))
     }
 
     pub async fn resize(&self, kind: BlockKind, volume: &str, size: u64) -> Result<(), BlockError> {
-        self.fuse_or(kind)?.resize(volume, size).await
+        forward!(self.driver(kind)?, d => BlockDriver::<V>::resize(d, volume, size))
     }
 
     /// Every recorded device was reattached (or failed): requests for
@@ -342,7 +538,11 @@ mod tests {
     #[test]
     fn available_lists_best_first_what_the_kernel_has() {
         let all = available_with(|_| true);
-        assert_eq!(all, [BlockKind::Ublk, BlockKind::Nbd, BlockKind::FuseLoop]);
+        if cfg!(feature = "ublk") {
+            assert_eq!(all, [BlockKind::Ublk, BlockKind::Nbd, BlockKind::FuseLoop]);
+        } else {
+            assert_eq!(all, [BlockKind::Nbd, BlockKind::FuseLoop]);
+        }
         let fuse_only = available_with(|p| p == "/dev/fuse" || p == "/dev/loop-control");
         assert_eq!(fuse_only, [BlockKind::FuseLoop]);
         let no_loop = available_with(|p| p == "/dev/fuse" || p == "/sys/module/nbd");
@@ -397,15 +597,91 @@ mod tests {
             "{e}"
         );
         let e = d.pick(BlockChoice::Only(BlockKind::Ublk)).unwrap_err();
+        assert_eq!(e.kind(), BlockErrorKind::Unsupported, "{e}");
+        assert_eq!(e.context.kind, BlockKind::Ublk, "{e}");
+    }
+
+    #[test]
+    fn io_flusher_is_set_where_permitted() {
+        std::thread::spawn(|| {
+            mark_io_flusher();
+            const PR_GET_IO_FLUSHER: libc::c_int = 58;
+            // SAFETY: prctl with integer arguments only.
+            let got = unsafe { libc::prctl(PR_GET_IO_FLUSHER, 0, 0, 0, 0) };
+            if got < 0 {
+                // No CAP_SYS_RESOURCE (as on the development machines).
+                let e = io::Error::last_os_error();
+                assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+            } else {
+                assert_eq!(got, 1, "the thread is marked");
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn device_numbers_are_parsed_from_sysfs() {
+        assert_eq!(parse_dev_numbers("259:3\n"), Some((259, 3)));
+        assert_eq!(parse_dev_numbers("43:0"), Some((43, 0)));
+        assert_eq!(parse_dev_numbers("43"), None);
+        assert_eq!(parse_dev_numbers("a:b"), None);
+        assert_eq!(parse_dev_numbers(""), None);
+    }
+
+    #[test]
+    fn device_nodes_are_made_only_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        // Present: left alone, sysfs not even read.
+        let present = dir.path().join("present");
+        std::fs::write(&present, b"").unwrap();
+        ensure_device_node(&present, &dir.path().join("nope"), true).unwrap();
+        // Missing, with a sysfs file: made (as root, which these tests are
+        // run as; else EPERM says so).
+        let sys = dir.path().join("dev");
+        std::fs::write(&sys, "1:3\n").unwrap();
+        let node = dir.path().join("null-again");
+        match ensure_device_node(&node, &sys, false) {
+            Ok(()) => {
+                use std::os::unix::fs::FileTypeExt;
+                let m = std::fs::metadata(&node).unwrap();
+                assert!(m.file_type().is_char_device());
+            }
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+        }
+        // Missing without sysfs: the error says so.
+        let e =
+            ensure_device_node(&dir.path().join("x"), &dir.path().join("nope"), true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        std::fs::write(&sys, "garbage").unwrap();
+        let e = ensure_device_node(&dir.path().join("y"), &sys, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn io_errors_map_to_kinds() {
+        let ctx = || BlockContext {
+            kind: BlockKind::Nbd,
+            op: "detach",
+            volume: "v".into(),
+            device: Some("/dev/nbd0".into()),
+        };
+        let e = BlockError::io(ctx(), "x", io::Error::from_raw_os_error(libc::EBUSY));
+        assert_eq!(e.kind(), BlockErrorKind::Busy);
+        let e = BlockError::io(ctx(), "x", io::Error::from_raw_os_error(libc::ENODEV));
+        assert_eq!(e.kind(), BlockErrorKind::Gone);
+        let e = BlockError::io(
+            ctx(),
+            "x",
+            io::Error::new(io::ErrorKind::Unsupported, "no nbd family"),
+        );
+        assert_eq!(e.kind(), BlockErrorKind::Unsupported);
+        let e = BlockError::io(ctx(), "x", io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(e.kind(), BlockErrorKind::Io);
+        let shown = e.to_string();
         assert!(
-            matches!(
-                e,
-                BlockError::Unavailable {
-                    kind: BlockKind::Ublk,
-                    ..
-                }
-            ),
-            "{e}"
+            shown.contains("nbd detach of volume \"v\" (/dev/nbd0)"),
+            "{shown}"
         );
     }
 }

@@ -269,6 +269,16 @@ enum Stream {
     Tcp(TcpStream),
 }
 
+/// Where a connection starts.
+enum Start<B> {
+    /// A client that negotiates its export (fixed newstyle handshake).
+    Handshake,
+    /// A peer already in the transmission phase with this export: the
+    /// kernel's NBD client configured over netlink, which never
+    /// negotiates (simple replies, no metadata context).
+    Transmission(Arc<Export<B>>),
+}
+
 impl Listener {
     async fn accept(&self, id: u64) -> io::Result<(Stream, String)> {
         match self {
@@ -427,7 +437,62 @@ impl<B: VolumeIo> NbdServer<B> {
         // Never signalled: the sender is dropped, wait_shutdown pends forever.
         let (_tx, rx) = watch::channel(false);
         self.inner.accepted.fetch_add(1, Ordering::Relaxed);
-        handle_connection(self.inner.clone(), r, w, peer.to_string(), rx).await
+        handle_connection(
+            self.inner.clone(),
+            r,
+            w,
+            peer.to_string(),
+            rx,
+            Start::Handshake,
+        )
+        .await
+    }
+
+    /// Serves `stream`, whose peer is already in the transmission phase
+    /// with the export `export` (the kernel's NBD client, configured over
+    /// netlink: no handshake, simple replies, no metadata context), to
+    /// completion, on a dedicated I/O thread if one is free (else on the
+    /// caller's runtime). Errors only when the export does not exist or
+    /// the stream cannot be registered; how the connection ended is
+    /// logged. Removing the export closes the connection.
+    pub async fn serve_transmission(
+        &self,
+        stream: std::os::unix::net::UnixStream,
+        export: &str,
+        peer: &str,
+    ) -> Result<(), NbdError> {
+        let e = self
+            .inner
+            .exports
+            .lookup(export.as_bytes())
+            .filter(|e| e.name == export)
+            .ok_or_else(|| NbdError::UnknownExport {
+                name: export.to_string(),
+            })?;
+        stream
+            .set_nonblocking(true)
+            .map_err(NbdError::io("registering a transmission stream"))?;
+        let stream = UnixStream::from_std(stream)
+            .map_err(NbdError::io("registering a transmission stream"))?;
+        self.inner.accepted.fetch_add(1, Ordering::Relaxed);
+        // Never signalled: the sender is dropped, wait_shutdown pends forever.
+        let (_tx, rx) = watch::channel(false);
+        let peer = peer.to_string();
+        match serve_on_thread(
+            &self.inner,
+            Stream::Unix(stream),
+            peer,
+            rx,
+            Start::Transmission(e.clone()),
+        ) {
+            Ok(done) => {
+                let _ = done.await;
+            }
+            Err((stream, peer, rx)) => {
+                serve_stream(self.inner.clone(), stream, peer, rx, Start::Transmission(e)).await
+            }
+        }
+        Ok(())
     }
 
     fn spawn_accept_loop(&self, listener: Listener, addr: ListenAddr) -> ServerHandle {
@@ -458,14 +523,20 @@ async fn accept_loop<B: VolumeIo>(
                 Ok((stream, peer)) => {
                     inner.accepted.fetch_add(1, Ordering::Relaxed);
                     debug!(peer = %peer, "connection accepted");
-                    match serve_on_thread(&inner, stream, peer, shutdown.clone()) {
+                    match serve_on_thread(&inner, stream, peer, shutdown.clone(), Start::Handshake) {
                         Ok(done) => {
                             conns.spawn(async move {
                                 let _ = done.await;
                             });
                         }
-                        Err((stream, peer)) => {
-                            conns.spawn(serve_stream(inner.clone(), stream, peer, shutdown.clone()));
+                        Err((stream, peer, shutdown)) => {
+                            conns.spawn(serve_stream(
+                                inner.clone(),
+                                stream,
+                                peer,
+                                shutdown,
+                                Start::Handshake,
+                            ));
                         }
                     }
                 }
@@ -505,15 +576,16 @@ async fn serve_stream<B: VolumeIo>(
     stream: Stream,
     peer: String,
     shutdown: watch::Receiver<bool>,
+    start: Start<B>,
 ) {
     let result = match stream {
         Stream::Unix(s) => {
             let (r, w) = s.into_split();
-            handle_connection(inner, r, w, peer.clone(), shutdown).await
+            handle_connection(inner, r, w, peer.clone(), shutdown, start).await
         }
         Stream::Tcp(s) => {
             let (r, w) = s.into_split();
-            handle_connection(inner, r, w, peer.clone(), shutdown).await
+            handle_connection(inner, r, w, peer.clone(), shutdown, start).await
         }
     };
     match result {
@@ -552,6 +624,9 @@ impl StdStream {
     }
 }
 
+/// What [`serve_on_thread`] hands back when no thread takes the stream.
+type NotOnThread = (Stream, String, watch::Receiver<bool>);
+
 /// Serves the connection on a dedicated I/O thread (see
 /// [`volmig_api::io::threads`]) if a slot is free; otherwise hands the
 /// stream back for the shared runtime.
@@ -560,9 +635,10 @@ fn serve_on_thread<B: VolumeIo>(
     stream: Stream,
     peer: String,
     shutdown: watch::Receiver<bool>,
-) -> Result<tokio::sync::oneshot::Receiver<()>, (Stream, String)> {
+    start: Start<B>,
+) -> Result<tokio::sync::oneshot::Receiver<()>, NotOnThread> {
     let Some(slot) = inner.threads.take() else {
-        return Err((stream, peer));
+        return Err((stream, peer, shutdown));
     };
     let std_stream = match stream.into_std() {
         Ok(s) => s,
@@ -578,20 +654,20 @@ fn serve_on_thread<B: VolumeIo>(
         CONNECTION_THREAD_NAME,
         slot,
         tokio::runtime::Handle::current(),
-        (std_stream, peer),
-        move |(s, peer): (StdStream, String)| async move {
+        (std_stream, peer, shutdown, start),
+        move |(s, peer, shutdown, start): (StdStream, String, watch::Receiver<bool>, Start<B>)| async move {
             match s.into_tokio() {
-                Ok(s) => serve_stream(inner2, s, peer, shutdown).await,
+                Ok(s) => serve_stream(inner2, s, peer, shutdown, start).await,
                 Err(e) => info!(peer = %peer, error = %e, "cannot register the connection; closed"),
             }
         },
     );
     match spawned {
         Ok(done) => Ok(done),
-        Err(((s, peer), e)) => {
+        Err(((s, peer, shutdown, _start), e)) => {
             debug!(peer = %peer, error = %e, "no connection thread; serving on the shared runtime");
             match s.into_tokio() {
-                Ok(s) => Err((s, peer)),
+                Ok(s) => Err((s, peer, shutdown)),
                 Err(e) => {
                     info!(peer = %peer, error = %e, "cannot register the connection; closed");
                     let (_tx, rx) = tokio::sync::oneshot::channel();
@@ -623,6 +699,7 @@ async fn handle_connection<B, R, W>(
     w: W,
     peer: String,
     mut shutdown: watch::Receiver<bool>,
+    start: Start<B>,
 ) -> Result<(), NbdError>
 where
     B: VolumeIo,
@@ -632,6 +709,22 @@ where
     let _active = ActiveGuard::new(&inner.active);
     let mut reader = BufReader::with_capacity(READ_BUFFER, r);
     let mut writer = BufWriter::with_capacity(WRITE_BUFFER, w);
+
+    if let Start::Transmission(export) = start {
+        info!(export = %export.name, peer = %peer, "transmission stream attached");
+        if threads::may_block() {
+            // This thread serves a kernel block device.
+            crate::block::mark_io_flusher();
+        }
+        let conn = Conn {
+            export,
+            pool: inner.pool.clone(),
+            structured: false,
+            meta_context: None,
+            peer: peer.into(),
+        };
+        return transmission::run(conn, reader, writer, shutdown).await;
+    }
 
     let negotiated = tokio::select! {
         _ = wait_shutdown(&mut shutdown) => return Ok(()),

@@ -46,7 +46,7 @@ pub use self::fs::{FsOptions, Params, Stats};
 use super::keeper::KeeperClient;
 use super::loopdev::{DetachError, Loop};
 use super::memsafe;
-use super::{Attached, BlockDriver, BlockError, BlockKind, DeviceRecord};
+use super::{Attached, BlockDriver, BlockError, BlockErrorKind, BlockKind, DeviceRecord};
 
 /// The keeper holds this connection under this key.
 const KEEPER_KEY: &str = "fuse";
@@ -148,7 +148,7 @@ fn io_err(
     volume: &str,
     device: Option<&Path>,
 ) -> impl FnOnce(std::io::Error) -> BlockError {
-    move |e| BlockError::io(op, volume, device, e)
+    move |e| BlockError::sys(BlockKind::FuseLoop, op, volume, device, e)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -156,9 +156,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, BlockError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
-        Err(e) => Err(BlockError::io(
+        Err(e) => Err(BlockError::sys(
+            BlockKind::FuseLoop,
             "a blocking task",
-            "-",
+            "",
             None,
             std::io::Error::other(e.to_string()),
         )),
@@ -197,7 +198,7 @@ impl<V: VolumeIo> FuseLoop<V> {
         if dev::find_mount(&mount).is_none() {
             std::fs::create_dir_all(&mount).map_err(io_err(
                 "creating the FUSE mount point",
-                "-",
+                "",
                 Some(&mount),
             ))?;
         }
@@ -245,7 +246,7 @@ impl<V: VolumeIo> FuseLoop<V> {
         let (fds, dev) = {
             let mount = mount.clone();
             blocking(move || {
-                let err = |op| io_err(op, "-", Some(&mount));
+                let err = |op| io_err(op, "", Some(&mount));
                 if dev::find_mount(&mount).is_some_and(|m| m.fstype == FSTYPE) {
                     // The dead mount of an agent that ran before without a keeper.
                     tracing::warn!(mount = %mount.display(), "unmounting the FUSE mount of an earlier agent (its devices' I/O fails)");
@@ -256,7 +257,7 @@ impl<V: VolumeIo> FuseLoop<V> {
                 let dev = dev::find_mount(&mount)
                     .filter(|m| m.fstype == FSTYPE)
                     .map(|m| m.dev)
-                    .ok_or_else(|| BlockError::io("finding the new FUSE mount", "-", Some(&mount), std::io::Error::other("not in /proc/self/mountinfo")))?;
+                    .ok_or_else(|| BlockError::sys(BlockKind::FuseLoop, "finding the new FUSE mount", "", Some(&mount), std::io::Error::other("not in /proc/self/mountinfo")))?;
                 let mut fds = vec![master];
                 while fds.len() < n {
                     let c = DevFd::clone_of(&fds[0]).map_err(err("cloning /dev/fuse descriptors"))?;
@@ -273,9 +274,10 @@ impl<V: VolumeIo> FuseLoop<V> {
         let params = tokio::time::timeout(INIT_TIMEOUT, me.fs.initialized())
             .await
             .map_err(|_| {
-                BlockError::io(
+                BlockError::sys(
+                    BlockKind::FuseLoop,
                     "waiting for FUSE INIT",
-                    "-",
+                    "",
                     Some(&mount),
                     std::io::Error::from(std::io::ErrorKind::TimedOut),
                 )
@@ -313,16 +315,20 @@ impl<V: VolumeIo> FuseLoop<V> {
     ) -> Result<Self, BlockError> {
         let mount = opts.mount.clone();
         if fds.is_empty() {
-            return Err(BlockError::Keeper {
-                socket: opts.keeper.clone().unwrap_or_default(),
-                reason: "it holds the FUSE connection without descriptors".into(),
-            });
+            return Err(BlockError::at(
+                BlockErrorKind::Keeper,
+                BlockKind::FuseLoop,
+                "adopting the keeper's FUSE connection",
+                "",
+                opts.keeper.as_deref(),
+                "it holds the FUSE connection without descriptors",
+            ));
         }
         let fds: Vec<Arc<DevFd>> = fds.into_iter().map(|f| Arc::new(DevFd::from(f))).collect();
         for f in &fds {
             f.set_nonblocking().map_err(io_err(
                 "making /dev/fuse non-blocking",
-                "-",
+                "",
                 Some(&mount),
             ))?;
         }
@@ -367,9 +373,10 @@ impl<V: VolumeIo> FuseLoop<V> {
         let mut workers = Vec::new();
         for (i, fd) in fds.iter().enumerate() {
             let slot = slots.take().ok_or_else(|| {
-                BlockError::io(
+                BlockError::sys(
+                    BlockKind::FuseLoop,
                     "starting FUSE workers",
-                    "-",
+                    "",
                     None,
                     std::io::Error::other("no thread slot"),
                 )
@@ -387,7 +394,9 @@ impl<V: VolumeIo> FuseLoop<V> {
                     }
                 },
             )
-            .map_err(|(_, e)| BlockError::io("starting FUSE workers", "-", None, e))?;
+            .map_err(|(_, e)| {
+                BlockError::sys(BlockKind::FuseLoop, "starting FUSE workers", "", None, e)
+            })?;
             workers.push(done);
         }
         Ok(Self {
@@ -485,17 +494,21 @@ impl<V: VolumeIo> FuseLoop<V> {
             .iter()
             .next()
         {
-            return Err(BlockError::Busy {
-                volume: v.clone(),
-                device: d.lo.path(),
-            });
+            return Err(BlockError::at(
+                BlockErrorKind::Busy,
+                BlockKind::FuseLoop,
+                "unmount",
+                v,
+                Some(&d.lo.path()),
+                "a volume still has its block device",
+            ));
         }
         if let Some(k) = self.opts.keeper.as_deref().map(KeeperClient::new) {
             blocking(move || k.drop_key(KEEPER_KEY)).await?;
         }
         let mount = self.opts.mount.clone();
         blocking(move || {
-            dev::unmount_lazy(&mount).map_err(io_err("unmounting the FUSE file system", "-", None))
+            dev::unmount_lazy(&mount).map_err(io_err("unmounting the FUSE file system", "", None))
         })
         .await?;
         let _ = self.stop.send(true);
@@ -521,7 +534,8 @@ impl<V: VolumeIo> BlockDriver<V> for FuseLoop<V> {
 
     async fn attach(&self, volume: &str, io: Arc<V>) -> Result<Attached, BlockError> {
         if !valid_file_name(volume) {
-            return Err(BlockError::io(
+            return Err(BlockError::sys(
+                BlockKind::FuseLoop,
                 "attach",
                 volume,
                 None,
@@ -530,10 +544,14 @@ impl<V: VolumeIo> BlockDriver<V> for FuseLoop<V> {
         }
         let _one = self.ops.lock().await;
         if let Some(d) = self.device(volume) {
-            return Err(BlockError::Exists {
-                volume: volume.to_string(),
-                device: d.lo.path(),
-            });
+            return Err(BlockError::at(
+                BlockErrorKind::AlreadyAttached,
+                BlockKind::FuseLoop,
+                "attach",
+                volume,
+                Some(&d.lo.path()),
+                "",
+            ));
         }
         let ino = self.pick_ino(volume);
         let size = io.size();
@@ -575,10 +593,15 @@ impl<V: VolumeIo> BlockDriver<V> for FuseLoop<V> {
 
     async fn reattach(&self, record: &DeviceRecord, io: Arc<V>) -> Result<Attached, BlockError> {
         let volume = record.volume.as_str();
-        let bad = |reason: String| BlockError::BadRecord {
-            volume: volume.to_string(),
-            kind: BlockKind::FuseLoop,
-            reason,
+        let bad = |reason: String| {
+            BlockError::at(
+                BlockErrorKind::InvalidRecord,
+                BlockKind::FuseLoop,
+                "reattach",
+                volume,
+                Some(&record.path),
+                reason,
+            )
         };
         if record.kind != BlockKind::FuseLoop {
             return Err(bad(format!("it is a {} device", record.kind)));
@@ -586,20 +609,29 @@ impl<V: VolumeIo> BlockDriver<V> for FuseLoop<V> {
         let d: Detail =
             serde_json::from_value(record.detail.clone()).map_err(|e| bad(e.to_string()))?;
         let lo = Loop(d.lo);
-        let gone = |reason: &str| BlockError::Gone {
-            volume: volume.to_string(),
-            device: lo.path(),
-            reason: reason.to_string(),
+        let gone = |reason: &str| {
+            BlockError::at(
+                BlockErrorKind::Gone,
+                BlockKind::FuseLoop,
+                "reattach",
+                volume,
+                Some(&lo.path()),
+                reason,
+            )
         };
         let _one = self.ops.lock().await;
         if let Some(have) = self.device(volume) {
             return if have.lo == lo && have.ino == d.ino {
                 Ok(self.record(volume, have))
             } else {
-                Err(BlockError::Exists {
-                    volume: volume.to_string(),
-                    device: have.lo.path(),
-                })
+                Err(BlockError::at(
+                    BlockErrorKind::AlreadyAttached,
+                    BlockKind::FuseLoop,
+                    "reattach",
+                    volume,
+                    Some(&have.lo.path()),
+                    "another device",
+                ))
             };
         }
         if d.conn_dev != self.dev || !self.adopted {
@@ -620,7 +652,7 @@ impl<V: VolumeIo> BlockDriver<V> for FuseLoop<V> {
         let status = blocking(move || {
             lo.status().map_err(io_err(
                 "reading the loop device's status",
-                "-",
+                "",
                 Some(&lo.path()),
             ))
         })
@@ -648,20 +680,29 @@ impl<V: VolumeIo> BlockDriver<V> for FuseLoop<V> {
     async fn detach(&self, volume: &str) -> Result<(), BlockError> {
         let _one = self.ops.lock().await;
         let Some(d) = self.device(volume) else {
-            return Err(BlockError::NotAttached {
-                volume: volume.to_string(),
-                kind: BlockKind::FuseLoop,
-            });
+            return Err(BlockError::at(
+                BlockErrorKind::NotAttached,
+                BlockKind::FuseLoop,
+                "detach",
+                volume,
+                None,
+                "",
+            ));
         };
         let lo = d.lo;
         let name = volume.to_string();
         blocking(move || match lo.detach() {
             Ok(()) => Ok(()),
-            Err(DetachError::Busy) => Err(BlockError::Busy {
-                volume: name,
-                device: lo.path(),
-            }),
-            Err(DetachError::Io(e)) => Err(BlockError::io(
+            Err(DetachError::Busy) => Err(BlockError::at(
+                BlockErrorKind::Busy,
+                BlockKind::FuseLoop,
+                "detach",
+                &name,
+                Some(&lo.path()),
+                "mounted or open: unmount it first",
+            )),
+            Err(DetachError::Io(e)) => Err(BlockError::sys(
+                BlockKind::FuseLoop,
                 "detaching the loop device",
                 &name,
                 Some(&lo.path()),
@@ -682,16 +723,21 @@ impl<V: VolumeIo> BlockDriver<V> for FuseLoop<V> {
     async fn resize(&self, volume: &str, size: u64) -> Result<(), BlockError> {
         let _one = self.ops.lock().await;
         let Some(d) = self.device(volume) else {
-            return Err(BlockError::NotAttached {
-                volume: volume.to_string(),
-                kind: BlockKind::FuseLoop,
-            });
+            return Err(BlockError::at(
+                BlockErrorKind::NotAttached,
+                BlockKind::FuseLoop,
+                "resize",
+                volume,
+                None,
+                "",
+            ));
         };
         self.fs.set_size(d.ino, size);
         if let Err(e) = self.fds[0].notify_inval_inode(d.ino)
             && e.raw_os_error() != Some(libc::ENOENT)
         {
-            return Err(BlockError::io(
+            return Err(BlockError::sys(
+                BlockKind::FuseLoop,
                 "invalidating the FUSE file's size",
                 volume,
                 Some(&d.lo.path()),
@@ -707,7 +753,8 @@ impl<V: VolumeIo> BlockDriver<V> for FuseLoop<V> {
             lo.set_capacity().map_err(err("LOOP_SET_CAPACITY"))?;
             let now = lo.size().map_err(err("reading the loop device's size"))?;
             if now != size / 512 * 512 {
-                return Err(BlockError::io(
+                return Err(BlockError::sys(
+                    BlockKind::FuseLoop,
                     "resizing the loop device",
                     &name,
                     Some(&lo.path()),
