@@ -16,7 +16,7 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p volmig-agent \
+    cargo build --release --locked -p volmig-node-agent \
  && install -D -m 0755 target/release/volmig-agent /out/volmig-agent
 
 FROM debian:bookworm-slim

@@ -13,11 +13,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use volmig_agent::error::AgentError;
-use volmig_agent::volume::{BackingDevice, DeviceKind, OpenMode};
 use volmig_api::SessionConfig;
 use volmig_api::io::VolumeIo;
 use volmig_api::phase::Phase;
+use volmig_node_agent::error::AgentError;
+use volmig_node_agent::volume::{BackingDevice, DeviceKind, OpenMode};
 use volmig_testkit::agent::{InProcAgent, in_process, serve};
 use volmig_testkit::devices::LoopDev;
 use volmig_testkit::master::InProcMaster;

@@ -279,7 +279,7 @@ fn a_mounted_xfs_grows_through_the_kernel_device() {
             "grew: {before} -> {after}"
         );
         assert_eq!(
-            volmig_agent::csi::system::device_size(&staged_device(&agent, "b")).unwrap(),
+            volmig_node_agent::csi::system::device_size(&staged_device(&agent, "b")).unwrap(),
             2 * size
         );
         assert_eq!(std::fs::read(pod.join("kept")).unwrap(), b"kept");

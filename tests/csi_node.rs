@@ -993,7 +993,8 @@ async fn a_restarted_plugin_answers_as_before() {
     // in the kernel.
     let agent = k.node.take().unwrap().stop().await;
     drop(agent);
-    let agent = volmig_agent::agent::Agent::new(&CsiNode::state_dir(k.dir.path(), "n1")).unwrap();
+    let agent =
+        volmig_node_agent::agent::Agent::new(&CsiNode::state_dir(k.dir.path(), "n1")).unwrap();
     assert_eq!(
         agent.restore().await.unwrap(),
         1,
@@ -1096,7 +1097,7 @@ async fn expand_after_publish_grows_the_mounted_filesystem() {
     );
     assert_eq!(std::fs::read(target.join("before")).unwrap(), b"kept");
     assert_eq!(
-        volmig_agent::csi::system::device_size(&device_of(&k, "v")).unwrap(),
+        volmig_node_agent::csi::system::device_size(&device_of(&k, "v")).unwrap(),
         2 * size,
         "the kernel device shows the new size"
     );
@@ -1165,8 +1166,10 @@ async fn ext4_grows_online_where_the_agent_may() {
             .await
             .unwrap(),
     );
-    let dev_size = volmig_agent::csi::system::device_size(&device_of(&k, "v")).unwrap();
-    if volmig_agent::csi::system::has_capability(volmig_agent::csi::system::CAP_SYS_RESOURCE) {
+    let dev_size = volmig_node_agent::csi::system::device_size(&device_of(&k, "v")).unwrap();
+    if volmig_node_agent::csi::system::has_capability(
+        volmig_node_agent::csi::system::CAP_SYS_RESOURCE,
+    ) {
         assert_eq!(r.unwrap(), 2 * SIZE as i64);
         assert!(
             after > before + (SIZE as i64) * 9 / 10,
@@ -1213,7 +1216,7 @@ async fn a_block_volume_grows_with_its_backing_device() {
         3 * SIZE as i64
     );
     assert_eq!(
-        volmig_agent::csi::system::device_size(&device_of(&k, "b")).unwrap(),
+        volmig_node_agent::csi::system::device_size(&device_of(&k, "b")).unwrap(),
         3 * SIZE
     );
     let s = k
@@ -1255,7 +1258,8 @@ async fn a_failed_backing_device_makes_the_volume_abnormal() {
     drop(agent);
     let moved = k.dir.path().join("v.img.away");
     std::fs::rename(&backing, &moved).unwrap();
-    let agent = volmig_agent::agent::Agent::new(&CsiNode::state_dir(k.dir.path(), "n1")).unwrap();
+    let agent =
+        volmig_node_agent::agent::Agent::new(&CsiNode::state_dir(k.dir.path(), "n1")).unwrap();
     assert_eq!(agent.restore().await.unwrap(), 0);
     k.node = Some(CsiNode::start_with(k.dir.path(), "n1", agent));
     k.c = k.node().client();

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use volmig_agent::agent::Agent;
-use volmig_agent::interposer::Interposer;
 use volmig_api::io::VolumeIo;
 use volmig_api::phase::{CopyMode, Phase};
 use volmig_api::{SessionConfig, Verify};
+use volmig_node_agent::agent::Agent;
+use volmig_node_agent::interposer::Interposer;
 use volmig_testkit::Expected;
 use volmig_testkit::agent::{in_process, serve};
 use volmig_testkit::master::InProcMaster;

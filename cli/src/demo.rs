@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
-use volmig_agent::agent::Agent;
-use volmig_agent::interposer::Interposer;
-use volmig_agent::serving::Frontends;
-use volmig_agent::session::{Phase, SessionConfig};
-use volmig_agent::units::human_bytes;
 use volmig_api::slave::{Frontend, ServeVolume};
 use volmig_frontends::nbd::{NbdClient, NbdServer};
 use volmig_master::{Driver, DriverConfig, FileStore, SessionRecord, StopSignal};
+use volmig_node_agent::agent::Agent;
+use volmig_node_agent::interposer::Interposer;
+use volmig_node_agent::serving::Frontends;
+use volmig_node_agent::session::{Phase, SessionConfig};
+use volmig_node_agent::units::human_bytes;
 
 use crate::pattern::{BLOCK, fill};
 

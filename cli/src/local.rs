@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use volmig_agent::session::Phase;
-use volmig_agent::units::human_bytes;
 use volmig_master::{
     ClientTls, DriverConfig, FileStore, GrpcSlave, Job, Member, MultiAttach, SessionConfig,
     SessionRecord, SessionStore, Slots, Supervisor,
 };
+use volmig_node_agent::session::Phase;
+use volmig_node_agent::units::human_bytes;
 
 /// How to reach the agent.
 #[derive(Clone)]

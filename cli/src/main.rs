@@ -12,8 +12,8 @@ mod serving;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use volmig_agent::session_args::SessionArgs;
-use volmig_agent::units::{parse_duration, parse_size};
+use volmig_node_agent::session_args::SessionArgs;
+use volmig_node_agent::units::{parse_duration, parse_size};
 
 #[derive(Parser)]
 #[command(

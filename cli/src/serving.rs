@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 
-use volmig_agent::units::human_bytes;
 use volmig_api::Slave;
 use volmig_api::slave::{Frontend, ListVolumes, ServeVolume, UnserveVolume, VolumeInfo};
+use volmig_node_agent::units::human_bytes;
 
 use crate::local::AgentAddr;
 

@@ -11,16 +11,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use volmig_agent::agent::Agent;
-use volmig_agent::csi::{AgentVolumes, NodeConfig, NodePlugin};
-use volmig_agent::grpc::SocketAccess;
-use volmig_agent::serving::{BlockConfig, BlockFrontend, Frontends};
 use volmig_api::io::BlockChoice;
 use volmig_api::slave::{Frontend, ServeVolume};
 use volmig_frontends::block::fuse::FuseOptions;
 use volmig_frontends::block::keeper::KeeperServer;
 use volmig_frontends::block::memsafe;
 use volmig_frontends::nbd::NbdServer;
+use volmig_node_agent::agent::Agent;
+use volmig_node_agent::csi::{AgentVolumes, NodeConfig, NodePlugin};
+use volmig_node_agent::grpc::SocketAccess;
+use volmig_node_agent::serving::{BlockConfig, BlockFrontend, Frontends};
 
 /// Whole-page buffers page-aligned: request buffers reach O_DIRECT
 /// backing devices without a bounce copy.
@@ -252,12 +252,12 @@ fn block_frontend(a: &ServeArgs) -> Option<BlockFrontend> {
 }
 
 /// Validates the --grpc TLS options: mutual TLS, or plain text when asked.
-fn grpc_tls(a: &ServeArgs) -> anyhow::Result<Option<volmig_agent::grpc::TlsFiles>> {
+fn grpc_tls(a: &ServeArgs) -> anyhow::Result<Option<volmig_node_agent::grpc::TlsFiles>> {
     match (&a.tls_cert, &a.tls_key, &a.tls_client_ca, a.insecure_grpc) {
         (Some(cert), Some(key), Some(ca), false) => {
             // Files not there yet are waited for (a cluster's Secret may
             // not exist yet); they are read again for every connection.
-            Ok(Some(volmig_agent::grpc::TlsFiles {
+            Ok(Some(volmig_node_agent::grpc::TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: ca.clone(),
@@ -305,7 +305,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         Some(_) => grpc_tls(&a)?,
         None => None,
     };
-    let server: NbdServer<volmig_agent::interposer::Interposer> = NbdServer::new();
+    let server: NbdServer<volmig_node_agent::interposer::Interposer> = NbdServer::new();
     let mut frontends = if a.nbd_unix.is_some() || a.nbd_tcp.is_some() {
         Frontends::with_nbd(server.clone())
     } else {
@@ -317,7 +317,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let agent = Agent::with_frontends(&a.state_dir, frontends)?;
     serve_volumes(&agent, &a).await?;
     if let Some(addr) = a.metrics {
-        volmig_agent::metrics::serve(addr, agent.clone())
+        volmig_node_agent::metrics::serve(addr, agent.clone())
             .await
             .with_context(|| format!("--metrics {addr}"))?;
     }
@@ -343,18 +343,18 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(%addr, "agent gRPC API listening");
         }
         let (agent, stopped) = (agent.clone(), until_stopped());
-        grpc.spawn(
-            async move { volmig_agent::grpc::serve(agent, addr, tls.as_ref(), stopped).await },
-        );
+        grpc.spawn(async move {
+            volmig_node_agent::grpc::serve(agent, addr, tls.as_ref(), stopped).await
+        });
     }
     let control = control_socket(&a.control, a.control_group)?;
     tracing::info!(socket = %a.control.display(), group = ?a.control_group,
         "agent gRPC API listening on the control socket (unix://{})", a.control.display());
     {
         let (agent, path, stopped) = (agent.clone(), a.control.clone(), until_stopped());
-        grpc.spawn(
-            async move { volmig_agent::grpc::serve_unix(agent, control, &path, stopped).await },
-        );
+        grpc.spawn(async move {
+            volmig_node_agent::grpc::serve_unix(agent, control, &path, stopped).await
+        });
     }
     if let Some(path) = &a.csi_socket {
         let node_id = match &a.node_id {
@@ -369,14 +369,14 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             },
             &a.state_dir,
         )?);
-        let listener = volmig_agent::grpc::bind_unix(path, SocketAccess::default())
+        let listener = volmig_node_agent::grpc::bind_unix(path, SocketAccess::default())
             .with_context(|| format!("CSI socket {}", path.display()))?;
         tracing::info!(socket = %path.display(), node = %node_id,
-            "CSI node plugin {} listening", volmig_agent::csi::DRIVER_NAME);
+            "CSI node plugin {} listening", volmig_node_agent::csi::DRIVER_NAME);
         let (path, stopped) = (path.clone(), until_stopped());
-        grpc.spawn(
-            async move { volmig_agent::csi::serve_unix(plugin, listener, &path, stopped).await },
-        );
+        grpc.spawn(async move {
+            volmig_node_agent::csi::serve_unix(plugin, listener, &path, stopped).await
+        });
     }
     let mut handles = Vec::new();
     if let Some(p) = &a.nbd_unix {
@@ -435,7 +435,7 @@ fn host_name() -> anyhow::Result<String> {
 }
 
 fn control_socket(path: &Path, group: Option<u32>) -> anyhow::Result<tokio::net::UnixListener> {
-    volmig_agent::grpc::bind_unix(path, SocketAccess { group })
+    volmig_node_agent::grpc::bind_unix(path, SocketAccess { group })
         .with_context(|| format!("control socket {}", path.display()))
 }
 

@@ -1,6 +1,6 @@
 //! Node agents for tests: a `volmig-agent serve` process
 //! ([`AgentProcess`], started by an [`AgentBuilder`]), and an in-process
-//! agent ([`InProcAgent`]: `volmig_agent::agent::Agent` with an NBD server).
+//! agent ([`InProcAgent`]: `volmig_node_agent::agent::Agent` with an NBD server).
 //!
 //! A process agent serves NBD on a unix socket (and TCP if asked), and its
 //! slave API over gRPC on its control socket (which masters dial by
@@ -16,8 +16,6 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use volmig_agent::agent::Agent;
-use volmig_agent::interposer::Interposer;
 use volmig_api::Slave;
 use volmig_api::SlaveResult;
 use volmig_api::io::{BlockChoice, BlockKind};
@@ -26,6 +24,8 @@ use volmig_api::slave::{
 };
 use volmig_frontends::nbd::{Export, NbdServer, ServerHandle};
 use volmig_master::{ClientTls, GrpcSlave};
+use volmig_node_agent::agent::Agent;
+use volmig_node_agent::interposer::Interposer;
 
 use crate::binaries::agent_bin;
 use crate::master::{LocalMaster, Migration};

@@ -17,8 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
-use volmig_agent::agent::Agent;
-use volmig_agent::csi::{Condition, Device, NodeConfig, NodePlugin, Volumes};
 use volmig_api::csi::identity_client::IdentityClient;
 use volmig_api::csi::node_client::NodeClient;
 use volmig_api::csi::volume_capability::access_mode::Mode;
@@ -29,10 +27,12 @@ use volmig_api::csi::{
 };
 use volmig_api::slave::ServeVolume;
 use volmig_api::{SlaveError, SlaveResult};
+use volmig_node_agent::agent::Agent;
+use volmig_node_agent::csi::{Condition, Device, NodeConfig, NodePlugin, Volumes};
 
 use crate::tools::{require_bin, retry};
 
-pub use volmig_agent::csi::{BACKING_DEVICE_KEY, DRIVER_NAME, SIZE_KEY, TOPOLOGY_KEY};
+pub use volmig_node_agent::csi::{BACKING_DEVICE_KEY, DRIVER_NAME, SIZE_KEY, TOPOLOGY_KEY};
 
 /// A client of a CSI plugin's unix socket, as kubelet is.
 #[derive(Clone)]
@@ -374,13 +374,15 @@ impl CsiNode {
             .unwrap(),
         );
         let sock = dir.join(format!("{name}.csi.sock"));
-        let listener =
-            volmig_agent::grpc::bind_unix(&sock, volmig_agent::grpc::SocketAccess::default())
-                .unwrap();
+        let listener = volmig_node_agent::grpc::bind_unix(
+            &sock,
+            volmig_node_agent::grpc::SocketAccess::default(),
+        )
+        .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (p, s) = (plugin.clone(), sock.clone());
         let task = tokio::spawn(async move {
-            volmig_agent::csi::serve_unix(p, listener, &s, async {
+            volmig_node_agent::csi::serve_unix(p, listener, &s, async {
                 let _ = stopped.await;
             })
             .await
