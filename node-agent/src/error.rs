@@ -76,3 +76,13 @@ pub enum AgentError {
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+impl From<crate::state_file::StateFileError> for AgentError {
+    fn from(e: crate::state_file::StateFileError) -> Self {
+        use crate::state_file::StateFileError;
+        match e {
+            StateFileError::Io { path, source } => AgentError::State { path, source },
+            StateFileError::Corrupt { path, reason } => AgentError::CorruptState { path, reason },
+        }
+    }
+}

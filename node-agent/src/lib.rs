@@ -20,6 +20,7 @@ pub mod serving;
 pub mod session;
 pub mod session_args;
 pub mod slave_api;
+pub mod state_file;
 pub use volmig_api::units;
 pub mod volume;
 

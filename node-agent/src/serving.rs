@@ -19,6 +19,8 @@ use volmig_frontends::block::ublk::{UblkDriver, UblkParams};
 use volmig_frontends::block::{self, BlockDrivers, BlockErrorKind, DeviceRecord};
 use volmig_frontends::nbd::{Export, NbdServer};
 
+use crate::state_file::JsonDir;
+
 use crate::error::{AgentError, Result};
 use crate::interposer::Interposer;
 
@@ -79,92 +81,47 @@ impl ServedRecord {
 /// so a crash leaves either the old record or the new one.
 #[derive(Debug, Clone)]
 pub struct ServedDir {
-    root: PathBuf,
-}
-
-fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> AgentError + '_ {
-    move |source| AgentError::State {
-        path: path.to_path_buf(),
-        source,
-    }
+    dir: JsonDir,
 }
 
 impl ServedDir {
     pub fn open(state_dir: &Path) -> Result<Self> {
-        let root = state_dir.join("served");
-        std::fs::create_dir_all(&root).map_err(state_err(&root))?;
-        Ok(Self { root })
+        Ok(Self {
+            dir: JsonDir::open(state_dir.join("served"), ".json")?,
+        })
     }
 
     pub fn path(&self, volume: &str) -> PathBuf {
-        self.root.join(format!("{volume}.json"))
-    }
-
-    fn sync_dir(&self) -> Result<()> {
-        std::fs::File::open(&self.root)
-            .and_then(|d| d.sync_all())
-            .map_err(state_err(&self.root))
+        self.dir.path(volume)
     }
 
     pub fn save(&self, rec: &ServedRecord) -> Result<()> {
-        use std::io::Write;
-        let path = self.path(&rec.volume);
-        let tmp = path.with_extension("json.tmp");
-        let data = serde_json::to_vec_pretty(rec).map_err(|e| AgentError::State {
-            path: path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        let mut f = std::fs::File::create(&tmp).map_err(state_err(&tmp))?;
-        f.write_all(&data)
-            .and_then(|()| f.sync_all())
-            .map_err(state_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(state_err(&path))?;
-        self.sync_dir()
+        Ok(self.dir.save(&rec.volume, rec)?)
     }
 
     pub fn load(&self, volume: &str) -> Result<Option<ServedRecord>> {
-        let path = self.path(volume);
-        match std::fs::read(&path) {
-            Ok(data) => {
-                serde_json::from_slice(&data)
-                    .map(Some)
-                    .map_err(|e| AgentError::CorruptState {
-                        path,
-                        reason: e.to_string(),
-                    })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(AgentError::State { path, source }),
-        }
+        Ok(self.dir.load(volume)?)
     }
 
     /// Forgets a volume; absent already is fine.
     pub fn remove(&self, volume: &str) -> Result<()> {
-        let path = self.path(volume);
-        match std::fs::remove_file(&path) {
-            Ok(()) => self.sync_dir(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(AgentError::State { path, source }),
-        }
+        Ok(self.dir.remove(volume)?)
     }
 
     /// Every persisted record, by volume name. A file that cannot be read
     /// is reported beside them (the volume fails; the others are served).
     pub fn load_all(&self) -> Result<Vec<(String, Result<ServedRecord>)>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.root).map_err(state_err(&self.root))? {
-            let entry = entry.map_err(state_err(&self.root))?;
-            let name = entry.file_name();
-            let Some(volume) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue; // a leftover temporary file
-            };
-            let rec = self.load(volume).and_then(|r| {
-                r.ok_or_else(|| AgentError::Invalid(format!("{volume}: record vanished")))
-            });
-            out.push((volume.to_string(), rec));
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        Ok(self
+            .dir
+            .names()?
+            .into_iter()
+            .map(|volume| {
+                let rec = self.load(&volume).and_then(|r| {
+                    r.ok_or_else(|| AgentError::Invalid(format!("{volume}: record vanished")))
+                });
+                (volume, rec)
+            })
+            .collect())
     }
 }
 
@@ -517,7 +474,7 @@ mod tests {
         assert!(r.same_as(&req("/a", vec![Frontend::Nbd], false)));
         assert!(r.same_as(&req("/b", vec![Frontend::Nbd], false)));
         std::fs::write(sd.path("w"), b"{").unwrap();
-        std::fs::write(sd.root.join("x.json.tmp"), b"{").unwrap();
+        std::fs::write(sd.dir.root().join("x.tmp"), b"{").unwrap();
         let all = sd.load_all().unwrap();
         assert_eq!(all.len(), 2, "the temporary file is no record");
         assert_eq!(all[0].0, "v");

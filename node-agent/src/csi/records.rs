@@ -7,13 +7,13 @@
 //! the repeated call (or the undoing one) completes or undoes.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::capability::Capability;
 use super::error::{CsiError, CsiResult};
+use crate::state_file::{JsonDir, StateFileError};
 
 /// A volume published at a target path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,78 +51,36 @@ impl Staged {
 /// `<state-dir>/csi/`.
 #[derive(Debug, Clone)]
 pub struct StagedDir {
-    root: PathBuf,
+    dir: JsonDir,
 }
 
-fn state_err(path: &Path, e: impl std::fmt::Display) -> CsiError {
-    CsiError::internal(format!("state file {}: {e}", path.display()))
+fn state_err(e: StateFileError) -> CsiError {
+    CsiError::internal(e.to_string())
 }
 
 impl StagedDir {
     pub fn open(state_dir: &Path) -> CsiResult<Self> {
-        let root = state_dir.join("csi");
-        std::fs::create_dir_all(&root).map_err(|e| state_err(&root, e))?;
-        Ok(Self { root })
-    }
-
-    fn path(&self, volume: &str) -> PathBuf {
-        self.root.join(format!("{volume}.json"))
+        Ok(Self {
+            dir: JsonDir::open(state_dir.join("csi"), ".json").map_err(state_err)?,
+        })
     }
 
     pub fn load(&self, volume: &str) -> CsiResult<Option<Staged>> {
-        let path = self.path(volume);
-        match std::fs::read(&path) {
-            Ok(data) => serde_json::from_slice(&data)
-                .map(Some)
-                .map_err(|e| state_err(&path, format!("corrupt: {e}"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(state_err(&path, e)),
-        }
+        self.dir.load(volume).map_err(state_err)
     }
 
     pub fn save(&self, rec: &Staged) -> CsiResult<()> {
-        let path = self.path(&rec.volume);
-        let tmp = path.with_extension("json.tmp");
-        let data = serde_json::to_vec_pretty(rec).map_err(|e| state_err(&path, e))?;
-        let mut f = std::fs::File::create(&tmp).map_err(|e| state_err(&tmp, e))?;
-        f.write_all(&data)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| state_err(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| state_err(&path, e))?;
-        self.sync_dir()
+        self.dir.save(&rec.volume, rec).map_err(state_err)
     }
 
     /// Forgets a volume; absent already is fine.
     pub fn remove(&self, volume: &str) -> CsiResult<()> {
-        let path = self.path(volume);
-        match std::fs::remove_file(&path) {
-            Ok(()) => self.sync_dir(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(state_err(&path, e)),
-        }
+        self.dir.remove(volume).map_err(state_err)
     }
 
     /// Every staged volume's name.
     pub fn volumes(&self) -> CsiResult<Vec<String>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.root).map_err(|e| state_err(&self.root, e))? {
-            let entry = entry.map_err(|e| state_err(&self.root, e))?;
-            if let Some(v) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
-            {
-                out.push(v.to_string());
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    fn sync_dir(&self) -> CsiResult<()> {
-        std::fs::File::open(&self.root)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| state_err(&self.root, e))
+        self.dir.names().map_err(state_err)
     }
 }
 
@@ -164,9 +122,9 @@ mod tests {
         assert_eq!(d.load("v").unwrap().as_ref(), Some(&rec));
         assert!(rec.is_at(Path::new("/t")) && rec.is_at(Path::new("/st")));
         assert!(!rec.is_at(Path::new("/x")));
-        std::fs::write(d.root.join("w.json.tmp"), b"{").unwrap();
+        std::fs::write(d.dir.root().join("w.tmp"), b"{").unwrap();
         assert_eq!(d.volumes().unwrap(), ["v"]);
-        std::fs::write(d.path("w"), b"{").unwrap();
+        std::fs::write(d.dir.path("w"), b"{").unwrap();
         assert_eq!(
             d.load("w").unwrap_err().code,
             super::super::error::Code::Internal

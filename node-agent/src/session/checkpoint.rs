@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use volmig_api::SessionConfig;
 
-use crate::error::{AgentError, Result};
+use crate::error::Result;
+use crate::state_file::JsonDir;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlaveRecord {
@@ -39,59 +40,35 @@ pub struct SlaveRecord {
 /// The checkpoint files of one agent.
 #[derive(Debug, Clone)]
 pub struct StateDir {
-    root: PathBuf,
+    dir: JsonDir,
 }
 
 impl StateDir {
     pub fn open(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root).map_err(|source| AgentError::State {
-            path: root.to_path_buf(),
-            source,
-        })?;
         Ok(Self {
-            root: root.to_path_buf(),
+            dir: JsonDir::open(root.to_path_buf(), ".slave.json")?,
         })
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        self.dir.root()
     }
 
     pub fn record_path(&self, volume: &str) -> PathBuf {
-        self.root.join(format!("{volume}.slave.json"))
+        self.dir.path(volume)
     }
 
     pub fn dirty_map_path(&self, volume: &str) -> PathBuf {
-        self.root.join(format!("{volume}.dirty"))
+        self.root().join(format!("{volume}.dirty"))
     }
 
+    /// Writes the checkpoint, durably (fsync of the file and directory).
     pub fn save(&self, rec: &SlaveRecord) -> Result<()> {
-        let path = self.record_path(&rec.volume);
-        let tmp = path.with_extension("json.tmp");
-        let err = |source| AgentError::State {
-            path: path.clone(),
-            source,
-        };
-        let data = serde_json::to_vec_pretty(rec).map_err(|e| err(std::io::Error::other(e)))?;
-        std::fs::write(&tmp, data).map_err(err)?;
-        std::fs::rename(&tmp, &path).map_err(err)?;
-        Ok(())
+        Ok(self.dir.save(&rec.volume, rec)?)
     }
 
     pub fn load(&self, volume: &str) -> Result<Option<SlaveRecord>> {
-        let path = self.record_path(volume);
-        match std::fs::read(&path) {
-            Ok(data) => {
-                serde_json::from_slice(&data)
-                    .map(Some)
-                    .map_err(|e| AgentError::CorruptState {
-                        path,
-                        reason: e.to_string(),
-                    })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(AgentError::State { path, source }),
-        }
+        Ok(self.dir.load(volume)?)
     }
 
     pub fn remove_dirty_map(&self, volume: &str) {
@@ -100,7 +77,7 @@ impl StateDir {
 
     /// Forgets a volume's (finished) session: its record and dirty map.
     pub fn remove_checkpoint(&self, volume: &str) {
-        let _ = std::fs::remove_file(self.record_path(volume));
+        let _ = self.dir.remove(volume);
         self.remove_dirty_map(volume);
     }
 }
@@ -133,6 +110,9 @@ mod tests {
         sd.save(&r).unwrap();
         assert_eq!(sd.load("v").unwrap(), Some(r));
         std::fs::write(sd.record_path("w"), b"[").unwrap();
-        assert!(matches!(sd.load("w"), Err(AgentError::CorruptState { .. })));
+        assert!(matches!(
+            sd.load("w"),
+            Err(crate::AgentError::CorruptState { .. })
+        ));
     }
 }
