@@ -25,6 +25,7 @@ pub mod fuse;
 pub mod keeper;
 pub mod loopdev;
 pub mod memsafe;
+pub mod mountinfo;
 pub mod nbd_netlink;
 #[cfg(feature = "ublk")]
 pub mod ublk;

@@ -7,82 +7,13 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 
 use super::error::{CsiError, CsiResult};
 use crate::volume::{BackingDevice, OpenMode};
 
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    /// st_dev of the mounted filesystem: the device of a block filesystem.
-    pub dev: (u32, u32),
-    /// The path inside that filesystem mounted here (a bind mount's source).
-    pub root: PathBuf,
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-    pub source: String,
-    /// The per-mount options (ro/rw, nosuid...).
-    pub options: Vec<String>,
-}
-
-impl MountEntry {
-    pub fn read_only(&self) -> bool {
-        self.options.iter().any(|o| o == "ro")
-    }
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space...).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses mountinfo text (see proc(5)); lines it cannot read are skipped.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let f: Vec<&str> = left.split(' ').collect();
-            let r: Vec<&str> = right.split(' ').collect();
-            if f.len() < 6 || r.len() < 2 {
-                return None;
-            }
-            let (maj, min) = f[2].split_once(':')?;
-            Some(MountEntry {
-                dev: (maj.parse().ok()?, min.parse().ok()?),
-                root: PathBuf::from(unescape(f[3])),
-                mount_point: PathBuf::from(unescape(f[4])),
-                options: f[5].split(',').map(str::to_string).collect(),
-                fs_type: r[0].to_string(),
-                source: unescape(r[1]),
-            })
-        })
-        .collect()
-}
-
-/// The mount table of this process's mount namespace.
-pub fn mountinfo() -> io::Result<Vec<MountEntry>> {
-    Ok(parse_mountinfo(&std::fs::read_to_string(
-        "/proc/self/mountinfo",
-    )?))
-}
+pub use volmig_frontends::block::mountinfo::{MountEntry, mountinfo, parse_mountinfo};
 
 /// The topmost mount at `path`, if `path` is a mount point.
 pub fn mounted_at(path: &Path) -> CsiResult<Option<MountEntry>> {
@@ -348,27 +279,6 @@ pub async fn grow_fs(fs: &str, device: &Path, mount_point: &Path) -> CsiResult<(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_lines_parse_with_escapes_and_optional_fields() {
-        let text = "\
-36 35 98:0 /mnt1 /mnt/my\\040dir rw,noatime master:1 - ext3 /dev/root rw,errors=continue
-120 29 7:3 / /var/lib/kubelet/staging/pv1 ro,relatime shared:60 - ext4 /dev/loop3 ro
-121 29 0:5 /loop3 /var/lib/kubelet/pods/x/dev rw,nosuid - devtmpfs udev rw,size=10k
-garbage line
-";
-        let t = parse_mountinfo(text);
-        assert_eq!(t.len(), 3);
-        assert_eq!(t[0].mount_point, Path::new("/mnt/my dir"));
-        assert_eq!(t[0].root, Path::new("/mnt1"));
-        assert_eq!(t[0].dev, (98, 0));
-        assert_eq!(t[0].fs_type, "ext3");
-        assert!(!t[0].read_only());
-        assert_eq!(t[1].dev, (7, 3));
-        assert_eq!(t[1].source, "/dev/loop3");
-        assert!(t[1].read_only());
-        assert_eq!(t[2].root, Path::new("/loop3"));
-    }
 
     #[test]
     fn this_process_has_a_mount_table_with_a_root() {

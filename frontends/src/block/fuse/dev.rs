@@ -10,11 +10,12 @@
 //! each as a task, up to [`IN_FLIGHT`] at once, so one thread keeps many
 //! requests in flight while the volume's I/O waits on the shared pool.
 
+use crate::block::mountinfo::MountEntry;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -212,57 +213,9 @@ pub fn unmount_lazy(at: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// A mount as /proc/self/mountinfo shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    /// The file system's device (`st_dev` of its files).
-    pub dev: u64,
-    pub fstype: String,
-}
-
-/// The mount on top at `at` (the last line for it), from mountinfo text.
-pub fn parse_mountinfo(text: &str, at: &Path) -> Option<MountEntry> {
-    text.lines().rev().find_map(|l| {
-        let mut f = l.split(' ');
-        let (_id, _parent, majmin, _root, point) =
-            (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
-        if PathBuf::from(unescape(point)) != at {
-            return None;
-        }
-        let fstype = l.split(" - ").nth(1)?.split(' ').next()?.to_string();
-        let (ma, mi) = majmin.split_once(':')?;
-        Some(MountEntry {
-            dev: libc::makedev(ma.parse().ok()?, mi.parse().ok()?),
-            fstype,
-        })
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The mount on top at `at` now.
 pub fn find_mount(at: &Path) -> Option<MountEntry> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    parse_mountinfo(&text, at)
+    crate::block::mountinfo::find(at)
 }
 
 /// A descriptor polled by a worker's reactor; holding it keeps it open.
@@ -439,22 +392,6 @@ impl Arg {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_names_the_top_mount_and_its_device() {
-        let text = "\
-22 1 0:21 / /proc rw,nosuid - proc proc rw
-98 30 0:53 / /var/lib/volmig/block/fuse rw,nosuid,nodev - fuse.volmig volmig rw,user_id=0
-99 30 0:54 / /var/lib/volmig/block/fuse rw - fuse.volmig volmig rw,user_id=0
-100 30 0:55 / /mnt/with\\040space rw - ext4 /dev/loop3 rw
-";
-        let m = parse_mountinfo(text, Path::new("/var/lib/volmig/block/fuse")).unwrap();
-        assert_eq!(m.fstype, FSTYPE);
-        assert_eq!(m.dev, libc::makedev(0, 54), "the mount on top");
-        let s = parse_mountinfo(text, Path::new("/mnt/with space")).unwrap();
-        assert_eq!((s.fstype.as_str(), s.dev), ("ext4", libc::makedev(0, 55)));
-        assert_eq!(parse_mountinfo(text, Path::new("/mnt")), None);
-    }
 
     #[test]
     fn this_process_mountinfo_has_the_root() {

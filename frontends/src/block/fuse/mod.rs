@@ -215,7 +215,7 @@ impl<V: VolumeIo> FuseLoop<V> {
                     Ok(kept)
                         if kept.mount == mount
                             && dev::find_mount(&mount)
-                                .is_some_and(|m| m.fstype == FSTYPE && m.dev == kept.dev) =>
+                                .is_some_and(|m| m.fs_type == FSTYPE && m.st_dev() == kept.dev) =>
                     {
                         return Self::adopt(opts, kept, fds, shared);
                     }
@@ -247,7 +247,7 @@ impl<V: VolumeIo> FuseLoop<V> {
             let mount = mount.clone();
             blocking(move || {
                 let err = |op| io_err(op, "", Some(&mount));
-                if dev::find_mount(&mount).is_some_and(|m| m.fstype == FSTYPE) {
+                if dev::find_mount(&mount).is_some_and(|m| m.fs_type == FSTYPE) {
                     // The dead mount of an agent that ran before without a keeper.
                     tracing::warn!(mount = %mount.display(), "unmounting the FUSE mount of an earlier agent (its devices' I/O fails)");
                     dev::unmount_lazy(&mount).map_err(err("unmounting a stale FUSE mount"))?;
@@ -255,8 +255,8 @@ impl<V: VolumeIo> FuseLoop<V> {
                 let master = DevFd::open().map_err(err("opening /dev/fuse"))?;
                 dev::mount(&master, &mount).map_err(err("mounting the FUSE file system"))?;
                 let dev = dev::find_mount(&mount)
-                    .filter(|m| m.fstype == FSTYPE)
-                    .map(|m| m.dev)
+                    .filter(|m| m.fs_type == FSTYPE)
+                    .map(|m| m.st_dev())
                     .ok_or_else(|| BlockError::sys(BlockKind::FuseLoop, "finding the new FUSE mount", "", Some(&mount), std::io::Error::other("not in /proc/self/mountinfo")))?;
                 let mut fds = vec![master];
                 while fds.len() < n {
