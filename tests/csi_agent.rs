@@ -9,7 +9,10 @@
 //! target alone holds a clean filesystem. Unstage is refused while the
 //! migration runs; NodeStage repeated after it (with the old backing
 //! device, or with the target the controller would name) is a no-op; a
-//! mounted xfs grows online through the kernel device.
+//! mounted xfs grows online through the kernel device. kubelet's view of a
+//! database: SQLite (WAL, synchronous=FULL) and fdatasync writers through
+//! two agent SIGKILLs (idle, mid-copy) and a live migration, every
+//! committed transaction on the target alone.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -292,4 +295,160 @@ fn a_mounted_xfs_grows_through_the_kernel_device() {
         &require_bin("xfs_repair", "xfsprogs"),
         &["-n", backing.to_str().unwrap()],
     );
+}
+
+/// SIGKILL, a moment down, start again (the keeper holds the FUSE
+/// connection meanwhile); then a new client, as kubelet's is.
+fn restart(agent: &mut AgentProcess) -> CsiClient {
+    agent.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    agent.start_again(&[]);
+    agent.csi()
+}
+
+/// NodeGetVolumeStats of the published volume: bytes and inodes in use,
+/// a normal condition naming the backing device in use.
+async fn stats_are_sound(c: &CsiClient, pod: &Path, backing: &Path) {
+    let s = c
+        .node
+        .clone()
+        .node_get_volume_stats(stats_req("db", pod.to_str().unwrap()))
+        .await
+        .unwrap()
+        .into_inner();
+    for unit in [Unit::Bytes, Unit::Inodes] {
+        let u = s.usage.iter().find(|u| u.unit == unit as i32).unwrap();
+        assert!(u.used > 0 && u.total > u.used, "{unit:?}: {u:?}");
+    }
+    let cond = s.volume_condition.unwrap();
+    let name = backing.file_name().unwrap().to_str().unwrap();
+    assert!(
+        !cond.abnormal && cond.message.contains(name),
+        "{cond:?} (backing {name})"
+    );
+}
+
+#[test]
+/// kubelet's view of a database on a volmig volume: staged and published
+/// ext4 on the agent's FUSE + loop device, a SQLite writer (WAL,
+/// synchronous=FULL, one insert per transaction) and a file writer
+/// (fdatasync) in the pod's path; NodeGetVolumeStats all along; the agent
+/// SIGKILLed and started again while idle, then the volume migrated live
+/// to another file with another SIGKILL in the middle of the copy. The
+/// writers see stalls and no error, the mount is never remounted, every
+/// committed transaction and file is there, and the target alone holds a
+/// clean filesystem with the whole database.
+fn a_database_on_a_staged_volume_survives_migration_and_agent_restarts() {
+    use volmig_testkit::devices::{FuseWatchdog, Mount, assert_fsck_clean, mount_identity};
+    use volmig_testkit::fswriter::{FileWriter, FileWriterOpts, check_tree};
+    use volmig_testkit::keeper::KeeperProcess;
+    use volmig_testkit::sqlite::{SqliteWriter, check_rows};
+
+    tools();
+    let dir = tempfile::tempdir().unwrap();
+    let (source, target) = (dir.path().join("source.img"), dir.path().join("target.img"));
+    sparse_file(&source, 256 * MIB);
+    sparse_file(&target, 256 * MIB);
+    let keeper = KeeperProcess::start(dir.path());
+    let mut agent = AgentProcess::builder(dir.path(), "n1")
+        .csi(Some("n1"))
+        .block()
+        .keeper(&keeper)
+        .start();
+    let _undo = KubeletMounts::new(&agent.state_dir);
+    let _watchdog = FuseWatchdog::new(&agent.fuse_mount(), Duration::from_secs(240));
+    let rt = rt();
+    let _in_rt = rt.enter();
+    let mut c = agent.csi();
+    let (staging, pod) = kubelet_paths(dir.path(), "pv-db");
+    let cap = mount_cap("ext4", &[], SNW);
+    rt.block_on(async {
+        let mut n = c.node.clone();
+        let r = n
+            .node_stage_volume(stage_req("db", &staging, &source, cap.clone()))
+            .await;
+        assert_code(r, Code::Ok, "stage");
+        let r = n
+            .node_publish_volume(publish_req("db", &staging, &pod, cap.clone(), false))
+            .await;
+        assert_code(r, Code::Ok, "publish");
+    });
+    let device = staged_device(&agent, "db");
+    let rdev = std::fs::metadata(&device).unwrap().rdev();
+    let mount_before = mount_identity(&pod).unwrap();
+
+    let mut db = SqliteWriter::start(&pod.join("db.sqlite"));
+    let opts = FileWriterOpts {
+        datasync: true,
+        ..FileWriterOpts::default()
+    };
+    let mut files = FileWriter::start(&pod.join("files"), opts);
+    db.wait_commits(50, Duration::from_secs(120));
+    files.wait_ops(20, Duration::from_secs(120));
+    rt.block_on(stats_are_sound(&c, &pod, &source));
+
+    // Idle: the agent dies and comes back under the running database.
+    c = restart(&mut agent);
+    db.wait_commits(50, Duration::from_secs(120));
+    files.wait_ops(20, Duration::from_secs(120));
+    rt.block_on(stats_are_sound(&c, &pod, &source));
+
+    // A live migration, with the agent killed in the middle of the copy.
+    let mut mig = agent.migrate("db", &target, &["--bandwidth", "16Mi"]);
+    let at = agent.master().wait_record("db", "copying", |r| {
+        r["bytes_copied"].as_u64().unwrap_or(0) > 0 || r["phase"] == "Refreshing"
+    });
+    rt.block_on(stats_are_sound(&c, &pod, &source));
+    assert!(
+        matches!(at["phase"].as_str(), Some("Copying" | "Refreshing")),
+        "the session went past copying before the kill: {at}"
+    );
+    c = restart(&mut agent);
+    db.wait_commits(50, Duration::from_secs(120));
+    let record = mig.wait_terminal(Duration::from_secs(240));
+    agent.assert_completed(&record);
+    assert!(
+        agent.session_state(&record).resumes >= 1,
+        "the session resumed after the restart"
+    );
+    assert_eq!(agent.active_path("db"), target);
+    db.wait_commits(50, Duration::from_secs(120));
+    rt.block_on(stats_are_sound(&c, &pod, &target));
+
+    let (db_stall, files_stall) = (db.max_latency(), files.max_latency());
+    let committed = db.stop();
+    let model = files.stop();
+    eprintln!(
+        "{committed} transactions (slowest commit {db_stall:?}), {} files (slowest write \
+         {files_stall:?}) through two agent restarts and a migration",
+        model.len()
+    );
+    assert_eq!(mount_identity(&pod).unwrap(), mount_before, "remounted");
+    assert_eq!(staged_device(&agent, "db"), device);
+    assert_eq!(std::fs::metadata(&device).unwrap().rdev(), rdev);
+    assert_eq!(
+        check_rows(&pod.join("db.sqlite"), committed, false),
+        committed + 1
+    );
+    check_tree(&pod.join("files"), &model, "through the pod's mount");
+
+    rt.block_on(async {
+        let mut n = c.node.clone();
+        let r = n.node_unpublish_volume(unpublish_req("db", &pod)).await;
+        assert_code(r, Code::Ok, "unpublish");
+        let r = n.node_unstage_volume(unstage_req("db", &staging)).await;
+        assert_code(r, Code::Ok, "unstage");
+    });
+    agent.stop();
+    // The target alone: a clean filesystem holding every committed row.
+    assert_fsck_clean(&target);
+    let ro = dir.path().join("ro");
+    let mut m = Mount::new(&target, &ro, &["-o", "ro,loop"]);
+    assert_eq!(
+        check_rows(&ro.join("db.sqlite"), committed, true),
+        committed + 1
+    );
+    check_tree(&ro.join("files"), &model, "straight from the target");
+    m.unmount();
+    drop(keeper);
 }

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 pub const BUILD_ARGS: [&str; 9] = [
     "build",
     "--package",
-    "volmig-agent",
+    "volmig-node-agent",
     "--package",
     "volmig",
     "--bin",

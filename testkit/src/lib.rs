@@ -8,6 +8,8 @@
 //!   free ports, external tools (a missing one fails the test naming its
 //!   Debian package), loop devices and mounts, fio's verdicts.
 //! - [`cgroup`]: a memory cgroup with a limit (v1 or v2).
+//! - [`sqlite`]: a database as a workload (WAL, synchronous=FULL, one insert
+//!   per transaction) and the check that every committed row is there.
 //! - [`certs`]: mutual-TLS certificates, made by `volmig certs`.
 //! - [`fswriter`]: a writer of files in a mounted filesystem, with the
 //!   model every file is checked against.
@@ -47,6 +49,7 @@ pub mod mem;
 pub mod net;
 pub mod pattern;
 pub mod process;
+pub mod sqlite;
 pub mod tools;
 
 pub use mem::MemVolume;
