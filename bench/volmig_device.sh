@@ -22,9 +22,22 @@ setsid "$AGENT" serve --state-dir "$DIR/$tag.state" --control "$ctl" \
   >"$DIR/$tag.agent.log" 2>&1 &
 agent=$!
 cleanup() {
-  "$VOLMIG" unserve --agent "unix://$ctl" vol >/dev/null 2>&1 || true
+  # The device may be busy for a moment after the benchmark closed it (udev
+  # probes it): try again before giving up.
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    "$VOLMIG" unserve --agent "unix://$ctl" vol >/dev/null 2>&1 && break
+    sleep 0.3
+  done
   kill -TERM "$agent" 2>/dev/null || true
   wait "$agent" 2>/dev/null || true
+  # An agent that still had the device keeps its FUSE mount (for the next
+  # agent): this one is the last, so the mount goes, and the peer script
+  # can remove its directory.
+  mnt=$DIR/$tag.block/fuse
+  if mountpoint -q "$mnt"; then
+    losetup -j "$mnt/vol" -O NAME -n 2>/dev/null | xargs -r -n1 losetup -d 2>/dev/null || true
+    umount -l "$mnt" 2>/dev/null || true
+  fi
   exit 0
 }
 trap cleanup TERM INT

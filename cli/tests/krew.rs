@@ -78,6 +78,9 @@ fn the_krew_manifest_has_what_krew_requires() {
             files.iter().any(|f| f["from"] == "kubectl-volmig"),
             "{files:?}"
         );
+        // krew-index wants the license in the archive; the packer puts it there.
+        assert!(files.iter().any(|f| f["from"] == "LICENSE"), "{files:?}");
+        assert!(root().join("LICENSE").is_file(), "the repository's LICENSE");
         seen.push(format!("{os}/{arch}"));
     }
     let n = seen.len();
