@@ -109,5 +109,8 @@ fn agent_user_errors_are_one_line() {
     // see tests/tls_reload.rs); half a TLS configuration is a user error.
     let mut tls = serve(&dir.path().join("s2").display().to_string());
     tls.args(["--grpc", "127.0.0.1:0", "--tls-cert", "/nope.pem"]);
-    one_line_error(tls, &["--grpc needs --tls-cert, --tls-key and --tls-client-ca"]);
+    one_line_error(
+        tls,
+        &["--grpc needs --tls-cert, --tls-key and --tls-client-ca"],
+    );
 }
