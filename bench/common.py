@@ -138,13 +138,13 @@ def system_busy():
 
 # ---------------------------------------------------------------- processes
 
-def wait_socket(path, proc=None, timeout=30.0):
+def wait_socket(path, proc=None, timeout=30.0, kind=socket.SOCK_STREAM):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {path}")
         if os.path.exists(path):
-            s = socket.socket(socket.AF_UNIX)
+            s = socket.socket(socket.AF_UNIX, kind)
             try:
                 s.connect(path)
                 return

@@ -22,19 +22,24 @@ setsid "$AGENT" serve --state-dir "$DIR/$tag.state" --control "$ctl" \
   >"$DIR/$tag.agent.log" 2>&1 &
 agent=$!
 cleanup() {
+  # The peer script gives this 10 s before a SIGKILL: stay well inside it.
   # The device may be busy for a moment after the benchmark closed it (udev
-  # probes it): try again before giving up.
-  for _ in 1 2 3 4 5 6 7 8 9 10; do
-    "$VOLMIG" unserve --agent "unix://$ctl" vol >/dev/null 2>&1 && break
+  # probes it, the page cache drains): a few tries.
+  for _ in 1 2 3 4 5; do
+    timeout 2 "$VOLMIG" unserve --agent "unix://$ctl" vol >/dev/null 2>&1 && break
     sleep 0.3
   done
   kill -TERM "$agent" 2>/dev/null || true
+  for _ in $(seq 30); do kill -0 "$agent" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$agent" 2>/dev/null || true
   wait "$agent" 2>/dev/null || true
   # An agent that still had the device keeps its FUSE mount (for the next
-  # agent): this one is the last, so the mount goes, and the peer script
-  # can remove its directory.
+  # agent): this one is the last, so the device and the mount go, and the
+  # peer script can remove its directory.
   mnt=$DIR/$tag.block/fuse
-  if mountpoint -q "$mnt"; then
+  # (not `mountpoint`: on a FUSE mount whose server is gone it fails with
+  # ENOTCONN and says "not a mount point")
+  if awk -v m="$mnt" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo; then
     losetup -j "$mnt/vol" -O NAME -n 2>/dev/null | xargs -r -n1 losetup -d 2>/dev/null || true
     umount -l "$mnt" 2>/dev/null || true
   fi

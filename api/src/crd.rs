@@ -7,6 +7,12 @@
 //! cluster without CEL, or an object written before the CRD was updated,
 //! still gets the same answer) and the tests compare both.
 
+pub mod volume;
+pub use volume::{
+    VOLUME_CRD_NAME, VolmigVolume, VolmigVolumeSpec, VolmigVolumeStatus, VolumeAttachmentRecord,
+    VolumeHistory, WorkloadClaim,
+};
+
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

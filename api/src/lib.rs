@@ -7,6 +7,7 @@
 pub mod config;
 #[cfg(feature = "crd")]
 pub mod crd;
+pub mod csi_driver;
 pub mod fault;
 pub mod io;
 pub mod limits;

@@ -6,6 +6,7 @@
 pub mod agents;
 pub mod cache;
 pub mod crd_gen;
+pub mod csi;
 pub mod error;
 pub mod health;
 pub mod holder_policy;

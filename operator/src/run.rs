@@ -102,7 +102,7 @@ fn migration_of<K: Resource>(o: &K) -> Option<ObjectRef<VolumeMigration>> {
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
-async fn terminated() {
+pub async fn terminated() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

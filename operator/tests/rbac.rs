@@ -52,6 +52,12 @@ fn every_api_the_code_uses_has_rules_and_no_rule_is_unused() {
         if f.ends_with("rbac.rs") {
             continue; // the table itself
         }
+        // The CSI controller (`volmig-operator csi-controller`) runs in its
+        // own pod under its own ServiceAccount, with the sidecars' rules
+        // (charts/volmig/templates/csi-rbac.yaml, checked by scripts/check-chart).
+        if f.components().any(|c| c.as_os_str() == "csi") {
+            continue;
+        }
         for pat in ["Api<", "Api::<"] {
             for (i, _) in text.match_indices(pat) {
                 let rest = &text[i + pat.len()..];

@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
+
+
+use volmig_api::csi::controller_client::ControllerClient;
 use volmig_api::csi::identity_client::IdentityClient;
 use volmig_api::csi::node_client::NodeClient;
 use volmig_api::csi::volume_capability::access_mode::Mode;
@@ -34,11 +37,13 @@ use crate::tools::{require_bin, retry};
 
 pub use volmig_node_agent::csi::{BACKING_DEVICE_KEY, DRIVER_NAME, SIZE_KEY, TOPOLOGY_KEY};
 
-/// A client of a CSI plugin's unix socket, as kubelet is.
+/// A client of a CSI plugin's unix socket, as kubelet is (identity and
+/// node) or as the controller sidecars are (identity and controller).
 #[derive(Clone)]
 pub struct CsiClient {
     pub identity: IdentityClient<Channel>,
     pub node: NodeClient<Channel>,
+    pub controller: ControllerClient<Channel>,
 }
 
 impl CsiClient {
@@ -59,7 +64,8 @@ impl CsiClient {
             }));
         Self {
             identity: IdentityClient::new(channel.clone()),
-            node: NodeClient::new(channel),
+            node: NodeClient::new(channel.clone()),
+            controller: ControllerClient::new(channel),
         }
     }
 }
@@ -513,5 +519,70 @@ impl Drop for KubeletMounts {
                 let _ = retry("umount", &["-l", m], 1);
             }
         }
+    }
+}
+
+/// CreateVolume `name` of `bytes` (0: unsaid) with `cap`, as the
+/// external-provisioner sends it for claim `db/<claim>` of a StorageClass
+/// with `backingStorageClass: <class>` (None: a class without it).
+pub fn create_req(
+    name: &str,
+    class: Option<&str>,
+    bytes: i64,
+    cap: VolumeCapability,
+    claim: &str,
+) -> volmig_api::csi::CreateVolumeRequest {
+    let mut parameters = HashMap::from([
+        ("csi.storage.k8s.io/pvc/name".to_string(), claim.to_string()),
+        (
+            "csi.storage.k8s.io/pvc/namespace".to_string(),
+            "db".to_string(),
+        ),
+        ("csi.storage.k8s.io/pv/name".to_string(), name.to_string()),
+    ]);
+    if let Some(c) = class {
+        parameters.insert(
+            volmig_api::csi_driver::BACKING_CLASS_PARAM.to_string(),
+            c.to_string(),
+        );
+    }
+    volmig_api::csi::CreateVolumeRequest {
+        name: name.to_string(),
+        capacity_range: (bytes > 0).then_some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        parameters,
+        ..Default::default()
+    }
+}
+
+/// ControllerPublishVolume of `volume` on `node` with `cap`, as the
+/// external-attacher sends it.
+pub fn controller_publish_req(
+    volume: &str,
+    node: &str,
+    cap: VolumeCapability,
+    readonly: bool,
+) -> volmig_api::csi::ControllerPublishVolumeRequest {
+    volmig_api::csi::ControllerPublishVolumeRequest {
+        volume_id: volume.to_string(),
+        node_id: node.to_string(),
+        volume_capability: Some(cap),
+        readonly,
+        ..Default::default()
+    }
+}
+
+/// ControllerUnpublishVolume of `volume` on `node`.
+pub fn controller_unpublish_req(
+    volume: &str,
+    node: &str,
+) -> volmig_api::csi::ControllerUnpublishVolumeRequest {
+    volmig_api::csi::ControllerUnpublishVolumeRequest {
+        volume_id: volume.to_string(),
+        node_id: node.to_string(),
+        ..Default::default()
     }
 }

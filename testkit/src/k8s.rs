@@ -82,3 +82,58 @@ pub fn pv_path(name: &str) -> String {
 pub fn pod_path(ns: &str, name: &str) -> String {
     format!("/api/v1/namespaces/{ns}/pods/{name}")
 }
+
+/// Node `name`.
+pub fn node(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+}
+
+/// The API path of node `name`.
+pub fn node_path(name: &str) -> String {
+    format!("/api/v1/nodes/{name}")
+}
+
+/// The API path of the CSI driver's record of volume `id`.
+pub fn volmig_volume_path(id: &str) -> String {
+    format!("/apis/volmig.io/v1alpha1/volmigvolumes/{id}")
+}
+
+/// What the volume controller and a backing driver do for claim
+/// `ns/name`: a PersistentVolume `pv-<name>` of driver
+/// `hostpath.csi.k8s.io` (Block, its requested size), and the claim bound
+/// to it. Returns the PV's name.
+pub fn bind_claim(fake: &crate::fake_api::FakeApi, ns: &str, name: &str) -> String {
+    let path = format!("/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}");
+    let c = fake
+        .get(&path)
+        .unwrap_or_else(|| panic!("no claim {ns}/{name} to bind"));
+    let size = c["spec"]["resources"]["requests"]["storage"].clone();
+    let pv = format!("pv-{name}");
+    fake.put(
+        &format!("/api/v1/persistentvolumes/{pv}"),
+        json!({
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": pv},
+            "spec": {"capacity": {"storage": size}, "accessModes": c["spec"]["accessModes"].clone(),
+                     "volumeMode": "Block", "persistentVolumeReclaimPolicy": "Delete",
+                     "storageClassName": c["spec"]["storageClassName"].clone(),
+                     "claimRef": {"namespace": ns, "name": name},
+                     "csi": {"driver": "hostpath.csi.k8s.io", "volumeHandle": pv}},
+        }),
+    );
+    fake.edit(&path, |c| {
+        c["spec"]["volumeName"] = json!(pv);
+        c["status"] = json!({"phase": "Bound", "capacity": {"storage": size}});
+    });
+    pv
+}
+
+/// What kubelet does for pod `ns/name`: it runs. Returns its uid.
+pub fn run_pod(fake: &crate::fake_api::FakeApi, ns: &str, name: &str) -> String {
+    let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
+    fake.edit(&path, |p| p["status"] = json!({"phase": "Running"}));
+    fake.get(&path).unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}

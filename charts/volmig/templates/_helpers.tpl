@@ -191,3 +191,26 @@ runs as root (0400).
               path: {{ .role }}-key.pem
 {{- end }}
 {{- end -}}
+
+{{/*
+The CSI driver: its name, the controller's names, the node plugin's socket
+directory under kubelet's plugins (the agent serves it, node-driver-registrar
+registers it).
+*/}}
+{{- define "volmig.csi.driverName" -}}csi.volmig.io{{- end -}}
+
+{{- define "volmig.csi.fullname" -}}
+{{- printf "%s-csi-controller" (include "volmig.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "volmig.csi.serviceAccountName" -}}
+{{- if .Values.csi.controller.serviceAccount.create -}}
+{{- default (include "volmig.csi.fullname" .) .Values.csi.controller.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.csi.controller.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "volmig.csi.pluginDir" -}}
+{{- printf "%s/plugins/%s" (include "volmig.kubeletDir" .) (include "volmig.csi.driverName" .) -}}
+{{- end -}}

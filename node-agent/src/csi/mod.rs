@@ -32,17 +32,6 @@ pub use node::{NodeConfig, NodePlugin, Stats};
 pub use service::{CsiService, serve_unix};
 pub use volumes::{AgentVolumes, Condition, Device, Volumes};
 
-/// The plugin's name (GetPluginInfo; the `driver` of a PV).
-pub const DRIVER_NAME: &str = "csi.volmig.io";
-
-/// The publish-context key naming the backing device a volume is served
-/// from on the node (the device of the controller's holder pod).
-pub const BACKING_DEVICE_KEY: &str = "volmig.io/backing-device";
-
-/// The volume-context key with the volume's size in bytes: a backing
-/// device smaller than it is refused.
-pub const SIZE_KEY: &str = "volmig.io/size-bytes";
-
-/// The topology segment of a node: volumes are reachable from the node
-/// whose agent serves them.
-pub const TOPOLOGY_KEY: &str = "topology.volmig.io/node";
+/// The names the controller and this plugin agree on (one definition,
+/// in `volmig_api::csi_driver`).
+pub use volmig_api::csi_driver::{BACKING_DEVICE_KEY, DRIVER_NAME, SIZE_KEY, TOPOLOGY_KEY};

@@ -587,6 +587,25 @@ pub fn holder_pod(
     claim: &str,
     image: &str,
 ) -> Result<Pod> {
+    let mut pod = holder_pod_in(
+        &vm.namespace().unwrap_or_default(),
+        name,
+        node,
+        claim,
+        image,
+    )?;
+    pod.metadata
+        .labels
+        .get_or_insert_default()
+        .extend(labels(vm));
+    Ok(pod)
+}
+
+/// A holder pod `ns/name` on `node` attaching `claim` as a raw block device
+/// at [`HOLDER_DEVICE`], labelled as a holder made by volmig (the admission
+/// policy's terms); the migration's holders and the CSI controller's
+/// (which attach a volume's backing claim) are the same pod.
+pub fn holder_pod_in(ns: &str, name: &str, node: &str, claim: &str, image: &str) -> Result<Pod> {
     let mut pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {
@@ -608,13 +627,17 @@ pub fn holder_pod(
         },
     }))
     .map_err(|e| crate::error::Error::Finalizer(format!("holder pod spec: {e}")))?;
-    let mut l = labels(vm);
-    l.insert(
-        "app.kubernetes.io/component".to_string(),
-        HOLDER_COMPONENT.to_string(),
+    pod.metadata.labels = Some(
+        [
+            (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+            (
+                "app.kubernetes.io/component".to_string(),
+                HOLDER_COMPONENT.to_string(),
+            ),
+        ]
+        .into(),
     );
-    pod.metadata.labels = Some(l);
-    pod.metadata.namespace = vm.namespace();
+    pod.metadata.namespace = Some(ns.to_string());
     Ok(pod)
 }
 
