@@ -31,6 +31,11 @@
 # wait_for takes its condition as a string evaluated each time: single quotes on purpose.
 # shellcheck disable=SC2016
 set -euo pipefail
+RENDER=
+if [ "${1:-}" = --render ]; then
+  [ -n "${2:-}" ] || { echo "usage: $0 --render DIR" >&2; exit 2; }
+  RENDER=$(mkdir -p "$2" && cd "$2" && pwd)
+fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
@@ -207,15 +212,13 @@ EOF
   if [ -n "${3:-}" ]; then echo "  bandwidthLimit: $3"; fi
 }
 
-if [ "${1:-}" = --render ]; then
-  [ -n "${2:-}" ] || { echo "usage: $0 --render DIR" >&2; exit 2; }
-  mkdir -p "$2"
-  helm_values >"$2/values.yaml"
-  backing_classes >"$2/backing-classes.yaml"
-  workload "$CLUSTER-worker" >"$2/workload.yaml"
-  migration e2e-to-b "$CLASS_B" >"$2/migration-to-b.yaml"
-  migration e2e-abort "$CLASS_B" "$ABORT_BANDWIDTH" >"$2/migration-abort.yaml"
-  echo "rendered into $2: $(cd "$2" && echo *)"
+if [ -n "$RENDER" ]; then
+  helm_values >"$RENDER/values.yaml"
+  backing_classes >"$RENDER/backing-classes.yaml"
+  workload "$CLUSTER-worker" >"$RENDER/workload.yaml"
+  migration e2e-to-b "$CLASS_B" >"$RENDER/migration-to-b.yaml"
+  migration e2e-abort "$CLASS_B" "$ABORT_BANDWIDTH" >"$RENDER/migration-abort.yaml"
+  echo "rendered into $RENDER: $(cd "$RENDER" && echo *)"
   exit 0
 fi
 
@@ -497,7 +500,9 @@ vac_migration() {
 wait_for 180 "the VolumeMigration ControllerModifyVolume creates (label volmig.io/volume=$VOL)" '[ -n "$(vac_migration)" ]'
 VAC_MIG=$(vac_migration)
 wait_migration "$VAC_MIG" Completed
-wait_for 180 "claim $CLAIM reporting currentVolumeAttributesClassName $VAC_A" \
+# external-resizer retries ControllerModifyVolume (ABORTED while the
+# migration runs) with a backoff of up to 5 minutes.
+wait_for 600 "claim $CLAIM reporting currentVolumeAttributesClassName $VAC_A" \
   '[ "$("${K[@]}" -n "$APP_NS" get pvc "$CLAIM" -o jsonpath="{.status.currentVolumeAttributesClassName}")" = "$VAC_A" ]'
 check_live "after the VolumeAttributesClass change" "$CLASS_A" "$CLAIM1" "$UID0" "$NODE" "$LAST" "$ROWS"
 CLAIM2=$(record_claim)
