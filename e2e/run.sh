@@ -460,6 +460,9 @@ for v in "$VAC_A" "$VAC_B"; do "${K[@]}" get volumeattributesclass "$v" >/dev/nu
 STEP=workload
 say "StatefulSet writer on $BACKING_NODE: checksummed files + SQLite on a $SC claim ($SIZE)"
 workload "$BACKING_NODE" >"$OUT/workload.yaml"
+# A cluster kept from an earlier run: start from a new namespace (its claim,
+# volume and VolumeMigrations go with the old one).
+"${K[@]}" delete namespace "$APP_NS" --ignore-not-found --wait=true --timeout=300s
 "${K[@]}" apply -f "$OUT/workload.yaml"
 wait_for 300 "claim $CLAIM bound" '[ "$("${K[@]}" -n "$APP_NS" get pvc "$CLAIM" -o jsonpath="{.status.phase}")" = Bound ]'
 wait_ready app=writer "$APP_NS" 1 300
