@@ -574,6 +574,25 @@ async fn expand_grows_the_backing_claim_then_the_node_expands() {
         .into_inner();
     assert_eq!(r.capacity_bytes, 2 * GIB);
     assert!(r.node_expansion_required);
+    // while a migration moves the volume (its target sized from the
+    // current claim), growing waits for it
+    c.fake.edit(&volmig_volume_path(&id), |r| {
+        r["status"]["targets"] = json!([{"claim": "t", "storageClass": "slow",
+                                         "migration": "db/m", "migrationUid": "u"}]);
+    });
+    let msg = assert_code(
+        c.csi
+            .controller
+            .controller_expand_volume(req(3 * GIB))
+            .await,
+        Code::Aborted,
+        "a migration runs",
+    );
+    assert!(msg.contains("db/m"), "{msg}");
+    assert_eq!(
+        c.fake.get(&path).unwrap()["spec"]["resources"]["requests"]["storage"],
+        (2 * GIB).to_string()
+    );
     assert_code(
         c.csi
             .controller

@@ -194,12 +194,14 @@ pub async fn resolve<C: Connector>(
     let target = match ctx.caches.claim(&bns, &target_name, Read::Cached).await? {
         Some(t) => t,
         None => {
+            // as large as the current backing claim, and as the volume
+            // (an expansion asked for may not have reached the claim yet)
             let size = match ctx.caches.claim(&bns, &current, Read::Cached).await? {
                 Some(c) => claim_bytes(&c),
                 None => None,
             }
-            .or(status.capacity_bytes)
-            .unwrap_or(rec.spec.capacity_bytes);
+            .unwrap_or(0)
+            .max(status.capacity_bytes.unwrap_or(rec.spec.capacity_bytes));
             let mut c = backing_claim(&bns, id, &target_name, &class, size, &rec.spec.access_modes);
             label(&mut c.metadata, vm);
             // the holder bypasses the scheduler (WaitForFirstConsumer)
@@ -601,4 +603,34 @@ pub async fn release_unstarted<C: Connector>(ctx: &Context<C>, vm: &VolumeMigrat
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_names_are_stable_distinct_and_short_enough() {
+        let id = crate::csi::volume_id("pvc-1");
+        let a = target_claim_name(&id, "uid-1");
+        assert_eq!(a, target_claim_name(&id, "uid-1"));
+        assert_ne!(a, target_claim_name(&id, "uid-2"));
+        assert!(a.starts_with(&format!("{id}-m")));
+        // its holders are pod names and label values: at most 63
+        assert!(holder_name(&a, &"n".repeat(253)).len() <= 63);
+    }
+
+    #[test]
+    fn only_volumes_of_volmig_s_driver_have_an_id() {
+        let pv = |driver: &str| -> PersistentVolume {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "pvc-1"},
+                "spec": {"csi": {"driver": driver, "volumeHandle": "vm-1"}},
+            }))
+            .unwrap()
+        };
+        assert_eq!(volume_id_of(&pv(DRIVER_NAME)).as_deref(), Some("vm-1"));
+        assert_eq!(volume_id_of(&pv("csi.example.com")), None);
+        assert_eq!(volume_id_of(&PersistentVolume::default()), None);
+    }
 }
