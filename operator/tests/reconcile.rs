@@ -1567,6 +1567,11 @@ mod volmig_volume {
     /// CSI controller, served by n1's agent under its id; migration `m`
     /// (`spec`) moves it.
     pub async fn volmig_cluster(spec: Value) -> Volmig {
+        volmig_cluster_with(spec, cap()).await
+    }
+
+    /// As [`volmig_cluster`], the volume created for capability `cap`.
+    pub async fn volmig_cluster_with(spec: Value, cap: Cap) -> Volmig {
         let dir = tempfile::tempdir().unwrap();
         let (source, target) = volume_files(dir.path(), SIZE);
         let id = volume_id("pvc-1");
@@ -1588,7 +1593,7 @@ mod volmig_volume {
         let create = || CreateVolume {
             name: "pvc-1".into(),
             required_bytes: SIZE,
-            caps: vec![cap()],
+            caps: vec![cap.clone()],
             parameters: [
                 (BACKING_CLASS_PARAM.to_string(), "slow".to_string()),
                 ("csi.storage.k8s.io/pvc/name".into(), "data".into()),
@@ -1624,14 +1629,14 @@ mod volmig_volume {
         );
         // ControllerPublish on n1: the holder of the first backing claim
         assert_eq!(
-            ctl.publish(&id, "n1", Some(cap()), false)
+            ctl.publish(&id, "n1", Some(cap.clone()), false)
                 .await
                 .unwrap_err()
                 .kind,
             Kind::Aborted
         );
         run_pod(&fake, NS, &holder_name(&id, "n1"));
-        ctl.publish(&id, "n1", Some(cap()), false).await.unwrap();
+        ctl.publish(&id, "n1", Some(cap), false).await.unwrap();
         fake.put(VM_PATH, vm(spec));
         let settings = Settings {
             kubelet_dir: dir.path().join("kubelet").display().to_string(),
@@ -1684,7 +1689,13 @@ mod volmig_volume {
         /// holder on n1 and publishes the raw device (the target file).
         pub fn attach_target(&self) {
             let pv = bind_claim(&self.c.fake, NS, &self.target);
-            let uid = run_pod(&self.c.fake, NS, &self.holder("n1"));
+            self.attach_target_on("n1", &pv);
+        }
+
+        /// kubelet runs the target's holder on `node` and publishes its
+        /// raw device (PV `pv`, the target file).
+        pub fn attach_target_on(&self, node: &str, pv: &str) {
+            let uid = run_pod(&self.c.fake, NS, &self.holder(node));
             let dev = self.c.dir.path().join(format!(
                 "kubelet/pods/{uid}/volumeDevices/kubernetes.io~csi"
             ));
@@ -1918,6 +1929,63 @@ mod volmig_volume {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_volmig_volume_moves_to_a_new_backing_claim_releasing_the_source() {
         Box::pin(moves(false)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_volmig_volume_published_on_two_nodes_moves_on_both() {
+        let block_rwx = Cap {
+            block: true,
+            fs_type: String::new(),
+            mode: AccessMode::MultiNodeMultiWriter,
+        };
+        let v = volmig_cluster_with(volmig_spec(true), block_rwx.clone()).await;
+        let c = &v.c;
+        // published on n2 too, whose agent serves the volume as well
+        assert!(
+            v.ctl
+                .publish(&v.id, "n2", Some(block_rwx.clone()), false)
+                .await
+                .is_err()
+        );
+        run_pod(&c.fake, NS, &holder_name(&v.id, "n2"));
+        v.ctl
+            .publish(&v.id, "n2", Some(block_rwx), false)
+            .await
+            .unwrap();
+        let agent2 = in_process(&c.dir.path().join("agent2-state"));
+        serve(&agent2, &v.id, &c.source, false).await;
+        let ctx = c.with_second_agent(agent2.clone());
+        c.reconcile_with(&ctx).await.unwrap();
+        c.reconcile_with(&ctx).await.unwrap();
+        let t = c.fake.get(&claim_path(&v.target)).unwrap();
+        assert_eq!(t["spec"]["accessModes"], json!(["ReadWriteMany"]));
+        for node in ["n1", "n2"] {
+            let h = c.fake.get(&pod_path(NS, &v.holder(node))).unwrap();
+            assert_eq!(h["spec"]["nodeName"], node);
+        }
+        let pv = bind_claim(&c.fake, NS, &v.target);
+        v.attach_target_on("n1", &pv);
+        v.attach_target_on("n2", &pv);
+        c.reconcile_with(&ctx).await.unwrap();
+        let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+        assert_eq!(st["phase"], "Completed", "{st}");
+        assert_eq!(st["volumes"][0]["sharedWith"][0]["node"], "n2");
+        c.reconcile_with(&ctx).await.unwrap();
+        let r = v.record();
+        assert_eq!(r["status"]["currentClaim"], v.target.as_str());
+        for (i, node) in ["n1", "n2"].iter().enumerate() {
+            let a = &r["status"]["attachments"][i];
+            assert_eq!(a["node"], *node);
+            assert_eq!(a["claim"], v.target.as_str());
+            assert_eq!(a["holderPod"], v.holder(node).as_str());
+            assert!(
+                c.fake
+                    .get(&pod_path(NS, &holder_name(&v.id, node)))
+                    .is_none()
+            );
+        }
+        assert_ne!(Cluster::active(&agent2, &v.id), c.source, "n2 moved too");
+        assert_ne!(Cluster::active(&c.agent, &v.id), c.source);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
