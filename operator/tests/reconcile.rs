@@ -1854,6 +1854,11 @@ mod volmig_volume {
         assert_eq!(st["volumes"][0]["backingNamespace"], NS);
         c.reconcile().await.unwrap(); // the record adopts the target
         v.assert_adopted(&workload);
+        assert!(
+            c.events().iter().any(|e| e == "BackingClaimChanged"),
+            "{:?}",
+            c.events()
+        );
         let b0 = backing_claim_name(&v.id, 0);
         let claims = v.record()["status"]["claims"].clone();
         if retain {

@@ -565,7 +565,28 @@ async fn finish<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<
         if v.backing_namespace.is_some() {
             // a volmig volume: its record says which backing claim is its
             match outcome::place(ctx, v).await? {
-                Place::Target => volmig::adopt(ctx, vm, v).await?,
+                Place::Target => {
+                    if volmig::adopt(ctx, vm, v).await? {
+                        let source = if vm.spec.retain_source {
+                            "kept (retainSource)"
+                        } else {
+                            "released"
+                        };
+                        ctx.event(
+                            vm,
+                            EventType::Normal,
+                            "BackingClaimChanged",
+                            format!(
+                                "volume {} (claim {}) is now backed by claim {}/{}; its former backing claim is {source}",
+                                v.volume,
+                                v.source,
+                                v.backing_namespace.as_deref().unwrap_or_default(),
+                                v.target
+                            ),
+                        )
+                        .await;
+                    }
+                }
                 Place::Source => volmig::release(ctx, vm, v).await?,
                 Place::Unknown(why) => {
                     unsure = true;
@@ -723,7 +744,9 @@ async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result
     for v in &st.volumes {
         if v.backing_namespace.is_some() {
             match outcome::place(ctx, v).await? {
-                Place::Target => volmig::adopt(ctx, vm, v).await?,
+                Place::Target => {
+                    volmig::adopt(ctx, vm, v).await?;
+                }
                 Place::Source => volmig::release(ctx, vm, v).await?,
                 Place::Unknown(why) => {
                     ctx.event(

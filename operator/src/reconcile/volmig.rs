@@ -403,15 +403,17 @@ async fn delete_claim<C: Connector>(
 /// record names the target as the volume's current backing claim, every
 /// attachment the target's holder; then the source's holders go, and the
 /// source backing claim unless `retainSource`. Each step is skipped once
-/// done.
+/// done. True when the record changed now.
 pub async fn adopt<C: Connector>(
     ctx: &Context<C>,
     vm: &VolumeMigration,
     v: &VolumeStatus,
-) -> Result<()> {
+) -> Result<bool> {
     let Some(rec) = records(ctx).get_opt(&v.volume).await? else {
-        return Ok(());
+        return Ok(false);
     };
+    let changed =
+        rec.status.as_ref().and_then(|s| s.current_claim.as_deref()) != Some(v.target.as_str());
     let id = v.volume.clone();
     let bns = rec.spec.backing_namespace.clone();
     let status = rec.status.clone().unwrap_or_default();
@@ -468,7 +470,7 @@ pub async fn adopt<C: Connector>(
         .find(|h| h.migration.as_deref() == Some(migration.as_str()) && h.to_claim == v.target)
         .and_then(|h| h.from_claim.clone())
     else {
-        return Ok(());
+        return Ok(changed);
     };
     // the source's holders: pods of the volume attaching it, no
     // attachment's any more
@@ -499,7 +501,7 @@ pub async fn adopt<C: Connector>(
         update_record(ctx, &rec, |s| s.claims.retain(|c| c != &from)).await?;
         info!(migration = %migration, volume = %id, claim = %from, "source backing claim released (retainSource: false)");
     }
-    Ok(())
+    Ok(changed)
 }
 
 /// The target of migration `vm` of volume `id` in namespace `bns` is not
