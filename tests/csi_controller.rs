@@ -21,6 +21,7 @@ use volmig_api::csi::{
 use volmig_api::csi_driver::{BACKING_CLASS_PARAM, BACKING_DEVICE_KEY, DRIVER_NAME, SIZE_KEY};
 use volmig_operator::csi::controller::{backing_claim_name, holder_name, modify_migration_name};
 use volmig_operator::csi::{Controller, Settings, bind_unix, serve_unix, volume_id};
+use volmig_operator::reconcile::volmig::target_claim_name;
 use volmig_testkit::csi::{
     CsiClient, assert_code, block_cap, controller_publish_req, controller_unpublish_req,
     create_req, mount_cap,
@@ -573,6 +574,25 @@ async fn expand_grows_the_backing_claim_then_the_node_expands() {
         .into_inner();
     assert_eq!(r.capacity_bytes, 2 * GIB);
     assert!(r.node_expansion_required);
+    // while a migration moves the volume (its target sized from the
+    // current claim), growing waits for it
+    c.fake.edit(&volmig_volume_path(&id), |r| {
+        r["status"]["targets"] = json!([{"claim": "t", "storageClass": "slow",
+                                         "migration": "db/m", "migrationUid": "u"}]);
+    });
+    let msg = assert_code(
+        c.csi
+            .controller
+            .controller_expand_volume(req(3 * GIB))
+            .await,
+        Code::Aborted,
+        "a migration runs",
+    );
+    assert!(msg.contains("db/m"), "{msg}");
+    assert_eq!(
+        c.fake.get(&path).unwrap()["spec"]["resources"]["requests"]["storage"],
+        (2 * GIB).to_string()
+    );
     assert_code(
         c.csi
             .controller
@@ -688,8 +708,9 @@ async fn modify_starts_a_migration_and_later_publishes_attach_the_target() {
         .count();
     assert_eq!(vms, 1, "one migration, however often the resizer asks");
 
-    // the reconciler's end of a migration: the record names the target
-    let b1 = backing_claim_name(&id, 1);
+    // the reconciler's end of a migration (operator/tests/reconcile.rs runs
+    // it for real): the record names the target
+    let b1 = target_claim_name(&id, vm["metadata"]["uid"].as_str().unwrap());
     c.fake.put(
         &claim_path(&b1),
         json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",

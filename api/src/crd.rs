@@ -9,8 +9,8 @@
 
 pub mod volume;
 pub use volume::{
-    VOLUME_CRD_NAME, VolmigVolume, VolmigVolumeSpec, VolmigVolumeStatus, VolumeAttachmentRecord,
-    VolumeHistory, WorkloadClaim,
+    MigrationTarget, VOLUME_CRD_NAME, VolmigVolume, VolmigVolumeSpec, VolmigVolumeStatus,
+    VolumeAttachmentRecord, VolumeHistory, WorkloadClaim,
 };
 
 use kube::{CustomResource, KubeSchema};
@@ -142,7 +142,9 @@ pub struct VolumeMigrationSpec {
     /// Compare source and target after cutover: None, Sample or Full.
     #[serde(default)]
     pub verify: VerifySpec,
-    /// Keep the source volume after the migration (the only mode implemented).
+    /// Keep the source volume after the migration. False releases the
+    /// source backing claim of a volume of volmig's CSI driver once the
+    /// migration completed; other volumes always keep their source.
     #[serde(default = "default_true")]
     pub retain_source: bool,
     /// Roll the migration back; cannot be unset once set.
@@ -364,9 +366,15 @@ pub struct VolumeStatus {
     /// Target claim.
     #[serde(default)]
     pub target: String,
-    /// The source persistent volume: the volume's name on the agent.
+    /// The source persistent volume: the volume's name on the agent (for
+    /// a volume of volmig's CSI driver, its volume id).
     #[serde(default)]
     pub volume: String,
+    /// Set for a volume of volmig's CSI driver (`csi.volmig.io`): the
+    /// namespace of its backing claims, where the target claim and the
+    /// holder pods are; its record is the VolmigVolume named `volume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_namespace: Option<String>,
     /// The target persistent volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_volume: Option<String>,
@@ -655,11 +663,6 @@ pub fn check_spec(spec: &VolumeMigrationSpec) -> Result<ParsedSpec, Vec<String>>
             }
         },
     };
-    if !spec.retain_source {
-        errs.push(
-            "spec.retainSource: false is not supported yet (the source is always kept)".into(),
-        );
-    }
     errs.dedup();
     if errs.is_empty() {
         Ok(ParsedSpec {

@@ -61,6 +61,22 @@ pub const RULES: &[Rule] = &[
         why: "the status is the communication data set, replaced under resourceVersion (status_store.rs, reconcile/status.rs)",
     },
     Rule {
+        group: "volmig.io",
+        resource: "volmigvolumes",
+        verbs: &["get"],
+        scope: Scope::Cluster,
+        names: Names::Any,
+        why: "a migration of a volume of volmig's CSI driver reads the volume's record (reconcile/volmig.rs)",
+    },
+    Rule {
+        group: "volmig.io",
+        resource: "volmigvolumes/status",
+        verbs: &["update"],
+        scope: Scope::Cluster,
+        names: Names::Any,
+        why: "the record lists a migration's target backing claim before it is made, and names it current once the migration completed (reconcile/volmig.rs)",
+    },
+    Rule {
         group: "apiextensions.k8s.io",
         resource: "customresourcedefinitions",
         verbs: &["get"],

@@ -27,6 +27,7 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
 fn resource_of(kind: &str) -> Option<(&'static str, &'static str)> {
     Some(match kind {
         "VolumeMigration" => ("volmig.io", "volumemigrations"),
+        "VolmigVolume" => ("volmig.io", "volmigvolumes"),
         "Pod" => ("", "pods"),
         "PersistentVolumeClaim" => ("", "persistentvolumeclaims"),
         "PersistentVolume" => ("", "persistentvolumes"),

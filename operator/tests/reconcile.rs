@@ -797,16 +797,27 @@ async fn invalid_spec_fails_with_a_clear_message_and_creates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_the_agent_does_not_serve_waits_until_it_is_served() {
+    // another driver's volume (csi.example.com) that no agent serves
     let c = cluster(spec("8Mi"), "some-other-volume").await;
     c.reconcile().await.unwrap();
     let first = c.reconcile().await.unwrap();
     assert_eq!(c.vm()["status"]["phase"], "Pending");
     let p = c.condition("Progressing");
-    assert_eq!(p["reason"], "VolumeNotServed");
+    assert_eq!(p["reason"], "NotAVolmigVolume");
     let msg = p["message"].as_str().unwrap();
     assert!(
-        msg.contains("pv-data") && msg.contains("volmig-agent --export pv-data="),
+        msg.contains("pv-data")
+            && msg.contains("import it first")
+            && msg.contains("volmig-agent --export pv-data="),
         "{msg}"
+    );
+    assert_eq!(c.condition("Ready")["reason"], "NotAVolmigVolume");
+    assert!(
+        !c.fake
+            .log()
+            .iter()
+            .any(|l| l.path.contains("volmigvolumes")),
+        "another driver's volume has no record to look for"
     );
     assert!(c.condition("Degraded").is_null(), "waiting is not degraded");
     assert!(creations(&c.fake).is_empty(), "{:?}", creations(&c.fake));
@@ -868,7 +879,7 @@ async fn a_migration_applied_before_the_cluster_is_ready_starts_once_it_is() {
             "SourceClaimNotFound",
             "NoConsumerPod",
             "AgentNotReady",
-            "VolumeNotServed",
+            "NotAVolmigVolume",
             "WaitingForTarget"
         ]
     );
@@ -1509,4 +1520,608 @@ async fn a_running_migration_is_reconciled_from_caches_not_lists() {
         c.fake.get(&pv_path("pv-target")).unwrap()["spec"]["persistentVolumeReclaimPolicy"],
         "Retain"
     );
+}
+
+// ---- volumes of volmig's CSI driver ---------------------------------------
+
+mod volmig_volume {
+    //! A VolumeMigration of a claim whose PV is a volume of volmig's own CSI
+    //! driver: the CSI controller (`volmig_operator::csi::Controller`, in
+    //! the test's process, under its own client) created and published it;
+    //! the reconciler moves its backing claim, and the record says so.
+
+    use super::*;
+    use volmig_api::csi_driver::{BACKING_CLASS_PARAM, DRIVER_NAME};
+    use volmig_operator::csi::controller::{
+        AccessMode, Cap, CreateVolume, Modified, backing_claim_name, holder_name,
+        modify_migration_name,
+    };
+    use volmig_operator::csi::{Controller, Kind, Settings as CsiSettings, volume_id};
+    use volmig_operator::reconcile::volmig::target_claim_name;
+
+    pub const NS: &str = "volmig-system";
+
+    pub fn claim_path(name: &str) -> String {
+        format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/{name}")
+    }
+
+    pub fn cap() -> Cap {
+        Cap {
+            block: false,
+            fs_type: "ext4".into(),
+            mode: AccessMode::SingleNodeWriter,
+        }
+    }
+
+    pub struct Volmig {
+        pub c: Cluster,
+        pub ctl: Controller,
+        /// The volume id.
+        pub id: String,
+        /// The migration's target backing claim.
+        pub target: String,
+    }
+
+    /// Volume `pvc-1` of volmig's driver (backing class `slow`, claim
+    /// `db/data`, used by pod app-0) created and published on n1 by the
+    /// CSI controller, served by n1's agent under its id; migration `m`
+    /// (`spec`) moves it.
+    pub async fn volmig_cluster(spec: Value) -> Volmig {
+        volmig_cluster_with(spec, cap()).await
+    }
+
+    /// As [`volmig_cluster`], the volume created for capability `cap`.
+    pub async fn volmig_cluster_with(spec: Value, cap: Cap) -> Volmig {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, target) = volume_files(dir.path(), SIZE);
+        let id = volume_id("pvc-1");
+        let agent = in_process(&dir.path().join("agent-state"));
+        serve(&agent, &id, &source, false).await;
+        let (client, fake) = FakeApi::start();
+        fake.put(&node_path("n1"), node("n1"));
+        fake.put(&node_path("n2"), node("n2"));
+        let ctl = Controller::new(
+            fake.client_as("csi-controller"),
+            CsiSettings {
+                namespace: NS.into(),
+                holder_image: "registry.k8s.io/pause:3.10".into(),
+                kubelet_dir: dir.path().join("kubelet").display().to_string(),
+                publish_wait: Duration::ZERO,
+                default_bytes: SIZE,
+            },
+        );
+        let create = || CreateVolume {
+            name: "pvc-1".into(),
+            required_bytes: SIZE,
+            caps: vec![cap.clone()],
+            parameters: [
+                (BACKING_CLASS_PARAM.to_string(), "slow".to_string()),
+                ("csi.storage.k8s.io/pvc/name".into(), "data".into()),
+                ("csi.storage.k8s.io/pvc/namespace".into(), "db".into()),
+            ]
+            .into(),
+            ..CreateVolume::default()
+        };
+        assert_eq!(
+            ctl.create(create()).await.unwrap_err().kind,
+            Kind::Aborted,
+            "pending"
+        );
+        bind_claim(&fake, NS, &backing_claim_name(&id, 0));
+        ctl.create(create()).await.unwrap();
+        // the workload's claim and PV (the provisioner's)
+        fake.put(
+            &pvc_path("data"),
+            claim("data", Some("pvc-1"), "volmig", "16Mi", "Filesystem"),
+        );
+        let mut pv = csi_volume("pvc-1", "data", "16Mi");
+        pv["spec"]["csi"] = json!({"driver": DRIVER_NAME, "volumeHandle": id});
+        pv["spec"]["volumeMode"] = json!("Filesystem");
+        fake.put(&pv_path("pvc-1"), pv);
+        fake.put(&pod_path("db", "app-0"), app_pod("app-0", "n1", "data"));
+        fake.put(
+            &pod_path(NS, "agent-n1"),
+            agent_pod("agent-n1", "n1", "10.0.0.5"),
+        );
+        fake.put(
+            &pod_path(NS, "agent-n2"),
+            agent_pod("agent-n2", "n2", "10.0.0.6"),
+        );
+        // ControllerPublish on n1: the holder of the first backing claim
+        assert_eq!(
+            ctl.publish(&id, "n1", Some(cap.clone()), false)
+                .await
+                .unwrap_err()
+                .kind,
+            Kind::Aborted
+        );
+        run_pod(&fake, NS, &holder_name(&id, "n1"));
+        ctl.publish(&id, "n1", Some(cap), false).await.unwrap();
+        fake.put(VM_PATH, vm(spec));
+        let settings = Settings {
+            kubelet_dir: dir.path().join("kubelet").display().to_string(),
+            ..Settings::default()
+        };
+        let (tx, saved) = mpsc::unbounded_channel();
+        let faults = [Arc::new(Faults::default()), Arc::new(Faults::default())];
+        let ctx = context(
+            client.clone(),
+            settings,
+            InProc {
+                agents: [Some(agent.clone()), None],
+                faults: faults.clone(),
+            },
+            tx,
+        );
+        let api = Api::namespaced(fake.client_as("kubectl"), "db");
+        let uid = fake.get(VM_PATH).unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        Volmig {
+            c: Cluster {
+                dir,
+                source,
+                target,
+                agent,
+                faults,
+                fake,
+                ctx,
+                api,
+                saved,
+            },
+            ctl,
+            target: target_claim_name(&id, &uid),
+            id,
+        }
+    }
+
+    impl Volmig {
+        pub fn record(&self) -> Value {
+            self.c.fake.get(&volmig_volume_path(&self.id)).unwrap()
+        }
+
+        pub fn holder(&self, node: &str) -> String {
+            holder_name(&self.target, node)
+        }
+
+        /// The backing driver binds the target claim, kubelet runs its
+        /// holder on n1 and publishes the raw device (the target file).
+        pub fn attach_target(&self) {
+            let pv = bind_claim(&self.c.fake, NS, &self.target);
+            self.attach_target_on("n1", &pv);
+        }
+
+        /// kubelet runs the target's holder on `node` and publishes its
+        /// raw device (PV `pv`, the target file).
+        pub fn attach_target_on(&self, node: &str, pv: &str) {
+            let uid = run_pod(&self.c.fake, NS, &self.holder(node));
+            let dev = self.c.dir.path().join(format!(
+                "kubelet/pods/{uid}/volumeDevices/kubernetes.io~csi"
+            ));
+            std::fs::create_dir_all(&dev).unwrap();
+            std::os::unix::fs::symlink(&self.c.target, dev.join(pv)).unwrap();
+        }
+
+        /// The target claim and its holder are there, recorded first.
+        pub fn assert_target_made(&self) {
+            let t = self
+                .c
+                .fake
+                .get(&claim_path(&self.target))
+                .expect("the target backing claim");
+            assert_eq!(t["spec"]["volumeMode"], "Block");
+            assert_eq!(t["spec"]["storageClassName"], "fast");
+            assert_eq!(t["spec"]["accessModes"], json!(["ReadWriteOnce"]));
+            assert_eq!(
+                t["spec"]["resources"]["requests"]["storage"],
+                SIZE.to_string()
+            );
+            assert_eq!(
+                t["metadata"]["labels"]["volmig.io/volume"],
+                self.id.as_str()
+            );
+            let r = self.record();
+            assert!(
+                r["status"]["claims"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&json!(self.target)),
+                "{r}"
+            );
+            assert_eq!(r["status"]["targets"][0]["claim"], self.target.as_str());
+            assert_eq!(r["status"]["targets"][0]["migration"], "db/m");
+            assert_eq!(
+                r["status"]["currentClaim"],
+                backing_claim_name(&self.id, 0).as_str(),
+                "the volume is still on its source"
+            );
+            // the record names the target before the claim is created
+            let log = self.c.fake.log();
+            let recorded = log
+                .iter()
+                .position(|l| {
+                    l.path
+                        .ends_with(&format!("/volmigvolumes/{}/status", self.id))
+                        && l.body["status"]["targets"].is_array()
+                })
+                .expect("the record was updated");
+            let created = log
+                .iter()
+                .position(|l| {
+                    l.method == "POST"
+                        && l.path.ends_with("/persistentvolumeclaims")
+                        && l.body["metadata"]["name"] == self.target.as_str()
+                })
+                .expect("the target claim was created");
+            assert!(recorded < created, "recorded before it was created");
+            let h = self
+                .c
+                .fake
+                .get(&pod_path(NS, &self.holder("n1")))
+                .expect("the target's holder pod on n1");
+            assert_eq!(h["spec"]["nodeName"], "n1");
+            assert_eq!(
+                h["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+                self.target.as_str()
+            );
+        }
+
+        /// The record names the target as the volume's backing claim, with
+        /// a history entry; n1's attachment holds the target through its
+        /// holder; the source's holder is gone; the workload's claim and
+        /// PV are as they were (`workload`).
+        pub fn assert_adopted(&self, workload: &(Value, Value)) {
+            let r = self.record();
+            let st = &r["status"];
+            assert_eq!(st["currentClaim"], self.target.as_str(), "{r}");
+            assert_eq!(st["storageClass"], "fast");
+            let last = st["history"].as_array().unwrap().last().unwrap().clone();
+            assert_eq!(last["event"], "Migrated");
+            assert_eq!(last["migration"], "db/m");
+            assert_eq!(last["toClaim"], self.target.as_str());
+            assert_eq!(last["fromClaim"], backing_claim_name(&self.id, 0).as_str());
+            assert!(last["time"].is_string());
+            assert!(st["targets"].is_null(), "{r}");
+            assert_eq!(
+                st["attachments"],
+                json!([{"node": "n1", "holderPod": self.holder("n1"), "claim": self.target, "readonly": false}])
+            );
+            assert!(
+                self.c
+                    .fake
+                    .get(&pod_path(NS, &holder_name(&self.id, "n1")))
+                    .is_none(),
+                "the source's holder is gone"
+            );
+            assert!(
+                self.c.fake.get(&pod_path(NS, &self.holder("n1"))).is_some(),
+                "the target's holder stays: it is the attachment's now"
+            );
+            assert_ne!(
+                Cluster::active(&self.c.agent, &self.id),
+                self.c.source,
+                "the agent serves the volume from the target"
+            );
+            let now = (
+                self.c.fake.get(&pvc_path("data")).unwrap(),
+                self.c.fake.get(&pv_path("pvc-1")).unwrap(),
+            );
+            assert_eq!(&now, workload, "the workload's claim and PV never change");
+            let vms: Vec<String> = self.c.fake.writes();
+            assert!(
+                !vms.iter().any(|w| w.contains("/persistentvolumes/pvc-1")
+                    || w.ends_with("/persistentvolumeclaims/data")),
+                "{vms:?}"
+            );
+        }
+
+        pub fn workload(&self) -> (Value, Value) {
+            (
+                self.c.fake.get(&pvc_path("data")).unwrap(),
+                self.c.fake.get(&pv_path("pvc-1")).unwrap(),
+            )
+        }
+    }
+
+    /// Migration to `fast`; `retain`: its retainSource.
+    pub fn volmig_spec(retain: bool) -> Value {
+        let mut s = spec("8Mi");
+        s["retainSource"] = json!(retain);
+        s
+    }
+
+    async fn moves(retain: bool) {
+        let v = volmig_cluster(volmig_spec(retain)).await;
+        let c = &v.c;
+        let workload = v.workload();
+        c.reconcile().await.unwrap(); // finalizer
+        c.reconcile().await.unwrap(); // target claim + holder, waits for them
+        assert_eq!(c.vm()["status"]["phase"], "Pending");
+        assert_eq!(c.condition("Progressing")["reason"], "WaitingForTarget");
+        v.assert_target_made();
+        c.reconcile().await.unwrap();
+        assert_eq!(
+            c.condition("Progressing")["reason"],
+            "WaitingForTarget",
+            "still Pending while the target claim is"
+        );
+        v.attach_target();
+        c.reconcile().await.unwrap(); // session + driver
+        let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+        assert_eq!(st["phase"], "Completed", "{st}");
+        assert_eq!(st["volumes"][0]["volume"], v.id.as_str());
+        assert_eq!(st["volumes"][0]["backingNamespace"], NS);
+        c.reconcile().await.unwrap(); // the record adopts the target
+        v.assert_adopted(&workload);
+        assert!(
+            c.events().iter().any(|e| e == "BackingClaimChanged"),
+            "{:?}",
+            c.events()
+        );
+        let b0 = backing_claim_name(&v.id, 0);
+        let claims = v.record()["status"]["claims"].clone();
+        if retain {
+            assert!(c.fake.get(&claim_path(&b0)).is_some());
+            assert_eq!(claims, json!([b0, v.target]));
+        } else {
+            assert!(c.fake.get(&claim_path(&b0)).is_none(), "source released");
+            assert_eq!(claims, json!([v.target]));
+        }
+        // again: nothing changes
+        let before = v.record();
+        c.reconcile().await.unwrap();
+        assert_eq!(v.record(), before);
+
+        // reschedule: unpublished on n1, published on n2 attaches the target
+        v.ctl.unpublish(&v.id, "n1").await.unwrap();
+        assert!(c.fake.get(&pod_path(NS, &v.holder("n1"))).is_none());
+        assert_eq!(
+            v.ctl
+                .publish(&v.id, "n2", Some(cap()), false)
+                .await
+                .unwrap_err()
+                .kind,
+            Kind::Aborted
+        );
+        let h = c
+            .fake
+            .get(&pod_path(NS, &holder_name(&v.id, "n2")))
+            .unwrap();
+        assert_eq!(
+            h["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            v.target.as_str()
+        );
+        run_pod(&c.fake, NS, &holder_name(&v.id, "n2"));
+        let ctx = v
+            .ctl
+            .publish(&v.id, "n2", Some(cap()), false)
+            .await
+            .unwrap();
+        let dev = &ctx[volmig_api::csi_driver::BACKING_DEVICE_KEY];
+        assert!(dev.ends_with(&format!("/pv-{}", v.target)), "{dev}");
+
+        // deleting the completed migration changes nothing of the volume's
+        let before = v.record();
+        c.api.delete("m", &DeleteParams::default()).await.unwrap();
+        c.reconcile().await.unwrap();
+        assert!(c.fake.get(VM_PATH).is_none(), "finalizer removed");
+        assert_eq!(v.record(), before);
+        assert!(c.fake.get(&claim_path(&v.target)).is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleting_a_migration_that_never_started_releases_its_target_backing_claim() {
+        let v = volmig_cluster(volmig_spec(true)).await;
+        let c = &v.c;
+        let before = v.record()["status"].clone();
+        c.reconcile().await.unwrap();
+        c.reconcile().await.unwrap();
+        v.assert_target_made();
+        c.api.delete("m", &DeleteParams::default()).await.unwrap();
+        c.reconcile().await.unwrap();
+        assert!(c.fake.get(VM_PATH).is_none(), "finalizer removed");
+        assert!(c.fake.get(&claim_path(&v.target)).is_none());
+        assert!(c.fake.get(&pod_path(NS, &v.holder("n1"))).is_none());
+        assert_eq!(v.record()["status"], before, "the record is as it was");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_volmig_volume_moves_to_a_new_backing_claim_keeping_the_source() {
+        Box::pin(moves(true)).await; // a large future: on the heap
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_volmig_volume_moves_to_a_new_backing_claim_releasing_the_source() {
+        Box::pin(moves(false)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_volmig_volume_published_on_two_nodes_moves_on_both() {
+        let block_rwx = Cap {
+            block: true,
+            fs_type: String::new(),
+            mode: AccessMode::MultiNodeMultiWriter,
+        };
+        let v = volmig_cluster_with(volmig_spec(true), block_rwx.clone()).await;
+        let c = &v.c;
+        // published on n2 too, whose agent serves the volume as well
+        assert!(
+            v.ctl
+                .publish(&v.id, "n2", Some(block_rwx.clone()), false)
+                .await
+                .is_err()
+        );
+        run_pod(&c.fake, NS, &holder_name(&v.id, "n2"));
+        v.ctl
+            .publish(&v.id, "n2", Some(block_rwx), false)
+            .await
+            .unwrap();
+        let agent2 = in_process(&c.dir.path().join("agent2-state"));
+        serve(&agent2, &v.id, &c.source, false).await;
+        let ctx = c.with_second_agent(agent2.clone());
+        c.reconcile_with(&ctx).await.unwrap();
+        c.reconcile_with(&ctx).await.unwrap();
+        let t = c.fake.get(&claim_path(&v.target)).unwrap();
+        assert_eq!(t["spec"]["accessModes"], json!(["ReadWriteMany"]));
+        for node in ["n1", "n2"] {
+            let h = c.fake.get(&pod_path(NS, &v.holder(node))).unwrap();
+            assert_eq!(h["spec"]["nodeName"], node);
+        }
+        let pv = bind_claim(&c.fake, NS, &v.target);
+        v.attach_target_on("n1", &pv);
+        v.attach_target_on("n2", &pv);
+        c.reconcile_with(&ctx).await.unwrap();
+        let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+        assert_eq!(st["phase"], "Completed", "{st}");
+        assert_eq!(st["volumes"][0]["sharedWith"][0]["node"], "n2");
+        c.reconcile_with(&ctx).await.unwrap();
+        let r = v.record();
+        assert_eq!(r["status"]["currentClaim"], v.target.as_str());
+        for (i, node) in ["n1", "n2"].iter().enumerate() {
+            let a = &r["status"]["attachments"][i];
+            assert_eq!(a["node"], *node);
+            assert_eq!(a["claim"], v.target.as_str());
+            assert_eq!(a["holderPod"], v.holder(node).as_str());
+            assert!(
+                c.fake
+                    .get(&pod_path(NS, &holder_name(&v.id, node)))
+                    .is_none()
+            );
+        }
+        assert_ne!(Cluster::active(&agent2, &v.id), c.source, "n2 moved too");
+        assert_ne!(Cluster::active(&c.agent, &v.id), c.source);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_operator_restarted_mid_way_makes_the_same_end_state() {
+        let v = volmig_cluster(volmig_spec(true)).await;
+        let c = &v.c;
+        let workload = v.workload();
+        c.reconcile().await.unwrap();
+        c.reconcile().await.unwrap();
+        v.assert_target_made();
+        // as if the operator died after creating the claim, before the holder
+        c.fake.delete(&pod_path(NS, &v.holder("n1")), "Background");
+        let op2 = c.operator(None);
+        c.reconcile_with(&op2).await.unwrap();
+        v.assert_target_made();
+        assert_eq!(
+            v.record()["status"]["targets"].as_array().unwrap().len(),
+            1,
+            "one target"
+        );
+        v.attach_target();
+        c.reconcile_with(&op2).await.unwrap();
+        let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+        assert_eq!(st["phase"], "Completed", "{st}");
+        // the operator restarts between Completed and the record's update
+        let op3 = c.operator(None);
+        c.reconcile_with(&op3).await.unwrap();
+        v.assert_adopted(&workload);
+        let made: Vec<String> = c
+            .fake
+            .paths()
+            .into_iter()
+            .filter(|p| p.starts_with(&format!("/api/v1/namespaces/{NS}/")))
+            .filter(|p| p.contains(&v.id))
+            .collect();
+        let b0 = backing_claim_name(&v.id, 0);
+        let mut want = vec![
+            claim_path(&b0),
+            claim_path(&v.target),
+            pod_path(NS, &v.holder("n1")),
+        ];
+        want.sort();
+        let mut made = made;
+        made.sort();
+        assert_eq!(made, want, "nothing leaked");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abort_before_the_redirect_releases_the_target_and_keeps_the_record() {
+        let mut slow = volmig_spec(true);
+        slow["bandwidthLimit"] = json!("1Mi");
+        let v = volmig_cluster(slow).await;
+        let c = &v.c;
+        let before = v.record()["status"].clone();
+        c.reconcile().await.unwrap();
+        c.reconcile().await.unwrap();
+        v.attach_target();
+        c.reconcile().await.unwrap();
+        c.wait_phase(&["Copying"], 30).await;
+        c.fake.edit(VM_PATH, |o| o["spec"]["abort"] = json!(true));
+        let st = c.wait_phase(&["Aborted", "Failed", "Completed"], 60).await;
+        assert_eq!(st["phase"], "Aborted", "{st}");
+        c.reconcile().await.unwrap();
+        assert!(
+            c.fake.get(&claim_path(&v.target)).is_none(),
+            "target claim released"
+        );
+        assert!(
+            c.fake.get(&pod_path(NS, &v.holder("n1"))).is_none(),
+            "its holder too"
+        );
+        assert_eq!(v.record()["status"], before, "the record is as it was");
+        assert_eq!(Cluster::active(&c.agent, &v.id), c.source);
+        assert!(
+            c.fake
+                .get(&pod_path(NS, &holder_name(&v.id, "n1")))
+                .is_some()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_modified_volume_attributes_class_moves_the_volume_the_same_way() {
+        let v = volmig_cluster(volmig_spec(true)).await;
+        let c = &v.c;
+        c.fake.delete(VM_PATH, "Background");
+        let params: BTreeMap<String, String> =
+            [(BACKING_CLASS_PARAM.to_string(), "fast".to_string())].into();
+        assert_eq!(
+            v.ctl.modify(&v.id, &params).await.unwrap_err().kind,
+            Kind::Aborted
+        );
+        let name = modify_migration_name(&v.id, "fast");
+        let path = format!("/apis/volmig.io/v1alpha1/namespaces/db/volumemigrations/{name}");
+        let uid = c.fake.get(&path).unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let target = target_claim_name(&v.id, &uid);
+        let once = || async {
+            settle(&c.fake, &c.ctx).await;
+            let vm = c.api.get(&name).await.unwrap();
+            reconcile(Arc::new(vm), c.ctx.clone()).await.unwrap()
+        };
+        once().await;
+        once().await;
+        let pv = bind_claim(&c.fake, NS, &target);
+        let huid = run_pod(&c.fake, NS, &holder_name(&target, "n1"));
+        let dev = c.dir.path().join(format!(
+            "kubelet/pods/{huid}/volumeDevices/kubernetes.io~csi"
+        ));
+        std::fs::create_dir_all(&dev).unwrap();
+        std::os::unix::fs::symlink(&c.target, dev.join(pv)).unwrap();
+        once().await;
+        let t = Instant::now();
+        while c.fake.get(&path).unwrap()["status"]["phase"] != "Completed" {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{}",
+                c.fake.get(&path).unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        once().await;
+        let r = v.record();
+        assert_eq!(r["status"]["currentClaim"], target.as_str(), "{r}");
+        assert_eq!(r["status"]["storageClass"], "fast");
+        assert_eq!(
+            r["status"]["history"].as_array().unwrap().last().unwrap()["migration"],
+            format!("db/{name}")
+        );
+        assert_eq!(v.ctl.modify(&v.id, &params).await.unwrap(), Modified::Done);
+        assert_ne!(Cluster::active(&c.agent, &v.id), c.source);
+    }
 }

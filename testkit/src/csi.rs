@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
-
 use volmig_api::csi::controller_client::ControllerClient;
 use volmig_api::csi::identity_client::IdentityClient;
 use volmig_api::csi::node_client::NodeClient;

@@ -94,6 +94,24 @@ pub struct VolmigVolumeStatus {
     /// What changed the current backing claim, oldest first.
     #[serde(default)]
     pub history: Vec<VolumeHistory>,
+    /// Backing claims of migrations under way (each also in `claims`,
+    /// recorded before it is created): the target of a VolumeMigration
+    /// until it completes (then it is `currentClaim`) or is rolled back
+    /// (then it is released).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<MigrationTarget>,
+}
+
+/// A backing claim a VolumeMigration moves the volume to.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationTarget {
+    pub claim: String,
+    pub storage_class: String,
+    /// `namespace/name` of the VolumeMigration.
+    pub migration: String,
+    /// Its uid: a later migration of the same name is another one.
+    pub migration_uid: String,
 }
 
 /// A node the volume is published to.

@@ -767,6 +767,15 @@ impl Controller {
             .and_then(|r| r.get("storage"))
             .and_then(|q| parse_size(&q.0).ok())
             .unwrap_or(0);
+        if asked < want
+            && let Some(t) = status.targets.first()
+        {
+            // the target was sized from the current claim: grow after the move
+            return Err(ControllerError::pending(format!(
+                "VolumeMigration {} is moving the volume to backing claim {}; the expansion to {want} bytes waits for it",
+                t.migration, t.claim
+            )));
+        }
         if asked < want {
             let patch = json!({"spec": {"resources": {"requests": {"storage": want.to_string()}}}});
             self.claims()

@@ -23,6 +23,7 @@ pub mod outcome;
 pub mod rebind;
 pub mod resolve;
 pub mod status;
+pub mod volmig;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -326,6 +327,7 @@ async fn apply<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<A
                 source: r.source_claim.clone(),
                 target: r.target_claim.clone(),
                 volume: r.volume.clone(),
+                backing_namespace: r.backing_namespace.clone(),
                 target_volume: Some(r.target_volume.clone()),
                 node: Some(r.node.clone()),
                 agent: Some(r.agent.clone()),
@@ -524,6 +526,7 @@ async fn keep_driving<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> R
         rs.push(Resolved {
             source_claim: v.source.clone(),
             volume: v.volume.clone(),
+            backing_namespace: v.backing_namespace.clone(),
             node,
             agent,
             target_claim: v.target.clone(),
@@ -555,7 +558,43 @@ async fn finish<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result<
     let ns = vm.namespace().unwrap_or_default();
     let mut rebound = Vec::new();
     let mut unsure = false;
+    if st.session_id.is_none() {
+        volmig::release_unstarted(ctx, vm).await?;
+    }
     for v in &st.volumes {
+        if v.backing_namespace.is_some() {
+            // a volmig volume: its record says which backing claim is its
+            match outcome::place(ctx, v).await? {
+                Place::Target => {
+                    if volmig::adopt(ctx, vm, v).await? {
+                        let source = if vm.spec.retain_source {
+                            "kept (retainSource)"
+                        } else {
+                            "released"
+                        };
+                        ctx.event(
+                            vm,
+                            EventType::Normal,
+                            "BackingClaimChanged",
+                            format!(
+                                "volume {} (claim {}) is now backed by claim {}/{}; its former backing claim is {source}",
+                                v.volume,
+                                v.source,
+                                v.backing_namespace.as_deref().unwrap_or_default(),
+                                v.target
+                            ),
+                        )
+                        .await;
+                    }
+                }
+                Place::Source => volmig::release(ctx, vm, v).await?,
+                Place::Unknown(why) => {
+                    unsure = true;
+                    warn!(migration = %key(vm), volume = %v.volume, "target backing claim {} kept: {why}", v.target);
+                }
+            }
+            continue;
+        }
         match outcome::place(ctx, v).await? {
             Place::Target => {
                 if rebind::rebind_volume(ctx, &ns, v, Read::Cached).await? {
@@ -703,6 +742,27 @@ async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result
         return Err(Error::WaitingForRollback(k));
     }
     for v in &st.volumes {
+        if v.backing_namespace.is_some() {
+            match outcome::place(ctx, v).await? {
+                Place::Target => {
+                    volmig::adopt(ctx, vm, v).await?;
+                }
+                Place::Source => volmig::release(ctx, vm, v).await?,
+                Place::Unknown(why) => {
+                    ctx.event(
+                        vm,
+                        EventType::Warning,
+                        "TargetKept",
+                        format!(
+                            "kept backing claim {} of volume {} and its holder pod(s): {why}; the volume's record still lists it",
+                            v.target, v.volume
+                        ),
+                    )
+                    .await;
+                }
+            }
+            continue;
+        }
         match outcome::place(ctx, v).await? {
             Place::Target => {
                 rebind::rebind_volume(ctx, &ns, v, Read::Live).await?;
@@ -720,6 +780,7 @@ async fn cleanup<C: Connector>(vm: &VolumeMigration, ctx: &Context<C>) -> Result
     }
     if st.session_id.is_none() {
         release_unstarted(ctx, vm, &ns).await?;
+        volmig::release_unstarted(ctx, vm).await?;
     }
     ctx.supervisor.stop(&k);
     ctx.supervisor.forget(&k);

@@ -57,8 +57,10 @@ pub struct Attachment {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
     pub source_claim: String,
-    /// The source PV: the volume's name on the agent.
+    /// The source PV: the volume's name on the agent (a volmig volume's id).
     pub volume: String,
+    /// A volmig volume's backing namespace (see [`super::volmig`]).
+    pub backing_namespace: Option<String>,
     pub node: String,
     pub agent: String,
     pub target_claim: String,
@@ -241,6 +243,18 @@ async fn resolve_volume<C: Connector>(
             format!("claim {src_name} names volume {pv_name}, which does not exist"),
         ));
     };
+    if let Some(id) = super::volmig::volume_id_of(&pv) {
+        return super::volmig::resolve(ctx, vm, pair, &id).await;
+    }
+    if !vm.spec.retain_source {
+        return Ok(Plan::Wait(
+            "RetainSourceUnsupported",
+            format!(
+                "claim {src_name} is not a volume of {}: its source volume is always kept (retainSource: false applies to volmig volumes only)",
+                volmig_api::csi_driver::DRIVER_NAME
+            ),
+        ));
+    }
     let size = pv_bytes(&pv).or_else(|| claim_bytes(&src)).unwrap_or(0);
 
     // where it is used: one node, or several for a multi-attach volume
@@ -266,6 +280,16 @@ async fn resolve_volume<C: Connector>(
     let mut agents = Vec::new();
     for node in &nodes {
         match serving_agent(ctx, node, &pv_name, src_name).await? {
+            Err(Plan::Wait("VolumeNotServed", _)) => {
+                return Ok(Plan::Wait(
+                    "NotAVolmigVolume",
+                    format!(
+                        "claim {src_name} (volume {pv_name}) is not a volume of {} and the agent on node {node} does not serve it: import it first \
+                         (or serve it through the agent: volmig-agent --export {pv_name}=<device>); this migration starts once an agent serves it",
+                        volmig_api::csi_driver::DRIVER_NAME
+                    ),
+                ));
+            }
             Ok(a) => agents.push(a),
             Err(plan) => return Ok(plan),
         }
@@ -385,6 +409,7 @@ async fn resolve_volume<C: Connector>(
     Ok(Plan::Ready(vec![Resolved {
         source_claim: src_name.clone(),
         volume: pv_name,
+        backing_namespace: None,
         node: first.node,
         agent: first.agent,
         target_claim: target_name,
@@ -404,7 +429,7 @@ fn shareable(c: &PersistentVolumeClaim) -> bool {
 }
 
 /// The ready agent on `node`, if it serves volume `pv_name`.
-async fn serving_agent<C: Connector>(
+pub(crate) async fn serving_agent<C: Connector>(
     ctx: &Context<C>,
     node: &str,
     pv_name: &str,
