@@ -102,7 +102,7 @@ fn agent_user_errors_are_one_line() {
     assert!(!line.contains("Caused by"), "{line}");
     let mut nothing = Command::new(agent_bin());
     nothing
-        .args(["serve", "--state-dir"])
+        .args(["serve", "--block", "none", "--state-dir"])
         .arg(dir.path().join("state"));
     one_line_error(nothing, &["nothing to serve on"]);
     // Missing TLS files are waited for (kubelet projects the Secret later,

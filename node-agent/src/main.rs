@@ -205,6 +205,9 @@ fn run() -> anyhow::Result<()> {
             server.run()
         }
     };
+    // User errors first, before anything starts and logs: they are then
+    // the only line the user sees.
+    check_serve_args(&args)?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all().max_blocking_threads(args.io_threads.max(1));
     if args.block.0.is_some() {
@@ -215,6 +218,20 @@ fn run() -> anyhow::Result<()> {
     }
     let rt = rt.build().context("starting the tokio runtime")?;
     rt.block_on(serve(args))
+}
+
+/// What can be told wrong from the command line alone: the state directory
+/// cannot be made, nothing to serve on, half a TLS configuration.
+fn check_serve_args(a: &ServeArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&a.state_dir)
+        .with_context(|| format!("state directory {}", a.state_dir.display()))?;
+    if a.nbd_unix.is_none() && a.nbd_tcp.is_none() && a.block.0.is_none() {
+        bail!("nothing to serve on: give --nbd-unix and/or --nbd-tcp, or --block");
+    }
+    if a.grpc.is_some() {
+        grpc_tls(a)?;
+    }
+    Ok(())
 }
 
 /// The kernel block frontend `a` asks for.

@@ -119,7 +119,8 @@ pub struct MigrateArgs {
     /// None, Sample or Full.
     #[arg(long, default_value = "Full")]
     pub verify: String,
-    /// Keep the source volume (only `true` is supported).
+    /// Keep the source volume; `false` releases a volmig volume's source
+    /// backing claim after the migration (other volumes keep theirs).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub retain_source: bool,
     /// The VolumeMigration's name (default: `<first pvc>-migration`).
