@@ -1993,6 +1993,71 @@ mod volmig_volume {
         assert_ne!(Cluster::active(&c.agent, &v.id), c.source);
     }
 
+    /// A node that joins a multi-node volume while a migration moves it
+    /// waits (ABORTED, the attacher retries): the session runs on the
+    /// agents of the nodes published when it started, and another node's
+    /// writes to the source would be lost at the cutover. Once the record
+    /// names the target, the node joins on the target.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_joining_during_a_migration_is_attached_after_it() {
+        let block_rwx = Cap {
+            block: true,
+            fs_type: String::new(),
+            mode: AccessMode::MultiNodeMultiWriter,
+        };
+        let v = volmig_cluster_with(volmig_spec(true), block_rwx.clone()).await;
+        let c = &v.c;
+        let join = || v.ctl.publish(&v.id, "n2", Some(block_rwx.clone()), false);
+        c.reconcile().await.unwrap();
+        c.reconcile().await.unwrap();
+        assert_eq!(
+            v.record()["status"]["targets"][0]["claim"],
+            v.target.as_str(),
+            "the migration recorded its target"
+        );
+        let e = join().await.unwrap_err();
+        assert_eq!(e.kind, Kind::Aborted, "{e}");
+        assert!(e.message.contains("db/m"), "names the migration: {e}");
+        assert!(
+            c.fake
+                .get(&pod_path(NS, &holder_name(&v.id, "n2")))
+                .is_none(),
+            "no holder on n2 meanwhile"
+        );
+        assert_eq!(
+            v.record()["status"]["attachments"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        v.attach_target();
+        c.reconcile().await.unwrap();
+        let st = c.wait_phase(&["Completed", "Failed", "Aborted"], 60).await;
+        assert_eq!(st["phase"], "Completed", "{st}");
+        assert_eq!(
+            join().await.unwrap_err().kind,
+            Kind::Aborted,
+            "until the record names the target"
+        );
+        c.reconcile().await.unwrap();
+        assert_eq!(v.record()["status"]["currentClaim"], v.target.as_str());
+        assert_eq!(
+            join().await.unwrap_err().kind,
+            Kind::Aborted,
+            "its holder does not run yet"
+        );
+        let h = c
+            .fake
+            .get(&pod_path(NS, &holder_name(&v.id, "n2")))
+            .expect("n2's holder");
+        assert_eq!(
+            h["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            v.target.as_str(),
+            "n2 attaches the target"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_operator_restarted_mid_way_makes_the_same_end_state() {
         let v = volmig_cluster(volmig_spec(true)).await;

@@ -606,6 +606,16 @@ impl Controller {
                         other.node, cap.mode
                     )));
                 }
+                // A session runs on the agents of the nodes published when
+                // it started; a node joining mid-way would write to the
+                // source beside it, and those writes would be lost at the
+                // cutover. It joins when the migration has ended.
+                if let Some(t) = status.targets.first() {
+                    return Err(ControllerError::pending(format!(
+                        "VolumeMigration {} is moving the volume to backing claim {}; node {node} is attached when it ends",
+                        t.migration, t.claim
+                    )));
+                }
                 let holder = holder_name(id, node);
                 self.update_status(&rec, |s| {
                     s.attachments.push(VolumeAttachmentRecord {
