@@ -47,8 +47,14 @@ fn open(db: &Path) -> rusqlite::Result<Connection> {
 impl SqliteWriter {
     /// Starts writing to `db` (made if missing).
     pub fn start(db: &Path) -> Self {
+        Self::resume(db, -1)
+    }
+
+    /// Goes on writing to `db`, whose rows up to `committed` a writer
+    /// committed before.
+    pub fn resume(db: &Path, committed: i64) -> Self {
         let shared = Arc::new(Shared {
-            committed: AtomicI64::new(-1),
+            committed: AtomicI64::new(committed),
             ..Shared::default()
         });
         let (s, path) = (shared.clone(), db.to_path_buf());
@@ -56,7 +62,7 @@ impl SqliteWriter {
             .name("sqlite-writer".into())
             .spawn(move || {
                 let c = open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-                let mut i = 0i64;
+                let mut i = committed + 1;
                 while !s.stop.load(Ordering::SeqCst) {
                     let t = Instant::now();
                     c.execute(
