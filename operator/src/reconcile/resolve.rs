@@ -360,44 +360,12 @@ async fn resolve_volume<C: Connector>(
     if let Some(wait) = waiting {
         return Ok(wait);
     }
-    // What the cache says is not there yet may be there already: the
-    // event that woke this reconcile may be ahead of the cache.
-    let bound = |c: &PersistentVolumeClaim| c.spec.as_ref().and_then(|s| s.volume_name.clone());
-    let mut target_pv = bound(&target);
-    if target_pv.is_none()
-        && let Some(t) = cache.claim(&ns, &target_name, Read::Live).await?
-    {
-        target_pv = bound(&t);
-    }
-    let Some(target_pv) = target_pv else {
-        return Ok(Plan::Wait(
-            "WaitingForTarget",
-            format!("waiting for claim {target_name} to be bound"),
-        ));
-    };
-    let tpv = match cache.volume(&target_pv, Read::Cached).await? {
-        Some(v) => Some(v),
-        None => cache.volume(&target_pv, Read::Live).await?,
-    };
-    let Some(tpv) = tpv else {
-        return Ok(Plan::Wait(
-            "WaitingForTarget",
-            format!("claim {target_name} names volume {target_pv}, which does not exist yet"),
-        ));
-    };
-    let mut attachments = Vec::new();
-    for ((node, agent), (holder_pod, uid)) in nodes.into_iter().zip(agents).zip(holders) {
-        let target_path = match device_path(&ctx.settings.kubelet_dir, &uid, &tpv) {
-            Ok(p) => p,
-            Err(e) => return Ok(Plan::Wait("TargetNotBlockPublishable", e.to_string())),
+    let what = format!("claim {target_name}");
+    let (target_pv, attachments) =
+        match target_devices(ctx, &ns, &target, &what, nodes, agents, holders).await? {
+            Ok(t) => t,
+            Err(wait) => return Ok(wait),
         };
-        attachments.push(Attachment {
-            node,
-            agent,
-            holder_pod,
-            target_path,
-        });
-    }
     let mut attachments = attachments.into_iter();
     let Some(first) = attachments.next() else {
         // One attachment per node, and `nodes` is not empty (checked above).
@@ -418,6 +386,61 @@ async fn resolve_volume<C: Connector>(
         target_path: first.target_path,
         shared: attachments.collect(),
     }]))
+}
+
+/// Where bound target claim `target` (`what`, for messages) is on each
+/// node: its PV's name, and one attachment per node (`nodes`, their
+/// `agents`, and the `holders` (pod, uid) attaching the target there) with
+/// the raw device's path. `Err`: what the migration waits for.
+pub(super) async fn target_devices<C: Connector>(
+    ctx: &Context<C>,
+    ns: &str,
+    target: &PersistentVolumeClaim,
+    what: &str,
+    nodes: Vec<String>,
+    agents: Vec<String>,
+    holders: Vec<(String, String)>,
+) -> Result<std::result::Result<(String, Vec<Attachment>), Plan>> {
+    let name = target.name_any();
+    // What the cache says is not there yet may be there already: the
+    // event that woke this reconcile may be ahead of the cache.
+    let bound = |c: &PersistentVolumeClaim| c.spec.as_ref().and_then(|s| s.volume_name.clone());
+    let mut target_pv = bound(target);
+    if target_pv.is_none()
+        && let Some(t) = ctx.caches.claim(ns, &name, Read::Live).await?
+    {
+        target_pv = bound(&t);
+    }
+    let Some(target_pv) = target_pv else {
+        return Ok(Err(Plan::Wait(
+            "WaitingForTarget",
+            format!("waiting for {what} to be bound"),
+        )));
+    };
+    let tpv = match ctx.caches.volume(&target_pv, Read::Cached).await? {
+        Some(v) => Some(v),
+        None => ctx.caches.volume(&target_pv, Read::Live).await?,
+    };
+    let Some(tpv) = tpv else {
+        return Ok(Err(Plan::Wait(
+            "WaitingForTarget",
+            format!("{what} names volume {target_pv}, which does not exist yet"),
+        )));
+    };
+    let mut attachments = Vec::new();
+    for ((node, agent), (holder_pod, uid)) in nodes.into_iter().zip(agents).zip(holders) {
+        let target_path = match device_path(&ctx.settings.kubelet_dir, &uid, &tpv) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(Plan::Wait("TargetNotBlockPublishable", e.to_string()))),
+        };
+        attachments.push(Attachment {
+            node,
+            agent,
+            holder_pod,
+            target_path,
+        });
+    }
+    Ok(Ok((target_pv, attachments)))
 }
 
 /// Whether a claim can be attached to several nodes at once.

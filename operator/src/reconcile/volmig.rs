@@ -40,14 +40,13 @@ use volmig_api::units::parse_size;
 
 use super::Context;
 use super::resolve::{
-    Attachment, MANAGED_BY, MIGRATION_LABEL, MIGRATION_UID_LABEL, Plan, Resolved, SELECTED_NODE,
-    holder_pod_in, serving_agent,
+    MANAGED_BY, MIGRATION_LABEL, MIGRATION_UID_LABEL, Plan, Resolved, SELECTED_NODE, holder_pod_in,
+    serving_agent, target_devices,
 };
 use crate::agents::Connector;
 use crate::cache::Read;
 use crate::csi::controller::{VOLUME_LABEL, backing_claim, holder_name};
 use crate::error::Result;
-use crate::target::device_path;
 
 /// The volume id of `pv` if it is a volume of volmig's CSI driver.
 pub fn volume_id_of(pv: &PersistentVolume) -> Option<String> {
@@ -233,44 +232,12 @@ pub async fn resolve<C: Connector>(
     if let Some(w) = waiting {
         return Ok(w);
     }
-    let bound = |c: &PersistentVolumeClaim| c.spec.as_ref().and_then(|s| s.volume_name.clone());
-    let mut target_pv = bound(&target);
-    if target_pv.is_none()
-        && let Some(t) = ctx.caches.claim(&bns, &target_name, Read::Live).await?
-    {
-        target_pv = bound(&t);
-    }
-    let Some(target_pv) = target_pv else {
-        return Ok(Plan::Wait(
-            "WaitingForTarget",
-            format!("waiting for backing claim {bns}/{target_name} (class {class}) to be bound"),
-        ));
-    };
-    let tpv = match ctx.caches.volume(&target_pv, Read::Cached).await? {
-        Some(v) => Some(v),
-        None => ctx.caches.volume(&target_pv, Read::Live).await?,
-    };
-    let Some(tpv) = tpv else {
-        return Ok(Plan::Wait(
-            "WaitingForTarget",
-            format!(
-                "backing claim {target_name} names volume {target_pv}, which does not exist yet"
-            ),
-        ));
-    };
-    let mut attachments = Vec::new();
-    for ((node, agent), (holder_pod, uid)) in nodes.into_iter().zip(agents).zip(holders) {
-        let target_path = match device_path(&ctx.settings.kubelet_dir, &uid, &tpv) {
-            Ok(p) => p,
-            Err(e) => return Ok(Plan::Wait("TargetNotBlockPublishable", e.to_string())),
+    let what = format!("backing claim {bns}/{target_name} (class {class})");
+    let (target_pv, attachments) =
+        match target_devices(ctx, &bns, &target, &what, nodes, agents, holders).await? {
+            Ok(t) => t,
+            Err(wait) => return Ok(wait),
         };
-        attachments.push(Attachment {
-            node,
-            agent,
-            holder_pod,
-            target_path,
-        });
-    }
     let mut attachments = attachments.into_iter();
     let Some(first) = attachments.next() else {
         return Ok(Plan::Wait(
