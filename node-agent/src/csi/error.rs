@@ -7,42 +7,10 @@ use std::fmt;
 
 use volmig_api::{ErrorKind, SlaveError};
 
-/// The CSI error codes this plugin answers with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Code {
-    /// A required field is missing, or a field is invalid or unsupported.
-    InvalidArgument,
-    /// The volume is not on this node (or not at the path given).
-    NotFound,
-    /// The volume is staged or published here already, incompatibly.
-    AlreadyExists,
-    /// The call cannot succeed in the volume's state (capabilities the
-    /// volume cannot have, a migration holds it, still published...).
-    FailedPrecondition,
-    /// Another call for the volume is in flight: retry.
-    Aborted,
-    /// The capacity range cannot be met.
-    OutOfRange,
-    /// The agent is not ready.
-    Unavailable,
-    /// Anything else (a tool failed, the state directory failed).
-    Internal,
-}
-
-impl Code {
-    pub fn grpc(self) -> tonic::Code {
-        match self {
-            Code::InvalidArgument => tonic::Code::InvalidArgument,
-            Code::NotFound => tonic::Code::NotFound,
-            Code::AlreadyExists => tonic::Code::AlreadyExists,
-            Code::FailedPrecondition => tonic::Code::FailedPrecondition,
-            Code::Aborted => tonic::Code::Aborted,
-            Code::OutOfRange => tonic::Code::OutOfRange,
-            Code::Unavailable => tonic::Code::Unavailable,
-            Code::Internal => tonic::Code::Internal,
-        }
-    }
-}
+/// The CSI error codes this plugin answers with (shared with the
+/// controller).
+pub use volmig_api::csi_driver::CsiCode as Code;
+use volmig_api::csi_driver::error_context;
 
 /// A failed CSI call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,12 +26,7 @@ impl std::error::Error for CsiError {}
 
 impl fmt::Display for CsiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.op, &self.volume) {
-            (Some(op), Some(v)) => write!(f, "{op} of volume {v}: ")?,
-            (Some(op), None) => write!(f, "{op}: ")?,
-            (None, Some(v)) => write!(f, "volume {v}: ")?,
-            (None, None) => {}
-        }
+        f.write_str(&error_context(self.op, self.volume.as_deref()))?;
         f.write_str(&self.message)
     }
 }

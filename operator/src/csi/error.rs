@@ -4,62 +4,20 @@
 //! claim's and VolumeAttachment's events). Mapped to the gRPC code the
 //! CSI spec prescribes once, at the service boundary ([`Kind::grpc`]).
 
-/// What went wrong, as far as the caller needs to know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    /// A required field is missing, or a field is invalid or unsupported.
-    InvalidArgument,
-    /// No such volume (or node).
-    NotFound,
-    /// The volume (or publication) exists, incompatibly.
-    AlreadyExists,
-    /// Not in this state: a migration needs it, published elsewhere...
-    FailedPrecondition,
-    /// Not yet: the backing claim is Pending, the holder pod is starting,
-    /// a migration is running. The sidecars retry (external-provisioner
-    /// keeps the provisioning "in progress" on ABORTED, as on UNAVAILABLE).
-    Aborted,
-    /// The capacity range cannot be met.
-    OutOfRange,
-    /// The Kubernetes API could not be reached or answered an error: retry.
-    Unavailable,
-    /// Anything else.
-    Internal,
-}
-
-impl Kind {
-    pub fn grpc(self) -> tonic::Code {
-        match self {
-            Kind::InvalidArgument => tonic::Code::InvalidArgument,
-            Kind::NotFound => tonic::Code::NotFound,
-            Kind::AlreadyExists => tonic::Code::AlreadyExists,
-            Kind::FailedPrecondition => tonic::Code::FailedPrecondition,
-            Kind::Aborted => tonic::Code::Aborted,
-            Kind::OutOfRange => tonic::Code::OutOfRange,
-            Kind::Unavailable => tonic::Code::Unavailable,
-            Kind::Internal => tonic::Code::Internal,
-        }
-    }
-}
+/// What went wrong, as far as the caller needs to know: the CSI code
+/// (shared with the node plugin).
+pub use volmig_api::csi_driver::CsiCode as Kind;
+use volmig_api::csi_driver::error_context;
 
 /// A failed controller call.
 #[derive(Debug, thiserror::Error)]
-#[error("{}{message}", context(*op, volume.as_deref()))]
+#[error("{}{message}", error_context(*op, volume.as_deref()))]
 pub struct ControllerError {
     pub kind: Kind,
     /// The RPC, set at the service boundary.
     pub op: Option<&'static str>,
     pub volume: Option<String>,
     pub message: String,
-}
-
-fn context(op: Option<&str>, volume: Option<&str>) -> String {
-    match (op, volume) {
-        (Some(op), Some(v)) => format!("{op} of volume {v}: "),
-        (Some(op), None) => format!("{op}: "),
-        (None, Some(v)) => format!("volume {v}: "),
-        (None, None) => String::new(),
-    }
 }
 
 impl ControllerError {
