@@ -43,8 +43,8 @@ use volmig_testkit::csi::{
 use volmig_testkit::devices::{FuseWatchdog, assert_fsck_clean};
 use volmig_testkit::fake_api::FakeApi;
 use volmig_testkit::k8s::{
-    VM_PATH, agent_pod, app_pod, bind_claim, claim, csi_volume, node, node_path, pod_path, pv_path,
-    pvc_path, run_pod, vm, volmig_volume_path,
+    VM_PATH, agent_pod, app_pod, bind_claim, claim, csi_volume, install_crds, node, node_path,
+    pod_path, pv_path, pvc_path, run_pod, vm, volmig_volume_path,
 };
 use volmig_testkit::pattern::sparse_file;
 use volmig_testkit::sqlite::{SqliteWriter, check_rows};
@@ -267,6 +267,7 @@ fn a_volume_is_provisioned_migrated_live_under_a_database_and_rescheduled_to_ano
     // kubelet's root as the controller and the operator see it (one host).
     let kubelet = dir.path().join("kubelet");
     let (client, fake) = FakeApi::start();
+    install_crds(&fake);
     fake.put(&node_path("n1"), node("n1"));
     fake.put(&node_path("n2"), node("n2"));
     let sock = dir.path().join("controller.sock");

@@ -27,7 +27,9 @@ use volmig_testkit::csi::{
     create_req, mount_cap,
 };
 use volmig_testkit::fake_api::FakeApi;
-use volmig_testkit::k8s::{bind_claim, node, node_path, pod_path, run_pod, volmig_volume_path};
+use volmig_testkit::k8s::{
+    bind_claim, install_crds, node, node_path, pod_path, run_pod, volmig_volume_path,
+};
 
 const NS: &str = "volmig-system";
 const GIB: i64 = 1 << 30;
@@ -43,6 +45,7 @@ struct Ctl {
 async fn start() -> Ctl {
     let dir = tempfile::tempdir().unwrap();
     let (client, fake) = FakeApi::start();
+    install_crds(&fake);
     fake.put(&node_path("n1"), node("n1"));
     fake.put(&node_path("n2"), node("n2"));
     let controller = Arc::new(Controller::new(
@@ -744,4 +747,48 @@ async fn modify_starts_a_migration_and_later_publishes_attach_the_target() {
         holder["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
         b1.as_str()
     );
+}
+
+/// While the cluster serves a record CRD of another version (a `helm
+/// upgrade` that kept the old CRDs), every call that reads or writes a
+/// record is UNAVAILABLE with how to update it (the sidecars retry, and
+/// the claim's events say why); once the CRD is updated, calls go on.
+#[tokio::test]
+async fn a_stale_crd_makes_calls_unavailable_saying_how_to_update_it() {
+    let mut c = start().await;
+    let path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/volmigvolumes.volmig.io";
+    c.fake.edit(path, |crd| {
+        crd["metadata"]["annotations"]["volmig.io/schema-hash"] = json!("sha256:old")
+    });
+    let r = c
+        .csi
+        .controller
+        .create_volume(create_req("pvc-1", Some("fast"), GIB, mount(), "data"))
+        .await;
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("stale") && e.message().contains("helm upgrade"),
+        "{}",
+        e.message()
+    );
+    let id = volume_id("pvc-1");
+    assert!(c.fake.get(&volmig_volume_path(&id)).is_none(), "no record");
+    assert!(
+        c.fake
+            .get(&claim_path(&backing_claim_name(&id, 0)))
+            .is_none(),
+        "no backing claim"
+    );
+    let r = c
+        .csi
+        .controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            secrets: Default::default(),
+        })
+        .await;
+    assert_code(r, Code::Unavailable, "DeleteVolume with a stale CRD");
+    install_crds(&c.fake);
+    c.provisioned("pvc-1").await;
 }

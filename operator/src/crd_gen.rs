@@ -7,7 +7,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, CustomResourceDefinitionSpec,
 };
-use kube::{CustomResourceExt, Resource};
+use kube::CustomResourceExt;
 use volmig_api::crd::{VolmigVolume, VolumeMigration};
 
 /// The generated source of truth, and the chart's template copy of it.
@@ -25,7 +25,31 @@ pub const SCHEMA_HASH: &str = "volmig.io/schema-hash";
 
 /// The CRD's name.
 pub fn crd_name() -> String {
-    format!("volumemigrations.{}", VolumeMigration::group(&()))
+    VolumeMigration::crd_name().to_string()
+}
+
+/// The names of the CRDs this build reads and writes (the VolumeMigration
+/// CRD and the CSI driver's `VolmigVolume` records).
+pub fn crd_names() -> [String; 2] {
+    [crd_name(), VolmigVolume::crd_name().to_string()]
+}
+
+/// The checked-in file of the CRD named `name`.
+pub fn crd_file(name: &str) -> &'static str {
+    if name == VolmigVolume::crd_name() {
+        VOLUME_CRD_FILE
+    } else {
+        CRD_FILE
+    }
+}
+
+/// The hash of the schema of the CRD named `name`.
+pub fn schema_hash_of(name: &str) -> Result<String, CrdError> {
+    if name == VolmigVolume::crd_name() {
+        hash_of(&VolmigVolume::crd().spec)
+    } else {
+        schema_hash()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -82,7 +82,7 @@ pub const RULES: &[Rule] = &[
         verbs: &["get"],
         scope: Scope::Cluster,
         names: Names::Crd,
-        why: "refuse to run against a CRD of another version (startup.rs)",
+        why: "refuse to run against CRDs of another version (startup.rs)",
     },
     Rule {
         group: "events.k8s.io",
@@ -158,13 +158,15 @@ pub struct Named {
 }
 
 impl Named {
-    fn name(&self, n: Names) -> Option<Option<String>> {
+    /// The resource names rule names `n` stands for: `Some(None)` any,
+    /// `None` no rule at all.
+    fn name(&self, n: Names) -> Option<Option<Vec<String>>> {
         match n {
             Names::Any => Some(None),
-            Names::Crd => Some(Some(crate::crd_gen::crd_name())),
-            Names::Lease => Some(Some(self.lease.clone())),
+            Names::Crd => Some(Some(crate::crd_gen::crd_names().to_vec())),
+            Names::Lease => Some(Some(vec![self.lease.clone()])),
             // no Secret to manage (cert-manager): no rule
-            Names::TlsSecret => self.tls_secret.clone().map(Some),
+            Names::TlsSecret => self.tls_secret.clone().map(|s| Some(vec![s])),
         }
     }
 }
@@ -184,8 +186,8 @@ pub fn policy_rules(named: &Named) -> Value {
     let mut own = Vec::new();
     for r in RULES.iter().filter(|r| in_force(r, named)) {
         let mut rule = json!({"apiGroups": [r.group], "resources": [r.resource], "verbs": r.verbs});
-        if let Some(Some(n)) = named.name(r.names) {
-            rule["resourceNames"] = json!([n]);
+        if let Some(Some(names)) = named.name(r.names) {
+            rule["resourceNames"] = json!(names);
         }
         match r.scope {
             Scope::Cluster => cluster.push(rule),
@@ -293,7 +295,7 @@ fn grants(r: &Rule, req: &Request, own: &str, named: &Named) -> bool {
         None => false,
         Some(None) => true,
         // a name-limited rule grants nothing without a name (create, list)
-        Some(Some(n)) => req.name.as_deref() == Some(n.as_str()),
+        Some(Some(names)) => req.name.as_ref().is_some_and(|n| names.contains(n)),
     };
     in_force(r, named)
         && scope_ok
@@ -459,11 +461,8 @@ mod tests {
             let res = r["resources"][0].as_str().unwrap();
             res == "leases" || res == "secrets"
         }));
-        assert!(
-            cluster
-                .iter()
-                .any(|r| r["resourceNames"] == json!(["volumemigrations.volmig.io"]))
-        );
+        assert!(cluster.iter().any(|r| r["resourceNames"]
+            == json!(["volumemigrations.volmig.io", "volmigvolumes.volmig.io"])));
         let cm = policy_rules(&Named {
             tls_secret: None,
             ..named()

@@ -1,6 +1,7 @@
-//! What the operator checks before it competes for leadership: the
-//! VolumeMigration CRD served by the cluster is the one this build was made
-//! for. An older CRD would let the API server drop fields the operator
+//! What the operator checks before it competes for leadership, and the
+//! CSI controller before it answers: the CRDs served by the cluster
+//! (VolumeMigration, and VolmigVolume for the CSI driver's records) are the
+//! ones this build was made for. An older CRD would let the API server drop fields the operator
 //! writes (its structural schema prunes unknown ones) and miss rules the
 //! operator relies on; a newer one holds fields this operator does not know.
 //! So the operator refuses to run (it stays unready and looks again every
@@ -13,7 +14,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::{Api, Client};
 use tracing::{error, info};
 
-use crate::crd_gen::{CRD_FILE, SCHEMA_HASH, crd_name, schema_hash};
+use crate::crd_gen::{SCHEMA_HASH, VOLUME_CRD_FILE, crd_file, crd_names, schema_hash_of};
 
 /// How often a refused operator looks at the CRD again.
 pub const CRD_RECHECK: Duration = Duration::from_secs(30);
@@ -37,19 +38,32 @@ pub enum CrdMismatch {
     Unreadable { name: String, reason: String },
 }
 
-/// How to install or update the CRD.
-fn how() -> String {
+/// How to install or update the CRD named `name`.
+fn how(name: &str) -> String {
     format!(
-        "Update it to this operator's version: `helm upgrade <release> charts/volmig --reuse-values` (the chart renders the CRD from a template with crds.enabled=true, the default), \
-         or `volmig-operator crd | kubectl apply --server-side -f -` (the same file as {CRD_FILE} of volmig {}); the operator starts once it is current",
+        "Update it to this operator's version: `helm upgrade <release> charts/volmig --reuse-values` (the chart renders the CRDs from templates with crds.enabled=true, the default), \
+         or `volmig-operator crd{} | kubectl apply --server-side -f -` (the same as {} of volmig {}); volmig starts once it is current",
+        if crd_file(name) == VOLUME_CRD_FILE {
+            " --volumes"
+        } else {
+            ""
+        },
+        crd_file(name),
         env!("CARGO_PKG_VERSION")
     )
 }
 
-/// Whether the CRD served by the cluster carries this build's schema hash.
+/// Whether the CRDs served by the cluster (VolumeMigration's, then the
+/// CSI driver's VolmigVolume records') carry this build's schema hashes.
 pub async fn check_crd(client: &Client) -> Result<(), CrdMismatch> {
-    let name = crd_name();
-    let wanted = schema_hash().map_err(|e| CrdMismatch::Unreadable {
+    for name in crd_names() {
+        check_one(client, name).await?;
+    }
+    Ok(())
+}
+
+async fn check_one(client: &Client, name: String) -> Result<(), CrdMismatch> {
+    let wanted = schema_hash_of(&name).map_err(|e| CrdMismatch::Unreadable {
         name: name.clone(),
         reason: e.to_string(),
     })?;
@@ -57,7 +71,8 @@ pub async fn check_crd(client: &Client) -> Result<(), CrdMismatch> {
     let served = match api.get_opt(&name).await {
         Ok(Some(crd)) => crd,
         Ok(None) => {
-            return Err(CrdMismatch::Missing { name, how: how() });
+            let how = how(&name);
+            return Err(CrdMismatch::Missing { name, how });
         }
         Err(e) => {
             return Err(CrdMismatch::Unreadable {
@@ -75,11 +90,11 @@ pub async fn check_crd(client: &Client) -> Result<(), CrdMismatch> {
     match hash {
         Some(h) if h == wanted => Ok(()),
         other => Err(CrdMismatch::Stale {
+            how: how(&name),
             name,
             served: other.unwrap_or_else(|| format!("unknown (no {SCHEMA_HASH} annotation)")),
             wanted,
             version: env!("CARGO_PKG_VERSION").into(),
-            how: how(),
         }),
     }
 }
@@ -95,7 +110,7 @@ pub async fn wait_for_current_crd(
     loop {
         match check_crd(client).await {
             Ok(()) => {
-                info!(crd = %crd_name(), "the CRD is current");
+                info!(crds = ?crd_names(), "the CRDs are current");
                 return true;
             }
             Err(e) => error!("refusing to run: {e}"),

@@ -1578,6 +1578,7 @@ mod volmig_volume {
         let agent = in_process(&dir.path().join("agent-state"));
         serve(&agent, &id, &source, false).await;
         let (client, fake) = FakeApi::start();
+        install_crds(&fake);
         fake.put(&node_path("n1"), node("n1"));
         fake.put(&node_path("n2"), node("n2"));
         let ctl = Controller::new(

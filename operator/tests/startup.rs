@@ -13,6 +13,13 @@ use volmig_testkit::fake_api::{FakeApi, OPERATOR};
 
 const CRD_PATH: &str =
     "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/volumemigrations.volmig.io";
+const VOLUME_CRD_PATH: &str =
+    "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/volmigvolumes.volmig.io";
+
+/// The CSI driver's record CRD as this build makes it.
+fn volume_crd() -> serde_json::Value {
+    serde_json::to_value(crd_gen::volume_crd().unwrap()).unwrap()
+}
 
 fn served(hash: Option<&str>) -> serde_json::Value {
     let mut crd = serde_json::to_value(crd_gen::crd().unwrap()).unwrap();
@@ -39,6 +46,7 @@ fn says_how_to_update(msg: &str) {
 #[tokio::test]
 async fn a_missing_or_stale_crd_is_refused_with_how_to_update_it() {
     let (client, fake) = FakeApi::start();
+    fake.put(VOLUME_CRD_PATH, volume_crd());
     let e = check_crd(&client).await.unwrap_err();
     assert!(matches!(e, CrdMismatch::Missing { .. }), "{e:?}");
     says_how_to_update(&e.to_string());
@@ -88,6 +96,7 @@ async fn a_missing_or_stale_crd_is_refused_with_how_to_update_it() {
 #[tokio::test]
 async fn a_refused_operator_starts_once_the_crd_is_updated() {
     let (client, fake) = FakeApi::start();
+    fake.put(VOLUME_CRD_PATH, volume_crd());
     fake.put(CRD_PATH, served(Some("sha256:old")));
     let c = client.clone();
     let waiting = tokio::spawn(async move {
@@ -112,4 +121,33 @@ async fn a_refused_operator_starts_once_the_crd_is_updated() {
     })
     .await;
     assert!(!stopped);
+}
+
+/// The CSI driver's record CRD is checked as well: a stale one would let
+/// the API server drop the fields of a volume's record this build writes
+/// (a migration's target, the attachments).
+#[tokio::test]
+async fn a_stale_volume_record_crd_is_refused_too() {
+    let (client, fake) = FakeApi::start();
+    fake.put(CRD_PATH, served(Some(&crd_gen::schema_hash().unwrap())));
+    let e = check_crd(&client).await.unwrap_err();
+    assert!(
+        matches!(&e, CrdMismatch::Missing { name, .. } if name == "volmigvolumes.volmig.io"),
+        "{e:?}"
+    );
+    let mut stale = volume_crd();
+    stale["metadata"]["annotations"][SCHEMA_HASH] = json!("sha256:old");
+    fake.put(VOLUME_CRD_PATH, stale);
+    let msg = check_crd(&client).await.unwrap_err().to_string();
+    assert!(
+        msg.contains("volmigvolumes.volmig.io")
+            && msg.contains("sha256:old")
+            && msg.contains("volmig-operator crd --volumes | kubectl apply --server-side")
+            && msg.contains("crds/volmigvolumes.volmig.io.yaml"),
+        "{msg}"
+    );
+    fake.put(VOLUME_CRD_PATH, volume_crd());
+    check_crd(&client).await.unwrap();
+    let named = rbac::Named::new("volmig-operator", None);
+    rbac::check(&fake.requests_of(OPERATOR), "volmig-system", &named).unwrap();
 }

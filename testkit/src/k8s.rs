@@ -137,3 +137,20 @@ pub fn run_pod(fake: &crate::fake_api::FakeApi, ns: &str, name: &str) -> String 
         .unwrap_or_default()
         .to_string()
 }
+
+/// What `helm install` (or `kubectl apply -f crds/`) does first: the
+/// checked-in CRDs (VolumeMigration, VolmigVolume) served by `fake`.
+pub fn install_crds(fake: &crate::fake_api::FakeApi) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    for name in ["volumemigrations.volmig.io", "volmigvolumes.volmig.io"] {
+        let file = dir.join(format!("{name}.yaml"));
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let crd: Value =
+            serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        fake.put(
+            &format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"),
+            crd,
+        );
+    }
+}

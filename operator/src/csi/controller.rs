@@ -7,6 +7,7 @@
 //! other's change (the loser gets UNAVAILABLE and is retried).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
@@ -22,7 +23,7 @@ use volmig_api::crd::{
 use volmig_api::csi_driver::{BACKING_CLASS_PARAM, BACKING_DEVICE_KEY, FS_TYPE_PARAM, SIZE_KEY};
 use volmig_api::units::parse_size;
 
-use super::error::{ControllerError, ControllerResult};
+use super::error::{ControllerError, ControllerResult, Kind};
 use crate::reconcile::resolve::{MANAGED_BY, holder_pod_in};
 use crate::target::device_path;
 
@@ -221,11 +222,34 @@ fn ended(vm: &VolumeMigration) -> Option<MigrationPhase> {
 pub struct Controller {
     client: Client,
     settings: Settings,
+    /// The served CRDs were found current (checked until they are).
+    crds_current: AtomicBool,
 }
 
 impl Controller {
     pub fn new(client: Client, settings: Settings) -> Self {
-        Self { client, settings }
+        Self {
+            client,
+            settings,
+            crds_current: AtomicBool::new(false),
+        }
+    }
+
+    /// UNAVAILABLE (the sidecars retry, and the claim's events say why)
+    /// while the cluster serves CRDs of another version than this build's:
+    /// the API server would drop the record's fields it does not know.
+    async fn crds_current(&self) -> ControllerResult<()> {
+        if self.crds_current.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match crate::startup::check_crd(&self.client).await {
+            Ok(()) => {
+                self.crds_current.store(true, Ordering::Release);
+                info!("the CRDs are current");
+                Ok(())
+            }
+            Err(e) => Err(ControllerError::new(Kind::Unavailable, e.to_string())),
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -254,6 +278,7 @@ impl Controller {
 
     /// The record of volume `id`; NOT_FOUND if there is none.
     async fn record(&self, id: &str) -> ControllerResult<VolmigVolume> {
+        self.crds_current().await?;
         self.records()
             .get_opt(id)
             .await?
@@ -383,6 +408,7 @@ impl Controller {
         };
 
         // the record, first: whatever is made after it, it says
+        self.crds_current().await?;
         let rec = match self.records().get_opt(&id).await? {
             Some(rec) => rec,
             None => {
@@ -500,6 +526,7 @@ impl Controller {
 
     pub async fn delete(&self, id: &str) -> ControllerResult<()> {
         required(id, "volume_id")?;
+        self.crds_current().await?;
         let Some(rec) = self.records().get_opt(id).await? else {
             return Ok(());
         };
