@@ -2,8 +2,10 @@
 //! workloads' namespaces (a pod can only use a claim of its own namespace),
 //! so creating them takes a cluster-wide grant, which RBAC cannot narrow to
 //! "pods like a holder". The chart adds a ValidatingAdmissionPolicy (from
-//! Kubernetes 1.30) that holds the operator's ServiceAccount to exactly what
-//! [`crate::reconcile::resolve::holder_pod`] creates: one container of the
+//! Kubernetes 1.30) that holds the operator's ServiceAccount (and the CSI
+//! controller's, whose holders attach published volumes) to exactly what
+//! [`crate::reconcile::resolve::holder_pod`] and
+//! [`crate::csi::controller::attachment_holder`] create: one container of the
 //! holder image, claims as its only volumes, no service account token, no
 //! host namespaces, nothing privileged; and lets it change or delete only
 //! holder pods. The policy's template is generated from this file
@@ -16,6 +18,16 @@ pub const TEMPLATE: &str = "charts/volmig/templates/holder-pod-policy.yaml";
 
 /// Stands for the holder image (`--holder-image`) in [`VALIDATIONS`].
 pub const IMAGE: &str = "HOLDER_IMAGE";
+
+/// Stand for the usernames of the operator's and the CSI controller's
+/// ServiceAccounts in [`MATCH`].
+pub const OPERATOR_USER: &str = "OPERATOR_USER";
+pub const CSI_USER: &str = "CSI_USER";
+
+/// Whom the policy holds (CEL): the operator (holders of migration
+/// targets, in the workloads' namespaces) and the CSI controller (holders
+/// of published volumes, in volmig's namespace).
+pub const MATCH: &str = "request.userInfo.username in ['OPERATOR_USER', 'CSI_USER']";
 
 /// The policy's variables: (name, CEL).
 pub const VARIABLES: &[(&str, &str)] = &[
@@ -79,6 +91,15 @@ pub fn template() -> String {
             format!("    - expression: {expr}\n      message: {}\n", quote(msg))
         })
         .collect();
+    let matcher = quote(MATCH)
+        .replace(
+            OPERATOR_USER,
+            r#"system:serviceaccount:{{ .Release.Namespace }}:{{ include "volmig.operator.serviceAccountName" . }}"#,
+        )
+        .replace(
+            CSI_USER,
+            r#"system:serviceaccount:{{ .Release.Namespace }}:{{ include "volmig.csi.serviceAccountName" . }}"#,
+        );
     // the policy's and its binding's
     let meta = r#"metadata:
   name: {{ include "volmig.operator.fullname" . }}-holder-pods
@@ -93,7 +114,8 @@ pub fn template() -> String {
 #
 # The operator may create pods in every namespace (holder pods must be in the
 # claim's namespace), which RBAC cannot narrow further: this policy holds its
-# ServiceAccount to holder pods exactly as the reconciler builds them.
+# ServiceAccount, and the CSI controller's, to holder pods exactly as they
+# build them.
 apiVersion: admissionregistration.k8s.io/v1
 kind: ValidatingAdmissionPolicy
 {meta}spec:
@@ -105,8 +127,8 @@ kind: ValidatingAdmissionPolicy
         operations: ["CREATE", "UPDATE", "DELETE"]
         resources: ["pods"]
   matchConditions:
-    - name: the-volmig-operator
-      expression: 'request.userInfo.username == "system:serviceaccount:{{{{ .Release.Namespace }}}}:{{{{ include "volmig.operator.serviceAccountName" . }}}}"'
+    - name: volmig-holder-makers
+      expression: {matcher}
   variables:
 {vars}  validations:
 {rules}---

@@ -197,3 +197,60 @@ fn the_holder_pod_is_admitted_and_other_pods_are_not() {
     relabelled["metadata"]["labels"] = h["metadata"]["labels"].clone();
     assert!(!refused("UPDATE", &relabelled, &app).is_empty());
 }
+
+/// The policy applies to the operator's and the CSI controller's
+/// ServiceAccounts, and to no one else.
+#[test]
+fn the_policy_holds_the_operator_and_the_csi_controller_only() {
+    use volmig_operator::holder_policy::{CSI_USER, MATCH, OPERATOR_USER};
+    let op = "system:serviceaccount:volmig-system:volmig-operator";
+    let csi = "system:serviceaccount:volmig-system:volmig-csi-controller";
+    let expr = MATCH.replace(OPERATOR_USER, op).replace(CSI_USER, csi);
+    let applies = |user: &str| {
+        let mut ctx = cel::Context::default();
+        ctx.add_variable_from_value(
+            "request",
+            cel::to_value(json!({"operation": "CREATE", "userInfo": {"username": user}})).unwrap(),
+        );
+        match eval(&expr, &ctx) {
+            cel::Value::Bool(b) => b,
+            other => panic!("{expr} gave {other:?}"),
+        }
+    };
+    assert!(applies(op));
+    assert!(applies(csi));
+    assert!(!applies("system:serviceaccount:volmig-system:default"));
+    assert!(!applies("kubernetes-admin"));
+    let t = template();
+    assert!(
+        t.contains(r#"include "volmig.operator.serviceAccountName""#)
+            && t.contains(r#"include "volmig.csi.serviceAccountName""#),
+        "the chart's copy names both ServiceAccounts"
+    );
+}
+
+/// The holder pod the CSI controller runs for a published volume is
+/// admitted, changed and deleted like the operator's.
+#[test]
+fn the_csi_controllers_holder_pod_is_admitted() {
+    use volmig_api::crd::VolumeAttachmentRecord;
+    use volmig_operator::csi::controller::{attachment_holder, holder_name};
+    let id = "vol-0123456789abcdef";
+    let a = VolumeAttachmentRecord {
+        node: "n1".into(),
+        holder_pod: holder_name(id, "n1"),
+        claim: format!("{id}-0"),
+        readonly: false,
+    };
+    let pod = attachment_holder("volmig-system", id, &a, HOLDER_IMAGE).unwrap();
+    let mut h = serde_json::to_value(pod).unwrap();
+    h["spec"]["serviceAccountName"] = json!("default");
+    h["spec"]["restartPolicy"] = json!("Always");
+    h["spec"]["containers"][0]["imagePullPolicy"] = json!("IfNotPresent");
+    assert_eq!(refused("CREATE", &h, &Value::Null), Vec::<&str>::new());
+    assert_eq!(refused("UPDATE", &h, &h), Vec::<&str>::new());
+    assert_eq!(refused("DELETE", &Value::Null, &h), Vec::<&str>::new());
+    let mut other = h.clone();
+    other["spec"]["containers"][0]["image"] = json!("evil:latest");
+    assert!(!refused("CREATE", &other, &Value::Null).is_empty());
+}

@@ -219,6 +219,33 @@ fn ended(vm: &VolumeMigration) -> Option<MigrationPhase> {
     .then_some(p)
 }
 
+/// The labels of what is made for volume `id`.
+fn volume_labels(id: &str) -> BTreeMap<String, String> {
+    [
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (VOLUME_LABEL.to_string(), id.to_string()),
+    ]
+    .into()
+}
+
+/// The holder pod of attachment `a` of volume `id` (in `namespace`, of
+/// `image`): a target holder (the chart's admission policy admits exactly
+/// these) labelled with the volume.
+pub fn attachment_holder(
+    namespace: &str,
+    id: &str,
+    a: &VolumeAttachmentRecord,
+    image: &str,
+) -> ControllerResult<Pod> {
+    let mut p = holder_pod_in(namespace, &a.holder_pod, &a.node, &a.claim, image)
+        .map_err(|e| ControllerError::internal(e.to_string()))?;
+    p.metadata
+        .labels
+        .get_or_insert_default()
+        .extend(volume_labels(id));
+    Ok(p)
+}
+
 pub struct Controller {
     client: Client,
     settings: Settings,
@@ -269,11 +296,7 @@ impl Controller {
     }
 
     fn labels(&self, id: &str) -> BTreeMap<String, String> {
-        [
-            (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-            (VOLUME_LABEL.to_string(), id.to_string()),
-        ]
-        .into()
+        volume_labels(id)
     }
 
     /// The record of volume `id`; NOT_FOUND if there is none.
@@ -672,18 +695,12 @@ impl Controller {
         let pod = match self.pods().get_opt(&a.holder_pod).await? {
             Some(p) => p,
             None => {
-                let mut p = holder_pod_in(
+                let p = attachment_holder(
                     &self.settings.namespace,
-                    &a.holder_pod,
-                    &a.node,
-                    &a.claim,
+                    id,
+                    a,
                     &self.settings.holder_image,
-                )
-                .map_err(|e| ControllerError::internal(e.to_string()))?;
-                p.metadata
-                    .labels
-                    .get_or_insert_default()
-                    .extend(self.labels(id));
+                )?;
                 match self.pods().create(&PostParams::default(), &p).await {
                     Ok(p) => {
                         info!(volume = %id, node = %a.node, pod = %a.holder_pod, claim = %a.claim, "holder pod created");
