@@ -31,23 +31,9 @@ use volmig_testkit::csi::{
 };
 use volmig_testkit::devices::{is_mountpoint, mount_id};
 use volmig_testkit::pattern::sparse_file;
-use volmig_testkit::{MIB, require_bin, require_fuse, require_root, run_ok};
+use volmig_testkit::{MIB, require_bin, require_staging, run_ok};
 
 const SNW: Mode = Mode::SingleNodeWriter;
-
-fn tools() {
-    require_root("loop devices, FUSE and mounts");
-    require_fuse();
-    for (tool, pkg) in [
-        ("losetup", "mount"),
-        ("mount", "mount"),
-        ("blkid", "util-linux"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("e2fsck", "e2fsprogs"),
-    ] {
-        require_bin(tool, pkg);
-    }
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -77,7 +63,7 @@ fn staged_device(agent: &AgentProcess, volume: &str) -> PathBuf {
 
 #[test]
 fn a_staged_ext4_migrates_live_under_its_pods_mount() {
-    tools();
+    require_staging();
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source.img");
     let target = dir.path().join("target.img");
@@ -218,7 +204,7 @@ fn a_staged_ext4_migrates_live_under_its_pods_mount() {
 
 #[test]
 fn a_mounted_xfs_grows_through_the_kernel_device() {
-    tools();
+    require_staging();
     require_bin("xfs_growfs", "xfsprogs");
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("b.img");
@@ -344,7 +330,7 @@ fn a_database_on_a_staged_volume_survives_migration_and_agent_restarts() {
     use volmig_testkit::keeper::KeeperProcess;
     use volmig_testkit::sqlite::{SqliteWriter, check_rows};
 
-    tools();
+    require_staging();
     let dir = tempfile::tempdir().unwrap();
     let (source, target) = (dir.path().join("source.img"), dir.path().join("target.img"));
     sparse_file(&source, 256 * MIB);

@@ -48,25 +48,11 @@ use volmig_testkit::k8s::{
 };
 use volmig_testkit::pattern::sparse_file;
 use volmig_testkit::sqlite::{SqliteWriter, check_rows};
-use volmig_testkit::{MIB, certs, require_bin, require_fuse, require_root};
+use volmig_testkit::{MIB, certs, require_staging};
 
 const NS: &str = "volmig-system";
 const SIZE: u64 = 256 * MIB;
 const SNW: Mode = Mode::SingleNodeWriter;
-
-fn tools() {
-    require_root("loop devices, FUSE and mounts");
-    require_fuse();
-    for (tool, pkg) in [
-        ("losetup", "mount"),
-        ("mount", "mount"),
-        ("blkid", "util-linux"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("e2fsck", "e2fsprogs"),
-    ] {
-        require_bin(tool, pkg);
-    }
-}
 
 /// The agents as the operator reaches them: each node's agent pod address
 /// (what the operator dials) mapped to the real process's gRPC address.
@@ -244,7 +230,7 @@ async fn reconcile_until(
 
 #[test]
 fn a_volume_is_provisioned_migrated_live_under_a_database_and_rescheduled_to_another_node() {
-    tools();
+    require_staging();
     let dir = tempfile::tempdir().unwrap();
     let certs_dir = dir.path().join("certs");
     certs::make(&certs_dir);

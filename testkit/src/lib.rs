@@ -55,4 +55,6 @@ pub mod tools;
 pub use mem::MemVolume;
 pub use pattern::{BLOCK, Expected, MIB, Writer, WriterOpts, fill};
 pub use process::{ChildGuard, killed};
-pub use tools::{Out, require_bin, require_fuse, require_root, run, run_cmd, run_ok, wait_until};
+pub use tools::{
+    Out, require_bin, require_fuse, require_root, require_staging, run, run_cmd, run_ok, wait_until,
+};

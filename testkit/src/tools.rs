@@ -49,6 +49,23 @@ pub fn require_fuse() {
     );
 }
 
+/// Fails the test unless it can stage a volume as kubelet would: root,
+/// /dev/fuse, and the tools the CSI node plugin runs (loop devices,
+/// mounts, blkid, mkfs.ext4 and e2fsck).
+pub fn require_staging() {
+    require_root("loop devices, FUSE and mounts");
+    require_fuse();
+    for (tool, pkg) in [
+        ("losetup", "mount"),
+        ("mount", "mount"),
+        ("blkid", "util-linux"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("e2fsck", "e2fsprogs"),
+    ] {
+        require_bin(tool, pkg);
+    }
+}
+
 /// What an external command did.
 #[derive(Debug)]
 pub struct Out {
