@@ -277,6 +277,68 @@ async fn abort_after_redirect_fails_back_to_source() {
     );
 }
 
+/// An abort in the failback window while writers keep writing (each
+/// mirrored write slowed between target and source): a mirrored write
+/// marks its range dirty until the source has it too, so an abort that
+/// looked at the dirty map before draining the writes in flight refused to
+/// fail back ("the source is not current") and left the workload on the
+/// target. It fails back, every time, with every acknowledged write on the
+/// source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_after_redirect_under_writes_fails_back_to_source() {
+    // Every mirrored write dwells between its two devices, so the abort
+    // always comes while one is half done.
+    // SAFETY: set before anything of this test's process reads the
+    // environment (nextest runs each test in a process of its own).
+    unsafe { std::env::set_var("VOLMIG_FAULT_DELAY", "agent:mirrored-write=20") };
+    for round in 0..3u64 {
+        let r = setup(4 << 20).await;
+        let config = SessionConfig {
+            failback_window_ms: 10_000,
+            ..SessionConfig::default()
+        };
+        r.master.migrate("vol", &r.target, config).await.unwrap();
+        let t = std::time::Instant::now();
+        while r.master.record("vol").unwrap().phase != Phase::Terminating {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{:?}",
+                r.master.record("vol")
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(r.vol.active().path(), r.target.as_path());
+        let ctl = Arc::new(Ctl::default());
+        let writers: Vec<_> = (0..2)
+            .map(|i| {
+                tokio::spawn(writer(
+                    r.vol.clone(),
+                    r.expected.clone(),
+                    i,
+                    2,
+                    round * 7 + i,
+                    true,
+                    ctl.clone(),
+                ))
+            })
+            .collect();
+        wait_ops(&ctl.progress, 200).await;
+        r.master.abort("vol").await;
+        let st = r.master.wait("vol").await;
+        ctl.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for w in writers {
+            w.await.unwrap();
+        }
+        assert_eq!(st.phase, Phase::Aborted, "round {round}: {:?}", st.error);
+        assert_eq!(
+            r.vol.active().path(),
+            r.source.as_path(),
+            "round {round}: failed back"
+        );
+        r.expected.check_device(&r.source);
+    }
+}
+
 #[tokio::test]
 async fn bad_requests_change_nothing() {
     let r = setup(4 << 20).await;

@@ -496,6 +496,10 @@ fn mirrored_write(
     let was_clean = dirty.is_clean(offset, length);
     dirty.mark(offset, length);
     m.apply(primary, offset, length)?;
+    // A slow secondary, for tests of what sees a mirrored write half done.
+    if let Some(d) = volmig_api::fault::delay("agent:mirrored-write") {
+        std::thread::sleep(d);
+    }
     if was_clean {
         match m.apply(secondary, offset, length) {
             Ok(()) => {

@@ -746,16 +746,26 @@ impl SlaveSession {
         let gate = self.interposer.gate();
         let redirected = lock(&self.record).redirected;
         if redirected {
-            if self.link.mode() != WriteMode::MirrorBack || !self.link.dirty.is_empty() {
-                gate.release().await;
-                return Err(AgentError::Task(
+            let not_current = || {
+                AgentError::Task(
                     "cannot roll back: the source is not current; the workload stays on the target"
                         .into(),
-                ));
+                )
+            };
+            if self.link.mode() != WriteMode::MirrorBack {
+                gate.release().await;
+                return Err(not_current());
             }
             gate.hold(DRAIN)
                 .await
                 .map_err(|_| AgentError::Task("in-flight I/O did not drain for failback".into()))?;
+            // Only now, with no write in flight: a mirrored write marks its
+            // range dirty until the source has it too, so a look before the
+            // drain mistook a write in progress for a source left behind.
+            if !self.link.dirty.is_empty() {
+                gate.release().await;
+                return Err(not_current());
+            }
             self.interposer.redirect(false, WriteMode::Track).await?;
             lock(&self.record).redirected = false;
         }
