@@ -434,7 +434,34 @@ fn a_database_on_a_staged_volume_survives_migration_and_agent_restarts() {
         check_rows(&ro.join("db.sqlite"), committed, true),
         committed + 1
     );
-    check_tree(&ro.join("files"), &model, "straight from the target");
+    let on_target = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        check_tree(&ro.join("files"), &model, "straight from the target")
+    }));
     m.unmount();
+    if let Err(e) = on_target {
+        // Seen once in CI (2026-12-04), never reproduced: say whether the
+        // source (kept) has the files, i.e. whether a write reached the
+        // agent and missed the copy, or never reached the agent.
+        let src = dir.path().join("src-ro");
+        let mut s = Mount::new(&source, &src, &["-o", "ro,loop,noload"]);
+        let on_source = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_tree(&src.join("files"), &model, "straight from the source")
+        }));
+        s.unmount();
+        let why = |e: &Box<dyn std::any::Any + Send>| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        };
+        panic!(
+            "the target misses what the pod wrote: {}\nthe source: {}\nagent log:\n{}",
+            why(&e),
+            on_source
+                .as_ref()
+                .map_or_else(why, |_| "holds every file".into()),
+            agent.log_text()
+        );
+    }
     drop(keeper);
 }
