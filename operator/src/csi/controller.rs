@@ -295,10 +295,6 @@ impl Controller {
         Api::namespaced(self.client.clone(), &self.settings.namespace)
     }
 
-    fn labels(&self, id: &str) -> BTreeMap<String, String> {
-        volume_labels(id)
-    }
-
     /// The record of volume `id`; NOT_FOUND if there is none.
     async fn record(&self, id: &str) -> ControllerResult<VolmigVolume> {
         self.crds_current().await?;
@@ -438,7 +434,7 @@ impl Controller {
                 let rec = VolmigVolume {
                     metadata: ObjectMeta {
                         name: Some(id.clone()),
-                        labels: Some(self.labels(&id)),
+                        labels: Some(volume_labels(&id)),
                         ..ObjectMeta::default()
                     },
                     spec: spec.clone(),
@@ -901,7 +897,7 @@ impl Controller {
             None => {
                 let vm: VolumeMigration = serde_json::from_value(json!({
                     "apiVersion": "volmig.io/v1alpha1", "kind": "VolumeMigration",
-                    "metadata": {"name": name, "namespace": claim.namespace, "labels": self.labels(id)},
+                    "metadata": {"name": name, "namespace": claim.namespace, "labels": volume_labels(id)},
                     "spec": {"volumes": [{"source": {"persistentVolumeClaim": claim.name},
                                           "target": {"storageClassName": class}}]},
                 }))
