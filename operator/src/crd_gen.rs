@@ -28,28 +28,53 @@ pub fn crd_name() -> String {
     VolumeMigration::crd_name().to_string()
 }
 
-/// The names of the CRDs this build reads and writes (the VolumeMigration
-/// CRD and the CSI driver's `VolmigVolume` records).
+/// The CRDs this build reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crd {
+    /// VolumeMigration.
+    Migrations,
+    /// The CSI driver's `VolmigVolume` records.
+    Volumes,
+}
+
+impl Crd {
+    pub const ALL: [Crd; 2] = [Crd::Migrations, Crd::Volumes];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Crd::Migrations => VolumeMigration::crd_name(),
+            Crd::Volumes => VolmigVolume::crd_name(),
+        }
+    }
+
+    /// Its checked-in file.
+    pub fn file(self) -> &'static str {
+        match self {
+            Crd::Migrations => CRD_FILE,
+            Crd::Volumes => VOLUME_CRD_FILE,
+        }
+    }
+
+    /// The arguments of `volmig-operator crd` that print it.
+    pub fn print_args(self) -> &'static str {
+        match self {
+            Crd::Migrations => "",
+            Crd::Volumes => " --volumes",
+        }
+    }
+
+    /// The hash of its schema in this build.
+    pub fn schema_hash(self) -> Result<String, CrdError> {
+        match self {
+            Crd::Migrations => schema_hash(),
+            Crd::Volumes => hash_of(&VolmigVolume::crd().spec),
+        }
+    }
+}
+
+/// The names of the CRDs this build reads and writes.
 pub fn crd_names() -> [String; 2] {
-    [crd_name(), VolmigVolume::crd_name().to_string()]
-}
-
-/// The checked-in file of the CRD named `name`.
-pub fn crd_file(name: &str) -> &'static str {
-    if name == VolmigVolume::crd_name() {
-        VOLUME_CRD_FILE
-    } else {
-        CRD_FILE
-    }
-}
-
-/// The hash of the schema of the CRD named `name`.
-pub fn schema_hash_of(name: &str) -> Result<String, CrdError> {
-    if name == VolmigVolume::crd_name() {
-        hash_of(&VolmigVolume::crd().spec)
-    } else {
-        schema_hash()
-    }
+    Crd::ALL.map(|c| c.name().to_string())
 }
 
 #[derive(Debug, thiserror::Error)]

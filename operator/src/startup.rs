@@ -14,7 +14,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::{Api, Client};
 use tracing::{error, info};
 
-use crate::crd_gen::{SCHEMA_HASH, VOLUME_CRD_FILE, crd_file, crd_names, schema_hash_of};
+use crate::crd_gen::{Crd, SCHEMA_HASH, crd_names};
 
 /// How often a refused operator looks at the CRD again.
 pub const CRD_RECHECK: Duration = Duration::from_secs(30);
@@ -38,17 +38,13 @@ pub enum CrdMismatch {
     Unreadable { name: String, reason: String },
 }
 
-/// How to install or update the CRD named `name`.
-fn how(name: &str) -> String {
+/// How to install or update `crd`.
+fn how(crd: Crd) -> String {
     format!(
         "Update it to this operator's version: `helm upgrade <release> charts/volmig --reuse-values` (the chart renders the CRDs from templates with crds.enabled=true, the default), \
          or `volmig-operator crd{} | kubectl apply --server-side -f -` (the same as {} of volmig {}); volmig starts once it is current",
-        if crd_file(name) == VOLUME_CRD_FILE {
-            " --volumes"
-        } else {
-            ""
-        },
-        crd_file(name),
+        crd.print_args(),
+        crd.file(),
         env!("CARGO_PKG_VERSION")
     )
 }
@@ -56,14 +52,15 @@ fn how(name: &str) -> String {
 /// Whether the CRDs served by the cluster (VolumeMigration's, then the
 /// CSI driver's VolmigVolume records') carry this build's schema hashes.
 pub async fn check_crd(client: &Client) -> Result<(), CrdMismatch> {
-    for name in crd_names() {
-        check_one(client, name).await?;
+    for crd in Crd::ALL {
+        check_one(client, crd).await?;
     }
     Ok(())
 }
 
-async fn check_one(client: &Client, name: String) -> Result<(), CrdMismatch> {
-    let wanted = schema_hash_of(&name).map_err(|e| CrdMismatch::Unreadable {
+async fn check_one(client: &Client, crd: Crd) -> Result<(), CrdMismatch> {
+    let name = crd.name().to_string();
+    let wanted = crd.schema_hash().map_err(|e| CrdMismatch::Unreadable {
         name: name.clone(),
         reason: e.to_string(),
     })?;
@@ -71,8 +68,10 @@ async fn check_one(client: &Client, name: String) -> Result<(), CrdMismatch> {
     let served = match api.get_opt(&name).await {
         Ok(Some(crd)) => crd,
         Ok(None) => {
-            let how = how(&name);
-            return Err(CrdMismatch::Missing { name, how });
+            return Err(CrdMismatch::Missing {
+                name,
+                how: how(crd),
+            });
         }
         Err(e) => {
             return Err(CrdMismatch::Unreadable {
@@ -90,11 +89,11 @@ async fn check_one(client: &Client, name: String) -> Result<(), CrdMismatch> {
     match hash {
         Some(h) if h == wanted => Ok(()),
         other => Err(CrdMismatch::Stale {
-            how: how(&name),
             name,
             served: other.unwrap_or_else(|| format!("unknown (no {SCHEMA_HASH} annotation)")),
             wanted,
             version: env!("CARGO_PKG_VERSION").into(),
+            how: how(crd),
         }),
     }
 }
