@@ -66,7 +66,7 @@ async fn check_one(client: &Client, crd: Crd) -> Result<(), CrdMismatch> {
     })?;
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let served = match api.get_opt(&name).await {
-        Ok(Some(crd)) => crd,
+        Ok(Some(served)) => served,
         Ok(None) => {
             return Err(CrdMismatch::Missing {
                 name,
