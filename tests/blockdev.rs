@@ -150,12 +150,17 @@ fn ext4_on_a_block_device_of_the_agent_migrates_live() {
 }
 
 /// SIGKILL, a moment down, start again: the restarted agent serves the
-/// device again from the keeper's descriptors.
+/// device again from the keeper's descriptors. Its FUSE workers read the
+/// requests queued meanwhile for a while before it goes on (see
+/// [`assert_each_request_served_once`]).
 fn restart(agent: &mut AgentProcess) -> Duration {
     let t = Instant::now();
     agent.kill();
     std::thread::sleep(Duration::from_millis(300));
-    agent.start_again(&[]);
+    agent.start_again(&[(
+        "VOLMIG_FAULT_DELAY",
+        volmig_testkit::agent::WORKERS_READ_FIRST,
+    )]);
     t.elapsed()
 }
 
@@ -222,6 +227,7 @@ fn restart_under_a_mounted_filesystem(mid_migration: bool) {
         "{}",
         agent.log_text()
     );
+    agent.assert_each_request_served_once();
     assert_eq!(agent.device("vol"), dev);
     assert_eq!(rdev(&dev), dev_before, "the device changed");
     assert_eq!(

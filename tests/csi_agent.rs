@@ -288,7 +288,10 @@ fn a_mounted_xfs_grows_through_the_kernel_device() {
 fn restart(agent: &mut AgentProcess) -> CsiClient {
     agent.kill();
     std::thread::sleep(Duration::from_millis(300));
-    agent.start_again(&[]);
+    agent.start_again(&[(
+        "VOLMIG_FAULT_DELAY",
+        volmig_testkit::agent::WORKERS_READ_FIRST,
+    )]);
     agent.csi()
 }
 
@@ -409,6 +412,7 @@ fn a_database_on_a_staged_volume_survives_migration_and_agent_restarts() {
          {files_stall:?}) through two agent restarts and a migration",
         model.len()
     );
+    agent.assert_each_request_served_once();
     assert_eq!(mount_identity(&pod).unwrap(), mount_before, "remounted");
     assert_eq!(staged_device(&agent, "db"), device);
     assert_eq!(std::fs::metadata(&device).unwrap().rdev(), rdev);
@@ -439,9 +443,10 @@ fn a_database_on_a_staged_volume_survives_migration_and_agent_restarts() {
     }));
     m.unmount();
     if let Err(e) = on_target {
-        // Seen once in CI (2026-12-04), never reproduced: say whether the
-        // source (kept) has the files, i.e. whether a write reached the
-        // agent and missed the copy, or never reached the agent.
+        // Say whether the source (kept) has the files: whether a write
+        // reached the agent and missed the copy, or was lost before it
+        // (once: a request served twice after a restart, see
+        // `assert_each_request_served_once`).
         let src = dir.path().join("src-ro");
         let mut s = Mount::new(&source, &src, &["-o", "ro,loop,noload"]);
         let on_source = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -31,8 +31,9 @@ pub fn point(point: &str) {
 
 /// `VOLMIG_FAULT_DELAY=<point>=<ms>[,...]`: how long to stall at `point`
 /// (a slow agent, to show what waits for whom), if named. Points: the
-/// agent's `agent:done:redirect`, and `agent:mirrored-write` (between a
-/// mirrored write's two devices).
+/// agent's `agent:done:redirect`, `agent:mirrored-write` (between a
+/// mirrored write's two devices), and `agent:fuse-workers-started` (the FUSE
+/// workers read requests for that long before the agent goes on).
 pub fn delay(point: &str) -> Option<std::time::Duration> {
     static DELAYS: OnceLock<Vec<(String, u64)>> = OnceLock::new();
     DELAYS

@@ -198,6 +198,11 @@ pub struct AgentProcess {
     starts: u32,
 }
 
+/// `VOLMIG_FAULT_DELAY` for a restart: the agent's FUSE workers read the
+/// requests queued while it was down for half a second before it goes on
+/// (what a loaded machine may do; see `fault::delay`).
+pub const WORKERS_READ_FIRST: &str = "agent:fuse-workers-started=500";
+
 impl AgentProcess {
     pub fn builder(dir: &Path, name: &str) -> AgentBuilder {
         AgentBuilder::new(dir, name)
@@ -378,6 +383,24 @@ impl AgentProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// No answer of the agent's FUSE workers found the kernel no longer
+    /// waiting for it (in every run of this agent so far): no request was
+    /// served twice, so no old write can have landed after a newer one.
+    pub fn assert_each_request_served_once(&self) {
+        let log = self.log_text();
+        let orphaned: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("the kernel no longer waited for this answer"))
+            .collect();
+        assert!(
+            orphaned.is_empty(),
+            "{} FUSE answers came after the kernel had re-queued or given up their \
+             request:\n{}",
+            orphaned.len(),
+            orphaned.join("\n")
+        );
     }
 
     /// `nbd+unix:///NAME?socket=SOCK`

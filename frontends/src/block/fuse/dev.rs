@@ -40,6 +40,15 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// What became of an answer written to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The kernel completed the request with it.
+    Taken,
+    /// No request of that `unique` was waiting (see [`DevFd::reply`]).
+    Orphaned,
+}
+
 /// One `/dev/fuse` descriptor of a connection.
 #[derive(Debug)]
 pub struct DevFd(OwnedFd);
@@ -90,11 +99,13 @@ impl DevFd {
         Ok(())
     }
 
-    /// Writes the answer to request `unique`. A request the kernel gave up
-    /// on meanwhile (ENOENT) is no error.
-    pub fn reply(&self, unique: u64, out: &Out) -> io::Result<()> {
+    /// Writes the answer to request `unique`: [`Answer::Taken`], or
+    /// [`Answer::Orphaned`] when the kernel no longer waits for it (ENOENT:
+    /// it gave up on the request, or queued it again under another
+    /// `unique`, so the request was or will be served twice).
+    pub fn reply(&self, unique: u64, out: &Out) -> io::Result<Answer> {
         let (error, data) = match out {
-            Out::None => return Ok(()),
+            Out::None => return Ok(Answer::Taken),
             Out::Err(e) => (-e, &[][..]),
             other => (0, other.bytes()),
         };
@@ -121,11 +132,11 @@ impl DevFd {
         if r < 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
-                Some(libc::ENOENT) => Ok(()),
+                Some(libc::ENOENT) => Ok(Answer::Orphaned),
                 _ => Err(e),
             };
         }
-        Ok(())
+        Ok(Answer::Taken)
     }
 
     /// Writes a notification (see [`proto::notification`]).
@@ -357,8 +368,22 @@ async fn answer<V: VolumeIo>(
         return;
     }
     let out = fs.dispatch(h, arg, data).await;
-    if let Err(e) = fd.reply(h.unique, &out) {
-        tracing::warn!(opcode = h.opcode, error = %e, "cannot answer a FUSE request");
+    match fd.reply(h.unique, &out) {
+        Ok(Answer::Taken) => {}
+        Ok(Answer::Orphaned) => {
+            // A write served twice can land after a newer one: never
+            // expected (the re-send after a restart happens before any
+            // worker reads), so loud.
+            fs.stats
+                .orphaned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                opcode = h.opcode,
+                unique = h.unique,
+                "the kernel no longer waited for this answer (the request was given up or re-queued)"
+            );
+        }
+        Err(e) => tracing::warn!(opcode = h.opcode, error = %e, "cannot answer a FUSE request"),
     }
     if let Out::Data(buf, slot) = out {
         fs.pool.put(buf);

@@ -105,6 +105,8 @@ pub struct Stats {
     pub resent: AtomicU64,
     /// Requests answered with an error.
     pub errors: AtomicU64,
+    /// Answers the kernel no longer waited for (see `dev::Answer`).
+    pub orphaned: AtomicU64,
 }
 
 /// The answer to a request.

@@ -332,6 +332,15 @@ impl<V: VolumeIo> FuseLoop<V> {
                 Some(&mount),
             ))?;
         }
+        // The requests the dead agent read and never answered come again.
+        // Before any worker of ours reads: the kernel re-queues *every*
+        // request read and not answered, so a request one of our workers
+        // had read already would be served twice, and the first copy's
+        // write could land after a newer write to the same blocks (a lost
+        // write; seen under load when this came after the workers started).
+        if let Err(e) = fds[0].notify_resend() {
+            tracing::warn!(error = %e, "FUSE_NOTIFY_RESEND failed: requests in flight at the restart may hang");
+        }
         let grace = opts.restore_grace;
         let me = Self::with(
             opts,
@@ -342,10 +351,6 @@ impl<V: VolumeIo> FuseLoop<V> {
             Some(grace),
             shared,
         )?;
-        // The requests the dead agent read and never answered come again.
-        if let Err(e) = me.fds[0].notify_resend() {
-            tracing::warn!(error = %e, "FUSE_NOTIFY_RESEND failed: requests in flight at the restart may hang");
-        }
         tracing::info!(mount = %mount.display(), descriptors = me.fds.len(),
             "took the FUSE connection back from the keeper; the kernel re-sends what was in flight");
         Ok(me)
@@ -398,6 +403,12 @@ impl<V: VolumeIo> FuseLoop<V> {
                 BlockError::sys(BlockKind::FuseLoop, "starting FUSE workers", "", None, e)
             })?;
             workers.push(done);
+        }
+        // Tests: the workers read requests for a while before this agent
+        // goes on (a loaded machine's scheduling, made certain). Blocks this
+        // thread, which only starts the agent.
+        if let Some(d) = volmig_api::fault::delay("agent:fuse-workers-started") {
+            std::thread::sleep(d);
         }
         Ok(Self {
             opts,
