@@ -3,6 +3,7 @@
 
 mod backing;
 mod segments;
+mod span_locks;
 
 pub use backing::{BackingDevice, DeviceKind, OpenMode};
 pub use segments::Segment;
