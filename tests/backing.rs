@@ -236,6 +236,47 @@ fn odd_offsets_read_back(b: Backend) {
     expected.check_device(&dev.path);
 }
 
+/// ext4 with 1 KiB blocks writes neighbouring blocks of one 4 KiB span at
+/// once; on O_DIRECT each is a read-modify-write of the span. None may
+/// undo another, nor writes and zeroing next to them: each
+/// writer owns one 1 KiB block and reads back what it wrote, every time.
+/// Two handles of the same device (a resumed session opens it again).
+fn concurrent_partial_writes_are_all_kept(b: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Dev::new(b, dir.path(), "d", MIB, Content::Sparse);
+    let (one, two) = (
+        std::sync::Arc::new(dev.open(b)),
+        std::sync::Arc::new(dev.open(b)),
+    );
+    const ROUNDS: u32 = 1500;
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let d = if w % 2 == 0 { one.clone() } else { two.clone() };
+            std::thread::spawn(move || {
+                let off = 8192 + w * 1024;
+                for i in 1..=ROUNDS {
+                    let tag = [w as u8 + 1; 4].into_iter().chain(i.to_le_bytes());
+                    let block: Vec<u8> = tag.cycle().take(1024).collect();
+                    d.write_at(&block, off).unwrap();
+                    assert_eq!(
+                        read(&d, off, 1024),
+                        block,
+                        "{b:?}: writer {w}, round {i}: its write was undone"
+                    );
+                }
+            })
+        })
+        .collect();
+    // Meanwhile whole-span writes and zeroing in the neighbouring spans.
+    for i in 0..ROUNDS / 10 {
+        one.write_at(&[i as u8; 4096], 4096).unwrap();
+        two.write_zeroes(12288, 4096, i % 2 == 0).unwrap();
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+}
+
 fn nowait_io(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let dev = Dev::new(b, dir.path(), "n", MIB, Content::Sparse);
@@ -385,6 +426,11 @@ macro_rules! suite {
             #[test]
             fn odd_offsets_read_back() {
                 super::odd_offsets_read_back($backend);
+            }
+
+            #[test]
+            fn concurrent_partial_writes_are_all_kept() {
+                super::concurrent_partial_writes_are_all_kept($backend);
             }
 
             #[test]
