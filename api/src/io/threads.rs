@@ -11,7 +11,10 @@
 //! a write waiting for a copier's range lock) still goes to the shared
 //! blocking pool through [`spawn_blocking`], which every thread, dedicated
 //! or not, reaches: so the pool's bound (`--io-threads`) holds for the
-//! whole process.
+//! whole process. One exception: a thread that is one of several serving
+//! one queue ([`share_queue`]: the FUSE workers of a connection) may also
+//! flush right where the request came in ([`may_wait_long`]): the others
+//! serve the queue meanwhile, and a flush saves two thread hand-offs.
 //!
 //! A frontend bounds its dedicated threads with [`Slots`]; requests beyond
 //! the bound are served on the shared runtime, where [`may_block`] is false
@@ -34,6 +37,28 @@ thread_local! {
 /// True on a dedicated I/O thread: the caller may block it briefly.
 pub fn may_block() -> bool {
     SHARED.with(|s| s.borrow().is_some())
+}
+
+thread_local! {
+    /// See [`share_queue`].
+    static SHARES_QUEUE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Says that this dedicated I/O thread is one of several taking requests
+/// from one queue (a kernel device's: the FUSE workers of a connection), so
+/// while it waits long (an `fdatasync`) the others go on serving the
+/// queue. Then [`may_wait_long`] is true here.
+pub fn share_queue() {
+    SHARES_QUEUE.with(|s| s.set(true));
+}
+
+/// True on a dedicated I/O thread that shares its queue (see
+/// [`share_queue`]): a request may do long blocking I/O (a flush) right
+/// here instead of handing it to the pool and back. Not on a thread that
+/// alone serves its stream (an NBD connection): its other requests would
+/// all wait.
+pub fn may_wait_long() -> bool {
+    may_block() && SHARES_QUEUE.with(|s| s.get())
 }
 
 /// Runs `f` on the shared blocking pool (bounded by `--io-threads`), from
@@ -195,18 +220,28 @@ mod tests {
             tx,
             |tx| async move {
                 let inline = may_block();
+                // Alone on its stream until it says it shares a queue.
+                let long_alone = may_wait_long();
+                share_queue();
+                let long_shared = may_wait_long();
                 // The pool is the shared runtime's: its threads are no
                 // dedicated I/O threads.
-                let pooled = spawn_blocking(may_block).await.unwrap();
-                let _ = tx.send((inline, pooled));
+                let pooled = spawn_blocking(|| (may_block(), may_wait_long()))
+                    .await
+                    .unwrap();
+                let _ = tx.send((inline, long_alone, long_shared, pooled));
             },
         )
         .map_err(|(_, e)| e)
         .unwrap();
-        let (inline, pooled) = rx.await.unwrap();
+        let (inline, long_alone, long_shared, pooled) = rx.await.unwrap();
         done.await.unwrap();
         assert!(inline, "a dedicated I/O thread may block");
-        assert!(!pooled, "pool threads are shared ones");
+        assert!(!long_alone, "but not long while it alone serves its stream");
+        assert!(long_shared, "long, once others serve its queue meanwhile");
+        assert_eq!(pooled, (false, false), "pool threads are shared ones");
+        share_queue();
+        assert!(!may_wait_long(), "the shared runtime never waits long");
         assert_eq!(slots.in_use(), 0, "the slot is returned at the end");
     }
 }

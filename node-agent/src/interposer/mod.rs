@@ -538,9 +538,14 @@ impl VolumeIo for Interposer {
         let _timer = self.counters.metrics.time(Op::Flush);
         let _pass = self.gate.enter().await;
         let route = self.route();
-        blocking(move || Interposer::flush_blocking(&route))
-            .await
-            .inspect_err(|e| self.counters.note_error("flush", 0, e))
+        let flushed = if threads::may_wait_long() {
+            // A kernel queue's worker: flush here, no hand-off to the pool
+            // and back (the queue's other workers serve meanwhile).
+            Interposer::flush_blocking(&route).map_err(to_io)
+        } else {
+            blocking(move || Interposer::flush_blocking(&route)).await
+        };
+        flushed.inspect_err(|e| self.counters.note_error("flush", 0, e))
     }
 
     async fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
@@ -613,14 +618,19 @@ impl Interposer {
                 return Ok(buf);
             }
         }
-        let buf = blocking(move || {
+        let write = move || {
             Interposer::write_blocking(&route, &counters, offset, len, Mutation::Data(&buf))?;
             if fua {
                 Interposer::flush_blocking(&route)?;
             }
             Ok(buf)
-        })
-        .await?;
+        };
+        let buf = if fua && threads::may_wait_long() {
+            // As a flush: on a kernel queue's worker, right here.
+            write().map_err(to_io)?
+        } else {
+            blocking(write).await?
+        };
         self.counters
             .bytes_written
             .fetch_add(len, Ordering::Relaxed);

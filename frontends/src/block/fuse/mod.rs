@@ -394,6 +394,9 @@ impl<V: VolumeIo> FuseLoop<V> {
                 input,
                 |(fs, fd, stop)| async move {
                     memsafe::io_flusher_best_effort();
+                    // The connection's other workers read its queue while
+                    // this one flushes.
+                    threads::share_queue();
                     if let Err(e) = dev::serve(fs, fd, stop).await {
                         tracing::error!(error = %e, "a FUSE worker failed");
                     }
