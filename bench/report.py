@@ -551,6 +551,22 @@ def render(res, md_path, png_rel):
 
 # Fixes made because of these benchmarks: what was slow, why, what changed.
 HISTORY = [
+    "**SQLite on the block device, flushes** (issue 12; the full run below: 74% of raw loop's TPS, goal "
+    "90%). Cause (strace of the agent under SQLite, WAL, synchronous=FULL): about 1.3 `fdatasync` and 1.5 "
+    "writes per transaction, and every flush went from the FUSE worker to the blocking pool and back, two "
+    "thread hand-offs per flush. Fix: a FUSE worker is one of several reading the connection's queue, so it "
+    "flushes right where the request came in while the others serve (`threads::share_queue`; NBD connection "
+    "threads still hand flushes to the pool). After: A/B runs beside raw loop (three alternating 5 s rounds, "
+    "twice) 0.68 -> 0.76 and 0.72 -> 0.88; a focused run of this section (`bench/run --only blockdev`, "
+    "2026-12-04, no other process on the CPU, raw loop itself at 2900-4000 TPS that day against 5300 in the "
+    "full run) 75%, 83%, 75% (median 75%), O_DIRECT backing 70-79% (was 64-66%): still under the goal. "
+    "The same focused run for the fio jobs: randwrite 4k QD1 1.55-1.79x the best nbdfuse peer and seqread "
+    "1M 1.41-1.64x (goal 2x; 1.31-1.97x and 1.12-1.43x in the full run), randread 4k QD32 33-39% of raw "
+    "loop, randwrite QD32 67-102%, restart stall 0.33-0.34 s. Not the limit: the FUSE workers' wake-ups are "
+    "a thundering herd (every request wakes all four workers' epoll, three read EAGAIN), but one or two "
+    "workers measured slower, not faster. Left: a 1 MiB read still copies twice (page cache -> agent -> "
+    "request); splicing the reply from the backing file needs the whole FUSE message in one pipe, 2 MiB for "
+    "a 1 MiB read, above the default pipe-max-size unless the agent has CAP_SYS_RESOURCE.",
     "**A pod's filesystem on the interposer: kernel block devices** (issue 12). Before, the only way a "
     "kernel filesystem reached a volume here was nbdfuse + loop in front of the agent's NBD server: in the "
     "peer script's runs the user-space paths reached 1-3% of the raw loop device on 4k QD32 random reads "
