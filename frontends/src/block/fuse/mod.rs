@@ -337,7 +337,8 @@ impl<V: VolumeIo> FuseLoop<V> {
         // request read and not answered, so a request one of our workers
         // had read already would be served twice, and the first copy's
         // write could land after a newer write to the same blocks (a lost
-        // write; seen under load when this came after the workers started).
+        // write; tests/blockdev.rs's restarts caught requests served twice
+        // when this came after the workers started).
         if let Err(e) = fds[0].notify_resend() {
             tracing::warn!(error = %e, "FUSE_NOTIFY_RESEND failed: requests in flight at the restart may hang");
         }
