@@ -445,8 +445,8 @@ fn a_database_on_a_staged_volume_survives_migration_and_agent_restarts() {
     if let Err(e) = on_target {
         // Say whether the source (kept) has the files: whether a write
         // reached the agent and missed the copy, or was lost before it
-        // (once: a request served twice after a restart, see
-        // `assert_each_request_served_once`).
+        // (as once, when partial O_DIRECT writes to one span undid each
+        // other: see `volume::span_locks`).
         let src = dir.path().join("src-ro");
         let mut s = Mount::new(&source, &src, &["-o", "ro,loop,noload"]);
         let on_source = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
