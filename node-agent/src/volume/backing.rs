@@ -304,10 +304,18 @@ impl BackingDevice {
                     self.file.write_all_at(bounce, boff)
                 })
             } else {
-                let _beside = self.spans.as_ref().map(|s| s.shared(offset, len));
-                self.file.write_all_at(buf, offset)
+                self.beside(offset, len, || self.file.write_all_at(buf, offset))
             };
         res.map_err(|e| self.io_err("write", offset, len, e))
+    }
+
+    /// Runs `op`, a change of `[offset, offset + length)` in one syscall,
+    /// beside other such changes but never inside a read-modify-write of
+    /// those spans (O_DIRECT; see `span_locks`). The locks are released
+    /// when it returns, so a fallback that writes buffers takes its own.
+    fn beside<T>(&self, offset: u64, length: u64, op: impl FnOnce() -> T) -> T {
+        let _held = self.spans.as_ref().map(|s| s.shared(offset, length));
+        op()
     }
 
     /// Reads all of `buf` at `offset` only if that cannot block (the data
@@ -384,18 +392,15 @@ impl BackingDevice {
         if length == 0 {
             return Ok(());
         }
-        let res = {
-            let _beside = self.spans.as_ref().map(|s| s.shared(offset, length));
-            match self.kind {
-                DeviceKind::File => fallocate(
-                    &self.file,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset,
-                    length,
-                ),
-                DeviceKind::Block => blk_range_ioctl(&self.file, BLKDISCARD, offset, length),
-            }
-        };
+        let res = self.beside(offset, length, || match self.kind {
+            DeviceKind::File => fallocate(
+                &self.file,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                length,
+            ),
+            DeviceKind::Block => blk_range_ioctl(&self.file, BLKDISCARD, offset, length),
+        });
         match res {
             Ok(()) => Ok(()),
             Err(e) if unsupported(&e) => self.write_zero_buffers(offset, length),
@@ -410,8 +415,7 @@ impl BackingDevice {
         if length == 0 {
             return Ok(());
         }
-        let beside = self.spans.as_ref().map(|s| s.shared(offset, length));
-        let res = match (self.kind, may_trim) {
+        let res = self.beside(offset, length, || match (self.kind, may_trim) {
             (DeviceKind::File, true) => fallocate(
                 &self.file,
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -425,8 +429,7 @@ impl BackingDevice {
                 length,
             ),
             (DeviceKind::Block, _) => blk_range_ioctl(&self.file, BLKZEROOUT, offset, length),
-        };
-        drop(beside); // the fallback's writes take their own
+        });
         match res {
             Ok(()) => Ok(()),
             Err(e) if unsupported(&e) => self.write_zero_buffers(offset, length),
