@@ -7,8 +7,9 @@
 //! A worker runs on a dedicated I/O thread (`volmig_api::io::threads`)
 //! with its own runtime: it reads requests without blocking (the
 //! descriptor is non-blocking, polled by the thread's reactor) and serves
-//! each as a task, up to [`IN_FLIGHT`] at once, so one thread keeps many
-//! requests in flight while the volume's I/O waits on the shared pool.
+//! each right there unless it waits; one that waits goes on as a task, up
+//! to [`IN_FLIGHT`] at once, so one thread keeps many requests in flight
+//! while the volume's I/O waits on the shared pool.
 
 use crate::block::mountinfo::MountEntry;
 use std::ffi::CString;
@@ -17,6 +18,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -328,10 +330,18 @@ pub async fn serve<V: VolumeIo>(
             (Arg::Heap(a), None, None)
         };
         let (fs, fd) = (fs.clone(), fd.clone());
-        tokio::spawn(async move {
+        let mut request = Box::pin(async move {
             answer(&fs, &fd, &h, arg.bytes(), data).await;
             drop((slot, permit));
         });
+        // Served right here when it does not wait (a write the interposer
+        // does inline, a read the page cache holds): no task to schedule
+        // and no turn of the reactor before the answer. A request that
+        // waits (the shared pool, a range lock) goes on as a task.
+        let first = std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx))).await;
+        if first.is_pending() {
+            tokio::spawn(request);
+        }
     };
     // Let the requests in flight finish (bounded: a stop must end).
     let _ = tokio::time::timeout(
