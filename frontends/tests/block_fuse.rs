@@ -2,7 +2,8 @@
 //! The FUSE + loop block driver with real kernel devices (root, /dev/fuse,
 //! loop devices): a volume in memory becomes /dev/loopN; reads, writes,
 //! flushes, discards and zeroing through the device reach the volume; a
-//! device in use is not detached; the device grows with the volume; and a
+//! device in use is not detached; the device grows with the volume; large
+//! reads are spliced from a volume that offers a descriptor; and a
 //! driver that stops and starts again with a descriptor keeper serves the
 //! same device, the workload's I/O waiting meanwhile.
 
@@ -81,7 +82,11 @@ async fn a_volume_becomes_a_loop_device_and_every_request_reaches_it() {
         .unwrap();
     let _watchdog = FuseWatchdog::new(&mnt, Duration::from_secs(120));
     let params = driver.params().expect("INIT answered");
-    assert_eq!((params.max_write, params.max_pages), (MIB as u32, 256));
+    assert_eq!(
+        (params.max_write, params.max_pages),
+        (MIB as u32 / 2, 128),
+        "512 KiB requests: a spliced answer fits a pipe"
+    );
 
     let vol = Arc::new(MemVolume::with_data(pattern(64 * MIB as usize, 1), true));
     let att = driver.attach("vol", vol.clone()).await.unwrap();
@@ -186,6 +191,81 @@ async fn a_volume_becomes_a_loop_device_and_every_request_reaches_it() {
         volmig_frontends::block::fuse::dev::find_mount(&mnt).is_none(),
         "unmounted"
     );
+}
+
+/// Large reads are answered by splicing from the volume's descriptor (one
+/// copy instead of two); small ones, and volumes that offer no descriptor,
+/// the buffered way; the data is the volume's either way, writes included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_reads_are_spliced_from_the_volumes_descriptor() {
+    require_root("it mounts FUSE and attaches loop devices");
+    require_fuse();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("fuse");
+    let driver = FuseLoop::<MemVolume>::start(FuseOptions::new(&mnt))
+        .await
+        .unwrap();
+    let _watchdog = FuseWatchdog::new(&mnt, Duration::from_secs(120));
+    let vol = Arc::new(MemVolume::with_data(pattern(16 * MIB as usize, 3), true).offering_fd());
+    let att = driver.attach("vol", vol.clone()).await.unwrap();
+    let dev = att.path.clone();
+    let vol2 = vol.clone();
+    blocking(move || {
+        let f = open_direct(&dev);
+        let mut b = Aligned::new(MIB as usize);
+        // 1 MiB: two 512 KiB requests, both spliced.
+        f.read_exact_at(b.get(), 3 * MIB).unwrap();
+        assert_eq!(b.get(), &vol2.bytes(3 * MIB, MIB as usize)[..]);
+        // Not on a page boundary (the answer spans one page more).
+        f.read_exact_at(&mut b.get()[..256 << 10], 5 * MIB + 512)
+            .unwrap();
+        assert_eq!(
+            &b.get()[..256 << 10],
+            &vol2.bytes(5 * MIB + 512, 256 << 10)[..]
+        );
+        assert_eq!(vol2.counters.fd_reads.load(Ordering::Relaxed), 3);
+        // A small read is copied.
+        f.read_exact_at(&mut b.get()[..4096], 7 * MIB).unwrap();
+        assert_eq!(&b.get()[..4096], &vol2.bytes(7 * MIB, 4096)[..]);
+        assert_eq!(
+            vol2.counters.fd_reads.load(Ordering::Relaxed),
+            3,
+            "4 KiB: copied"
+        );
+        // What was written is what a spliced read returns.
+        let data = pattern(MIB as usize, 8);
+        b.get().copy_from_slice(&data);
+        f.write_all_at(b.get(), 9 * MIB).unwrap();
+        b.get().fill(0);
+        f.read_exact_at(b.get(), 9 * MIB).unwrap();
+        assert_eq!(b.get(), &data[..]);
+        assert_eq!(vol2.counters.fd_reads.load(Ordering::Relaxed), 5);
+    })
+    .await;
+    let stats = driver.stats();
+    assert_eq!(
+        stats.spliced.load(Ordering::Relaxed),
+        5,
+        "every large read spliced"
+    );
+
+    // A volume with no descriptor to offer: the same reads, copied.
+    let plain = Arc::new(MemVolume::with_data(pattern(4 * MIB as usize, 4), true));
+    let att2 = driver.attach("plain", plain.clone()).await.unwrap();
+    let dev = att2.path.clone();
+    let plain2 = plain.clone();
+    blocking(move || {
+        let f = open_direct(&dev);
+        let mut b = Aligned::new(MIB as usize);
+        f.read_exact_at(b.get(), MIB).unwrap();
+        assert_eq!(b.get(), &plain2.bytes(MIB, MIB as usize)[..]);
+    })
+    .await;
+    assert_eq!(driver.stats().spliced.load(Ordering::Relaxed), 5);
+
+    driver.detach("plain").await.unwrap();
+    driver.detach("vol").await.unwrap();
+    driver.unmount().await.unwrap();
 }
 
 /// A keeper on a thread of this process (it serves forever; the thread

@@ -20,6 +20,8 @@ pub struct MemCounters {
     pub flushes: AtomicU64,
     pub trims: AtomicU64,
     pub zeroes: AtomicU64,
+    /// Reads answered from the descriptor (`read_by_fd`).
+    pub fd_reads: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -34,6 +36,8 @@ pub struct MemVolume {
     st: Mutex<State>,
     size: AtomicU64,
     pub counters: MemCounters,
+    /// See [`offering_fd`](Self::offering_fd).
+    fd: Option<std::fs::File>,
 }
 
 impl MemVolume {
@@ -52,7 +56,21 @@ impl MemVolume {
             }),
             size: AtomicU64::new(size),
             counters: MemCounters::default(),
+            fd: None,
         }
+    }
+
+    /// Offers its data through a descriptor too (`read_by_fd`), as a
+    /// volume on a buffered file does: a memfd the range is copied into
+    /// before each such read.
+    pub fn offering_fd(mut self) -> Self {
+        // SAFETY: a NUL-terminated literal name; memfd_create returns a
+        // new descriptor we own.
+        let fd = unsafe { libc::memfd_create(c"volmig-mem".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: fd is fresh and owned by nobody else.
+        self.fd = Some(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -123,6 +141,31 @@ impl VolumeIo for MemVolume {
         st.data[o..o + buf.len()].copy_from_slice(&buf);
         Self::mark(&mut st, offset, buf.len() as u64, true);
         Ok(buf)
+    }
+
+    async fn read_by_fd<R, F>(&self, offset: u64, length: u64, f: F) -> Option<io::Result<R>>
+    where
+        R: Send,
+        F: FnOnce(std::os::fd::BorrowedFd<'_>, u64) -> io::Result<R> + Send,
+    {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
+        let file = self.fd.as_ref()?;
+        if !volmig_api::io::threads::may_wait_long() {
+            return None;
+        }
+        if let Err(e) = self.check(offset, length) {
+            return Some(Err(e));
+        }
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.counters.fd_reads.fetch_add(1, Ordering::Relaxed);
+        // Held while `f` reads: no write changes the range meanwhile.
+        let st = self.lock();
+        let (o, n) = (offset as usize, length as usize);
+        if let Err(e) = file.write_all_at(&st.data[o..o + n], offset) {
+            return Some(Err(e));
+        }
+        Some(f(file.as_fd(), offset))
     }
 
     async fn flush(&self) -> io::Result<()> {

@@ -57,6 +57,29 @@ pub trait VolumeIo: Send + Sync + 'static {
         length: u64,
         may_trim: bool,
     ) -> impl Future<Output = io::Result<()>> + Send;
+    /// Reads `[offset, offset+length)` straight from the descriptor that
+    /// holds it now, if the volume can offer one: calls `f` with that
+    /// descriptor and the range's offset in it, and keeps the range where
+    /// it is until `f` returns (no cutover in between), so a frontend can
+    /// move the data without copying it through a buffer (`splice`). `f`
+    /// may wait for the disk: it is only called on a thread that may (see
+    /// [`threads::may_wait_long`]). `None`: no such descriptor (O_DIRECT,
+    /// a thread that must not wait, ...); use [`read`](Self::read). An
+    /// `Err` from `f` is the descriptor's read failing.
+    fn read_by_fd<R, F>(
+        &self,
+        offset: u64,
+        length: u64,
+        f: F,
+    ) -> impl Future<Output = Option<io::Result<R>>> + Send
+    where
+        R: Send,
+        F: FnOnce(std::os::fd::BorrowedFd<'_>, u64) -> io::Result<R> + Send,
+    {
+        let _ = (offset, length, f);
+        std::future::ready(None)
+    }
+
     /// Allocation map of `[offset, offset+length)`; extents must cover at
     /// least one byte from `offset` and lie inside the volume.
     fn block_status(

@@ -562,6 +562,33 @@ impl VolumeIo for Interposer {
             .inspect_err(|e| self.counters.note_error("write zeroes", offset, e))
     }
 
+    async fn read_by_fd<R, F>(&self, offset: u64, length: u64, f: F) -> Option<io::Result<R>>
+    where
+        R: Send,
+        F: FnOnce(std::os::fd::BorrowedFd<'_>, u64) -> io::Result<R> + Send,
+    {
+        // A read that misses the page cache waits for the disk right here.
+        if !threads::may_wait_long() {
+            return None;
+        }
+        let _timer = self.counters.metrics.time(Op::Read);
+        // Held until `f` returns: no cutover moves the range meanwhile.
+        let _pass = self.gate.enter().await;
+        let dev = self.route().active;
+        let fd = dev.plain_fd(offset, length)?;
+        let r = f(fd, offset);
+        match &r {
+            Ok(_) => {
+                self.counters
+                    .bytes_read
+                    .fetch_add(length, Ordering::Relaxed);
+                self.counters.reads.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.counters.note_error("read", offset, e),
+        }
+        Some(r)
+    }
+
     async fn block_status(&self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         let _timer = self.counters.metrics.time(Op::BlockStatus);
         let _pass = self.gate.enter().await;
@@ -748,5 +775,90 @@ mod tests {
         tgt.read_at(&mut c, 8192).unwrap();
         assert_eq!(c, [0u8; 4]);
         assert!(!dirty.is_clean(8192, 1));
+    }
+
+    /// A frontend reads straight from the active device's descriptor only
+    /// where that may wait (a kernel queue's worker) and only from a
+    /// buffered device; the read is counted like any other.
+    #[tokio::test]
+    async fn reads_by_descriptor_come_from_the_active_buffered_device() {
+        async fn read_fd(ip: &Interposer, off: u64, len: u64) -> Option<(u64, Vec<u8>)> {
+            use std::os::fd::AsRawFd;
+            use volmig_api::io::VolumeIo;
+            let mut buf = vec![0u8; len as usize];
+            let at = ip
+                .read_by_fd(off, len, |fd, at| {
+                    // SAFETY: buf is live and len bytes long; fd is
+                    // borrowed for the call.
+                    let n = unsafe {
+                        libc::pread(
+                            fd.as_raw_fd(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                            at as i64,
+                        )
+                    };
+                    assert_eq!(n, len as isize);
+                    Ok(at)
+                })
+                .await?
+                .unwrap();
+            Some((at, buf))
+        }
+        /// Runs `f` on a kernel queue's worker thread.
+        async fn on_worker<T: Send + 'static>(
+            slots: &Arc<threads::Slots>,
+            f: impl AsyncFnOnce() -> T + Send + 'static,
+        ) -> T {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let shared = tokio::runtime::Handle::current();
+            threads::spawn_dedicated(
+                "t",
+                slots.take().unwrap(),
+                shared,
+                (),
+                move |()| async move {
+                    threads::share_queue();
+                    let _ = tx.send(f().await);
+                },
+            )
+            .map_err(|(_, e)| e)
+            .unwrap();
+            rx.await.unwrap()
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dev(&dir, "s");
+        src.write_at(&[7u8; 8192], 4096).unwrap();
+        let ip = Arc::new(Interposer::new("v", src));
+        assert!(
+            read_fd(&ip, 4096, 8192).await.is_none(),
+            "not on a thread that must not wait"
+        );
+        let slots = Arc::new(threads::Slots::new(2));
+        let ip2 = ip.clone();
+        let (inside, beyond) = on_worker(&slots, async move || {
+            (
+                read_fd(&ip2, 4096, 8192).await,
+                read_fd(&ip2, (1 << 20) - 4096, 8192).await,
+            )
+        })
+        .await;
+        let (at, buf) = inside.expect("a buffered device offers its descriptor");
+        assert_eq!((at, buf), (4096, vec![7u8; 8192]));
+        assert!(beyond.is_none(), "not beyond the device's end");
+        assert_eq!(ip.counters.reads.load(Ordering::Relaxed), 1);
+        assert_eq!(ip.counters.bytes_read.load(Ordering::Relaxed), 8192);
+
+        let p = dir.path().join("d");
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let direct = Arc::new(Interposer::new(
+            "d",
+            Arc::new(BackingDevice::open(&p, OpenMode::ReadWrite, true).unwrap()),
+        ));
+        let offered = on_worker(&slots, async move || {
+            read_fd(&direct, 0, 4096).await.is_some()
+        })
+        .await;
+        assert!(!offered, "an O_DIRECT device is read through buffers");
     }
 }

@@ -344,6 +344,15 @@ impl BackingDevice {
         nowait_result(self, "read", offset, buf.len(), r)
     }
 
+    /// The descriptor to read `[offset, offset+length)` from directly
+    /// (splice): buffered devices only (an O_DIRECT read needs aligned
+    /// buffers of its own), inside the device.
+    pub fn plain_fd(&self, offset: u64, length: u64) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        (!self.direct && self.check_range("read", offset, length).is_ok())
+            .then(|| self.file.as_fd())
+    }
+
     /// Writes all of `buf` at `offset` only if that cannot block:
     /// `pwritev2(RWF_NOWAIT)`. `None`: do it on the blocking pool (a short
     /// write already wrote a prefix; writing the whole again is harmless).

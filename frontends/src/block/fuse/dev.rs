@@ -9,7 +9,8 @@
 //! descriptor is non-blocking, polled by the thread's reactor) and serves
 //! each right there unless it waits; one that waits goes on as a task, up
 //! to [`IN_FLIGHT`] at once, so one thread keeps many requests in flight
-//! while the volume's I/O waits on the shared pool.
+//! while the volume's I/O waits on the shared pool. Large READs are
+//! answered by splicing ([`splice`](super::splice)).
 
 use crate::block::mountinfo::MountEntry;
 use std::ffi::CString;
@@ -26,7 +27,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{Semaphore, watch};
 use volmig_api::io::VolumeIo;
 
-use super::fs::{Fs, Out};
+use super::fs::{Fs, Out, Spliced};
 use super::proto::{self, *};
 
 /// Requests one worker serves at once.
@@ -377,8 +378,19 @@ async fn answer<V: VolumeIo>(
         }
         return;
     }
-    let out = fs.dispatch(h, arg, data).await;
-    match fd.reply(h.unique, &out) {
+    let spliced = match h.opcode {
+        READ => fs.read_spliced(h, arg, fd).await,
+        _ => None,
+    };
+    let (answered, out) = match spliced {
+        Some(Spliced::Answered(a)) => (a, Out::None),
+        Some(Spliced::Failed(out)) => (fd.reply(h.unique, &out), out),
+        None => {
+            let out = fs.dispatch(h, arg, data).await;
+            (fd.reply(h.unique, &out), out)
+        }
+    };
+    match answered {
         Ok(Answer::Taken) => {}
         Ok(Answer::Orphaned) => {
             // A write served twice can land after a newer one: never

@@ -21,8 +21,10 @@ use tokio::time::Instant;
 use serde::{Deserialize, Serialize};
 use volmig_api::io::VolumeIo;
 
+use super::dev::{Answer, DevFd};
 use super::pool::{Buffers, Slot};
 use super::proto::{self, *};
+use super::splice::{self, ReplyPipe};
 
 /// How long the kernel may cache names and attributes (they change only
 /// through the agent, which tells the kernel).
@@ -55,7 +57,10 @@ impl Params {
 /// Settings of the file system.
 #[derive(Debug, Clone)]
 pub struct FsOptions {
-    /// Largest request data, a multiple of 4 KiB up to 1 MiB.
+    /// Largest request data (READ and WRITE), a multiple of 4 KiB up to
+    /// 1 MiB. 512 KiB by default: a spliced READ answer must fit a pipe
+    /// whole, header included, and an unprivileged pipe holds 1 MiB at
+    /// most (`splice`); loop's 1 MiB requests become two, served at once.
     pub max_write: u32,
     /// Most asynchronous requests the kernel keeps in flight (loop's
     /// direct I/O is asynchronous).
@@ -73,7 +78,7 @@ pub struct FsOptions {
 impl Default for FsOptions {
     fn default() -> Self {
         Self {
-            max_write: 1 << 20,
+            max_write: 512 << 10,
             max_background: 256,
             direct_io_open: false,
             small_buffers: 128,
@@ -107,6 +112,17 @@ pub struct Stats {
     pub errors: AtomicU64,
     /// Answers the kernel no longer waited for (see `dev::Answer`).
     pub orphaned: AtomicU64,
+    /// READs answered by splicing from the backing file.
+    pub spliced: AtomicU64,
+}
+
+/// What became of a READ answered by splicing.
+#[derive(Debug)]
+pub enum Spliced {
+    /// Written to the kernel (or failed there).
+    Answered(io::Result<Answer>),
+    /// The volume's read failed: this is the answer to write.
+    Failed(Out),
 }
 
 /// The answer to a request.
@@ -404,6 +420,56 @@ impl<V: VolumeIo> Fs<V> {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
         out
+    }
+
+    /// Answers a large READ by splicing its data from the volume's
+    /// backing descriptor onto `dev` (see [`splice`](super::splice)).
+    /// `None`: not here (small, no pipe, the volume offers no descriptor,
+    /// the volume not served yet): [`dispatch`](Self::dispatch) answers.
+    pub async fn read_spliced(&self, h: &InHeader, arg: &[u8], dev: &DevFd) -> Option<Spliced> {
+        let r = proto::read::<ReadIn>(arg)?;
+        let v = self.get(h.nodeid)?;
+        let size = v.size().min(v.io.size());
+        if r.offset >= size {
+            return None;
+        }
+        let len = u64::from(r.size).min(size - r.offset) as usize;
+        if len < splice::MIN_LEN {
+            return None;
+        }
+        if !ReplyPipe::this_thread().is_some_and(|p| p.fits(r.offset, len)) {
+            return None;
+        }
+        let unique = h.unique;
+        // The pipe is the thread's that runs the closure (the request's
+        // task could in principle have moved since).
+        let done =
+            v.io.read_by_fd(
+                r.offset,
+                len as u64,
+                |src, off| match ReplyPipe::this_thread() {
+                    Some(p) if p.fits(off, len) => p.answer(dev, unique, src, off, len).map(Some),
+                    _ => Ok(None),
+                },
+            )
+            .await?;
+        let done = match done {
+            Ok(None) => return None,
+            Ok(Some(a)) => Ok(a),
+            Err(e) => Err(e),
+        };
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.spliced.fetch_add(1, Ordering::Relaxed);
+        if h.unique & UNIQUE_RESEND != 0 {
+            self.stats.resent.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(match done {
+            Ok(answer) => Spliced::Answered(answer),
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                Spliced::Failed(Out::Err(errno(&e)))
+            }
+        })
     }
 
     async fn answer(&self, h: &InHeader, arg: &[u8], data: Option<Vec<u8>>) -> Out {
@@ -816,7 +882,7 @@ mod tests {
         let (out, p) = fs.init(proto::bytes(&i));
         let o: InitOut = small(&out);
         assert_eq!((o.major, o.minor), (7, 45));
-        assert_eq!((o.max_write, o.max_pages), (1 << 20, 256));
+        assert_eq!((o.max_write, o.max_pages), (512 << 10, 128));
         assert_eq!(o.max_background, 256);
         let flags = u64::from(o.flags) | u64::from(o.flags2) << 32;
         assert_eq!(
@@ -827,7 +893,7 @@ mod tests {
         assert_eq!(flags & (1 << 16), 0, "never the writeback cache");
         let p = p.unwrap();
         assert!(p.kernel_resends());
-        assert_eq!(p.max_write, 1 << 20);
+        assert_eq!(p.max_write, 512 << 10);
         // An older major is refused, a newer one answered with ours.
         let (out, p) = fs.init(proto::bytes(&InitIn { major: 6, ..i }));
         assert!(matches!(out, Out::Err(libc::EPROTO)) && p.is_none());

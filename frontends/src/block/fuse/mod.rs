@@ -5,12 +5,15 @@
 //!
 //! - [`proto`]: the wire format; [`fs`]: the file system (INIT, names,
 //!   attributes, READ/WRITE/FSYNC/FALLOCATE/LSEEK to the volume's
-//!   `VolumeIo`); [`dev`]: `/dev/fuse`, mounting, workers, notifications.
-//! - Requests: INIT negotiates 1 MiB requests (max_pages 256), async
-//!   direct I/O and 256 requests in flight in the background (loop's direct
-//!   I/O is asynchronous); `workers` threads (default min(8, 2 × CPUs)),
-//!   each on its own cloned descriptor, each a dedicated I/O thread
-//!   (`volmig_api::io::threads`: the interposer may write inline there).
+//!   `VolumeIo`); [`dev`]: `/dev/fuse`, mounting, workers, notifications;
+//!   [`splice`]: READ answers spliced from the backing file.
+//! - Requests: INIT negotiates 512 KiB requests (max_pages 128: a READ's
+//!   answer spliced from the backing file must fit a pipe whole, see
+//!   [`splice`]), async direct I/O and 256 requests in flight in the
+//!   background (loop's direct I/O is asynchronous); `workers` threads
+//!   (default min(8, 2 × CPUs)), each on its own cloned descriptor, each a
+//!   dedicated I/O thread (`volmig_api::io::threads`: the interposer may
+//!   write inline there).
 //! - Restarts: with a [`keeper`](super::keeper), every descriptor of the
 //!   connection and the INIT parameters are handed to it after INIT; a
 //!   restarted agent takes them back instead of mounting, serves them, and
@@ -27,6 +30,7 @@ pub mod dev;
 pub mod fs;
 mod pool;
 pub mod proto;
+pub mod splice;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
