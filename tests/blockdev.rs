@@ -4,8 +4,10 @@
 //! - ext4 on the device of a served volume, written by a file writer and by
 //!   fio (crc32c verify) while the volume migrates live to another file:
 //!   afterwards the device and the mount are the same objects, every file
-//!   reads back right, the target file alone is a clean filesystem, and the
-//!   device is not removed while mounted.
+//!   reads back right, the device reads what the target holds, the target
+//!   file alone is a clean filesystem, and the device is not removed while
+//!   mounted. Once with O_DIRECT backing, once buffered (large reads are
+//!   then spliced from the backing file: the agent's metrics count them).
 //! - The agent SIGKILLed and started again (with the descriptor keeper)
 //!   under that mounted, written filesystem, once idle and once in the
 //!   middle of a migration: the writers (fdatasync included) see no error,
@@ -34,6 +36,7 @@ use volmig_testkit::devices::{
 use volmig_testkit::fio::FioLoop;
 use volmig_testkit::fswriter::{FileWriter, FileWriterOpts, check_tree};
 use volmig_testkit::keeper::KeeperProcess;
+use volmig_testkit::net::{free_addr, http_get, sample};
 use volmig_testkit::pattern::sparse_file;
 use volmig_testkit::tools::run_cmd;
 use volmig_testkit::{MIB, require_bin, require_fuse, require_root};
@@ -71,7 +74,16 @@ fn sync() {
 /// A volume of `size` served as a kernel block device with O_DIRECT
 /// backing, ext4 made on it and mounted at `<dir>/mnt`.
 fn block_ext4(agent: &AgentProcess, dir: &Path, backing: &Path) -> (std::path::PathBuf, Mount) {
-    let v = agent.serve_block("vol", backing, true);
+    block_ext4_with(agent, dir, backing, true)
+}
+
+fn block_ext4_with(
+    agent: &AgentProcess,
+    dir: &Path,
+    backing: &Path,
+    direct: bool,
+) -> (std::path::PathBuf, Mount) {
+    let v = agent.serve_block("vol", backing, direct);
     assert_eq!(v.device_kind, Some(BlockKind::FuseLoop));
     let dev = v.device.unwrap();
     assert!(dev.to_string_lossy().starts_with("/dev/loop"), "{dev:?}");
@@ -83,13 +95,50 @@ fn block_ext4(agent: &AgentProcess, dir: &Path, backing: &Path) -> (std::path::P
 
 #[test]
 fn ext4_on_a_block_device_of_the_agent_migrates_live() {
+    ext4_migrates_live(true);
+}
+
+/// Buffered backing: large reads are spliced from the backing file, and
+/// after the cutover from the target's.
+#[test]
+fn ext4_on_a_block_device_with_buffered_backing_migrates_live() {
+    ext4_migrates_live(false);
+}
+
+/// `len` bytes of `path` from `offset`, read with O_DIRECT in 1 MiB reads.
+fn read_direct(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    // An aligned buffer: a page-aligned 1 MiB slice of a larger one.
+    let mut raw = vec![0u8; MIB as usize + 4096];
+    let skew = raw.as_ptr().align_offset(4096);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let n = (len - out.len()).min(MIB as usize);
+        let buf = &mut raw[skew..skew + n];
+        f.read_exact_at(buf, offset + out.len() as u64).unwrap();
+        out.extend_from_slice(buf);
+    }
+    out
+}
+
+fn ext4_migrates_live(direct: bool) {
     require_tools();
     let dir = tempfile::tempdir().unwrap();
     let (src, tgt) = (dir.path().join("source.img"), dir.path().join("target.img"));
     sparse_file(&src, SIZE);
     sparse_file(&tgt, SIZE);
-    let agent = AgentProcess::builder(dir.path(), "agent").block().start();
-    let (dev, mut fs) = block_ext4(&agent, dir.path(), &src);
+    let metrics = free_addr();
+    let agent = AgentProcess::builder(dir.path(), "agent")
+        .block()
+        .arg("--metrics")
+        .arg(&metrics.to_string())
+        .start();
+    let (dev, mut fs) = block_ext4_with(&agent, dir.path(), &src, direct);
     let _watchdog = FuseWatchdog::new(&agent.fuse_mount(), WATCHDOG);
     let mnt = fs.dir().to_path_buf();
     let (dev_before, mount_before) = (rdev(&dev), mount_identity(&mnt).unwrap());
@@ -130,6 +179,45 @@ fn ext4_on_a_block_device_of_the_agent_migrates_live() {
     assert!(mount_identity(&mnt).is_some());
 
     fs.unmount();
+    // Unmounted, still served: what the device reads is the target's
+    // (1 MiB direct reads: spliced from the target file when the backing
+    // is buffered).
+    let spliced = || {
+        sample(
+            &http_get(metrics, "/metrics"),
+            "volmig_agent_fuse_spliced_reads_total",
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "the FUSE driver's counters are not exported:\n{}",
+                http_get(metrics, "/metrics")
+            )
+        })
+    };
+    let before = spliced();
+    let head = 32 * MIB as usize;
+    let through_device = read_direct(&dev, 0, head);
+    let mut on_target = vec![0u8; head];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&tgt).unwrap(),
+        &mut on_target,
+        0,
+    )
+    .unwrap();
+    assert!(
+        through_device == on_target,
+        "the device does not read what the target holds"
+    );
+    if direct {
+        assert_eq!(spliced(), before, "O_DIRECT backing: reads are copied");
+    } else {
+        assert!(
+            spliced() >= before + 64.0,
+            "32 MiB in 512 KiB requests: spliced {} -> {}",
+            before,
+            spliced()
+        );
+    }
     assert!(agent.unserve("vol").unwrap().was_served);
     assert!(
         loops_under(&agent.fuse_mount()).is_empty(),

@@ -176,11 +176,22 @@ struct VolumeSnapshot {
     session: Option<SessionState>,
 }
 
+/// The FUSE block driver's counters (all its volumes), if it runs.
+#[derive(Debug)]
+struct FuseSnapshot {
+    requests: u64,
+    resent: u64,
+    errors: u64,
+    orphaned: u64,
+    spliced: u64,
+}
+
 /// Everything one scrape reports.
 #[derive(Debug)]
 struct Snapshot {
     volumes: Vec<VolumeSnapshot>,
     failed: usize,
+    fuse: Option<FuseSnapshot>,
 }
 
 async fn snapshot(agent: &Agent) -> Snapshot {
@@ -210,7 +221,26 @@ async fn snapshot(agent: &Agent) -> Snapshot {
         });
     }
     let failed = agent.list().iter().filter(|v| v.error.is_some()).count();
-    Snapshot { volumes, failed }
+    let fuse = agent
+        .frontends()
+        .block()
+        .and_then(|b| b.started())
+        .and_then(|d| d.fuse())
+        .map(|f| {
+            let st = f.stats();
+            FuseSnapshot {
+                requests: st.requests.load(Ordering::Relaxed),
+                resent: st.resent.load(Ordering::Relaxed),
+                errors: st.errors.load(Ordering::Relaxed),
+                orphaned: st.orphaned.load(Ordering::Relaxed),
+                spliced: st.spliced.load(Ordering::Relaxed),
+            }
+        });
+    Snapshot {
+        volumes,
+        failed,
+        fuse,
+    }
 }
 
 /// A gauge or counter family, one sample per volume.
@@ -377,6 +407,38 @@ impl Collector for Snapshot {
                 )
             }),
         )?;
+        if let Some(f) = &self.fuse {
+            for (name, help, v) in [
+                (
+                    "volmig_agent_fuse_requests",
+                    "Requests the FUSE block driver served",
+                    f.requests,
+                ),
+                (
+                    "volmig_agent_fuse_resent_requests",
+                    "Requests the kernel sent again after an agent restart (FUSE_NOTIFY_RESEND)",
+                    f.resent,
+                ),
+                (
+                    "volmig_agent_fuse_errors",
+                    "FUSE requests answered with an error",
+                    f.errors,
+                ),
+                (
+                    "volmig_agent_fuse_orphaned_answers",
+                    "FUSE answers the kernel no longer waited for: a request served twice (never expected; alert on any)",
+                    f.orphaned,
+                ),
+                (
+                    "volmig_agent_fuse_spliced_reads",
+                    "FUSE reads answered by splicing from the backing file",
+                    f.spliced,
+                ),
+            ] {
+                let e = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+                v.encode(e, MetricType::Counter)?;
+            }
+        }
         // While a migration session holds the volume.
         let sessions = || {
             vs.iter()
