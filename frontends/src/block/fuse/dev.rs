@@ -5,12 +5,14 @@
 //! (`FUSE_NOTIFY_RESEND` after a restart, invalidations).
 //!
 //! A worker runs on a dedicated I/O thread (`volmig_api::io::threads`)
-//! with its own runtime: it reads requests without blocking (the
-//! descriptor is non-blocking, polled by the thread's reactor) and serves
-//! each right there unless it waits; one that waits goes on as a task, up
-//! to [`IN_FLIGHT`] at once, so one thread keeps many requests in flight
-//! while the volume's I/O waits on the shared pool. Large READs are
-//! answered by splicing ([`splice`](super::splice)).
+//! with its own runtime. With nothing in flight it sleeps in a blocking
+//! read (the kernel wakes one such reader per request; a stop wakes it
+//! with a signal, see [`Sleepers`]); with requests in flight it polls the
+//! descriptor through the thread's reactor, so it finishes them meanwhile.
+//! It serves each request right there unless it waits; one that waits goes
+//! on as a task, up to [`IN_FLIGHT`] at once, so one thread keeps many
+//! requests in flight while the volume's I/O waits on the shared pool.
+//! Large READs are answered by splicing ([`splice`](super::splice)).
 
 use crate::block::mountinfo::MountEntry;
 use std::ffi::CString;
@@ -29,6 +31,7 @@ use volmig_api::io::VolumeIo;
 
 use super::fs::{Fs, Out, Spliced};
 use super::proto::{self, *};
+use super::sleepers::Sleepers;
 
 /// Requests one worker serves at once.
 pub const IN_FLIGHT: usize = 64;
@@ -99,6 +102,21 @@ impl DevFd {
         let fl = cvt(unsafe { libc::fcntl(self.as_raw_fd(), libc::F_GETFL) })?;
         // SAFETY: as above.
         cvt(unsafe { libc::fcntl(self.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) })?;
+        Ok(())
+    }
+
+    /// Reads block until a request comes (`true`) or fail with EAGAIN when
+    /// none is there (`false`, as for polling).
+    pub fn set_blocking(&self, blocking: bool) -> io::Result<()> {
+        // SAFETY: fcntl on our descriptor with integer arguments.
+        let fl = cvt(unsafe { libc::fcntl(self.as_raw_fd(), libc::F_GETFL) })?;
+        let fl = if blocking {
+            fl & !libc::O_NONBLOCK
+        } else {
+            fl | libc::O_NONBLOCK
+        };
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(self.as_raw_fd(), libc::F_SETFL, fl) })?;
         Ok(())
     }
 
@@ -263,13 +281,79 @@ fn read_request(fd: RawFd, head: &mut [u8; WRITE_HEAD], body: &mut [u8]) -> io::
     Ok(n as usize)
 }
 
+/// What a worker's read got.
+enum Got {
+    /// A request of this many bytes.
+    Request(usize),
+    /// Nothing to read now (poll).
+    Nothing,
+    /// The connection is over, or the worker must stop.
+    End,
+}
+
+/// Reads a request in a blocking read, woken by a request or by a signal
+/// (see [`Sleepers`]) to look at `stop`.
+fn read_asleep(
+    fd: &DevFd,
+    head: &mut [u8; WRITE_HEAD],
+    body: &mut [u8],
+    stop: &watch::Receiver<bool>,
+) -> io::Result<Got> {
+    loop {
+        if *stop.borrow() {
+            return Ok(Got::End);
+        }
+        match read_request(fd.as_raw_fd(), head, body) {
+            Ok(n) => return Ok(Got::Request(n)),
+            Err(e) => match e.raw_os_error() {
+                // Woken to look at `stop`, or the request was aborted
+                // before we got it.
+                Some(libc::EINTR) | Some(libc::ENOENT) => continue,
+                // Unmounted or aborted: the connection is over.
+                Some(libc::ENODEV) | Some(libc::ECONNABORTED) => return Ok(Got::End),
+                Some(libc::EAGAIN) => return Ok(Got::Nothing),
+                _ => return Err(e),
+            },
+        }
+    }
+}
+
+/// Reads a request when the thread's reactor says one is there.
+async fn read_polled(
+    afd: &AsyncFd<Polled>,
+    head: &mut [u8; WRITE_HEAD],
+    body: &mut [u8],
+    stop: &mut watch::Receiver<bool>,
+) -> io::Result<Got> {
+    loop {
+        let mut ready = tokio::select! {
+            r = afd.readable() => r?,
+            _ = stop.wait_for(|s| *s) => return Ok(Got::End),
+        };
+        match ready.try_io(|inner| read_request(inner.get_ref().as_raw_fd(), head, body)) {
+            Ok(Ok(n)) => return Ok(Got::Request(n)),
+            Ok(Err(e)) => match e.raw_os_error() {
+                // Interrupted, or the request was aborted before we got it.
+                Some(libc::EINTR) | Some(libc::ENOENT) => continue,
+                // Unmounted or aborted: the connection is over.
+                Some(libc::ENODEV) | Some(libc::ECONNABORTED) => return Ok(Got::End),
+                _ => return Err(e),
+            },
+            Err(_would_block) => continue,
+        }
+    }
+}
+
 /// Serves requests from `fd` until the connection ends (unmounted or
 /// aborted: ENODEV) or `stop`. Runs on a dedicated I/O thread's runtime.
 pub async fn serve<V: VolumeIo>(
     fs: Arc<Fs<V>>,
     fd: Arc<DevFd>,
     mut stop: watch::Receiver<bool>,
+    sleepers: Arc<Sleepers>,
 ) -> io::Result<()> {
+    // Until the loop ends, a stop wakes this thread from a blocking read.
+    let registered = sleepers.register();
     // SAFETY: Polled owns (a share of) the descriptor, so it stays open and
     // the same for the AsyncFd's whole life; as_raw_fd always returns it.
     let afd = unsafe { AsyncFd::register_with_interest(Polled(fd.clone()), Interest::READABLE) }
@@ -282,6 +366,8 @@ pub async fn serve<V: VolumeIo>(
     super::pool::prefault(&mut body);
     let mut head = [0u8; WRITE_HEAD];
     tracing::debug!(fd = fd.as_raw_fd(), "FUSE worker serving");
+    // Whether the descriptor is in blocking mode now (it starts not).
+    let mut blocking = false;
     let ended = loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
@@ -290,26 +376,26 @@ pub async fn serve<V: VolumeIo>(
             },
             _ = stop.wait_for(|s| *s) => break Ok(()),
         };
-        let n = loop {
-            let mut ready = tokio::select! {
-                r = afd.readable() => r?,
-                _ = stop.wait_for(|s| *s) => break None,
-            };
-            match ready
-                .try_io(|inner| read_request(inner.get_ref().as_raw_fd(), &mut head, &mut body))
-            {
-                Ok(Ok(n)) => break Some(n),
-                Ok(Err(e)) => match e.raw_os_error() {
-                    // Interrupted, or the request was aborted before we got it.
-                    Some(libc::EINTR) | Some(libc::ENOENT) => continue,
-                    // Unmounted or aborted: the connection is over.
-                    Some(libc::ENODEV) | Some(libc::ECONNABORTED) => break None,
-                    _ => return Err(e),
-                },
-                Err(_would_block) => continue,
-            }
+        // Nothing of this worker's in flight: it sleeps in a blocking read,
+        // of which the kernel wakes one per request (polling readers are
+        // all woken), and nothing else on this thread needs to run.
+        let idle = limit.available_permits() == IN_FLIGHT - 1;
+        if idle != blocking {
+            fd.set_blocking(idle)?;
+            blocking = idle;
+        }
+        let got = if idle {
+            read_asleep(&fd, &mut head, &mut body, &stop)?
+        } else {
+            Got::Nothing
         };
-        let Some(n) = n else { break Ok(()) };
+        let got = match got {
+            Got::Nothing => read_polled(&afd, &mut head, &mut body, &mut stop).await?,
+            got => got,
+        };
+        let Got::Request(n) = got else {
+            break Ok(());
+        };
         let Some(h) = proto::read::<InHeader>(&head[..n.min(WRITE_HEAD)]) else {
             continue;
         };
@@ -344,6 +430,8 @@ pub async fn serve<V: VolumeIo>(
             tokio::spawn(request);
         }
     };
+    // No more signals: the requests finishing here must not see EINTR.
+    drop(registered);
     // Let the requests in flight finish (bounded: a stop must end).
     let _ = tokio::time::timeout(
         Duration::from_secs(10),

@@ -459,12 +459,14 @@ impl<V: VolumeIo> Fs<V> {
             Err(e) => Err(e),
         };
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        self.stats.spliced.fetch_add(1, Ordering::Relaxed);
         if h.unique & UNIQUE_RESEND != 0 {
             self.stats.resent.fetch_add(1, Ordering::Relaxed);
         }
         Some(match done {
-            Ok(answer) => Spliced::Answered(answer),
+            Ok(answer) => {
+                self.stats.spliced.fetch_add(1, Ordering::Relaxed);
+                Spliced::Answered(answer)
+            }
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 Spliced::Failed(Out::Err(errno(&e)))

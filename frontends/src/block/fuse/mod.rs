@@ -30,6 +30,7 @@ pub mod dev;
 pub mod fs;
 mod pool;
 pub mod proto;
+mod sleepers;
 pub mod splice;
 
 use std::collections::BTreeMap;
@@ -47,6 +48,7 @@ use volmig_api::io::threads::{self, Slots};
 use self::dev::{DevFd, FSTYPE};
 use self::fs::Fs;
 pub use self::fs::{FsOptions, Params, Stats};
+use self::sleepers::Sleepers;
 use super::keeper::KeeperClient;
 use super::loopdev::{DetachError, Loop};
 use super::memsafe;
@@ -141,6 +143,8 @@ pub struct FuseLoop<V: VolumeIo> {
     dev: u64,
     adopted: bool,
     stop: watch::Sender<bool>,
+    /// Wakes the workers asleep in a read when they must stop.
+    sleepers: Arc<Sleepers>,
     workers: Mutex<Vec<oneshot::Receiver<()>>>,
     devices: Mutex<BTreeMap<String, Device>>,
     /// Attach, reattach, detach and resize one at a time.
@@ -379,6 +383,7 @@ impl<V: VolumeIo> FuseLoop<V> {
             fs.start_restoring(grace);
         }
         let (stop, stopped) = watch::channel(false);
+        let sleepers = Sleepers::new();
         let slots = Arc::new(Slots::new(fds.len()));
         let mut workers = Vec::new();
         for (i, fd) in fds.iter().enumerate() {
@@ -391,18 +396,18 @@ impl<V: VolumeIo> FuseLoop<V> {
                     std::io::Error::other("no thread slot"),
                 )
             })?;
-            let input = (fs.clone(), fd.clone(), stopped.clone());
+            let input = (fs.clone(), fd.clone(), stopped.clone(), sleepers.clone());
             let done = threads::spawn_dedicated(
                 format!("fuse-{i}"),
                 slot,
                 shared.clone(),
                 input,
-                |(fs, fd, stop)| async move {
+                |(fs, fd, stop, sleepers)| async move {
                     memsafe::io_flusher_best_effort();
                     // The connection's other workers read its queue while
                     // this one flushes.
                     threads::share_queue();
-                    if let Err(e) = dev::serve(fs, fd, stop).await {
+                    if let Err(e) = dev::serve(fs, fd, stop, sleepers).await {
                         tracing::error!(error = %e, "a FUSE worker failed");
                     }
                 },
@@ -425,6 +430,7 @@ impl<V: VolumeIo> FuseLoop<V> {
             dev,
             adopted,
             stop,
+            sleepers,
             workers: Mutex::new(workers),
             devices: Mutex::new(BTreeMap::new()),
             ops: tokio::sync::Mutex::new(()),
@@ -531,6 +537,7 @@ impl<V: VolumeIo> FuseLoop<V> {
         })
         .await?;
         let _ = self.stop.send(true);
+        self.sleepers.wake_until_gone();
         let workers: Vec<_> =
             std::mem::take(&mut *self.workers.lock().unwrap_or_else(PoisonError::into_inner));
         for w in workers {
@@ -543,6 +550,7 @@ impl<V: VolumeIo> FuseLoop<V> {
 impl<V: VolumeIo> Drop for FuseLoop<V> {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        self.sleepers.wake_until_gone();
     }
 }
 
