@@ -551,6 +551,28 @@ def render(res, md_path, png_rel):
 
 # Fixes made because of these benchmarks: what was slow, why, what changed.
 HISTORY = [
+    "**Block device: one copy for large reads, one wake-up per request** (issue 12; the full run below: "
+    "seqread 1M QD8 1.12-1.43x the best nbdfuse peer, randwrite 4k QD1 1.31-1.97x, goal 2x; SQLite 74% of "
+    "raw loop, goal 90%). Causes: (1) a 1 MiB read copied twice in the agent (page cache -> agent buffer -> "
+    "the request's pages), about 185 us of agent CPU per MiB, most of its work on two cores; (2) idle FUSE "
+    "workers polled /dev/fuse through epoll, so every request woke all of them (three of four read EAGAIN) "
+    "and cost the one that got it an EAGAIN read and an epoll_wait; (3) every request was spawned as a "
+    "task, a reactor turn before each answer. Fixes: READs of 64 KiB and more are spliced from the backing "
+    "file's page cache (header and data into the worker's pipe, the pipe into /dev/fuse: one copy; requests "
+    "are now 512 KiB so that an answer fits an unprivileged pipe whole); an idle worker sleeps in a "
+    "blocking read, which the kernel wakes one reader at a time (a stop wakes it with a signal); a request "
+    "that does not wait is answered where it was read. A/B runs beside raw loop and nbdfuse + nbdkit: "
+    "seqread 1M 1.27-1.89x -> 2.78x (splice alone 1.78x); SQLite 0.77 -> 0.90 of raw loop in one run; "
+    "randwrite 4k QD1 1.75x -> 1.81x. A focused run of this section afterwards (`bench/run --only "
+    "blockdev`, 2026-12-04 13:46, a slow day: raw loop's randwrite QD1 9-11k IOPS against 35k in the full "
+    "run): seqread 1M 2.58x, 1.72x, 2.63x the best peer; randwrite 4k QD1 1.43x, 2.17x, 1.61x; SQLite "
+    "77%, 75%, 77% of raw loop (O_DIRECT backing 66-68%); randread 4k QD32 32%+ of raw loop, randwrite "
+    "QD32 60%+; restart stall 0.33 s. Still short: QD1 writes and SQLite. What is left per request is the "
+    "FUSE round trip itself: the worker's run (read, the host ext4 pwrite, the reply and its completion "
+    "chain) is 35-50 us where raw loop's kworker takes 31-37 us for the same ext4 write, plus one more "
+    "context switch, on vCPUs that halt without polling (a 30-60 us spin after each answer gave +10-17% "
+    "for a third of a core: not done). FUSE over io_uring (per-CPU queues) is the known next step, blocked "
+    "on restarts (see ARCHITECTURE).",
     "**SQLite on the block device, flushes** (issue 12; the full run below: 74% of raw loop's TPS, goal "
     "90%). Cause (strace of the agent under SQLite, WAL, synchronous=FULL): about 1.3 `fdatasync` and 1.5 "
     "writes per transaction, and every flush went from the FUSE worker to the blocking pool and back, two "
