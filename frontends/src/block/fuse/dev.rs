@@ -471,6 +471,17 @@ async fn answer<V: VolumeIo>(
         _ => None,
     };
     let (answered, out) = match spliced {
+        Some(Spliced::Answered(Err(e))) => {
+            // The kernel refused the spliced answer, most likely before
+            // taking the request (a malformed answer): answer it the
+            // buffered way rather than leave it waiting. Had the kernel
+            // taken it and failed it itself, this answer finds no request
+            // (an orphaned answer, logged below).
+            tracing::warn!(unique = h.unique, error = %e,
+                "a spliced READ answer was refused; answering it from a buffer");
+            let out = fs.dispatch(h, arg, data).await;
+            (fd.reply(h.unique, &out), out)
+        }
         Some(Spliced::Answered(a)) => (a, Out::None),
         Some(Spliced::Failed(out)) => (fd.reply(h.unique, &out), out),
         None => {
