@@ -12,6 +12,9 @@
 //!   under that mounted, written filesystem, once idle and once in the
 //!   middle of a migration: the writers (fdatasync included) see no error,
 //!   nothing is lost, the migration completes.
+//! - Large reads (spliced from buffered backing) through a live
+//!   migration: each returns the volume's data, before and after the
+//!   cutover.
 //! - Memory pressure: a writer filling a memory cgroup with dirty pages of
 //!   ext4 on the device, the agent in the same cgroup (O_DIRECT backing):
 //!   it completes, no deadlock.
@@ -24,6 +27,8 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use volmig_api::ErrorKind;
@@ -37,7 +42,7 @@ use volmig_testkit::fio::FioLoop;
 use volmig_testkit::fswriter::{FileWriter, FileWriterOpts, check_tree};
 use volmig_testkit::keeper::KeeperProcess;
 use volmig_testkit::net::{free_addr, http_get, sample};
-use volmig_testkit::pattern::sparse_file;
+use volmig_testkit::pattern::{pattern, pattern_file, sparse_file};
 use volmig_testkit::tools::run_cmd;
 use volmig_testkit::{MIB, require_bin, require_fuse, require_root};
 
@@ -235,6 +240,85 @@ fn ext4_migrates_live(direct: bool) {
         (files, bytes)
     );
     ro_mount.unmount();
+}
+
+/// Large reads of a volume on buffered backing (spliced from the backing
+/// file) running through a live migration: every read returns the
+/// volume's data, from the source before the cutover and from the target
+/// after it, and the agent's metrics count them spliced.
+#[test]
+fn spliced_reads_through_a_cutover_return_the_volumes_data() {
+    require_tools();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 128 * MIB;
+    let (src, tgt) = (dir.path().join("source.img"), dir.path().join("target.img"));
+    pattern_file(&src, size, 5);
+    sparse_file(&tgt, size);
+    let metrics = free_addr();
+    let agent = AgentProcess::builder(dir.path(), "agent")
+        .block()
+        .arg("--metrics")
+        .arg(&metrics.to_string())
+        .start();
+    let dev = agent.serve_block("vol", &src, false).device.unwrap();
+    let _watchdog = FuseWatchdog::new(&agent.fuse_mount(), WATCHDOG);
+    let spliced = || {
+        sample(
+            &http_get(metrics, "/metrics"),
+            "volmig_agent_fuse_spliced_reads_total",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = spliced();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (dev, stop, reads) = (dev.clone(), stop.clone(), reads.clone());
+        std::thread::spawn(move || {
+            // 1 MiB, 512 KiB and 300 KiB reads at 512-byte aligned offsets.
+            let mut x: u64 = 0x9E37_79B9;
+            while !stop.load(Ordering::Relaxed) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let len = [MIB as usize, 512 << 10, 300 << 10][(x >> 60) as usize % 3];
+                let off = (x >> 20) % ((size - MIB) / 512) * 512;
+                if read_direct(&dev, off, len) != pattern(off, len, 5) {
+                    return Err((off, len));
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    };
+    let wait_reads = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while reads.load(Ordering::Relaxed) < n && !reader.is_finished() {
+            assert!(Instant::now() < deadline, "the reader is stuck");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_reads(20);
+    let mut m = agent.migrate("vol", &tgt, &["--bandwidth", "32Mi"]);
+    let st = m.wait_terminal(MIGRATION_TIMEOUT);
+    let during = reads.load(Ordering::Relaxed);
+    wait_reads(during + 20);
+    stop.store(true, Ordering::Relaxed);
+    let result = reader.join().unwrap();
+    assert_eq!(result, Ok(()), "a read returned other data");
+    agent.assert_completed(&st);
+    assert_eq!(agent.active_path("vol"), tgt);
+    let n = reads.load(Ordering::Relaxed);
+    assert!(
+        during >= 40,
+        "only {during} reads before the migration ended (test not meaningful)"
+    );
+    assert!(
+        spliced() - before >= n as f64,
+        "{n} reads of 300 KiB and more, {} spliced",
+        spliced() - before
+    );
+    eprintln!("{n} reads, {during} of them before the migration ended");
 }
 
 /// SIGKILL, a moment down, start again: the restarted agent serves the
