@@ -472,13 +472,13 @@ async fn answer<V: VolumeIo>(
     };
     let (answered, out) = match spliced {
         Some(Spliced::Answered(Err(e))) => {
-            // The kernel refused the spliced answer, most likely before
-            // taking the request (a malformed answer): answer it the
-            // buffered way rather than leave it waiting. Had the kernel
-            // taken it and failed it itself, this answer finds no request
-            // (an orphaned answer, logged below).
+            // The spliced answer could not be made, or the kernel refused
+            // it, most likely before taking the request (a malformed
+            // answer): answer it the buffered way rather than leave it
+            // waiting. Had the kernel taken it and failed it itself, this
+            // answer finds no request (an orphaned answer, logged below).
             tracing::warn!(unique = h.unique, error = %e,
-                "a spliced READ answer was refused; answering it from a buffer");
+                "no spliced READ answer; answering it from a buffer");
             let out = fs.dispatch(h, arg, data).await;
             (fd.reply(h.unique, &out), out)
         }

@@ -101,7 +101,9 @@ impl ReplyPipe {
 
     /// Answers request `unique` with `length` bytes of `src` at `offset`.
     /// The outer `Err` is `src`'s read failing (nothing was answered); the
-    /// inner result is what became of the answer.
+    /// inner result is what became of the answer (an `Err` there: the
+    /// kernel did not take it, or it could not be made; answer it
+    /// otherwise).
     pub fn answer(
         &self,
         dev: &DevFd,
@@ -119,6 +121,13 @@ impl ReplyPipe {
         let filled = self.fill(proto::bytes(&h), src, offset, length);
         if let Err(e) = filled {
             self.drain();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                // A full pipe (cannot be: `fits`), or a kernel whose
+                // non-blocking splice would not wait for the disk: not the
+                // file failing. Nothing was answered; the caller answers
+                // from a buffer.
+                return Ok(Err(e));
+            }
             return Err(e);
         }
         // SAFETY: both descriptors are live; null offsets (pipe, device).
