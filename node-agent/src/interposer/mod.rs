@@ -185,6 +185,18 @@ pub struct IoCounters {
 }
 
 impl IoCounters {
+    /// A read of `len` bytes done.
+    fn read_done(&self, len: u64) {
+        self.bytes_read.fetch_add(len, Ordering::Relaxed);
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A write (data, zeroes or trim) of `len` bytes done.
+    fn write_done(&self, len: u64) {
+        self.bytes_written.fetch_add(len, Ordering::Relaxed);
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn note_error(&self, op: &str, offset: u64, e: &io::Error) {
         self.io_errors.fetch_add(1, Ordering::Relaxed);
         let msg = format!("{op} at offset {offset}: {e}");
@@ -418,10 +430,7 @@ impl Interposer {
         let route = self.route();
         let counters = self.counters.clone();
         blocking(move || Interposer::write_blocking(&route, &counters, offset, length, m)).await?;
-        self.counters
-            .bytes_written
-            .fetch_add(length, Ordering::Relaxed);
-        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters.write_done(length);
         Ok(())
     }
 
@@ -578,12 +587,7 @@ impl VolumeIo for Interposer {
         let fd = dev.plain_fd(offset, length)?;
         let r = f(fd, offset);
         match &r {
-            Ok(_) => {
-                self.counters
-                    .bytes_read
-                    .fetch_add(length, Ordering::Relaxed);
-                self.counters.reads.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(_) => self.counters.read_done(length),
             Err(e) => self.counters.note_error("read", offset, e),
         }
         Some(r)
@@ -614,8 +618,7 @@ impl Interposer {
             Some(r) => r.map(|_| buf).map_err(to_io)?,
             None => blocking(move || dev.read_at(&mut buf, offset).map(|_| buf)).await?,
         };
-        self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
-        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.counters.read_done(len);
         Ok(buf)
     }
 
@@ -638,10 +641,7 @@ impl Interposer {
             });
             if let Some(r) = inline {
                 r.map_err(to_io)?;
-                self.counters
-                    .bytes_written
-                    .fetch_add(len, Ordering::Relaxed);
-                self.counters.writes.fetch_add(1, Ordering::Relaxed);
+                self.counters.write_done(len);
                 return Ok(buf);
             }
         }
@@ -658,10 +658,7 @@ impl Interposer {
         } else {
             blocking(write).await?
         };
-        self.counters
-            .bytes_written
-            .fetch_add(len, Ordering::Relaxed);
-        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters.write_done(len);
         Ok(buf)
     }
 }

@@ -96,15 +96,6 @@ impl DevFd {
         &self.0
     }
 
-    /// Reads and writes never block (the worker polls).
-    pub fn set_nonblocking(&self) -> io::Result<()> {
-        // SAFETY: fcntl on our descriptor with integer arguments.
-        let fl = cvt(unsafe { libc::fcntl(self.as_raw_fd(), libc::F_GETFL) })?;
-        // SAFETY: as above.
-        cvt(unsafe { libc::fcntl(self.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) })?;
-        Ok(())
-    }
-
     /// Reads block until a request comes (`true`) or fail with EAGAIN when
     /// none is there (`false`, as for polling).
     pub fn set_blocking(&self, blocking: bool) -> io::Result<()> {

@@ -102,6 +102,22 @@ impl<V> Vol<V> {
     }
 }
 
+impl<V: VolumeIo> Vol<V> {
+    /// Where requests may reach: the smaller of the file's size and the
+    /// volume's.
+    fn served_size(&self) -> u64 {
+        self.size().min(self.io.size())
+    }
+
+    /// The bytes of a READ of `size` at `offset` that lie inside (0 at or
+    /// past the end).
+    fn read_len(&self, offset: u64, size: u32) -> usize {
+        self.served_size()
+            .saturating_sub(offset)
+            .min(u64::from(size)) as usize
+    }
+}
+
 /// Counters of the file system.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -429,11 +445,7 @@ impl<V: VolumeIo> Fs<V> {
     pub async fn read_spliced(&self, h: &InHeader, arg: &[u8], dev: &DevFd) -> Option<Spliced> {
         let r = proto::read::<ReadIn>(arg)?;
         let v = self.get(h.nodeid)?;
-        let size = v.size().min(v.io.size());
-        if r.offset >= size {
-            return None;
-        }
-        let len = u64::from(r.size).min(size - r.offset) as usize;
+        let len = v.read_len(r.offset, r.size);
         if len < splice::MIN_LEN {
             return None;
         }
@@ -608,11 +620,10 @@ impl<V: VolumeIo> Fs<V> {
         let Some(v) = self.vol(h.nodeid).await else {
             return Out::Err(libc::EIO);
         };
-        let size = v.size().min(v.io.size());
-        if r.offset >= size {
+        let len = v.read_len(r.offset, r.size).min(self.pool.max_len());
+        if len == 0 {
             return Out::Small([0; 128], 0);
         }
-        let len = (u64::from(r.size).min(size - r.offset) as usize).min(self.pool.max_len());
         let (buf, slot) = self.pool.get(len).await;
         match v.io.read(r.offset, buf).await {
             Ok(buf) => Out::Data(buf, Some(slot)),
@@ -630,7 +641,7 @@ impl<V: VolumeIo> Fs<V> {
         };
         let len = data.len() as u64;
         let end = w.offset.checked_add(len);
-        if end.is_none_or(|e| e > v.size().min(v.io.size())) {
+        if end.is_none_or(|e| e > v.served_size()) {
             self.pool.put(data);
             return Out::Err(libc::ENOSPC);
         }
@@ -657,7 +668,7 @@ impl<V: VolumeIo> Fs<V> {
             return Out::Err(libc::EIO);
         };
         let keep = f.mode & libc::FALLOC_FL_KEEP_SIZE as u32 != 0;
-        let size = v.size().min(v.io.size());
+        let size = v.served_size();
         let Some(end) = f.offset.checked_add(f.length) else {
             return Out::Err(libc::EINVAL);
         };
@@ -697,7 +708,7 @@ impl<V: VolumeIo> Fs<V> {
             libc::SEEK_HOLE => false,
             _ => return Out::Err(libc::EINVAL),
         };
-        let size = v.size().min(v.io.size());
+        let size = v.served_size();
         if l.offset >= size {
             return Out::Err(libc::ENXIO);
         }

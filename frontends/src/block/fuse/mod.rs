@@ -272,7 +272,7 @@ impl<V: VolumeIo> FuseLoop<V> {
                     fds.push(c);
                 }
                 for f in &fds {
-                    f.set_nonblocking().map_err(err("making /dev/fuse non-blocking"))?;
+                    f.set_blocking(false).map_err(err("making /dev/fuse non-blocking"))?;
                 }
                 Ok((fds.into_iter().map(Arc::new).collect::<Vec<_>>(), dev))
             })
@@ -334,7 +334,7 @@ impl<V: VolumeIo> FuseLoop<V> {
         }
         let fds: Vec<Arc<DevFd>> = fds.into_iter().map(|f| Arc::new(DevFd::from(f))).collect();
         for f in &fds {
-            f.set_nonblocking().map_err(io_err(
+            f.set_blocking(false).map_err(io_err(
                 "making /dev/fuse non-blocking",
                 "",
                 Some(&mount),
