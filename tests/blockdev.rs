@@ -41,7 +41,6 @@ use volmig_testkit::devices::{
 use volmig_testkit::fio::FioLoop;
 use volmig_testkit::fswriter::{FileWriter, FileWriterOpts, check_tree};
 use volmig_testkit::keeper::KeeperProcess;
-use volmig_testkit::net::{free_addr, http_get, sample};
 use volmig_testkit::pattern::{pattern, pattern_file, sparse_file};
 use volmig_testkit::tools::run_cmd;
 use volmig_testkit::{MIB, require_bin, require_fuse, require_root};
@@ -110,13 +109,20 @@ fn ext4_on_a_block_device_with_buffered_backing_migrates_live() {
     ext4_migrates_live(false);
 }
 
-/// `spliced()` once it is at least `want`, or after a few seconds: a
+/// The agent's count of READs spliced from the backing file.
+fn spliced(agent: &AgentProcess) -> f64 {
+    agent
+        .metric("volmig_agent_fuse_spliced_reads_total")
+        .expect("the FUSE driver's counters are exported")
+}
+
+/// [`spliced`] once it is at least `want`, or after a few seconds: a
 /// worker counts an answer after the kernel took it, so the count may
 /// trail the reader by a moment.
-fn spliced_at_least(spliced: &dyn Fn() -> f64, want: f64) -> f64 {
+fn spliced_at_least(agent: &AgentProcess, want: f64) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let now = spliced();
+        let now = spliced(agent);
         if now >= want || Instant::now() > deadline {
             return now;
         }
@@ -151,11 +157,9 @@ fn ext4_migrates_live(direct: bool) {
     let (src, tgt) = (dir.path().join("source.img"), dir.path().join("target.img"));
     sparse_file(&src, SIZE);
     sparse_file(&tgt, SIZE);
-    let metrics = free_addr();
     let agent = AgentProcess::builder(dir.path(), "agent")
         .block()
-        .arg("--metrics")
-        .arg(&metrics.to_string())
+        .metrics()
         .start();
     let (dev, mut fs) = block_ext4_with(&agent, dir.path(), &src, direct);
     let _watchdog = FuseWatchdog::new(&agent.fuse_mount(), WATCHDOG);
@@ -201,19 +205,7 @@ fn ext4_migrates_live(direct: bool) {
     // Unmounted, still served: what the device reads is the target's
     // (1 MiB direct reads: spliced from the target file when the backing
     // is buffered).
-    let spliced = || {
-        sample(
-            &http_get(metrics, "/metrics"),
-            "volmig_agent_fuse_spliced_reads_total",
-        )
-        .unwrap_or_else(|| {
-            panic!(
-                "the FUSE driver's counters are not exported:\n{}",
-                http_get(metrics, "/metrics")
-            )
-        })
-    };
-    let before = spliced();
+    let before = spliced(&agent);
     let head = 32 * MIB as usize;
     let through_device = read_direct(&dev, 0, head);
     let mut on_target = vec![0u8; head];
@@ -228,9 +220,13 @@ fn ext4_migrates_live(direct: bool) {
         "the device does not read what the target holds"
     );
     if direct {
-        assert_eq!(spliced(), before, "O_DIRECT backing: reads are copied");
+        assert_eq!(
+            spliced(&agent),
+            before,
+            "O_DIRECT backing: reads are copied"
+        );
     } else {
-        let now = spliced_at_least(&spliced, before + 64.0);
+        let now = spliced_at_least(&agent, before + 64.0);
         assert!(
             now >= before + 64.0,
             "32 MiB in 512 KiB requests: spliced {before} -> {now}"
@@ -267,22 +263,13 @@ fn spliced_reads_through_a_cutover_return_the_volumes_data() {
     let (src, tgt) = (dir.path().join("source.img"), dir.path().join("target.img"));
     pattern_file(&src, size, 5);
     sparse_file(&tgt, size);
-    let metrics = free_addr();
     let agent = AgentProcess::builder(dir.path(), "agent")
         .block()
-        .arg("--metrics")
-        .arg(&metrics.to_string())
+        .metrics()
         .start();
     let dev = agent.serve_block("vol", &src, false).device.unwrap();
     let _watchdog = FuseWatchdog::new(&agent.fuse_mount(), WATCHDOG);
-    let spliced = || {
-        sample(
-            &http_get(metrics, "/metrics"),
-            "volmig_agent_fuse_spliced_reads_total",
-        )
-        .unwrap_or(0.0)
-    };
-    let before = spliced();
+    let before = spliced(&agent);
     // Cold: the first reads of each range splice from the disk.
     {
         use std::os::fd::AsRawFd;
@@ -334,7 +321,7 @@ fn spliced_reads_through_a_cutover_return_the_volumes_data() {
         during >= 40,
         "only {during} reads before the migration ended (test not meaningful)"
     );
-    let now = spliced_at_least(&spliced, before + n as f64);
+    let now = spliced_at_least(&agent, before + n as f64);
     assert!(
         now - before >= n as f64,
         "{n} reads of 300 KiB and more, {} spliced",

@@ -71,16 +71,20 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.unwrap()
 }
 
+/// A driver started with `opts`, and a watchdog on its mount.
+async fn start(opts: FuseOptions) -> (FuseLoop<MemVolume>, FuseWatchdog) {
+    let mnt = opts.mount.clone();
+    let driver = FuseLoop::<MemVolume>::start(opts).await.unwrap();
+    (driver, FuseWatchdog::new(&mnt, Duration::from_secs(120)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_becomes_a_loop_device_and_every_request_reaches_it() {
     require_root("it mounts FUSE and attaches loop devices");
     require_fuse();
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("fuse");
-    let driver = FuseLoop::<MemVolume>::start(FuseOptions::new(&mnt))
-        .await
-        .unwrap();
-    let _watchdog = FuseWatchdog::new(&mnt, Duration::from_secs(120));
+    let (driver, _watchdog) = start(FuseOptions::new(&mnt)).await;
     let params = driver.params().expect("INIT answered");
     assert_eq!(
         (params.max_write, params.max_pages),
@@ -202,10 +206,7 @@ async fn large_reads_are_spliced_from_the_volumes_descriptor() {
     require_fuse();
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("fuse");
-    let driver = FuseLoop::<MemVolume>::start(FuseOptions::new(&mnt))
-        .await
-        .unwrap();
-    let _watchdog = FuseWatchdog::new(&mnt, Duration::from_secs(120));
+    let (driver, _watchdog) = start(FuseOptions::new(&mnt)).await;
     let vol = Arc::new(MemVolume::with_data(pattern(16 * MIB as usize, 3), true).offering_fd());
     let att = driver.attach("vol", vol.clone()).await.unwrap();
     let dev = att.path.clone();
@@ -300,8 +301,7 @@ async fn a_driver_started_again_with_a_keeper_serves_the_same_device() {
     opts.workers = 3;
 
     let vol = Arc::new(MemVolume::new(32 * MIB));
-    let first = FuseLoop::<MemVolume>::start(opts.clone()).await.unwrap();
-    let _watchdog = FuseWatchdog::new(&mnt, Duration::from_secs(120));
+    let (first, _watchdog) = start(opts.clone()).await;
     assert!(!first.adopted());
     let att = first.attach("vol", vol.clone()).await.unwrap();
     let dev = att.path.clone();

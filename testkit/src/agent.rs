@@ -55,6 +55,8 @@ pub struct AgentBuilder {
     extra: Vec<String>,
     /// Serve the CSI node plugin, with this node id (None: the default).
     csi: Option<Option<String>>,
+    /// Serve Prometheus metrics here (`--metrics`).
+    metrics: Option<SocketAddr>,
 }
 
 impl AgentBuilder {
@@ -74,6 +76,7 @@ impl AgentBuilder {
             keeper: None,
             extra: Vec::new(),
             csi: None,
+            metrics: None,
         }
     }
 
@@ -139,6 +142,13 @@ impl AgentBuilder {
     /// More `volmig-agent serve` options.
     pub fn arg(mut self, arg: &str) -> Self {
         self.extra.push(arg.to_string());
+        self
+    }
+
+    /// Serves Prometheus metrics on a free port of 127.0.0.1 (read them
+    /// with [`AgentProcess::metric`]).
+    pub fn metrics(mut self) -> Self {
+        self.metrics = Some(free_addr());
         self
     }
 
@@ -270,6 +280,9 @@ impl AgentProcess {
         }
         if let Some(k) = &s.keeper {
             cmd.arg("--fd-keeper").arg(k);
+        }
+        if let Some(addr) = s.metrics {
+            cmd.arg("--metrics").arg(addr.to_string());
         }
         cmd.args(&s.extra);
         if let Some(node_id) = &s.csi {
@@ -423,6 +436,17 @@ impl AgentProcess {
         opts: WriterOpts,
     ) -> Writer {
         Writer::nbd(rt, &self.nbd_sock, volume, expected, opts)
+    }
+
+    /// The value of sample `name` of the agent's metrics now (`None`: not
+    /// in them); the agent must have been built with
+    /// [`AgentBuilder::metrics`].
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let addr = self
+            .spec
+            .metrics
+            .expect("the agent serves no metrics: AgentBuilder::metrics");
+        crate::net::sample(&crate::net::http_get(addr, "/metrics"), name)
     }
 
     /// The agent's FUSE mount (block frontends).
