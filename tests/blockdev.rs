@@ -334,9 +334,17 @@ fn spliced_reads_through_a_cutover_return_the_volumes_data() {
 /// device again from the keeper's descriptors. Its FUSE workers read the
 /// requests queued meanwhile for a while before it goes on (see
 /// [`assert_each_request_served_once`]).
-fn restart(agent: &mut AgentProcess) -> Duration {
+fn restart(agent: &mut AgentProcess, how: Stop) -> Duration {
     let t = Instant::now();
-    agent.kill();
+    match how {
+        Stop::Kill => {
+            agent.kill();
+        }
+        Stop::Term => {
+            let st = agent.stop().expect("the agent was running");
+            assert!(st.success(), "SIGTERM: the agent exited with {st:?}");
+        }
+    }
     std::thread::sleep(Duration::from_millis(300));
     agent.start_again(&[(
         "VOLMIG_FAULT_DELAY",
@@ -345,7 +353,18 @@ fn restart(agent: &mut AgentProcess) -> Duration {
     t.elapsed()
 }
 
-fn restart_under_a_mounted_filesystem(mid_migration: bool) {
+/// How the agent goes down before it starts again.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// A crash.
+    Kill,
+    /// What kubelet does to a container whose image changed (an upgrade
+    /// in place, `kubectl volmig upgrade-agents`): SIGTERM, the agent
+    /// finishes what it has in flight and exits.
+    Term,
+}
+
+fn restart_under_a_mounted_filesystem(mid_migration: bool, how: Stop) {
     require_tools();
     let dir = tempfile::tempdir().unwrap();
     let (src, tgt) = (dir.path().join("source.img"), dir.path().join("target.img"));
@@ -378,7 +397,7 @@ fn restart_under_a_mounted_filesystem(mid_migration: bool) {
             matches!(at["phase"].as_str(), Some("Copying" | "Refreshing")),
             "the session went past copying before the kill: {at}"
         );
-        let down = restart(&mut agent);
+        let down = restart(&mut agent, how);
         w.wait_ops(30, Duration::from_secs(300));
         let st = m.wait_terminal(MIGRATION_TIMEOUT);
         agent.assert_completed(&st);
@@ -389,7 +408,7 @@ fn restart_under_a_mounted_filesystem(mid_migration: bool) {
         );
         down
     } else {
-        let down = restart(&mut agent);
+        let down = restart(&mut agent, how);
         w.wait_ops(30, Duration::from_secs(300));
         down
     };
@@ -432,12 +451,25 @@ fn restart_under_a_mounted_filesystem(mid_migration: bool) {
 
 #[test]
 fn an_agent_restart_under_a_mounted_filesystem_is_a_stall() {
-    restart_under_a_mounted_filesystem(false);
+    restart_under_a_mounted_filesystem(false, Stop::Kill);
 }
 
 #[test]
 fn an_agent_restart_in_the_middle_of_a_migration_is_a_stall() {
-    restart_under_a_mounted_filesystem(true);
+    restart_under_a_mounted_filesystem(true, Stop::Kill);
+}
+
+/// An upgrade in place: kubelet stops the agent container with SIGTERM and
+/// starts the new image in the same pod, beside the same keeper.
+#[test]
+fn an_agent_stopped_and_started_again_under_a_mounted_filesystem_is_a_stall() {
+    restart_under_a_mounted_filesystem(false, Stop::Term);
+}
+
+/// The same in the middle of a migration: the session resumes.
+#[test]
+fn an_agent_stopped_and_started_again_in_the_middle_of_a_migration_is_a_stall() {
+    restart_under_a_mounted_filesystem(true, Stop::Term);
 }
 
 #[test]
