@@ -94,6 +94,28 @@ pub enum Cmd {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
+    /// After `helm upgrade`: move the node agents to the DaemonSet's new
+    /// image in place, one node at a time, so that each node's volumes
+    /// only stall (a new pod would end the descriptor keeper, and the
+    /// FUSE block devices' I/O would fail). -n is the release's namespace.
+    UpgradeAgents(UpgradeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UpgradeArgs {
+    /// The agent DaemonSet (default: the only one with the chart's labels).
+    #[arg(long)]
+    pub daemonset: Option<String>,
+    /// Say what would be done; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How long one node's agent may take to be ready again (e.g. 5m).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    volmig_api::units::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))
 }
 
 #[derive(Args, Debug, Clone, Default)]

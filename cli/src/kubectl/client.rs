@@ -293,6 +293,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             abort(&client, &ns, &name).await?;
             println!("volumemigration.volmig.io/{name} abort requested");
         }
+        Cmd::UpgradeAgents(a) => {
+            super::upgrade::upgrade_agents(
+                &client,
+                &ns,
+                a.daemonset.as_deref(),
+                a.dry_run,
+                a.timeout,
+                std::io::stdout().lock(),
+            )
+            .await?;
+        }
         Cmd::List { all_namespaces } => {
             let items = list(&client, (!all_namespaces).then_some(ns.as_str())).await?;
             if items.is_empty() {

@@ -1,13 +1,16 @@
-//! `kubectl volmig`: create, watch, abort and list `VolumeMigration`s.
+//! `kubectl volmig`: create, watch, abort and list `VolumeMigration`s, and
+//! upgrade the node agents in place.
 //!
 //! [`args`] is the command line, [`build`] turns `migrate` arguments into a
 //! resource (no cluster needed), [`render`] formats status and lists, and
-//! [`client`] talks to the API server.
+//! [`client`] talks to the API server; [`upgrade`] moves the node agents
+//! to a new image in place.
 
 pub mod args;
 pub mod build;
 pub mod client;
 pub mod render;
+pub mod upgrade;
 
 /// Errors of the plugin; each message says what to change.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,8 @@ pub enum Error {
     Gone(String),
     #[error("writing the output: {0}")]
     Output(String),
+    #[error("upgrade-agents: {0}")]
+    Upgrade(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
