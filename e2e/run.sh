@@ -15,11 +15,15 @@
 #      then scaled to 0 and 1: a fresh publish attaches the current claim;
 #   4. an abort mid-copy (real data + a bandwidth limit): the workload stays
 #      on the source, record unchanged, data intact.
+#   Between 2 and 3 (with cargo, to build kubectl-volmig): helm upgrade to a new
+#   agent tag and `kubectl volmig upgrade-agents`: the same agent pod, its
+#   keeper never restarted, the writer went on with no error.
 #
 #   e2e/run.sh                 the test (docker, kind, kubectl, helm, curl, python3)
 #   e2e/run.sh --render DIR    only write the manifests and Helm values it applies
 #                              into DIR (no cluster; scripts/check-chart validates them)
 #
+# (cargo too, for the in-place agent upgrade; without it that step is skipped, loudly)
 # Environment (defaults in brackets):
 #   CLUSTER [volmig-e2e]        kind cluster (created if missing, deleted afterwards unless KEEP_CLUSTER=1)
 #   KIND_NODE_IMAGE [kindest/node:v1.34.0@sha256:...]   Kubernetes >= 1.34 (VolumeAttributesClass v1)
@@ -510,6 +514,41 @@ wait_for 600 "claim $CLAIM reporting currentVolumeAttributesClassName $VAC_A" \
 check_live "after the VolumeAttributesClass change" "$CLASS_A" "$CLAIM1" "$UID0" "$NODE" "$LAST" "$ROWS"
 CLAIM2=$(record_claim)
 [ "$CLAIM2" != "$CLAIM0" ] || echo "   note: the record is back on the first backing claim $CLAIM0"
+
+# ---- 6b. the agents upgraded in place: the writer's I/O only stalls ----------------------------------
+# helm upgrade to a new agent tag (the same image, tagged again), then
+# `kubectl volmig upgrade-agents`: kubelet restarts the agent container in
+# its pod, the keeper keeps the FUSE connection, the writer sees no error.
+STEP=upgrade-agents
+if command -v cargo >/dev/null; then
+  NEXT_TAG="$TAG-next"
+  say "agents: helm upgrade to volmig-agent:$NEXT_TAG, then kubectl volmig upgrade-agents"
+  cargo build --release -p volmig --bin kubectl-volmig >"$OUT/kubectl-volmig-build.log" 2>&1 ||
+    { tail -20 "$OUT/kubectl-volmig-build.log" >&2; fail "building kubectl-volmig failed"; }
+  docker tag "volmig-agent:$TAG" "volmig-agent:$NEXT_TAG"
+  kind load docker-image --name "$CLUSTER" "volmig-agent:$NEXT_TAG"
+  agent_pod() { "${K[@]}" -n "$NS" get pods -l "$(component node-agent)" --field-selector "spec.nodeName=$NODE" -o jsonpath='{.items[0].metadata.name}'; }
+  AGENT_POD=$(agent_pod)
+  [ -n "$AGENT_POD" ] || fail "no agent pod on $NODE"
+  AGENT_UID=$("${K[@]}" -n "$NS" get pod "$AGENT_POD" -o jsonpath='{.metadata.uid}')
+  LAST=$(acked last)
+  helm upgrade "$RELEASE" charts/volmig -n "$NS" --reuse-values --set "agent.image.tag=$NEXT_TAG" --timeout 5m
+  "$ROOT/target/release/kubectl-volmig" --kubeconfig "$KUBECONFIG" -n "$NS" upgrade-agents --timeout 5m ||
+    fail "kubectl volmig upgrade-agents failed (above)"
+  [ "$(agent_pod)" = "$AGENT_POD" ] || fail "the agent pod on $NODE was replaced ($AGENT_POD -> $(agent_pod))"
+  [ "$("${K[@]}" -n "$NS" get pod "$AGENT_POD" -o jsonpath='{.metadata.uid}')" = "$AGENT_UID" ] ||
+    fail "the agent pod $AGENT_POD was recreated"
+  [ "$("${K[@]}" -n "$NS" get pod "$AGENT_POD" -o jsonpath='{.spec.containers[?(@.name=="agent")].image}')" = "volmig-agent:$NEXT_TAG" ] ||
+    fail "the agent container of $AGENT_POD does not run volmig-agent:$NEXT_TAG"
+  [ "$("${K[@]}" -n "$NS" get pod "$AGENT_POD" -o jsonpath='{.status.initContainerStatuses[?(@.name=="keeper")].restartCount}')" = 0 ] ||
+    fail "the keeper of $AGENT_POD restarted: the FUSE connection did not survive"
+  wait_for 120 "the writer going on after the agent's restart" '[ "$(acked last)" -gt "$LAST" ]'
+  [ "$(acked errors)" = 0 ] || fail "the writer saw I/O errors across the agent upgrade: $(acked error)"
+  if [ "$(pod_uid)" != "$UID0" ] || [ "$(restarts)" != 0 ]; then fail "$POD was replaced or restarted across the agent upgrade"; fi
+  say "agent $AGENT_POD on $NODE now runs volmig-agent:$NEXT_TAG in the same pod; the writer went on with no error: $(verify --min-files "$LAST")"
+else
+  say "SKIPPED: the in-place agent upgrade (no cargo here to build kubectl-volmig)"
+fi
 
 # ---- 7. reschedule: the new pod reads the migrated data ----------------------------------------------
 STEP=reschedule
