@@ -126,6 +126,9 @@ fn kubelet(fake: FakeApi, nodes: &[&str]) -> Events {
                     });
                     continue;
                 }
+                // Recorded before the pod shows it: the command may go on
+                // as soon as it does.
+                ev.lock().unwrap().push(("ready", node.clone()));
                 fake.edit(&path, |o| {
                     let cs = &mut o["status"]["containerStatuses"][0];
                     cs["image"] = want.clone();
@@ -133,7 +136,6 @@ fn kubelet(fake: FakeApi, nodes: &[&str]) -> Events {
                     cs["restartCount"] = json!(cs["restartCount"].as_i64().unwrap_or(0) + 1);
                     o["status"]["conditions"][0]["status"] = json!("True");
                 });
-                ev.lock().unwrap().push(("ready", node.clone()));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -181,7 +183,11 @@ async fn agents_move_to_the_new_image_one_node_at_a_time_and_the_keepers_stay() 
     let mut stranger = pod("n4", OLD, ARGS);
     stranger["metadata"]["ownerReferences"] = json!([]);
     fake.put(&pod_path("n4"), stranger);
-    let events = kubelet(fake.clone(), &["n1", "n2", "n3", "n4"]);
+    // Being deleted: its replacement will be new anyway.
+    let mut leaving = pod("n5", OLD, ARGS);
+    leaving["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    fake.put(&pod_path("n5"), leaving);
+    let events = kubelet(fake.clone(), &["n1", "n2", "n3", "n4", "n5"]);
 
     let (r, out) = run(&client, false, Duration::from_secs(20)).await;
     r.unwrap();
@@ -195,6 +201,8 @@ async fn agents_move_to_the_new_image_one_node_at_a_time_and_the_keepers_stay() 
         assert!(out.contains(&format!("volmig-agent-{n}")), "{out}");
     }
     assert_eq!(image_of(&fake, "n4", false), OLD);
+    assert_eq!(image_of(&fake, "n5", false), OLD);
+    assert!(out.contains("terminating: left alone"), "{out}");
     assert_eq!(
         out.matches(&format!("agent {OLD} -> {NEW}")).count(),
         3,

@@ -359,6 +359,11 @@ pub async fn upgrade_agents(
         let Some(pspec) = pod.spec.as_ref() else {
             continue;
         };
+        if pod.metadata.deletion_timestamp.is_some() {
+            // Its replacement comes from the new template anyway.
+            write(&mut out, line(pod, "terminating: left alone"))?;
+            continue;
+        }
         match plan(pspec, &template) {
             Plan::UpToDate => write(&mut out, line(pod, "up to date"))?,
             Plan::Replace(why) => {
