@@ -444,6 +444,41 @@ mod tests {
     use super::*;
     use std::io::{Read, Seek, Write};
 
+    /// The keeper outlives agent upgrades in place (its container keeps
+    /// its image): a newer agent must speak the protocol of an older
+    /// keeper. These bytes are that protocol; changing them breaks
+    /// in-place upgrades (`kubectl volmig upgrade-agents`).
+    #[test]
+    fn the_wire_format_is_the_one_older_keepers_speak() {
+        assert_eq!(
+            encode(&Request::Get { key: "fuse".into() }),
+            b"VMK1{\"op\":\"get\",\"key\":\"fuse\"}"
+        );
+        assert_eq!(encode(&Request::Ping), b"VMK1{\"op\":\"ping\"}");
+        assert_eq!(
+            encode(&Request::Put {
+                key: "fuse".into(),
+                meta: serde_json::json!({"dev": 1}),
+            }),
+            b"VMK1{\"op\":\"put\",\"key\":\"fuse\",\"meta\":{\"dev\":1}}"
+        );
+        assert_eq!(
+            decode::<Reply>(b"VMK1{\"reply\":\"have\",\"meta\":{\"dev\":1},\"fds\":3}").unwrap(),
+            Reply::Have {
+                meta: serde_json::json!({"dev": 1}),
+                fds: 3
+            }
+        );
+        assert_eq!(
+            decode::<Reply>(b"VMK1{\"reply\":\"none\"}").unwrap(),
+            Reply::None
+        );
+        assert_eq!(
+            decode::<Reply>(b"VMK1{\"reply\":\"ok\"}").unwrap(),
+            Reply::Ok
+        );
+    }
+
     #[test]
     fn messages_roundtrip_and_bad_ones_are_named() {
         for r in [

@@ -861,6 +861,30 @@ mod tests {
         );
     }
 
+    /// An agent upgraded in place (`kubectl volmig upgrade-agents`) takes
+    /// the connection back from a keeper that an older agent filled: the
+    /// record as agents write it today must stay readable. A change that
+    /// breaks this literal breaks in-place upgrades.
+    #[test]
+    fn a_connection_kept_by_an_older_agent_is_read() {
+        let old = serde_json::json!({
+            "mount": "/var/lib/volmig/block/fuse",
+            "dev": 54,
+            "params": {"minor": 41, "flags": 8421385, "kernel_flags": 2147483647,
+                       "max_write": 1048576, "max_pages": 256, "max_background": 256},
+        });
+        let k: KeptConn = serde_json::from_value(old).unwrap();
+        assert_eq!(k.mount, Path::new("/var/lib/volmig/block/fuse"));
+        assert_eq!(
+            (k.dev, k.params.minor, k.params.max_write),
+            (54, 41, 1 << 20)
+        );
+        assert_eq!(k.params.max_pages, 256);
+        let old_detail = serde_json::json!({"ino": 77, "loop": 3,
+            "file": "/var/lib/volmig/block/fuse/v", "conn_dev": 54});
+        assert_eq!(serde_json::from_value::<Detail>(old_detail).unwrap().lo, 3);
+    }
+
     #[test]
     fn file_names_are_checked() {
         assert!(valid_file_name("pg-0.data_1"));
