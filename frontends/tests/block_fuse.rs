@@ -315,8 +315,9 @@ async fn a_driver_started_again_with_a_keeper_serves_the_same_device() {
         })
         .await;
     }
-    // The agent goes away: no server, the keeper holds the connection.
-    drop(first);
+    // The agent stops (SIGTERM): its workers stop while the process is
+    // still there, and serve nothing more; the keeper holds the connection.
+    first.suspend().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The workload writes meanwhile: the write waits.
     let writing = {
@@ -329,7 +330,12 @@ async fn a_driver_started_again_with_a_keeper_serves_the_same_device() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!writing.is_finished(), "no server: the write waits");
+    assert!(
+        !writing.is_finished(),
+        "a suspended driver serves nothing: the write waits"
+    );
+    // The process goes away.
+    drop(first);
 
     let second = FuseLoop::<MemVolume>::start(opts).await.unwrap();
     assert!(second.adopted(), "the connection came back from the keeper");

@@ -420,11 +420,17 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .and_then(|b| b.started())
         .and_then(|d| d.fuse())
     {
-        // No device left: nothing to keep mounted (with devices, the mount
-        // stays: the keeper, or the next agent, needs it).
+        // No device left: nothing to keep mounted. With devices, the mount
+        // stays for the next agent (the keeper holds the connection), and
+        // the workers stop now, while I/O can still be served: left to the
+        // runtime's shutdown, their requests would fail.
         match fuse.unmount().await {
             Ok(()) => tracing::info!("FUSE block driver unmounted"),
-            Err(e) => tracing::info!(error = %e, "FUSE block driver stays mounted"),
+            Err(e) => {
+                fuse.suspend().await;
+                tracing::info!(error = %e, kept = fuse.kept(),
+                    "FUSE block driver stays mounted for the next agent; its workers stopped");
+            }
         }
     }
     while grpc.join_next().await.is_some() {}

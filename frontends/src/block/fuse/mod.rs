@@ -536,6 +536,24 @@ impl<V: VolumeIo> FuseLoop<V> {
             dev::unmount_lazy(&mount).map_err(io_err("unmounting the FUSE file system", "", None))
         })
         .await?;
+        self.stop_workers().await;
+        Ok(())
+    }
+
+    /// Stops serving and leaves the mount and its devices to the next
+    /// agent (a graceful stop with devices attached): the workers stop
+    /// reading, answer what they hold and end, while this process can
+    /// still do I/O. What the kernel queues afterwards waits for the next
+    /// agent, which takes the connection back from the keeper. (Left
+    /// running, they would go on serving while the process winds down its
+    /// runtime, and a request needing the blocking pool would fail: EIO in
+    /// the workload.)
+    pub async fn suspend(&self) {
+        let _one = self.ops.lock().await;
+        self.stop_workers().await;
+    }
+
+    async fn stop_workers(&self) {
         let _ = self.stop.send(true);
         self.sleepers.wake_until_gone();
         let workers: Vec<_> =
@@ -543,7 +561,6 @@ impl<V: VolumeIo> FuseLoop<V> {
         for w in workers {
             let _ = tokio::time::timeout(Duration::from_secs(15), w).await;
         }
-        Ok(())
     }
 }
 
