@@ -214,7 +214,7 @@ async fn large_reads_are_spliced_from_the_volumes_descriptor() {
     blocking(move || {
         let f = open_direct(&dev);
         let mut b = Aligned::new(MIB as usize);
-        // 1 MiB: two 512 KiB requests, both spliced.
+        // 1 MiB: two 512 KiB requests (or more), spliced.
         f.read_exact_at(b.get(), 3 * MIB).unwrap();
         assert_eq!(b.get(), &vol2.bytes(3 * MIB, MIB as usize)[..]);
         // Not on a page boundary (the answer spans one page more).
@@ -224,15 +224,14 @@ async fn large_reads_are_spliced_from_the_volumes_descriptor() {
             &b.get()[..256 << 10],
             &vol2.bytes(5 * MIB + 512, 256 << 10)[..]
         );
-        assert_eq!(vol2.counters.fd_reads.load(Ordering::Relaxed), 3);
+        // (Counted by range, at least: udev may probe the new device
+        // meanwhile, and the kernel may cut a read into more requests.)
+        assert!(vol2.fd_reads_in(3 * MIB, 4 * MIB) >= 2);
+        assert!(vol2.fd_reads_in(5 * MIB, 6 * MIB) >= 1);
         // A small read is copied.
         f.read_exact_at(&mut b.get()[..4096], 7 * MIB).unwrap();
         assert_eq!(&b.get()[..4096], &vol2.bytes(7 * MIB, 4096)[..]);
-        assert_eq!(
-            vol2.counters.fd_reads.load(Ordering::Relaxed),
-            3,
-            "4 KiB: copied"
-        );
+        assert_eq!(vol2.fd_reads_in(7 * MIB, 8 * MIB), 0, "4 KiB: copied");
         // What was written is what a spliced read returns.
         let data = pattern(MIB as usize, 8);
         b.get().copy_from_slice(&data);
@@ -240,7 +239,7 @@ async fn large_reads_are_spliced_from_the_volumes_descriptor() {
         b.get().fill(0);
         f.read_exact_at(b.get(), 9 * MIB).unwrap();
         assert_eq!(b.get(), &data[..]);
-        assert_eq!(vol2.counters.fd_reads.load(Ordering::Relaxed), 5);
+        assert!(vol2.fd_reads_in(9 * MIB, 10 * MIB) >= 2);
     })
     .await;
     // A worker counts its answer after the kernel took it (and the reader
@@ -252,7 +251,7 @@ async fn large_reads_are_spliced_from_the_volumes_descriptor() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(spliced(), 5, "every large read spliced");
+    assert!(spliced() >= 5, "every large read spliced: {}", spliced());
 
     // A volume with no descriptor to offer: the same reads, copied.
     let plain = Arc::new(MemVolume::with_data(pattern(4 * MIB as usize, 4), true));
@@ -266,7 +265,13 @@ async fn large_reads_are_spliced_from_the_volumes_descriptor() {
         assert_eq!(b.get(), &plain2.bytes(MIB, MIB as usize)[..]);
     })
     .await;
-    assert_eq!(driver.stats().spliced.load(Ordering::Relaxed), 5);
+    // Every splice came from the descriptor of `vol`: none from `plain`.
+    let fd_reads = vol.counters.fd_reads.load(Ordering::Relaxed);
+    assert!(
+        driver.stats().spliced.load(Ordering::Relaxed) <= fd_reads,
+        "a read of a volume without a descriptor was spliced"
+    );
+    assert!(plain.counters.reads.load(Ordering::Relaxed) > 0);
 
     driver.detach("plain").await.unwrap();
     driver.detach("vol").await.unwrap();

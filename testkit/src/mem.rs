@@ -22,6 +22,9 @@ pub struct MemCounters {
     pub zeroes: AtomicU64,
     /// Reads answered from the descriptor (`read_by_fd`).
     pub fd_reads: AtomicU64,
+    /// The offsets of those reads (someone else, udev say, may read the
+    /// device too: tests look at the ranges they read).
+    pub fd_read_offsets: Mutex<Vec<u64>>,
 }
 
 #[derive(Debug)]
@@ -63,6 +66,17 @@ impl MemVolume {
     /// Offers its data through a descriptor too (`read_by_fd`), as a
     /// volume on a buffered file does: a memfd the range is copied into
     /// before each such read.
+    /// How many reads from the descriptor started in `[start, end)`.
+    pub fn fd_reads_in(&self, start: u64, end: u64) -> usize {
+        self.counters
+            .fd_read_offsets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|o| (start..end).contains(*o))
+            .count()
+    }
+
     pub fn offering_fd(mut self) -> Self {
         // SAFETY: a NUL-terminated literal name; memfd_create returns a
         // new descriptor we own.
@@ -159,6 +173,11 @@ impl VolumeIo for MemVolume {
         }
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters.fd_reads.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .fd_read_offsets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(offset);
         // Held while `f` reads: no write changes the range meanwhile.
         let st = self.lock();
         let (o, n) = (offset as usize, length as usize);
