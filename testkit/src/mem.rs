@@ -63,20 +63,24 @@ impl MemVolume {
         }
     }
 
-    /// Offers its data through a descriptor too (`read_by_fd`), as a
-    /// volume on a buffered file does: a memfd the range is copied into
-    /// before each such read.
     /// How many reads from the descriptor started in `[start, end)`.
     pub fn fd_reads_in(&self, start: u64, end: u64) -> usize {
-        self.counters
-            .fd_read_offsets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.fd_read_offsets()
             .iter()
             .filter(|o| (start..end).contains(*o))
             .count()
     }
 
+    fn fd_read_offsets(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.counters
+            .fd_read_offsets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Offers its data through a descriptor too (`read_by_fd`), as a
+    /// volume on a buffered file does: a memfd the range is copied into
+    /// before each such read.
     pub fn offering_fd(mut self) -> Self {
         // SAFETY: a NUL-terminated literal name; memfd_create returns a
         // new descriptor we own.
@@ -173,11 +177,7 @@ impl VolumeIo for MemVolume {
         }
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters.fd_reads.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .fd_read_offsets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(offset);
+        self.fd_read_offsets().push(offset);
         // Held while `f` reads: no write changes the range meanwhile.
         let st = self.lock();
         let (o, n) = (offset as usize, length as usize);

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod, PodSpec};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
@@ -137,11 +137,10 @@ fn settled(pod: &Pod, changes: &[ImageChange], restarts: &[i32]) -> Settled {
     let Some(st) = pod.status.as_ref() else {
         return Settled::No(None);
     };
-    let statuses = st.container_statuses.clone().unwrap_or_default();
     let mut stuck = None;
     for (change, before) in changes.iter().zip(restarts) {
         let name = &change.container;
-        let Some(cs) = statuses.iter().find(|c| &c.name == name) else {
+        let Some(cs) = container_status(pod, name) else {
             return Settled::No(None);
         };
         if let Some(w) = cs.state.as_ref().and_then(|s| s.waiting.as_ref()) {
@@ -180,20 +179,20 @@ enum Settled {
     No(Option<String>),
 }
 
+/// The status of `pod`'s regular container `name`.
+fn container_status<'a>(pod: &'a Pod, name: &str) -> Option<&'a ContainerStatus> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == name)
+}
+
 fn restart_counts(pod: &Pod, changes: &[ImageChange]) -> Vec<i32> {
-    let statuses = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.clone())
-        .unwrap_or_default();
     changes
         .iter()
-        .map(|change| {
-            statuses
-                .iter()
-                .find(|c| c.name == change.container)
-                .map_or(0, |c| c.restart_count)
-        })
+        .map(|c| container_status(pod, &c.container).map_or(0, |s| s.restart_count))
         .collect()
 }
 
